@@ -1,0 +1,44 @@
+"""`paddlellm <command> ...`: the same commands as the top-level scripts.
+
+    paddlellm finetune ARGS.json [--key value ...]   == python finetune_generation.py ...
+    paddlellm tiny --family llama --output DIR       build a tiny random checkpoint
+    paddlellm quickstart                             tiny LLaMA + LoRA on the bundled data
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, entry function, one-line description); modules are imported only when run.
+COMMANDS = {
+    "finetune": ("paddlellm.finetune", "main", "fine-tune with SFT, LoRA or Prefix Tuning (finetune_generation.py)"),
+    "tiny": ("paddlellm.tiny", "main", "write a tiny random checkpoint with a real tokenizer"),
+    "quickstart": ("paddlellm.quickstart", "main", "build a tiny LLaMA, LoRA-tune it on data/, show dev accuracy before/after"),
+}
+
+
+def usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    rows = "\n".join(f"  {c.ljust(width)}  {d}" for c, (_, _, d) in COMMANDS.items())
+    return f"usage: paddlellm <command> [args]\n\ncommands:\n{rows}\n\n`paddlellm <command> --help` lists a command's arguments."
+
+
+def run_command(name: str, argv) -> int:
+    module, func, _ = COMMANDS[name]
+    return getattr(importlib.import_module(module), func)(list(argv)) or 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    return run_command(name, argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

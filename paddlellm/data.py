@@ -1,0 +1,146 @@
+"""Data: find, read and validate src/tgt JSONL, and encode it through the family registry.
+
+Reading and validation import nothing heavy, so bad data is reported before paddle loads and
+before anything is written. Every problem is a DataError whose message names file, line and field.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from .arguments import UserError
+
+log = logging.getLogger("paddlellm")
+
+
+class DataError(UserError):
+    """Bad data: the message names the file, the line and the field."""
+
+
+@dataclass
+class Record:
+    """One validated line: src/tgt as lists of turns (tgt may be one shorter than src, or empty, for prediction)."""
+
+    src: List[str]
+    tgt: List[str]
+    where: str  # "file:line", for messages
+
+
+def split_files(dataset_name_or_path: str, split: str, required: bool = True) -> List[str]:
+    """The JSONL files of one split: `<dir>/<split>.json` or every `*.json` in `<dir>/<split>/`."""
+    root = dataset_name_or_path
+    if not root or not os.path.isdir(root):
+        raise DataError(f"dataset_name_or_path {root!r} is not a folder; give a folder with train.json and dev.json (or train/ and dev/ folders of *.json)")
+    single = os.path.join(root, f"{split}.json")
+    folder = os.path.join(root, split)
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isdir(folder):
+        files = sorted(glob.glob(os.path.join(folder, "*.json")))
+        if not files:
+            raise DataError(f"{folder}: folder holds no *.json files")
+        return files
+    if required:
+        raise DataError(f"{root}: no {split}.json and no {split}/ folder")
+    return []
+
+
+def _turns(value, field: str, where: str) -> List[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    if isinstance(value, list) and not value:
+        raise DataError(f"{where}: field '{field}' is an empty list")
+    raise DataError(f"{where}: field '{field}' must be a string or a list of strings, got {type(value).__name__}")
+
+
+def read_records(path: str, require_tgt: bool = True) -> List[Record]:
+    """Read and validate one JSONL file. With require_tgt=False (prediction) tgt may be absent."""
+    records: List[Record] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: each line must be a JSON object with 'src' and 'tgt', got {type(obj).__name__}")
+            if "src" not in obj:
+                raise DataError(f"{where}: missing field 'src'")
+            src = _turns(obj["src"], "src", where)
+            if "tgt" not in obj or (obj["tgt"] is None and not require_tgt):
+                if require_tgt:
+                    raise DataError(f"{where}: missing field 'tgt'")
+                tgt: List[str] = []
+            else:
+                tgt = _turns(obj["tgt"], "tgt", where)
+            if require_tgt and len(src) != len(tgt):
+                raise DataError(f"{where}: fields 'src' and 'tgt' must have equal lengths ({len(src)} != {len(tgt)} turns)")
+            if not require_tgt and len(tgt) not in (len(src), len(src) - 1, 0):
+                raise DataError(f"{where}: field 'tgt' must have as many turns as 'src' or one fewer ({len(tgt)} vs {len(src)})")
+            records.append(Record(src, tgt, where))
+    if not records:
+        raise DataError(f"{path}: file holds no examples")
+    return records
+
+
+def read_split(dataset_name_or_path: str, split: str, required: bool = True) -> List[Record]:
+    out: List[Record] = []
+    for path in split_files(dataset_name_or_path, split, required):
+        out += read_records(path)
+    return out
+
+
+def encode_records(family, tokenizer, records: Sequence[Record], src_length: int, tgt_length: int, name: str = "train"):
+    """Encode validated records into the family's Examples; logs how many were truncated or dropped."""
+    examples = []
+    truncated = dropped = 0
+    for r in records:
+        ex = family.encode(tokenizer, r.src, r.tgt, src_length, tgt_length)
+        if ex is None:
+            dropped += 1
+            continue
+        truncated += ex.truncated
+        examples.append(ex)
+    msg = f"{name}: {len(records)} examples, {truncated} truncated to src_length={src_length}/tgt_length={tgt_length}, {dropped} dropped (nothing left to supervise)"
+    log.info(msg)
+    if not examples:
+        raise DataError(f"{name}: every example was dropped; raise src_length/tgt_length")
+    return examples, {"examples": len(records), "truncated": truncated, "dropped": dropped}
+
+
+class ExampleDataset:
+    """A map-style dataset of Examples (paddle's DataLoader accepts any object with __getitem__/__len__)."""
+
+    def __init__(self, examples):
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
+
+
+class Collator:
+    """Turns a list of Examples (one per row) into the family's model inputs as paddle tensors."""
+
+    def __init__(self, family, pad_id: int):
+        self.family = family
+        self.pad_id = pad_id
+
+    def __call__(self, examples):
+        import paddle
+
+        rows = [e if isinstance(e, list) else [e] for e in examples]
+        batch = {k: paddle.to_tensor(v) for k, v in self.family.build_batch(rows, self.pad_id).items()}
+        batch["real_tokens"] = sum(len(e) for row in rows for e in row)  # popped before the model sees it
+        return batch

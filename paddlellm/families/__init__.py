@@ -1,0 +1,75 @@
+"""The family registry: every family-specific rule lives in one module of this package.
+
+`get_family(name)` by registry name; `family_of(path)` for a model or output folder.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from typing import Dict, List
+
+from .base import IGNORE, Example, Family  # noqa: F401
+
+# registry name -> module in this package (names are the llm/<folder> names)
+_MODULES = {
+    "llama": "llama",
+    "chatglm": "chatglm",
+    "chatglm_v2": "chatglm_v2",
+    "bloom": "bloom",
+    "gpt-3": "gpt",
+    "opt": "opt",
+    "glm": "glm",
+}
+
+META_FILE = "paddlellm_meta.json"  # written by our commands into every folder they produce
+
+
+def names() -> List[str]:
+    return list(_MODULES)
+
+
+def get_family(name: str) -> Family:
+    if name not in _MODULES:
+        raise KeyError(f"unknown family {name!r}; known: {', '.join(_MODULES)}")
+    return importlib.import_module(f".{_MODULES[name]}", __name__).FAMILY
+
+
+def all_families() -> Dict[str, Family]:
+    return {n: get_family(n) for n in _MODULES}
+
+
+def family_of(path: str) -> Family:
+    """The family of a model folder: our own metadata if present, else config.json's model_type.
+
+    Raises ValueError with a one-line reason when the folder is not a model of a known family.
+    """
+    meta = os.path.join(path, META_FILE)
+    if os.path.isfile(meta):
+        with open(meta, encoding="utf-8") as f:
+            fam = json.load(f).get("family")
+        if fam:
+            return get_family(fam)
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        raise ValueError(f"{path}: no config.json; pass a model folder (or a real model name with --family)")
+    with open(cfg, encoding="utf-8") as f:
+        config = json.load(f)
+    model_type = str(config.get("model_type", "")).lower()
+    for fam in all_families().values():
+        if model_type in fam.model_types:
+            return fam
+    raise ValueError(f"{cfg}: model_type {model_type!r} is not a supported family ({', '.join(_MODULES)})")
+
+
+def find_by_name(name: str):
+    """The family a real model name belongs to (e.g. 'THUDM/chatglm2-6b' -> chatglm_v2), or None.
+
+    Longer hints are tried first so 'chatglm2' wins over 'chatglm' and 'glm'.
+    """
+    low = name.lower()
+    hints = [(h, fam) for fam in all_families().values() for h in (fam.name_hints or fam.model_types)]
+    for hint, fam in sorted(hints, key=lambda x: -len(x[0])):
+        if hint in low:
+            return fam
+    return None

@@ -1,0 +1,267 @@
+"""The family registry's base class.
+
+Every difference between model families lives in a subclass of :class:`Family` (one module per
+family in this package). Code elsewhere asks the family object, never the family's name.
+
+Importing this module must stay cheap (no paddle/paddlenlp at import time): `--help` and argument
+errors are answered before the heavy libraries load.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+IGNORE = -100  # label of a token that is not supervised
+
+
+@dataclass
+class Example:
+    """One tokenised training example (labels are already shifted: labels[i] is the target of input_ids[i]).
+
+    prefix_len: number of leading tokens that attend bidirectionally to each other (the prompt of a
+    prefix-LM family such as ChatGLM v1 or GLM); 0 for a purely causal family.
+    block_positions: second position row of 2-D position families (GLM, ChatGLM v1), else None.
+    """
+
+    input_ids: List[int]
+    labels: List[int]
+    positions: List[int]
+    prefix_len: int = 0
+    block_positions: Optional[List[int]] = None
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class Family:
+    """A model family described as data plus a few hooks. Subclasses fill in the fields and override hooks."""
+
+    name: str  # registry key and llm/<folder> name
+    model_types: Tuple[str, ...]  # values of config.json "model_type" (or architectures) that mean this family
+    config_class: str  # class names inside paddlenlp.transformers
+    model_class: str
+    tokenizer_class: str
+    tokenizer_kind: str  # "sentencepiece" or "bpe": how tiny.py trains a tokenizer for it
+    tokenizer_files: Dict[str, str]  # tokenizer __init__ argument -> file name in the model folder
+    special_tokens: Dict[str, str]  # tokenizer __init__ argument -> token text (added to a tiny vocabulary)
+    tiny_config: Dict[str, Any]  # config kwargs of the tiny random model (vocab_size is set from the tokenizer)
+    example_checkpoint: str  # a real public checkpoint name, used in the shipped llm/<family>/*.json
+    name_hints: Tuple[str, ...] = ()  # lower-case substrings of real model names that mean this family
+    supports: Dict[str, bool] = field(default_factory=dict)  # pretrain sft lora prefix tensor_parallel intokens
+    lora_target_modules: Optional[List[str]] = None  # regexes; None = every nn.Linear of the model
+    prefix_lm: bool = False  # prompt attends bidirectionally (ChatGLM v1, GLM)
+    notes: str = ""  # quirks, shown in llm/<family>/README.md
+
+    # ------------------------------------------------------------------ loading
+    def paddlenlp_class(self, attr: str):
+        """Resolve one of the class-name fields (config_class, model_class, tokenizer_class)."""
+        module = importlib.import_module("paddlenlp.transformers")
+        return getattr(module, getattr(self, attr))
+
+    def load_tokenizer(self, path: str):
+        tok = self.paddlenlp_class("tokenizer_class").from_pretrained(path)
+        self.fix_tokenizer(tok)
+        return tok
+
+    def fix_tokenizer(self, tokenizer) -> None:
+        """Make sure pad/eos are usable (a hook: families whose tokenizers lack a pad token set one)."""
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token else tokenizer.unk_token
+
+    def tiny_token_ids(self, tokenizer) -> Dict[str, Any]:
+        """Config entries a tiny model takes from its tokenizer (hook)."""
+        return dict(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+
+    def load_model(self, path: str, dtype: str = "float32", **config_overrides):
+        return self.paddlenlp_class("model_class").from_pretrained(path, dtype=dtype, **config_overrides)
+
+    # ------------------------------------------------------------------ chat format
+    def turn_prompt(self, index: int, query: str) -> str:
+        """Text of turn `index`'s prompt (0-based) before its reply. Default: the query itself."""
+        return query
+
+    def bos_ids(self, tokenizer) -> List[int]:
+        """Token ids that open a sequence (before the first prompt)."""
+        return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+    def prompt_end_ids(self, tokenizer) -> List[int]:
+        """Token ids that close every prompt (e.g. ChatGLM v1's [gMASK] <sop>)."""
+        return []
+
+    def reply_end_ids(self, tokenizer) -> List[int]:
+        """Token ids that close every reply and are supervised (the end-of-sequence token)."""
+        return [tokenizer.eos_token_id]
+
+    def stop_token_id(self, tokenizer) -> int:
+        """The token that ends a generated reply."""
+        return self.reply_end_ids(tokenizer)[-1]
+
+    def encode_text(self, tokenizer, text: str) -> List[int]:
+        """Plain token ids of a piece of text, without any special tokens."""
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # ------------------------------------------------------------------ examples
+    def encode(self, tokenizer, src: Sequence[str], tgt: Sequence[str], src_length: int, tgt_length: int) -> Optional[Example]:
+        """Turn a (multi-turn) src/tgt example into an Example, or None when nothing can be supervised.
+
+        Truncation: the final reply keeps at most `tgt_length` tokens (its end is cut, and it then gets
+        no end-of-sequence token); the context (earlier turns and the final prompt) keeps at most
+        `src_length` tokens: the oldest whole turns are dropped first, then the final prompt loses its
+        beginning. Causal families supervise every kept reply; prefix-LM families supervise the final one.
+        """
+        ids, sup, truncated = self._context(tokenizer, src, tgt[:-1], src_length)
+        final_reply = self.encode_text(tokenizer, tgt[-1]) + self.reply_end_ids(tokenizer)
+        if len(final_reply) > tgt_length:
+            final_reply, truncated = final_reply[:tgt_length], True
+        prefix_len = len(ids) if self.prefix_lm else 0
+        ids += final_reply
+        sup += [True] * len(final_reply)
+        if not any(sup[1:]):
+            return None
+        # Shift: position i predicts token i+1.
+        labels = [t if s else IGNORE for t, s in zip(ids[1:], sup[1:])]
+        input_ids = ids[:-1]
+        return self.make_example(input_ids, labels, min(prefix_len, len(input_ids)), truncated)
+
+    def _context(self, tokenizer, src: Sequence[str], history: Sequence[str], src_length: int):
+        """Token ids of every turn before the final reply, fitted into src_length.
+
+        Returns (ids, supervised flags, truncated). The oldest whole turns go first; then the final
+        prompt loses its beginning but keeps its closing special tokens.
+        """
+        bos = self.bos_ids(tokenizer)
+        p_end = self.prompt_end_ids(tokenizer)
+        r_end = self.reply_end_ids(tokenizer)
+        prompts = [self.encode_text(tokenizer, self.turn_prompt(i, q)) + p_end for i, q in enumerate(src)]
+        replies = [self.encode_text(tokenizer, a) + r_end for a in history]
+        n = len(prompts)
+        truncated = False
+
+        def context_len(start: int) -> int:
+            return len(bos) + sum(len(prompts[i]) + len(replies[i]) for i in range(start, n - 1)) + len(prompts[-1])
+
+        first = 0
+        while first < n - 1 and context_len(first) > src_length:
+            first, truncated = first + 1, True
+        final_prompt = prompts[-1]
+        budget = max(src_length - len(bos), len(p_end))
+        if len(final_prompt) > budget:
+            body = final_prompt[: len(final_prompt) - len(p_end)]
+            keep = budget - len(p_end)
+            final_prompt = (body[-keep:] if keep > 0 else []) + p_end
+            truncated = True
+        ids: List[int] = list(bos)
+        sup: List[bool] = [False] * len(bos)
+        for i in range(first, n - 1):
+            ids += prompts[i] + replies[i]
+            sup += [False] * len(prompts[i]) + [not self.prefix_lm] * len(replies[i])
+        ids += final_prompt
+        sup += [False] * len(final_prompt)
+        return ids, sup, truncated
+
+    def make_example(self, input_ids: List[int], labels: List[int], prefix_len: int, truncated: bool) -> Example:
+        """Attach positions (hook: 2-D position families override)."""
+        return Example(input_ids, labels, list(range(len(input_ids))), prefix_len, None, truncated)
+
+    def generation_prompt(self, tokenizer, src: Sequence[str], history: Sequence[str], src_length: int) -> List[int]:
+        """Token ids of the prompt for generating the reply to src[-1]; history holds the earlier replies."""
+        return self._context(tokenizer, src, history, src_length)[0]
+
+    # ------------------------------------------------------------------ batches
+    def build_batch(self, rows: List[List[Example]], pad_id: int, seq_len: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """Collate rows of examples (a row holds several examples when packed) into model inputs.
+
+        Each row is the concatenation of its examples, right-padded to `seq_len` (default: the longest
+        row). Tokens attend only inside their own example (block-diagonal), causally, except inside a
+        prefix-LM prompt; positions restart at every example.
+        """
+        lengths = [sum(len(e) for e in row) for row in rows]
+        S = seq_len or max(lengths)
+        B = len(rows)
+        input_ids = np.full([B, S], pad_id, dtype="int64")
+        labels = np.full([B, S], IGNORE, dtype="int64")
+        positions = np.zeros([B, S], dtype="int64")
+        block_positions = np.zeros([B, S], dtype="int64")
+        attend = np.zeros([B, S, S], dtype=bool)
+        simple = all(len(row) == 1 for row in rows) and not self.prefix_lm
+        for b, row in enumerate(rows):
+            off = 0
+            for e in row:
+                n = len(e)
+                input_ids[b, off : off + n] = e.input_ids
+                labels[b, off : off + n] = e.labels
+                positions[b, off : off + n] = e.positions
+                if e.block_positions is not None:
+                    block_positions[b, off : off + n] = e.block_positions
+                if not simple:
+                    block = np.tril(np.ones([n, n], dtype=bool))
+                    block[: e.prefix_len, : e.prefix_len] = True
+                    attend[b, off : off + n, off : off + n] = block
+                off += n
+        pad_mask = np.zeros([B, S], dtype="int64")
+        for b, n in enumerate(lengths):
+            pad_mask[b, :n] = 1
+        return self.model_inputs(input_ids, labels, positions, block_positions, attend, pad_mask, simple)
+
+    def model_inputs(self, input_ids, labels, positions, block_positions, attend, pad_mask, simple) -> Dict[str, np.ndarray]:
+        """Express a batch in this family's conventions (hook).
+
+        Default (LLaMA-like): a 2-D padding mask when every row holds one causal example, else a
+        4-D bool mask [B, 1, S, S] with True = may attend; 1-D positions.
+        """
+        out = {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+        if simple:
+            out["attention_mask"] = pad_mask
+        else:
+            out["attention_mask"] = self.pad_rows_attend_self(attend, pad_mask)[:, None, :, :]
+        return out
+
+    @staticmethod
+    def pad_rows_attend_self(attend: np.ndarray, pad_mask: np.ndarray) -> np.ndarray:
+        """Let padding positions attend to themselves so no softmax row is empty (avoids NaN)."""
+        attend = attend.copy()
+        B, S = pad_mask.shape
+        idx = np.arange(S)
+        for b in range(B):
+            pads = idx[pad_mask[b] == 0]
+            attend[b, pads, pads] = True
+        return attend
+
+    def generation_inputs(self, tokenizer, prompts: List[List[int]]) -> Dict[str, np.ndarray]:
+        """Left-padded inputs for generate() (hook: families with 2-D positions or special masks override)."""
+        S = max(len(p) for p in prompts)
+        pad = tokenizer.pad_token_id
+        ids = np.full([len(prompts), S], pad, dtype="int64")
+        mask = np.zeros([len(prompts), S], dtype="int64")
+        pos = np.zeros([len(prompts), S], dtype="int64")
+        for b, p in enumerate(prompts):
+            ids[b, S - len(p) :] = p
+            mask[b, S - len(p) :] = 1
+            pos[b, S - len(p) :] = np.arange(len(p))
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+
+    # ------------------------------------------------------------------ prefix tuning
+    def prefix_hooks(self):
+        """(postprocess_past_key_value, pad_attention_mask) for paddlenlp's PrefixModelForCausalLM.
+
+        Families that cannot take a prefix raise NotImplementedError with the reason.
+        """
+        raise NotImplementedError(f"prefix tuning is not supported for the {self.name} family")
+
+    def prefix_config_kwargs(self, config) -> Dict[str, Any]:
+        """num_hidden_layers / num_attention_heads / hidden_size / head layout for PrefixConfig."""
+        return dict(
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads,
+            hidden_size=config.hidden_size,
+        )

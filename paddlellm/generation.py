@@ -1,0 +1,64 @@
+"""Generation shared by fine-tuning evaluation, batch prediction and serving."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+
+def generate_ids(model, tokenizer, family, prompts: List[List[int]], max_new_tokens: int, top_k: int = 1,
+                 top_p: float = 1.0, temperature: float = 1.0, repetition_penalty: float = 1.0) -> List[List[int]]:
+    """Generate a reply for every prompt (token ids, left-padded together); returns the reply ids, cut at the stop token.
+
+    top_k=1 is greedy decoding (deterministic); otherwise sampling with top_k/top_p/temperature.
+    """
+    import paddle
+
+    inputs = {k: paddle.to_tensor(v) for k, v in family.generation_inputs(tokenizer, prompts).items()}
+    stop = family.stop_token_id(tokenizer)
+    kwargs: Dict = dict(max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
+                        use_cache=True, repetition_penalty=repetition_penalty)
+    if top_k == 1:
+        kwargs["decode_strategy"] = "greedy_search"
+    else:
+        kwargs.update(decode_strategy="sampling", top_k=max(top_k, 0), top_p=top_p, temperature=temperature)
+    with paddle.no_grad():
+        out = model.generate(**inputs, **kwargs)
+    ids = out[0] if isinstance(out, (tuple, list)) else out
+    replies = []
+    for row in ids.numpy().tolist():
+        reply = []
+        for t in row:
+            if t == stop:
+                break
+            reply.append(t)
+        replies.append(reply)
+    return replies
+
+
+def decode(tokenizer, ids: List[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def length_buckets(lengths: List[int], batch_size: int) -> List[List[int]]:
+    """Indices grouped into batches of similar length (longest first), so little padding is computed."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def text_metrics(predictions: List[str], references: List[str]) -> Dict[str, float]:
+    """BLEU-4 and ROUGE-1/2/L (paddlenlp.metrics) over whitespace tokens, in percent."""
+    from paddlenlp.metrics import BLEU, RougeL
+    from paddlenlp.metrics.rouge import Rouge1, Rouge2
+
+    preds = [p.split() for p in predictions]
+    refs = [r.split() for r in references]
+    bleu = BLEU(n_size=4)
+    rouge_l = RougeL()
+    for p, r in zip(preds, refs):
+        bleu.add_inst(p, [r])
+        rouge_l.add_inst(p, [r])
+    out = {"bleu4": 100 * bleu.score(), "rougel": 100 * rouge_l.score()}
+    for name, metric in (("rouge1", Rouge1()), ("rouge2", Rouge2())):
+        overlap, total = metric.compute(preds, refs)
+        out[name] = 100 * overlap / total if total else 0.0
+    out["exact_match"] = 100 * sum(p == r for p, r in zip(predictions, references)) / max(len(references), 1)
+    return out

@@ -1,0 +1,151 @@
+"""Tiny randomly initialised checkpoints with real tokenizers, built offline.
+
+`paddlellm tiny --family llama --output DIR` writes config, weights and a tokenizer that the
+family's paddlenlp classes load with `from_pretrained(DIR)`. The tokenizer is trained here on the
+bundled corpus plus the bundled sample data: sentencepiece for the LLaMA/ChatGLM/GLM style,
+byte-level BPE for GPT/OPT/Bloom. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from .families import META_FILE, Family, get_family
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CORPUS = os.path.join(HERE, "resources", "corpus.txt")
+SAMPLE_DATA = os.path.join(os.path.dirname(HERE), "data")
+
+
+@dataclass
+class TinyArgument:
+    family: str = field(default="llama", metadata={"help": "Model family: llama, chatglm, chatglm_v2, bloom, gpt-3, opt, glm."})
+    output: str = field(default=None, metadata={"help": "Folder to write the tiny checkpoint into (required)."})
+    vocab_size: int = field(default=600, metadata={"help": "Target tokenizer vocabulary size."})
+    hidden_size: Optional[int] = field(default=None, metadata={"help": "Override the family's tiny hidden size."})
+    num_hidden_layers: Optional[int] = field(default=None, metadata={"help": "Override the number of layers (default 2)."})
+    seed: int = field(default=42, metadata={"help": "Seed of the random initialisation."})
+
+
+def corpus_lines() -> List[str]:
+    """Bundled text plus the src/tgt text of the bundled sample data (so its words are single tokens)."""
+    lines = [l.rstrip("\n") for l in open(CORPUS, encoding="utf-8") if l.strip()]
+    for name in ("train.json", "dev.json"):
+        path = os.path.join(SAMPLE_DATA, name)
+        if os.path.isfile(path):
+            for raw in open(path, encoding="utf-8"):
+                ex = json.loads(raw)
+                for key in ("src", "tgt"):
+                    val = ex.get(key)
+                    lines += val if isinstance(val, list) else [val]
+    return lines
+
+
+def train_sentencepiece(path: str, vocab_size: int, special: List[str], lines: List[str]) -> None:
+    """Train a BPE sentencepiece model at `path`.
+
+    `special` tokens (in order) become user-defined pieces right after the four reserved ids
+    <unk>=0 <s>=1 </s>=2 <pad>=3 that sentencepiece always gives; byte fallback keeps any text encodable.
+    """
+    import sentencepiece as spm
+
+    reserved = {"<unk>", "<s>", "</s>", "<pad>"}
+    user = [t for t in special if t not in reserved]
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
+        f.write("\n".join(lines))
+        corpus = f.name
+    try:
+        spm.SentencePieceTrainer.train(
+            input=corpus,
+            model_prefix=path[: -len(".model")] if path.endswith(".model") else path,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            character_coverage=1.0,
+            byte_fallback=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            user_defined_symbols=user,
+            hard_vocab_limit=False,
+            minloglevel=2,
+        )
+    finally:
+        os.unlink(corpus)
+    vocab = path[: -len(".model")] + ".vocab" if path.endswith(".model") else path + ".vocab"
+    if os.path.exists(vocab):
+        os.unlink(vocab)
+    if not path.endswith(".model"):
+        os.replace(path + ".model", path)
+
+
+def train_bpe(vocab_path: str, merges_path: str, vocab_size: int, special: List[str], lines: List[str]) -> None:
+    """Train a GPT-2 style byte-level BPE and write vocab.json + merges.txt; `special` get the first ids."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=1, special_tokens=list(dict.fromkeys(special)))
+    out = tempfile.mkdtemp()
+    vocab_file, merges_file = tok.save_model(out)
+    os.replace(vocab_file, vocab_path)
+    os.replace(merges_file, merges_path)
+    os.rmdir(out)
+
+
+def build_tokenizer(family: Family, out_dir: str, vocab_size: int):
+    """Train and save the family's tokenizer into out_dir; returns the loaded paddlenlp tokenizer."""
+    lines = corpus_lines()
+    special = list(family.special_tokens.values())
+    files = family.tokenizer_files
+    if family.tokenizer_kind == "sentencepiece":
+        (arg, name), = files.items()
+        train_sentencepiece(os.path.join(out_dir, name), vocab_size, special, lines)
+    elif family.tokenizer_kind == "bpe":
+        train_bpe(os.path.join(out_dir, files["vocab_file"]), os.path.join(out_dir, files["merges_file"]), vocab_size, special, lines)
+    else:
+        raise ValueError(f"unknown tokenizer kind {family.tokenizer_kind!r}")
+    cls = family.paddlenlp_class("tokenizer_class")
+    kwargs = {arg: os.path.join(out_dir, name) for arg, name in files.items()}
+    tokenizer = cls(**kwargs, **family.special_tokens)
+    family.fix_tokenizer(tokenizer)
+    tokenizer.save_pretrained(out_dir)
+    return family.load_tokenizer(out_dir)
+
+
+def build_tiny(family_name: str, output: str, vocab_size: int = 600, seed: int = 42, **overrides) -> str:
+    """Write a tiny random checkpoint of `family_name` with its tokenizer into `output`; returns output."""
+    import paddle
+
+    family = get_family(family_name)
+    os.makedirs(output, exist_ok=True)
+    tokenizer = build_tokenizer(family, output, vocab_size)
+    cfg = dict(family.tiny_config)
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    cfg.update(family.tiny_token_ids(tokenizer))
+    config = family.paddlenlp_class("config_class")(**cfg)
+    paddle.seed(seed)
+    model = family.paddlenlp_class("model_class")(config)
+    model.eval()
+    model.save_pretrained(output, safe_serialization=True)
+    with open(os.path.join(output, META_FILE), "w", encoding="utf-8") as f:
+        json.dump({"family": family.name, "kind": "base", "tiny": True, "seed": seed}, f, indent=2)
+    return output
+
+
+def main(argv=None) -> int:
+    from .arguments import parse_args
+
+    (args,) = parse_args([TinyArgument], argv, prog="paddlellm tiny", description=__doc__.splitlines()[0])
+    if not args.output:
+        from .arguments import fail
+
+        fail("--output is required: the folder to write the tiny checkpoint into")
+    from .runtime import setup_runtime
+
+    setup_runtime()
+    build_tiny(args.family, args.output, args.vocab_size, args.seed, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)
+    print(f"wrote a tiny {args.family} checkpoint to {args.output}")
+    return 0

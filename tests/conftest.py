@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny models are built once per test session (one per family, on demand)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAMILIES = ["llama", "chatglm", "chatglm_v2", "bloom", "gpt-3", "opt", "glm"]
+
+# Must be set before paddle is imported anywhere in the test process.
+os.environ.setdefault("PADDLELLM_CPU_TUNING", "1")
+sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """tiny_dir(family) -> path of a tiny random checkpoint of that family, built once per session."""
+    from paddlellm.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    cache = {}
+
+    def get(family: str) -> str:
+        if family not in cache:
+            cache[family] = build_tiny(family, str(root / family))
+        return cache[family]
+
+    return get
+
+
+def run_cmd(args, cwd=ROOT, env=None, timeout=600, check=True):
+    """Run a command the way a user would; returns CompletedProcess with text output."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}")
+    return proc
