@@ -56,7 +56,6 @@ class GenerateArgument:
 TRAINING_DEFAULTS = dict(
     # Defaults that differ from PaddleNLP's because they are what fine-tuning users expect.
     do_train=True,
-    do_eval=True,
     save_strategy="epoch",
     evaluation_strategy="epoch",
     logging_steps=10,
@@ -79,6 +78,8 @@ def parse(argv=None):
         fail("choose one of --lora and --prefix_tuning")
     for k, v in TRAINING_DEFAULTS.items():
         training.setdefault(k, v)
+    # PaddleNLP turns do_eval=True with evaluation_strategy "no" into step-wise evaluation; keep "no" meaning no.
+    training.setdefault("do_eval", training["evaluation_strategy"] != "no")
     return model_args, data_args, gen_args, training
 
 
@@ -279,7 +280,7 @@ def _train(family, model_args, data_args, gen_args, training, train_records, dev
     metrics.update({f"train_{k}": v for k, v in train_stats.items()})
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
-    if dev_examples and training_args.do_eval:
+    if dev_examples:  # the final evaluation always runs when there is dev data
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)

@@ -18,7 +18,8 @@ from paddlenlp.trainer import Trainer
 from paddlenlp.trainer.trainer_callback import ProgressCallback
 
 from .data import Collator, ExampleDataset
-from .generation import decode, generate_ids, length_buckets, text_metrics
+from .generation import text_metrics
+from .inference import generate_replies
 
 log = logging.getLogger("paddlellm")
 
@@ -81,13 +82,8 @@ class SFTTrainer(Trainer):
         was_training = model.training
         model.eval()
         recs = self.dev_records
-        prompts = [self.family.generation_prompt(self.tokenizer, r.src, r.tgt[:-1], self.data_args.src_length) for r in recs]
-        outputs: List[Optional[str]] = [None] * len(recs)
-        for idx in length_buckets([len(p) for p in prompts], self.args.per_device_eval_batch_size):
-            replies = generate_ids(model, self.tokenizer, self.family, [prompts[i] for i in idx], self.data_args.tgt_length,
-                                   top_k=self.gen_args.top_k, top_p=self.gen_args.top_p)
-            for i, r in zip(idx, replies):
-                outputs[i] = decode(self.tokenizer, r)
+        outputs = generate_replies(model, self.tokenizer, self.family, recs, self.data_args.src_length, self.data_args.tgt_length,
+                                   batch_size=self.args.per_device_eval_batch_size, top_k=self.gen_args.top_k, top_p=self.gen_args.top_p)
         if was_training:
             model.train()
         refs = [r.tgt[-1] for r in recs]
