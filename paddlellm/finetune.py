@@ -226,7 +226,12 @@ def run(argv=None) -> int:
         dev_records = read_split(data_args.dataset_name_or_path, "dev", required=False)
         family = resolve_family(model_args)
         check_device(training)
-        return _train(family, model_args, data_args, gen_args, training, train_records, dev_records)
+        import paddle
+
+        # Fresh parameter and optimizer-state names in every run (not counters left by earlier runs in
+        # this process), so a checkpoint's optimizer state matches the parameters when a run resumes.
+        with paddle.utils.unique_name.guard():
+            return _train(family, model_args, data_args, gen_args, training, train_records, dev_records)
     except UserError as e:
         _cleanup(output_dir, existed)
         fail(str(e))
@@ -276,6 +281,8 @@ def _train(family, model_args, data_args, gen_args, training, train_records, dev
     trainer = build_trainer(model, tokenizer, family, training_args, train_examples, dev_examples, dev_records, data_args, gen_args)
     train_result = trainer.train(resume_from_checkpoint=last)
     save_outputs(trainer, tokenizer, family, kind, model_args, data_args, gen_args, training_args)
+    if training_args.should_save:  # the loss curve, for users and for tests
+        write_json(os.path.join(training_args.output_dir, "log_history.json"), trainer.history)
     metrics = dict(train_result.metrics)
     metrics.update({f"train_{k}": v for k, v in train_stats.items()})
     trainer.log_metrics("train", metrics)

@@ -32,6 +32,11 @@ class SFTTrainer(Trainer):
         self.gen_args = gen_args
         self.dev_records = dev_records or []
         self.real_tokens = 0  # real (non-padding) training tokens seen by this process
+        self.history: List[Dict] = []  # every logged row (PaddleNLP's Trainer empties state.log_history at each log)
+
+    def log(self, logs: Dict[str, float], **kwargs) -> None:
+        super().log(logs, **kwargs)
+        self.history.append(dict(logs, step=self.state.global_step))
 
     def compute_loss(self, model, inputs, return_outputs=False):
         real = inputs.pop("real_tokens", None)

@@ -5,6 +5,9 @@ import sys
 
 import pytest
 
+# The environment before paddle is imported in this process (paddle's import sets OMP_NUM_THREADS=1,
+# which would make every subprocess single-threaded); commands under test get this one.
+BASE_ENV = dict(os.environ)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ["llama", "chatglm", "chatglm_v2", "bloom", "gpt-3", "opt", "glm"]
 
@@ -31,7 +34,7 @@ def tiny_dir(tmp_path_factory):
 
 def run_cmd(args, cwd=ROOT, env=None, timeout=600, check=True):
     """Run a command the way a user would; returns CompletedProcess with text output."""
-    full_env = dict(os.environ)
+    full_env = dict(BASE_ENV)
     full_env.update(env or {})
     proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -1,0 +1,80 @@
+"""Bad data ends with one clear line naming file, line and field, exit 2, and nothing in output_dir."""
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import ROOT, run_cmd
+
+GOOD = '{"src": "a", "tgt": "b"}\n'
+CASES = {
+    "invalid_json": (GOOD + '{"src": "a", "tgt": }\n', "train.json:2: invalid JSON: Expecting value (column 21)"),
+    "missing_src": (GOOD + '{"tgt": "b"}\n', "train.json:2: missing field 'src'"),
+    "missing_tgt": ('{"src": "a"}\n', "train.json:1: missing field 'tgt'"),
+    "wrong_type": (GOOD + GOOD + '{"src": 5, "tgt": "b"}\n', "train.json:3: field 'src' must be a string or a list of strings, got int"),
+    "wrong_item_type": ('{"src": ["a", 1], "tgt": ["b", "c"]}\n', "train.json:1: field 'src' must be a string or a list of strings, got list"),
+    "unequal_lists": ('{"src": ["a", "b"], "tgt": ["c"]}\n', "train.json:1: fields 'src' and 'tgt' must have equal lengths (2 != 1 turns)"),
+    "not_object": ('["a", "b"]\n', "train.json:1: each line must be a JSON object with 'src' and 'tgt', got list"),
+    "empty_file": ("\n\n", "train.json: file holds no examples"),
+}
+
+
+def finetune(dataset, out, *extra):
+    return run_cmd([sys.executable, os.path.join(ROOT, "finetune_generation.py"), "--model_name_or_path", "unused-llama",
+                    "--dataset_name_or_path", dataset, "--output_dir", out, *extra], check=False, timeout=120)
+
+
+def assert_one_line_error(proc, expected_tail, out):
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if not l.startswith("paddlellm: CPU runtime")]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and lines[0].endswith(expected_tail), lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_train_file(tmp_path, case):
+    text, expected = CASES[case]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.json").write_text(text)
+    out = str(tmp_path / "out")
+    assert_one_line_error(finetune(str(tmp_path / "data"), out), expected, out)
+
+
+def test_empty_split_folder(tmp_path):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    out = str(tmp_path / "out")
+    assert_one_line_error(finetune(str(tmp_path / "data"), out), "train: folder holds no *.json files", out)
+
+
+def test_missing_dataset_folder(tmp_path):
+    out = str(tmp_path / "out")
+    proc = finetune(str(tmp_path / "nope"), out)
+    assert_one_line_error(proc, "is not a folder; give a folder with train.json and dev.json (or train/ and dev/ folders of *.json)", out)
+
+
+def test_bad_dev_file_is_reported_too(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.json").write_text(GOOD)
+    (tmp_path / "data" / "dev.json").write_text('{"src": "a", "tgt": ["x", "y"]}\n')
+    out = str(tmp_path / "out")
+    assert_one_line_error(finetune(str(tmp_path / "data"), out), "dev.json:1: fields 'src' and 'tgt' must have equal lengths (1 != 2 turns)", out)
+
+
+def test_folder_splits_are_read_in_order(tmp_path):
+    from paddlellm.data import read_split
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "b.json").write_text('{"src": ["q1", "q2"], "tgt": ["a1", "a2"]}\n')
+    (tmp_path / "train" / "a.json").write_text(GOOD)
+    recs = read_split(str(tmp_path), "train")
+    assert [(r.src, r.tgt) for r in recs] == [(["a"], ["b"]), (["q1", "q2"], ["a1", "a2"])]
+    assert recs[1].where.endswith("b.json:1")
+
+
+def test_tensor_parallel_on_cpu_is_refused(tmp_path):
+    out = str(tmp_path / "out")
+    proc = finetune(os.path.join(ROOT, "data"), out, "--tensor_parallel_degree", "2")
+    assert_one_line_error(proc, "--tensor_parallel_degree 2: tensor, pipeline and sharding parallelism need GPUs (paddlepaddle-gpu); on CPU use data parallel: python -m paddle.distributed.launch --nproc_per_node N ...", out)
