@@ -1,6 +1,9 @@
 """`paddlellm <command> ...`: the same commands as the top-level scripts.
 
     paddlellm finetune ARGS.json [--key value ...]   == python finetune_generation.py ...
+    paddlellm predict ...                            == python predict_generation.py ...
+    paddlellm merge-lora ... / merge-tp ...          == python merge_lora_params.py / merge_tp_params.py ...
+    paddlellm serve ...                              == python flask_server.py ...
     paddlellm tiny --family llama --output DIR       build a tiny random checkpoint
     paddlellm quickstart                             tiny LLaMA + LoRA on the bundled data
 """
@@ -12,6 +15,10 @@ import sys
 # command -> (module, entry function, one-line description); modules are imported only when run.
 COMMANDS = {
     "finetune": ("paddlellm.finetune", "main", "fine-tune with SFT, LoRA or Prefix Tuning (finetune_generation.py)"),
+    "predict": ("paddlellm.predict", "main", "batch generation over a src/tgt JSONL file (predict_generation.py)"),
+    "merge-lora": ("paddlellm.merge", "main_lora", "merge LoRA adapters into a standalone model (merge_lora_params.py)"),
+    "merge-tp": ("paddlellm.merge", "main_tp", "merge tensor-parallel shards into one checkpoint (merge_tp_params.py)"),
+    "serve": ("paddlellm.serve", "main", "HTTP API + Gradio chat UI (flask_server.py)"),
     "tiny": ("paddlellm.tiny", "main", "write a tiny random checkpoint with a real tokenizer"),
     "quickstart": ("paddlellm.quickstart", "main", "build a tiny LLaMA, LoRA-tune it on data/, show dev accuracy before/after"),
 }
