@@ -246,6 +246,19 @@ def _cleanup(output_dir: str, existed: bool) -> None:
         shutil.rmtree(output_dir, ignore_errors=True)
 
 
+def _pack(family, data_args, train_examples, dev_examples):
+    """Pack train (and dev, for loss evaluation) examples into rows of intokens_max_length tokens."""
+    from .data import pack_examples
+
+    if not family.supports.get("intokens", False):
+        raise UserError(f"--intokens: packing is not supported for the {family.name} family (see the README's support table)")
+    train_rows, eff = pack_examples(train_examples, data_args.intokens_max_length)
+    log.info(f"intokens: packed {len(train_examples)} train examples into {len(train_rows)} rows of "
+             f"{data_args.intokens_max_length} tokens; packing efficiency {100 * eff:.1f}% (real tokens / token slots)")
+    dev_rows = pack_examples(dev_examples, data_args.intokens_max_length)[0] if dev_examples else []
+    return train_rows, dev_rows
+
+
 def _train(family, model_args, data_args, gen_args, training, train_records, dev_records) -> int:
     from paddlenlp.trainer import TrainingArguments, get_last_checkpoint, set_seed
 
@@ -266,8 +279,8 @@ def _train(family, model_args, data_args, gen_args, training, train_records, dev
     train_examples, train_stats = encode_records(family, tokenizer, train_records, data_args.src_length, data_args.tgt_length, "train")
     dev_examples, dev_stats = (encode_records(family, tokenizer, dev_records, data_args.src_length, data_args.tgt_length, "dev")
                                if dev_records else ([], None))
-    if data_args.intokens and not family.supports.get("intokens", False):
-        raise UserError(f"--intokens: packing is not supported for the {family.name} family")
+    if data_args.intokens:
+        train_examples, dev_examples = _pack(family, data_args, train_examples, dev_examples)
     model, kind = build_model(family, model_args, training_args, tokenizer)
 
     last = None
@@ -284,6 +297,8 @@ def _train(family, model_args, data_args, gen_args, training, train_records, dev
     if training_args.should_save:  # the loss curve, for users and for tests
         write_json(os.path.join(training_args.output_dir, "log_history.json"), trainer.history)
     metrics = dict(train_result.metrics)
+    if trainer.total[1]:  # token-weighted mean over the whole run (PaddleNLP's is a mean of batch means)
+        metrics["train_loss"] = trainer.total[0] / trainer.total[1]
     metrics.update({f"train_{k}": v for k, v in train_stats.items()})
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)

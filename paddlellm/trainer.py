@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import paddle
 from paddlenlp.trainer import Trainer
-from paddlenlp.trainer.trainer_callback import ProgressCallback
+from paddlenlp.trainer.trainer_callback import ProgressCallback, TrainerCallback
 
 from .data import Collator, ExampleDataset
 from .generation import text_metrics
@@ -33,8 +33,18 @@ class SFTTrainer(Trainer):
         self.dev_records = dev_records or []
         self.real_tokens = 0  # real (non-padding) training tokens seen by this process
         self.history: List[Dict] = []  # every logged row (PaddleNLP's Trainer empties state.log_history at each log)
+        # Token-weighted loss bookkeeping: [loss sum, supervised tokens] of this process in the current
+        # optimisation step, and of all processes since the last log / since the start.
+        self._step = [0.0, 0]
+        self._window = [0.0, 0]
+        self.total = [0.0, 0]
+        self.add_callback(_NormaliseGradients(self))
 
     def log(self, logs: Dict[str, float], **kwargs) -> None:
+        if "loss" in logs and self._window[1] > 0:
+            # PaddleNLP logs the mean of per-micro-batch means; ours is the mean over every supervised token.
+            logs["loss"] = round(self._window[0] / self._window[1], 8)
+            self._window = [0.0, 0]
         super().log(logs, **kwargs)
         self.history.append(dict(logs, step=self.state.global_step))
 
@@ -43,6 +53,49 @@ class SFTTrainer(Trainer):
         if real is not None and model.training:
             self.real_tokens += int(real)
         return super().compute_loss(model, inputs, return_outputs=return_outputs)
+
+    def training_step(self, model, inputs, step_control=0):
+        """Backward the *sum* of token losses; gradients are divided by the step's token count later.
+
+        The model's loss is the mean over this micro-batch's supervised tokens; times their number it is
+        their sum. Summing over micro-batches and processes and dividing once by the step's total makes
+        the loss and the update independent of batch size, accumulation, packing and process count.
+        """
+        if self.args.pipeline_parallel_degree > 1:
+            return super().training_step(model, inputs)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        tokens = int((inputs["labels"] != -100).astype("int64").sum())
+        with self.autocast_smart_context_manager():
+            loss = self.compute_loss(model, inputs)
+        loss_sum = loss * tokens
+        if self.do_grad_scaling:
+            self.scaler.scale(loss_sum).backward()
+        else:
+            loss_sum.backward()
+        self._step[0] += float(loss_sum)
+        self._step[1] += tokens
+        return loss.detach()
+
+    def normalise_gradients(self) -> None:
+        """Turn summed gradients into the mean over every supervised token of the step, across processes."""
+        stats = paddle.to_tensor([self._step[0], float(self._step[1])], dtype="float64")
+        world = max(self.args.data_parallel_degree, 1) if self.args.world_size > 1 else 1
+        if world > 1:
+            paddle.distributed.all_reduce(stats, group=_dp_group(self.args))
+        loss_sum, tokens = float(stats[0]), float(stats[1])
+        self._step = [0.0, 0]
+        self._window = [self._window[0] + loss_sum, self._window[1] + int(tokens)]
+        self.total = [self.total[0] + loss_sum, self.total[1] + int(tokens)]
+        # Data parallel has already averaged gradients over the processes: undo that, then divide by the tokens.
+        scale = world / max(tokens, 1.0)
+        with paddle.no_grad():
+            for p in self.model.parameters():
+                grad = getattr(p, "main_grad", None)
+                if grad is None:
+                    grad = p.grad
+                if grad is not None:
+                    grad.scale_(scale)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> Dict[str, float]:
@@ -101,6 +154,26 @@ class SFTTrainer(Trainer):
                     f.write(json.dumps({"src": r.src if len(r.src) > 1 else r.src[0], "tgt": r.tgt[-1], "output": o}, ensure_ascii=False) + "\n")
             os.replace(path + ".tmp", path)
         return metrics
+
+
+def _dp_group(args):
+    """The data-parallel communication group (None = the default group of all processes)."""
+    try:
+        from paddle.distributed import fleet
+
+        return fleet.get_hybrid_communicate_group().get_data_parallel_group()
+    except Exception:  # fleet not initialised: plain data parallel over every process
+        return None
+
+
+class _NormaliseGradients(TrainerCallback):
+    """Calls SFTTrainer.normalise_gradients right before every optimizer step (after gradient all-reduce)."""
+
+    def __init__(self, trainer: "SFTTrainer"):
+        self.trainer = trainer
+
+    def on_optimizer_begin(self, args, state, control, **kwargs):
+        self.trainer.normalise_gradients()
 
 
 class TokensProgressCallback(ProgressCallback):

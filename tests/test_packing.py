@@ -1,0 +1,180 @@
+"""InTokens packing is exact, and the loss does not depend on how a step's examples are batched."""
+import glob
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import FAMILIES, ROOT, run_cmd
+from paddlellm.data import DataError, pack_examples
+from paddlellm.families import Example, get_family
+
+
+def ex(n):
+    return Example(list(range(n)), [1] * n, list(range(n)))
+
+
+def test_best_fit_decreasing_packs_tightly():
+    lengths = [5, 3, 8, 2, 6, 4, 2]
+    rows, eff = pack_examples([ex(n) for n in lengths], 10)
+    assert [[len(e) for e in r] for r in rows] == [[8, 2], [6, 4], [5, 3, 2]]
+    assert eff == pytest.approx(30 / 30)
+    rows, eff = pack_examples([ex(n) for n in (7, 7, 7)], 10)
+    assert len(rows) == 3 and eff == pytest.approx(21 / 30)
+
+
+def test_example_longer_than_a_row_is_an_error():
+    with pytest.raises(DataError, match="intokens_max_length=4 is shorter than an example of 6 tokens"):
+        pack_examples([ex(3), ex(6)], 4)
+
+
+EXAMPLES = [(["spell: 1 2 3"], ["one two three"]), (["hello", "spell: 4"], ["hi there", "four"]), (["spell: 5 6"], ["five six"])]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_logits_and_loss_equal_separate(family, tiny_dir):
+    import paddle
+
+    fam = get_family(family)
+    if not fam.supports.get("intokens"):
+        pytest.skip(f"{family}: packing unsupported (README says so)")
+    path = tiny_dir(family)
+    tok = fam.load_tokenizer(path)
+    model = fam.load_model(path)
+    model.eval()
+    exs = [fam.encode(tok, s, t, 64, 32) for s, t in EXAMPLES]
+
+    def run(rows):
+        batch = {k: paddle.to_tensor(v) for k, v in fam.build_batch(rows, tok.pad_token_id).items()}
+        labels = batch.pop("labels")
+        with paddle.no_grad():
+            out = model(**batch)
+        logits = (out.logits if hasattr(out, "logits") else out[0]).astype("float32")
+        ce = paddle.nn.functional.cross_entropy(logits, labels.unsqueeze(-1), ignore_index=-100, reduction="none")
+        return logits.numpy(), ce.numpy()[..., 0], labels.numpy()
+
+    packed_logits, packed_ce, _ = run([exs])
+    off = 0
+    total_sep = 0.0
+    for e in exs:
+        logits, ce, labels = run([[e]])
+        n = len(e)
+        np.testing.assert_allclose(packed_logits[0, off:off + n], logits[0, :n], atol=1e-5, rtol=1e-5)
+        total_sep += float(ce[0, :n][labels[0, :n] != -100].sum())
+        off += n
+    packed_total = float(packed_ce[0][packed_ce[0] != 0].sum())
+    assert packed_total == pytest.approx(total_sep, rel=1e-5)
+
+
+STEP_DATA = [
+    {"src": "spell: 1", "tgt": "one two three four five six seven eight nine"},
+    {"src": "spell: 2 3 4 5 6", "tgt": "two"},
+    {"src": ["hello", "spell: 7 8"], "tgt": ["hi", "seven eight"]},
+    {"src": "spell: 9 0", "tgt": "nine zero nine zero"},
+]
+# Adam's first step is lr * g / (|g| + eps): with eps=1 the update depends on the gradient's scale, so a
+# wrong normalisation shows up in the weights; no clipping, no warm-up, no shuffling effects (one step).
+ONE_STEP = ["--max_steps", "1", "--learning_rate", "0.5", "--adam_epsilon", "1.0", "--max_grad_norm", "0",
+            "--logging_steps", "1", "--evaluation_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "true",
+            "--src_length", "32", "--tgt_length", "16", "--seed", "3", "--warmup_steps", "0"]
+
+
+@pytest.fixture(scope="module")
+def step_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stepdata")
+    for name in ("train.json", "dev.json"):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in STEP_DATA))
+    return str(d)
+
+
+def _weights(out):
+    import paddle
+
+    return {k: v.numpy() for k, v in paddle.load(os.path.join(out, "model_state.pdparams")).items()}
+
+
+def _first_loss(out):
+    with open(os.path.join(out, "log_history.json")) as f:
+        return next(r["loss"] for r in json.load(f) if "loss" in r)
+
+
+def _manual_loss(model_dir, data_dir):
+    """Mean cross-entropy over every supervised token of the 4 examples, one example at a time."""
+    import paddle
+
+    from paddlellm.data import read_split
+
+    fam = get_family("llama")
+    tok = fam.load_tokenizer(model_dir)
+    model = fam.load_model(model_dir)
+    model.eval()
+    total, count = 0.0, 0
+    for r in read_split(data_dir, "train"):
+        e = fam.encode(tok, r.src, r.tgt, 32, 16)
+        batch = {k: paddle.to_tensor(v) for k, v in fam.build_batch([[e]], tok.pad_token_id).items()}
+        labels = batch.pop("labels")
+        with paddle.no_grad():
+            out = model(**batch)
+        logits = (out.logits if hasattr(out, "logits") else out[0]).astype("float32")
+        total += float(paddle.nn.functional.cross_entropy(logits, labels.unsqueeze(-1), ignore_index=-100, reduction="sum"))
+        count += int((labels != -100).astype("int64").sum())
+    return total / count
+
+
+def test_one_step_is_the_same_for_any_batching(tiny_dir, step_data, tmp_path):
+    from paddlellm import finetune as ft
+
+    model = tiny_dir("llama")
+    variants = {
+        "batch4": ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"],
+        "batch1_accum4": ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4"],
+        "packed": ["--per_device_train_batch_size", "4", "--intokens", "true", "--intokens_max_length", "48"],
+    }
+    results = {}
+    for name, extra in variants.items():
+        out = str(tmp_path / name)
+        assert ft.run(["--model_name_or_path", model, "--dataset_name_or_path", step_data, "--output_dir", out, *ONE_STEP, *extra]) == 0
+        results[name] = (_first_loss(out), _weights(out))
+    # two processes, 2 examples each
+    out = str(tmp_path / "dp2")
+    run_cmd([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(tmp_path / "logs"),
+             os.path.join(ROOT, "finetune_generation.py"), "--model_name_or_path", model, "--dataset_name_or_path", step_data,
+             "--output_dir", out, *ONE_STEP, "--per_device_train_batch_size", "2"], timeout=600)
+    results["dp2"] = (_first_loss(out), _weights(out))
+
+    expected = _manual_loss(model, step_data)
+    ref_loss, ref_w = results["batch4"]
+    assert ref_loss == pytest.approx(expected, rel=1e-5)
+    for name, (loss, w) in results.items():
+        assert loss == pytest.approx(expected, rel=1e-5), name
+        for k in ref_w:
+            np.testing.assert_allclose(w[k], ref_w[k], rtol=1e-4, atol=1e-6, err_msg=f"{name}: {k}")
+    base = _weights_of(model)
+    moved = max(float(np.abs(ref_w[k] - base[k]).max()) for k in ref_w)
+    assert moved > 1e-3  # the step really changed the weights
+
+
+def _weights_of(model_dir):
+    import paddle
+    from safetensors.numpy import load_file
+
+    return load_file(os.path.join(model_dir, "model.safetensors"))
+
+
+def test_eval_loss_same_with_and_without_packing(tiny_dir, step_data, tmp_path):
+    from paddlellm import finetune as ft
+
+    evals = []
+    for extra in ([], ["--intokens", "true", "--intokens_max_length", "48"], ["--per_device_eval_batch_size", "1"]):
+        out = str(tmp_path / f"e{len(evals)}")
+        assert ft.run(["--model_name_or_path", tiny_dir("llama"), "--dataset_name_or_path", step_data, "--output_dir", out,
+                       *ONE_STEP, "--learning_rate", "0", *extra]) == 0
+        with open(os.path.join(out, "eval_results.json")) as f:
+            evals.append(json.load(f))
+    expected = _manual_loss(tiny_dir("llama"), step_data)
+    for ev in evals:
+        assert ev["eval_loss"] == pytest.approx(expected, rel=1e-5)
+        assert ev["eval_ppl"] == pytest.approx(math.exp(expected), rel=1e-5)
