@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @dataclass
 class QuickstartArgument:
     output: str = field(default="quickstart_output", metadata={"help": "Folder for the tiny model and the LoRA output."})
-    epochs: int = field(default=8, metadata={"help": "Training epochs over data/train.json."})
+    epochs: int = field(default=12, metadata={"help": "Training epochs over data/train.json."})
     learning_rate: float = field(default=5e-3, metadata={"help": "LoRA learning rate."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
 
@@ -39,10 +39,7 @@ def main(argv=None) -> int:
     from .runtime import setup_runtime
 
     (args,) = parse_args([QuickstartArgument], argv, prog="paddlellm quickstart", description=__doc__.splitlines()[0])
-    setup_runtime()
-    import logging
-
-    logging.getLogger("paddlenlp").setLevel(logging.WARNING)
+    setup_runtime(quiet=True)
     from . import finetune
     from .tiny import build_tiny
 

@@ -1,17 +1,48 @@
-"""Process set-up shared by every command: CPU tuning before paddle loads, quiet warnings."""
+"""Process set-up shared by every command: CPU tuning before paddle loads, known-noisy warnings off."""
 from __future__ import annotations
 
-import os
+import contextlib
+import io
+import sys
 import warnings
 
+# paddle/base/__init__.py prints this on import whenever OMP_NUM_THREADS > 1. It dates from
+# OpenBLAS builds; the wheels we use link MKL, where several threads are right (see cpu_runtime).
+_STALE_PADDLE_WARNING = ("WARNING: OMP_NUM_THREADS set to", "PLEASE USE OMP_NUM_THREADS WISELY.")
 
-def setup_runtime() -> None:
-    """Configure the CPU runtime (must run before paddle is imported) and silence known-noisy warnings."""
+
+class _DropLines(io.TextIOBase):
+    """A stderr stand-in that forwards everything except lines starting with given prefixes."""
+
+    def __init__(self, target, prefixes):
+        self.target, self.prefixes = target, prefixes
+
+    def write(self, text):
+        if not text.startswith(self.prefixes):
+            self.target.write(text)
+        return len(text)
+
+    def flush(self):
+        self.target.flush()
+
+
+def setup_runtime(quiet: bool = False) -> None:
+    """Configure the CPU runtime (must run before paddle is imported), then import paddle quietly.
+
+    quiet=True also lowers PaddleNLP's own logging to warnings (used by the quickstart).
+    """
     from . import cpu_runtime
 
     cpu_runtime.configure()
-    # paddle's cpp_extension warns about ccache and setuptools about distutils at import: noise for users.
     warnings.filterwarnings("ignore", message=".*ccache.*")
     warnings.filterwarnings("ignore", message=".*Setuptools is replacing distutils.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    os.environ.setdefault("FLAGS_call_stack_level", "0")
+    # paddlenlp 3.0.0b4's LLaMA calls a swiglu that paddle 3.3 deprecates, warning at every forward.
+    warnings.filterwarnings("ignore", message=r"(?s).*paddle\.incubate\.nn\.functional\.swiglu.*")
+    if "paddle" not in sys.modules:
+        with contextlib.redirect_stderr(_DropLines(sys.stderr, _STALE_PADDLE_WARNING)):
+            import paddle  # noqa: F401
+    if quiet:
+        from paddlenlp.utils.log import logger
+
+        logger.set_level("WARNING")
