@@ -12,7 +12,7 @@ def generate_ids(model, tokenizer, family, prompts: List[List[int]], max_new_tok
     """
     import paddle
 
-    inputs = {k: paddle.to_tensor(v) for k, v in family.generation_inputs(tokenizer, prompts).items()}
+    inputs = {k: paddle.to_tensor(v) for k, v in _generation_inputs(family, tokenizer, prompts, max_new_tokens).items()}
     stop = family.stop_token_id(tokenizer)
     kwargs: Dict = dict(max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
                         use_cache=True, repetition_penalty=repetition_penalty)
@@ -32,6 +32,15 @@ def generate_ids(model, tokenizer, family, prompts: List[List[int]], max_new_tok
             reply.append(t)
         replies.append(reply)
     return replies
+
+
+def _generation_inputs(family, tokenizer, prompts: List[List[int]], max_new_tokens: int):
+    """family.generation_inputs, telling families that lay out positions in advance (GLM) how many tokens will come."""
+    import inspect
+
+    if "max_new_tokens" in inspect.signature(family.generation_inputs).parameters:
+        return family.generation_inputs(tokenizer, prompts, max_new_tokens=max_new_tokens)
+    return family.generation_inputs(tokenizer, prompts)
 
 
 def decode(tokenizer, ids: List[int]) -> str:

@@ -98,6 +98,8 @@ def train_bpe(vocab_path: str, merges_path: str, vocab_size: int, special: List[
 def build_tokenizer(family: Family, out_dir: str, vocab_size: int):
     """Train and save the family's tokenizer into out_dir; returns the loaded paddlenlp tokenizer."""
     lines = corpus_lines()
+    if hasattr(family, "train_tokenizer"):  # tokenizers that need more than the generic trainer (ChatGLM, GLM)
+        return family.train_tokenizer(out_dir, vocab_size, lines)
     special = list(family.special_tokens.values())
     files = family.tokenizer_files
     if family.tokenizer_kind == "sentencepiece":
@@ -123,9 +125,13 @@ def build_tiny(family_name: str, output: str, vocab_size: int = 600, seed: int =
     os.makedirs(output, exist_ok=True)
     tokenizer = build_tokenizer(family, output, vocab_size)
     cfg = dict(family.tiny_config)
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    config_class = family.paddlenlp_class("config_class")
+    # Overrides use the common names (num_hidden_layers, hidden_size); a config may call them
+    # otherwise (GLM: num_layers) and reset the alias in __init__, so pass its own name.
+    aliases = getattr(config_class, "attribute_map", {}) or {}
+    cfg.update({aliases.get(k, k): v for k, v in overrides.items() if v is not None})
     cfg.update(family.tiny_token_ids(tokenizer))
-    config = family.paddlenlp_class("config_class")(**cfg)
+    config = config_class(**cfg)
     paddle.seed(seed)
     model = family.paddlenlp_class("model_class")(config)
     model.eval()

