@@ -213,9 +213,6 @@ def save_outputs(trainer, tokenizer, family, kind, model_args, data_args, gen_ar
 
 def run(argv=None) -> int:
     model_args, data_args, gen_args, training = parse(argv)
-    from .runtime import setup_runtime
-
-    setup_runtime()
     output_dir = training["output_dir"]
     existed = os.path.exists(output_dir)
     try:
@@ -225,6 +222,9 @@ def run(argv=None) -> int:
         train_records = read_split(data_args.dataset_name_or_path, "train")
         dev_records = read_split(data_args.dataset_name_or_path, "dev", required=False)
         family = resolve_family(model_args)
+        from .runtime import setup_runtime
+
+        setup_runtime()  # before paddle is imported
         check_device(training)
         import paddle
 

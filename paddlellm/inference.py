@@ -69,3 +69,66 @@ def generate_replies(model, tokenizer, family, records, src_length: int, max_new
         for i, ids in zip(idx, generate_ids(model, tokenizer, family, [prompts[i] for i in idx], max_new_tokens, **sampling)):
             out[i] = decode(tokenizer, ids)
     return out
+
+
+def resolve_model(model_name_or_path: Optional[str] = None, lora_path: Optional[str] = None,
+                  prefix_path: Optional[str] = None, family_name: Optional[str] = None):
+    """Work out, without loading anything heavy, what load_for_inference will load.
+
+    Returns (base, lora_path, prefix_path, family, meta): `meta` is the adapter's (or the model folder's)
+    paddlellm_meta.json. A LoRA/prefix output passed as model_name_or_path is recognised as such.
+    Raises UserError with a one-line reason (missing or unknown model, wrong adapter folder, unknown family).
+    """
+    from .families import family_of, find_by_name, get_family, names
+
+    if lora_path and prefix_path:
+        raise UserError("pass one of lora_path and prefix_path, not both")
+    for flag, folder, cfg in (("lora_path", lora_path, "lora_config.json"), ("prefix_path", prefix_path, "prefix_config.json")):
+        if folder and not os.path.isdir(folder):
+            raise UserError(f"{flag} {folder!r}: no such folder")
+        if folder and not os.path.isfile(os.path.join(folder, cfg)):
+            raise UserError(f"{flag} {folder!r}: no {cfg} (not a folder saved by a {flag.split('_')[0]} fine-tuning run)")
+    adapter = lora_path or prefix_path
+    meta = read_meta(adapter) if adapter else {}
+    if model_name_or_path and not adapter and os.path.isdir(model_name_or_path):
+        own = read_meta(model_name_or_path)
+        if own.get("kind") == "lora":
+            lora_path = adapter = model_name_or_path
+            model_name_or_path = None
+        elif own.get("kind") == "prefix":
+            prefix_path = adapter = model_name_or_path
+            model_name_or_path = None
+        meta = own
+    base = model_name_or_path or meta.get("base_model")
+    if not base and adapter:
+        # A LoRA folder written by PaddleNLP itself records its base in lora_config.json.
+        cfg_path = os.path.join(adapter, "lora_config.json" if lora_path else "prefix_config.json")
+        with open(cfg_path, encoding="utf-8") as f:
+            base = json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise UserError("model_name_or_path is required (a model folder or a PaddleNLP model name; "
+                        "an adapter folder needs it when it does not record its base model)")
+    if not os.path.isdir(base) and base.startswith((".", "/", "~")):
+        raise UserError(f"model_name_or_path {base!r}: no such folder")
+    if family_name:
+        try:
+            family = get_family(family_name)
+        except KeyError as e:
+            raise UserError(f"--family: {e.args[0]}") from None
+    else:
+        family, error = None, None
+        for folder in (adapter, base):
+            if folder and os.path.isdir(folder):
+                try:
+                    family = family_of(folder)
+                    break
+                except ValueError as e:
+                    error = error or e
+        if family is None:
+            family = find_by_name(base)
+        if family is None:
+            if error is not None:
+                raise UserError(str(error))
+            raise UserError(f"model_name_or_path {base!r}: not a folder and its family can't be told from the name; "
+                            f"add --family ({' '.join(names())})")
+    return base, lora_path, prefix_path, family, meta

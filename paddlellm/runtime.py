@@ -16,10 +16,15 @@ class _DropLines(io.TextIOBase):
 
     def __init__(self, target, prefixes):
         self.target, self.prefixes = target, prefixes
+        self.dropping = False
 
     def write(self, text):
-        if not text.startswith(self.prefixes):
-            self.target.write(text)
+        # print() writes the line and its "\n" in two calls: drop the newline of a dropped line too
+        if text.startswith(self.prefixes) or (self.dropping and text == "\n"):
+            self.dropping = text != "\n"
+            return len(text)
+        self.dropping = False
+        self.target.write(text)
         return len(text)
 
     def flush(self):

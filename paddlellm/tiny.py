@@ -134,6 +134,7 @@ def build_tiny(family_name: str, output: str, vocab_size: int = 600, seed: int =
     config = config_class(**cfg)
     paddle.seed(seed)
     model = family.paddlenlp_class("model_class")(config)
+    family.init_new_weights(model)
     model.eval()
     model.save_pretrained(output, safe_serialization=True)
     with open(os.path.join(output, META_FILE), "w", encoding="utf-8") as f:

@@ -18,6 +18,7 @@ from paddlenlp.trainer import Trainer
 from paddlenlp.trainer.trainer_callback import ProgressCallback, TrainerCallback
 
 from .data import Collator, ExampleDataset
+from .families import logits_of
 from .generation import text_metrics
 from .inference import generate_replies
 
@@ -123,8 +124,7 @@ class SFTTrainer(Trainer):
                 batch.pop("real_tokens", None)
                 labels = batch.pop("labels")
                 out = model(**batch)
-                logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
-                logits = logits.astype("float32")
+                logits = logits_of(out).astype("float32")
                 mask = labels != -100
                 loss_sum += float(paddle.nn.functional.cross_entropy(logits, labels.unsqueeze(-1), ignore_index=-100, reduction="sum"))
                 count += int(mask.astype("int64").sum())

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import FAMILIES, ROOT, run_cmd
 from paddlellm.data import DataError, pack_examples
-from paddlellm.families import Example, get_family
+from paddlellm.families import Example, get_family, logits_of
 
 
 def ex(n):
@@ -52,7 +52,7 @@ def test_packed_logits_and_loss_equal_separate(family, tiny_dir):
         labels = batch.pop("labels")
         with paddle.no_grad():
             out = model(**batch)
-        logits = (out.logits if hasattr(out, "logits") else out[0]).astype("float32")
+        logits = logits_of(out).astype("float32")
         ce = paddle.nn.functional.cross_entropy(logits, labels.unsqueeze(-1), ignore_index=-100, reduction="none")
         return logits.numpy(), ce.numpy()[..., 0], labels.numpy()
 
@@ -118,7 +118,7 @@ def _manual_loss(model_dir, data_dir):
         labels = batch.pop("labels")
         with paddle.no_grad():
             out = model(**batch)
-        logits = (out.logits if hasattr(out, "logits") else out[0]).astype("float32")
+        logits = logits_of(out).astype("float32")
         total += float(paddle.nn.functional.cross_entropy(logits, labels.unsqueeze(-1), ignore_index=-100, reduction="sum"))
         count += int((labels != -100).astype("int64").sum())
     return total / count

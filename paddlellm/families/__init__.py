@@ -9,7 +9,7 @@ import json
 import os
 from typing import Dict, List
 
-from .base import IGNORE, Example, Family  # noqa: F401
+from .base import IGNORE, Example, Family, logits_of  # noqa: F401
 
 # registry name -> module in this package (names are the llm/<folder> names)
 _MODULES = {

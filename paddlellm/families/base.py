@@ -17,6 +17,13 @@ import numpy as np
 IGNORE = -100  # label of a token that is not supervised
 
 
+def logits_of(output):
+    """The logits of a model's forward output: an output object, a (logits, ...) tuple or a bare tensor."""
+    if hasattr(output, "logits"):
+        return output.logits
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
 @dataclass
 class Example:
     """One tokenised training example (labels are already shifted: labels[i] is the target of input_ids[i]).
@@ -84,6 +91,9 @@ class Family:
 
     def load_model(self, path: str, dtype: str = "float32", **config_overrides):
         return self.paddlenlp_class("model_class").from_pretrained(path, dtype=dtype, **config_overrides)
+
+    def init_new_weights(self, model) -> None:
+        """Fix the random initialisation of a model built from a config, not loaded (hook; default: nothing)."""
 
     # ------------------------------------------------------------------ chat format
     def turn_prompt(self, index: int, query: str) -> str:

@@ -1,0 +1,83 @@
+"""BLOOM / BLOOMZ: causal decoder with ALiBi attention biases, byte-level BPE tokenizer, no bos token."""
+from .base import Family
+
+
+class BloomFamily(Family):
+    def init_new_weights(self, model) -> None:
+        """Redraw the Linear weights of a model built from a config rather than loaded (tiny models).
+
+        Workaround for paddlenlp 3.0.0b4: BloomPreTrainedModel._init_weights sets the *weight* of every
+        Linear that has a bias to zeros (it meant the bias), so a fresh BLOOM's attention and MLP output
+        only their biases and every token is predicted from itself alone.
+        """
+        import paddle
+
+        std = model.config.initializer_range
+        for layer in model.sublayers():
+            if isinstance(layer, paddle.nn.Linear):
+                layer.weight.set_value(paddle.normal(0.0, std, layer.weight.shape).astype(layer.weight.dtype))
+                if layer.bias is not None:
+                    layer.bias.set_value(paddle.zeros_like(layer.bias))
+
+    def bos_ids(self, tokenizer):
+        # BloomTokenizer adds no bos (add_bos_token=False); PaddleNLP's llm fed the plain prompt.
+        return []
+
+    def model_inputs(self, input_ids, labels, positions, block_positions, attend, pad_mask, simple):
+        """BLOOM takes no position ids: ALiBi adds slope * key_position to each score, and softmax ignores
+        a shift that is constant along a query row, so only relative positions count. A packed example
+        therefore needs no position restart, only the 4-D bool mask (True = may attend), which BloomModel
+        ANDs with its causal mask. A 2-D mask feeds ALiBi through cumsum(mask), so padding is skipped too.
+        """
+        if simple:
+            mask = pad_mask
+        else:
+            mask = self.pad_rows_attend_self(attend, pad_mask)[:, None, :, :]
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+    def generation_inputs(self, tokenizer, prompts, max_new_tokens=None):
+        # prepare_inputs_for_generation passes only input_ids / attention_mask / cache on.
+        out = super().generation_inputs(tokenizer, prompts, max_new_tokens)
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    def prefix_hooks(self):
+        # BloomAttention concatenates its cache on axis 1: [batch, prefix_len, heads, head_dim] per layer,
+        # the layout bloom_postprocess_past_key_value returns. BloomForCausalLM takes it as `cache`, and
+        # the default prefix mask padding (ones before the mask's last axis) is right for its bool masks.
+        from paddlenlp.peft.prefix import bloom_postprocess_past_key_value
+
+        return bloom_postprocess_past_key_value, None
+
+    def prefix_config_kwargs(self, config):
+        return dict(num_hidden_layers=config.n_layer, num_attention_heads=config.n_head, hidden_size=config.hidden_size)
+
+
+FAMILY = BloomFamily(
+    name="bloom",
+    model_types=("bloom",),
+    config_class="BloomConfig",
+    model_class="BloomForCausalLM",
+    tokenizer_class="BloomTokenizer",
+    tokenizer_kind="bpe",
+    tokenizer_files={"vocab_file": "vocab.json", "merges_file": "merges.txt"},
+    # In this order they get ids 0..3, as in the real BLOOM vocabulary.
+    special_tokens={"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"},
+    tiny_config=dict(
+        hidden_size=64,
+        n_layer=2,
+        n_head=4,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cache=True,
+        # BLOOM's 0.02 at width 1024 scaled to width 64 (std * sqrt(fan_in) kept): with 0.02 here the
+        # layers are near no-ops next to the layer-normed embeddings and prefix tuning barely learns.
+        initializer_range=0.08,
+    ),
+    example_checkpoint="bigscience/bloomz-7b1-mt",
+    name_hints=("bloom",),
+    supports=dict(pretrain=False, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
+    notes=(
+        "No bos token: prompt and reply are concatenated as PaddleNLP's llm did; every reply ends with </s> and "
+        "is supervised. Pads with <pad>. ALiBi positions need no position_ids, also when packing."
+    ),
+)

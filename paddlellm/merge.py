@@ -1,0 +1,444 @@
+"""Weight merging: LoRA adapters into a standalone model, tensor-parallel shards into one checkpoint.
+
+    python merge_lora_params.py --lora_path LORA_DIR --merge_model_path OUT [--model_name_or_path BASE]
+    python merge_tp_params.py --model_name_or_path TP_DIR --merge_model_path OUT [--dtype float32]
+
+Both write a folder every command loads (predict, serve, finetune, merge): weights as safetensors,
+config.json, the tokenizer and paddlellm_meta.json. Both run on one process on CPU; no GPU or
+launcher is needed. A failed merge leaves nothing behind: the folder is built under a temporary name
+next to merge_model_path and moved into place at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+from .arguments import UserError, fail, parse_args
+
+DTYPES = ["float32", "float16", "bfloat16"]
+
+
+# --------------------------------------------------------------------------- shared helpers
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def _read_json(path: str) -> Dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+WEIGHT_FILE = re.compile(r"^(model_state|model|lora_model_state|prefix_model_state|peft_model)([.-].*)?\.(pdparams|safetensors)$|\.index(\.[^.]+)?\.json$")
+
+
+class Staging:
+    """Build an output folder under a temporary name next to `target`; move it into place on success,
+    delete it on failure (so an error leaves no half-written model behind)."""
+
+    def __init__(self, target: str):
+        self.target = os.path.abspath(target)
+        parent = os.path.dirname(self.target)
+        self.path = os.path.join(parent, f".{os.path.basename(self.target)}.merging-{os.getpid()}")
+
+    def __enter__(self) -> str:
+        os.makedirs(os.path.dirname(self.target), exist_ok=True)
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.makedirs(self.path)
+        return self.path
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return False
+        if os.path.isdir(self.target) and os.listdir(self.target):
+            # An earlier output: replace its weights (stale shards would shadow the new file) and files we write.
+            for name in os.listdir(self.target):
+                if WEIGHT_FILE.search(name) and os.path.isfile(os.path.join(self.target, name)):
+                    os.remove(os.path.join(self.target, name))
+            for name in os.listdir(self.path):
+                os.replace(os.path.join(self.path, name), os.path.join(self.target, name))
+            os.rmdir(self.path)
+        else:
+            if os.path.isdir(self.target):
+                os.rmdir(self.target)
+            os.replace(self.path, self.target)
+        return False
+
+
+def _check_output(out: Optional[str], flag: str, *inputs: Optional[str]) -> str:
+    if not out:
+        fail(f"{flag} is required: the folder to write the merged model into")
+    if os.path.isfile(out):
+        fail(f"{flag} {out!r} is a file; give a folder")
+    for src in inputs:
+        if src and os.path.isdir(src) and os.path.abspath(src) == os.path.abspath(out):
+            fail(f"{flag} must differ from the input folder {src!r}")
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def save_tokenizer(family, sources: List[str], out: str, required: bool = True) -> bool:
+    """Save the tokenizer of the first folder in `sources` that holds one into `out`."""
+    for src in sources:
+        if src and os.path.isfile(os.path.join(src, "tokenizer_config.json")):
+            family.load_tokenizer(src).save_pretrained(out)
+            return True
+    if required:
+        for src in sources:  # a model name (not a folder): let paddlenlp resolve it
+            if src and not os.path.isdir(src):
+                family.load_tokenizer(src).save_pretrained(out)
+                return True
+        raise UserError(f"no tokenizer found in {', '.join(repr(s) for s in sources if s)}")
+    return False
+
+
+# --------------------------------------------------------------------------- LoRA
+@dataclass
+class MergeLoraArgument:
+    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Base model (folder or PaddleNLP name). Optional: the LoRA folder records its base model."})
+    lora_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapters: an output folder of finetune_generation.py --lora (required)."})
+    merge_model_path: Optional[str] = field(default=None, metadata={"help": "Folder to write the merged, standalone model into (required)."})
+    merge_lora_model_path: Optional[str] = field(default=None, metadata={"help": "Same as merge_model_path (the name later PaddleNLP releases use)."})
+    device: Optional[str] = field(default=None, metadata={"help": "cpu or gpu (default: gpu when available, else cpu). The merge itself is exact float32 arithmetic on either."})
+    dtype: Optional[str] = field(default=None, metadata={"help": "dtype of the saved weights (default: the dtype the adapters were trained in).", "choices": DTYPES})
+    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the folders: llama chatglm chatglm_v2 bloom gpt-3 opt glm."})
+
+
+def main_lora(argv=None) -> int:
+    (args,) = parse_args([MergeLoraArgument], argv, prog="merge_lora_params.py",
+                         description="Merge LoRA adapters into their base model and save a standalone model folder.")
+    if not args.lora_path:
+        fail("lora_path is required: the LoRA output folder to merge")
+    out = _check_output(args.merge_model_path or args.merge_lora_model_path, "merge_model_path", args.lora_path, args.model_name_or_path)
+    from .runtime import setup_runtime
+
+    setup_runtime()
+    try:
+        merge_lora(args.model_name_or_path, args.lora_path, out, dtype=args.dtype, device=args.device, family_name=args.family)
+    except UserError as e:
+        fail(str(e))
+    print(f"merge-lora: wrote a merged model to {out}", file=sys.stderr)
+    return 0
+
+
+def merge_lora(model_name_or_path: Optional[str], lora_path: str, out: str, dtype: Optional[str] = None,
+               device: Optional[str] = None, family_name: Optional[str] = None) -> str:
+    """Fold W + (alpha / r) * A @ B into every adapted layer and save base + merged weights as a standalone model."""
+    from .families import META_FILE
+    from .inference import read_meta, resolve_model
+    from .predict import select_device
+
+    if not os.path.isdir(lora_path) or not os.path.isfile(os.path.join(lora_path, "lora_config.json")):
+        raise UserError(f"lora_path {lora_path!r}: no lora_config.json (not a folder saved by a LoRA fine-tuning run)")
+    cfg_json = _read_json(os.path.join(lora_path, "lora_config.json"))
+    if int(cfg_json.get("tensor_parallel_degree") or -1) > 1:
+        raise UserError(f"lora_path {lora_path!r} holds tensor-parallel shards; merge them first: "
+                        f"python merge_tp_params.py --model_name_or_path {lora_path} --merge_model_path LORA_OUT")
+    base, lora_path, _, family, meta = resolve_model(model_name_or_path, lora_path=lora_path, family_name=family_name)
+    select_device(device)
+    from paddlenlp.peft import LoRAConfig, LoRAModel
+
+    saved = meta.get("dtype") or cfg_json.get("dtype") or "float32"
+    out_dtype = dtype or (saved if saved in DTYPES else "float32")
+    try:
+        # Merge in float32 whatever the adapters were trained in: W + A @ B * scaling is then exact to float32.
+        model = family.load_model(base, dtype="float32")
+        config = LoRAConfig.from_pretrained(lora_path)
+        config.dtype = "float32"
+        model = LoRAModel.from_pretrained(model, lora_path, lora_config=config)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"can't load {base!r} with the LoRA adapters in {lora_path!r}: {_first_line(e)}") from None
+    model.eval()
+    model.merge()
+    inner = model.model
+    if out_dtype != "float32":
+        inner.to(dtype=out_dtype)
+    state = {k: v for k, v in inner.state_dict().items() if not k.rsplit(".", 1)[-1].startswith("lora_")}
+    with Staging(out) as stage:
+        inner.config.tensor_parallel_degree = 1
+        inner.save_pretrained(stage, state_dict=state, safe_serialization=True)
+        save_tokenizer(family, [lora_path, base], stage)
+        merged_meta = {k: v for k, v in meta.items() if k in ("src_length", "tgt_length", "chat_format")}
+        merged_meta.update(family=family.name, kind="base", dtype=out_dtype,
+                           merged_from={"base_model": os.path.abspath(base) if os.path.isdir(base) else base,
+                                        "lora_path": os.path.abspath(lora_path)})
+        _write_json(os.path.join(stage, META_FILE), merged_meta)
+    return out
+
+
+# --------------------------------------------------------------------------- tensor parallel
+@dataclass
+class MergeTPArgument:
+    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Folder of tensor-parallel shards as PaddleNLP's Trainer writes them: model_state.tpXX.pdparams, model.tpXX.safetensors (also size-sharded with an index) or LoRA adapters lora_model_state.tpXX.pdparams (required)."})
+    merge_model_path: Optional[str] = field(default=None, metadata={"help": "Folder to write the merged checkpoint into (required)."})
+    dtype: Optional[str] = field(default=None, metadata={"help": "dtype of the merged weights (default: as stored in the shards).", "choices": DTYPES})
+    with_tokenizer: Optional[bool] = field(default=None, metadata={"help": "Save the tokenizer with the merged weights (default: when the folder holds one)."})
+    device: Optional[str] = field(default=None, metadata={"help": "Accepted for compatibility: shards are merged in host memory on one process, with no GPU or launcher."})
+    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the folder: llama chatglm chatglm_v2 bloom gpt-3 opt glm."})
+
+
+def main_tp(argv=None) -> int:
+    (args,) = parse_args([MergeTPArgument], argv, prog="merge_tp_params.py",
+                         description="Merge tensor-parallel shards (model or LoRA) into a single-card checkpoint, on one process.")
+    if not args.model_name_or_path:
+        fail("model_name_or_path is required: the folder of tensor-parallel shards")
+    if not os.path.isdir(args.model_name_or_path):
+        fail(f"model_name_or_path {args.model_name_or_path!r}: no such folder")
+    out = _check_output(args.merge_model_path, "merge_model_path", args.model_name_or_path)
+    from .runtime import setup_runtime
+
+    setup_runtime()
+    try:
+        kind, degree = merge_tp(args.model_name_or_path, out, dtype=args.dtype, with_tokenizer=args.with_tokenizer,
+                                device=args.device, family_name=args.family)
+    except UserError as e:
+        fail(str(e))
+    print(f"merge-tp: merged {degree} tensor-parallel {'LoRA ' if kind == 'lora' else ''}shards into {out}", file=sys.stderr)
+    return 0
+
+
+# (kind, pattern with the rank as group 1, whether the match is an index file listing the rank's files)
+SHARD_PATTERNS = [
+    ("lora", re.compile(r"^lora_model_state\.tp(\d{2})\.pdparams$"), False),
+    ("model", re.compile(r"^model\.safetensors\.index\.tp(\d{2})\.json$"), True),
+    ("model", re.compile(r"^model\.tp(\d{2})\.safetensors$"), False),
+    ("model", re.compile(r"^model_state\.pdparams\.index\.tp(\d{2})\.json$"), True),
+    ("model", re.compile(r"^model_state\.tp(\d{2})\.pdparams$"), False),
+]
+PIPELINE = re.compile(r"tp\d{2}_pp\d{2}|\.pp\d{2}\.")
+
+
+def find_shards(folder: str) -> Tuple[str, List[List[str]]]:
+    """(kind, files of rank 0..N-1) of the tensor-parallel checkpoint in `folder`; kind is "model" or "lora"."""
+    names = sorted(os.listdir(folder))
+    if any(PIPELINE.search(n) for n in names):
+        raise UserError(f"{folder}: holds pipeline-parallel shards (*pp00*); only tensor-parallel shards can be merged here")
+    for kind, pattern, is_index in SHARD_PATTERNS:
+        ranks: Dict[int, List[str]] = {}
+        for name in names:
+            m = pattern.match(name)
+            if not m:
+                continue
+            path = os.path.join(folder, name)
+            if is_index:
+                files = sorted(set(_read_json(path)["weight_map"].values()))
+                ranks[int(m.group(1))] = [os.path.join(folder, f) for f in files]
+            else:
+                ranks[int(m.group(1))] = [path]
+        if not ranks:
+            continue
+        degree = max(ranks) + 1
+        missing = [f"tp{r:02d}" for r in range(degree) if r not in ranks]
+        if missing:
+            raise UserError(f"{folder}: shards {', '.join(missing)} are missing (found {', '.join(f'tp{r:02d}' for r in sorted(ranks))})")
+        for files in ranks.values():
+            for f in files:
+                if not os.path.isfile(f):
+                    raise UserError(f"{folder}: shard file {os.path.basename(f)} (listed in an index) is missing")
+        return kind, [ranks[r] for r in range(degree)]
+    unified = [n for n in names if re.match(r"^model(-\d{5}-of-\d{5})?\.safetensors$|^model_state\.pdparams$", n)]
+    if unified:
+        raise UserError(f"{folder}: no tensor-parallel shards; it holds {unified[0]}, a single-card or unified checkpoint that loads as it is")
+    raise UserError(f"{folder}: no tensor-parallel shards (model_state.tpXX.pdparams, model.tpXX.safetensors or lora_model_state.tpXX.pdparams)")
+
+
+def load_shard(files: List[str]) -> Dict:
+    """One rank's state dict (paddle tensors on CPU) from its .pdparams / .safetensors files."""
+    from paddlenlp.transformers.model_utils import load_state_dict
+
+    state: Dict = {}
+    for f in files:
+        try:
+            state.update(load_state_dict(f))
+        except Exception as e:  # a truncated or foreign file: say which one
+            raise UserError(f"{f}: can't read this shard ({_first_line(e)})") from None
+    return state
+
+
+def _to_numpy(t):
+    """(array, dtype name): bfloat16 has no numpy type, so it travels as float32 (exact) and is cast back."""
+    import numpy as np
+
+    if isinstance(t, np.ndarray):
+        return t, str(t.dtype)
+    name = str(t.dtype).split(".")[-1]
+    if name == "bfloat16":
+        return t.astype("float32").numpy(), name
+    return t.numpy(), name
+
+
+def _from_numpy(a, dtype: str):
+    import paddle
+
+    t = paddle.to_tensor(a, place=paddle.CPUPlace())
+    return t.astype(dtype) if str(t.dtype).split(".")[-1] != dtype else t
+
+
+def _is_column(action: Callable) -> bool:
+    """Whether a PaddleNLP merge action concatenates along the output (column) axis.
+
+    The standard actions are partials of PaddleNLP's merge fn with is_column=...; the family-specific
+    ones (ChatGLM2's fused qkv and mlp) re-order output columns, i.e. are column-parallel too.
+    """
+    return bool(getattr(action, "keywords", {}).get("is_column", True))
+
+
+def tp_actions(model_class, config, keys: List[str], degree: int) -> Dict[str, Callable]:
+    """PaddleNLP's own merge actions (is_split=False) of `model_class`, keyed by the real names in `keys`."""
+    import copy
+
+    cfg = copy.deepcopy(config)
+    cfg.tensor_parallel_degree = degree
+    cfg.tensor_parallel_rank = 0
+    mappings = model_class._get_tensor_parallel_mappings(cfg, is_split=False)
+    resolved = model_class._resolve_prefix_keys(mappings.keys(), keys, ignore_error=True)
+    return {real: mappings[base] for base, real in resolved.items()}
+
+
+def merge_state(shards: List[Dict], actions: Dict[str, Callable]) -> Dict:
+    """Merge per-rank state dicts: split tensors through their action, replicated ones taken from rank 0."""
+    keys = list(shards[0])
+    for r, s in enumerate(shards[1:], 1):
+        if set(s) != set(keys):
+            diff = sorted(set(s) ^ set(keys))
+            raise UserError(f"shard tp{r:02d} holds other parameters than tp00 (e.g. {diff[0]}); are these shards of one checkpoint?")
+    merged = {}
+    for key in keys:
+        if key in actions:
+            arrays = [_to_numpy(s[key]) for s in shards]
+            merged[key] = _from_numpy(actions[key]([a for a, _ in arrays]), arrays[0][1])
+        else:
+            shapes = {tuple(s[key].shape) for s in shards}
+            if len(shapes) > 1:
+                raise UserError(f"parameter {key} has different shapes across shards {sorted(shapes)} but PaddleNLP's "
+                                "tensor-parallel mapping does not split it; was the checkpoint written by another model class?")
+            merged[key] = shards[0][key]
+        for s in shards:
+            s.pop(key)  # free memory as we go
+    return merged
+
+
+def lora_actions(model_class, config, keys: List[str], degree: int) -> Dict[str, Callable]:
+    """Merge actions for LoRA shards: each layer's split factor merges like the layer's own weight.
+
+    A column-parallel layer splits its output axis, so lora_B [r, out] is split and lora_A replicated;
+    a row-parallel layer splits its input axis, so lora_A [in, r] is split and lora_B replicated. Using
+    the layer weight's own action (rather than a plain concatenation) keeps fused layers whose columns
+    PaddleNLP re-orders (GLM's and ChatGLM2's query_key_value) consistent with the merged weight.
+    Other trainable tensors (e.g. trainable_modules) merge with their own actions.
+    """
+    weight_of = {}
+    plain = []
+    for k in keys:
+        owner, _, leaf = k.rpartition(".")
+        if leaf.startswith("lora_"):
+            weight_of[k] = owner + ".weight"
+        else:
+            plain.append(k)
+    actions = tp_actions(model_class, config, sorted(set(weight_of.values())) + plain, degree)
+    out = {k: actions[k] for k in plain if k in actions}
+    for k, weight in weight_of.items():
+        action = actions.get(weight)
+        if action is None:
+            continue  # the layer is replicated in tensor parallel: so are its adapters
+        leaf = k.rpartition(".")[2]
+        if (leaf == "lora_B" and _is_column(action)) or (leaf == "lora_A" and not _is_column(action)):
+            out[k] = action
+    return out
+
+
+def write_safetensors_model(out: str, config, state: Dict, max_shard_size: str = "10GB") -> None:
+    """config.json, generation_config.json and safetensors weights (with an index when sharded), as save_pretrained writes them."""
+    from paddlenlp.generation import GenerationConfig
+    from paddlenlp.transformers.model_utils import shard_checkpoint
+    from paddlenlp.utils.env import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+    from safetensors.numpy import save_file
+
+    config.save_pretrained(out)
+    try:
+        GenerationConfig.from_model_config(config).save_pretrained(out)
+    except Exception:  # a config without generation fields: nothing to save
+        pass
+    shards, index = shard_checkpoint(state, max_shard_size=max_shard_size, weights_name=SAFE_WEIGHTS_NAME)
+    for name, shard in shards.items():
+        save_file({k: v.numpy() for k, v in shard.items()}, os.path.join(out, name), metadata={"format": "np"})
+    if index is not None:
+        _write_json(os.path.join(out, SAFE_WEIGHTS_INDEX_NAME), index)
+
+
+def merge_tp(folder: str, out: str, dtype: Optional[str] = None, with_tokenizer: Optional[bool] = None,
+             device: Optional[str] = None, family_name: Optional[str] = None) -> Tuple[str, int]:
+    """Merge the tensor-parallel checkpoint in `folder` into `out`. Returns (kind, degree)."""
+    from .families import META_FILE, family_of, get_family
+    from .inference import read_meta
+    from .predict import select_device
+
+    kind, rank_files = find_shards(folder)
+    degree = len(rank_files)
+    try:
+        family = get_family(family_name) if family_name else family_of(folder)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{e.args[0]}; pass --family") from None
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise UserError(f"{folder}: no config.json (the Trainer saves one with the shards); it is needed to know how to merge")
+    select_device(device)
+    import paddle
+
+    paddle.set_device("cpu")  # merging is concatenation in host memory
+    config = family.paddlenlp_class("config_class").from_pretrained(folder)
+    saved_degree = int(getattr(config, "tensor_parallel_degree", 1) or 1)
+    if saved_degree > 1 and saved_degree != degree:
+        raise UserError(f"{folder}: config.json says tensor_parallel_degree {saved_degree} but {degree} shards were found")
+    model_class = family.paddlenlp_class("model_class")
+    shards = [load_shard(files) for files in rank_files]
+    keys = list(shards[0])
+    actions = (lora_actions if kind == "lora" else tp_actions)(model_class, config, keys, degree)
+    state = merge_state(shards, actions)
+    if dtype:
+        state = {k: (v.astype(dtype) if v.dtype in (paddle.float32, paddle.float16, paddle.bfloat16) and str(v.dtype).split(".")[-1] != dtype else v)
+                 for k, v in state.items()}
+    meta = read_meta(folder)
+    if with_tokenizer is None:
+        with_tokenizer = os.path.isfile(os.path.join(folder, "tokenizer_config.json"))
+    with Staging(out) as stage:
+        config.tensor_parallel_degree = 1
+        config.tensor_parallel_rank = 0
+        if dtype:
+            config.dtype = dtype
+        if kind == "lora":
+            from paddlenlp.utils.env import LORA_WEIGHTS_NAME
+
+            paddle.save(state, os.path.join(stage, LORA_WEIGHTS_NAME))
+            lora_cfg = _read_json(os.path.join(folder, "lora_config.json"))
+            lora_cfg["tensor_parallel_degree"] = -1  # what PaddleNLP writes for merged adapters
+            if dtype:
+                lora_cfg["dtype"] = dtype
+            _write_json(os.path.join(stage, "lora_config.json"), lora_cfg)
+            config.save_pretrained(stage)
+        else:
+            config.architectures = [model_class.__name__]
+            write_safetensors_model(stage, config, state)
+        if with_tokenizer:
+            save_tokenizer(family, [folder], stage)
+        for name in ("finetune_args.json",):
+            if os.path.isfile(os.path.join(folder, name)):
+                shutil.copy(os.path.join(folder, name), os.path.join(stage, name))
+        meta = dict(meta)
+        meta.setdefault("family", family.name)
+        meta.setdefault("kind", "lora" if kind == "lora" else "base")
+        meta["merged_tensor_parallel_degree"] = degree
+        if dtype:
+            meta["dtype"] = dtype
+        _write_json(os.path.join(stage, META_FILE), meta)
+    return kind, degree

@@ -1,0 +1,450 @@
+"""Batch generation over a src/tgt JSONL file.
+
+    python predict_generation.py --model_name_or_path DIR --data_file dev.json --output_file out.json [--key value ...]
+
+Each input line gets one output line {"src", "tgt", "output"} in input order: `src` as given, `tgt` the
+reference reply (the final tgt turn when tgt has as many turns as src, else null) and `output` the
+generated reply. Prompts are built by the model family exactly as fine-tuning builds them (a multi-turn
+src uses the family's chat format, with the earlier replies taken from tgt).
+
+Prompts of similar length are generated together (left padding, attention mask, KV cache), so little
+compute goes to padding. Finished batches are appended to `<output_file>.partial` (flushed and synced
+to disk); the output file itself appears, complete, only at the end (written to a temporary file and
+renamed), so an interrupted run never leaves a corrupt output. `--resume true` continues from the
+`.partial` file. Under `python -m paddle.distributed.launch --nproc_per_node N` the batches are shared
+among the N processes (data parallel) and only rank 0 writes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from .arguments import UserError, fail, parse_args
+
+DTYPES = ["float32", "float16", "bfloat16"]
+DEFAULT_SRC_LENGTH = 1024
+DEFAULT_TGT_LENGTH = 1024
+JOURNAL_VERSION = 1
+
+
+@dataclass
+class PredictArgument:
+    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Model folder (base, full fine-tune or merged), or a PaddleNLP model name. Optional when lora_path/prefix_path records its base model; a LoRA or prefix output folder may be given here directly."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts generated together. Batches group prompts of similar length, so larger batches waste little on padding."})
+    src_length: Optional[int] = field(default=None, metadata={"help": f"Maximum prompt tokens (oldest turns dropped first). Default: the value saved by fine-tuning in the model/adapter folder, else {DEFAULT_SRC_LENGTH}."})
+    tgt_length: Optional[int] = field(default=None, metadata={"help": f"Maximum generated tokens per reply. Default: the value saved by fine-tuning, else {DEFAULT_TGT_LENGTH}."})
+    lora_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapters (an output folder of finetune_generation.py --lora)."})
+    prefix_path: Optional[str] = field(default=None, metadata={"help": "Prefix-tuning parameters (an output folder of finetune_generation.py --prefix_tuning)."})
+    top_k: int = field(default=1, metadata={"help": "Top-k sampling; 1 = greedy decoding (deterministic), 0 = no top-k limit."})
+    top_p: float = field(default=1.0, metadata={"help": "Top-p (nucleus) sampling threshold (used when top_k != 1)."})
+    temperature: float = field(default=0.95, metadata={"help": "Sampling temperature (used when top_k != 1)."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalty > 1 discourages repeating tokens already in the prompt or reply."})
+    seed: int = field(default=42, metadata={"help": "Random seed for sampling (each batch is seeded from it, so resumed runs sample the same way)."})
+    data_file: Optional[str] = field(default=None, metadata={"help": "Input JSONL: one {\"src\": ..., \"tgt\": ...} object per line; tgt is optional."})
+    output_file: str = field(default="output.json", metadata={"help": "Output JSONL: one {\"src\", \"tgt\", \"output\"} line per input line, in input order."})
+    device: Optional[str] = field(default=None, metadata={"help": "cpu, gpu or gpu:N (default: gpu when this paddle build has CUDA and a GPU is present, else cpu)."})
+    dtype: Optional[str] = field(default=None, metadata={"help": "Weight dtype (default: the dtype saved with the model/adapter, else float32). float16/bfloat16 need a GPU.", "choices": DTYPES})
+    gpt: bool = field(default=False, metadata={"help": "PaddleNLP's flag for GPT checkpoints (GPTForCausalLM). The family is read from the model folder, so this only matters when it can't be: it then means --family gpt-3."})
+    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the model folder: llama chatglm chatglm_v2 bloom gpt-3 opt glm."})
+    resume: bool = field(default=False, metadata={"help": "Continue an interrupted run from <output_file>.partial instead of starting over."})
+
+
+def parse(argv=None) -> PredictArgument:
+    (args,) = parse_args([PredictArgument], argv, prog="predict_generation.py",
+                         description="Generate a reply for every line of a src/tgt JSONL file with a base, merged, LoRA or prefix-tuned model.")
+    if not args.data_file:
+        fail("data_file is required: a JSONL file of {\"src\": ..., \"tgt\": ...} lines")
+    if not args.output_file:
+        fail("output_file is required")
+    if not (args.model_name_or_path or args.lora_path or args.prefix_path):
+        fail("model_name_or_path is required (a model folder or a PaddleNLP model name)")
+    for name in ("batch_size", "src_length", "tgt_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            fail(f"--{name} must be at least 1, got {value}")
+    if args.top_k < 0 or not 0.0 < args.top_p <= 1.0 or args.temperature <= 0 or args.repetition_penalty <= 0:
+        fail("sampling settings out of range: need top_k >= 0, 0 < top_p <= 1, temperature > 0, repetition_penalty > 0")
+    return args
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class Item:
+    """One input line: what is generated from it and what is written for it."""
+
+    src: object  # as given in the input (string or list)
+    reference: Optional[str]  # tgt[-1] when tgt has as many turns as src
+    turns: List[str]
+    history: List[str]  # earlier replies of a multi-turn src
+
+
+def read_items(path: str) -> List[Item]:
+    from .data import DataError, read_records
+
+    if not os.path.isfile(path):
+        raise UserError(f"data_file {path!r}: no such file")
+    records = read_records(path, require_tgt=False)
+    raw = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    items = []
+    for r, obj in zip(records, raw):
+        if len(r.tgt) < len(r.src) - 1:
+            raise DataError(f"{r.where}: field 'tgt' must hold the {len(r.src) - 1} earlier replies of the multi-turn 'src' "
+                            f"(and may add the reference reply), got {len(r.tgt)}")
+        reference = r.tgt[-1] if len(r.tgt) == len(r.src) else None
+        items.append(Item(obj["src"], reference, r.src, r.tgt[: len(r.src) - 1]))
+    return items
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def plan_batches(lengths: List[int], batch_size: int, bucket: bool = True) -> List[List[int]]:
+    """Indices into `lengths`, batched: by similar length (longest first) when `bucket`, else in input order."""
+    from .generation import length_buckets
+
+    if bucket:
+        return length_buckets(lengths, batch_size)
+    return [list(range(i, min(i + batch_size, len(lengths)))) for i in range(0, len(lengths), batch_size)]
+
+
+# --------------------------------------------------------------------------- journal
+class Journal:
+    """`<output_file>.partial`: a header line naming the run, then one line per finished prediction {"i", "src", "tgt", "output"}.
+
+    Each batch is appended, flushed and fsync'ed, so a crash loses at most the batch in flight; a torn
+    last line (a crash mid-write) is dropped when the journal is read back.
+    """
+
+    def __init__(self, path: str, header: Dict):
+        self.path = path
+        self.header = header
+        self.file = None
+
+    @staticmethod
+    def read(path: str) -> Tuple[Optional[Dict], Dict[int, Dict]]:
+        if not os.path.isfile(path):
+            return None, {}
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        try:
+            header = json.loads(lines[0])
+        except json.JSONDecodeError:
+            return None, {}
+        rows = {}
+        for line in lines[1:]:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # only the last line can be torn: everything after it is unwritten
+            rows[row.pop("i")] = row
+        return header, rows
+
+    def start(self, done: Dict[int, Dict]) -> None:
+        """(Re)write the journal with the finished rows `done`, then keep it open for appending."""
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(self.header, ensure_ascii=False) + "\n")
+            for i in sorted(done):
+                f.write(json.dumps(dict(i=i, **done[i]), ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self.file = open(self.path, "a", encoding="utf-8")
+
+    def append(self, rows: Dict[int, Dict]) -> None:
+        self.file.write("".join(json.dumps(dict(i=i, **row), ensure_ascii=False) + "\n" for i, row in sorted(rows.items())))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def finish(self, output_file: str, rows: Dict[int, Dict], count: int) -> None:
+        """Write the complete output in input order (atomically) and remove the journal."""
+        self.file.close()
+        tmp = output_file + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for i in range(count):
+                f.write(json.dumps(rows[i], ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, output_file)
+        os.remove(self.path)
+
+
+def journal_header(args: PredictArgument, settings: Dict, data_digest: str, count: int) -> Dict:
+    """What must match for a resumed run to continue a journal."""
+    return {
+        "paddlellm_predict_journal": JOURNAL_VERSION,
+        "data_sha256": data_digest,
+        "records": count,
+        "settings": {k: settings[k] for k in ("model", "lora_path", "prefix_path", "src_length", "tgt_length", "dtype")}
+        | {k: getattr(args, k) for k in ("top_k", "top_p", "temperature", "repetition_penalty", "seed")},
+    }
+
+
+def resume_rows(args: PredictArgument, partial: str, header: Dict) -> Dict[int, Dict]:
+    """Finished rows to keep from an earlier run's journal ({} when starting over)."""
+    old_header, rows = Journal.read(partial)
+    if not args.resume:
+        if rows:
+            print(f"predict: starting over; discarding {len(rows)} finished lines in {partial} (pass --resume true to continue them)", file=sys.stderr)
+        return {}
+    if old_header is None:
+        print(f"predict: --resume: no {partial} to continue; starting from the beginning", file=sys.stderr)
+        return {}
+    if old_header.get("data_sha256") != header["data_sha256"] or old_header.get("records") != header["records"]:
+        raise UserError(f"--resume: {partial} was written for a different data_file; drop --resume to start over")
+    old, new = old_header.get("settings", {}), header["settings"]
+    changed = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+    if changed:
+        raise UserError(f"--resume: {partial} was written with other settings ({', '.join(changed)}); drop --resume to start over")
+    return {i: r for i, r in rows.items() if 0 <= i < header["records"]}
+
+
+# --------------------------------------------------------------------------- runtime
+def select_device(device: Optional[str]) -> str:
+    import paddle
+
+    cuda = paddle.device.is_compiled_with_cuda()
+    if device is None or device == "auto":
+        device = "gpu" if cuda and paddle.device.cuda.device_count() > 0 else "cpu"
+    if device.startswith("gpu") and not cuda:
+        raise UserError(f"--device {device}: this paddlepaddle build has no CUDA support (install paddlepaddle-gpu, or use --device cpu)")
+    try:
+        paddle.set_device(device)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise UserError(f"--device {device}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    return device
+
+
+def saved_dtype(base: str, lora_path: Optional[str], prefix_path: Optional[str], meta: Dict) -> Optional[str]:
+    """The dtype the model/adapter was saved with: our metadata, the adapter config, else the model config."""
+    if meta.get("dtype"):
+        return meta["dtype"]
+    for folder, name in ((lora_path, "lora_config.json"), (prefix_path, "prefix_config.json"), (base, "config.json")):
+        path = os.path.join(folder, name) if folder else None
+        if path and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                dtype = json.load(f).get("dtype")
+            if dtype:
+                return dtype
+    return None
+
+
+def resolve_settings(args: PredictArgument) -> Dict:
+    """Model, adapters, family, lengths and dtype, each from the arguments, else the saved settings, else defaults."""
+    from .inference import resolve_model
+
+    family_name = args.family or None
+    base, lora_path, prefix_path, family, meta = resolve_model(args.model_name_or_path, args.lora_path, args.prefix_path, family_name)
+    if args.gpt and not family_name and meta.get("family") is None and not os.path.isfile(os.path.join(base, "config.json")):
+        from .families import get_family
+
+        family = get_family("gpt-3")
+    return {
+        "model": base,
+        "lora_path": lora_path,
+        "prefix_path": prefix_path,
+        "family": family,
+        "meta": meta,
+        "src_length": args.src_length or meta.get("src_length") or DEFAULT_SRC_LENGTH,
+        "tgt_length": args.tgt_length or meta.get("tgt_length") or DEFAULT_TGT_LENGTH,
+        "dtype": args.dtype,
+    }
+
+
+def choose_dtype(args: PredictArgument, settings: Dict, device: str) -> str:
+    """The requested dtype, else the saved one; half precision only where paddle has the kernels (not CPU)."""
+    if args.dtype:
+        if device == "cpu" and args.dtype != "float32":
+            raise UserError(f"--dtype {args.dtype}: paddle's CPU kernels have no {args.dtype} matmul; use --dtype float32 on CPU (or a GPU)")
+        return args.dtype
+    dtype = saved_dtype(settings["model"], settings["lora_path"], settings["prefix_path"], settings["meta"]) or "float32"
+    if dtype not in DTYPES:
+        dtype = "float32"
+    if device == "cpu" and dtype != "float32":
+        print(f"predict: the model was saved in {dtype}; running in float32 on CPU", file=sys.stderr)
+        dtype = "float32"
+    return dtype
+
+
+def max_positions(model) -> Optional[int]:
+    """The longest sequence the model's position embeddings cover (None: no hard limit, e.g. ALiBi)."""
+    config = getattr(model, "config", None)
+    inner = getattr(model, "model", None)
+    if config is None and inner is not None:
+        config = getattr(inner, "config", None)
+    for name in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions"):
+        value = getattr(config, name, None) if config is not None else None
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+class Distributed:
+    """Rank/world of a `paddle.distributed.launch` run (world 1 otherwise) and the one collective we need."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("PADDLE_TRAINERS_NUM", "1") or 1)
+        self.rank = int(os.environ.get("PADDLE_TRAINER_ID", "0") or 0)
+        if self.world > 1:
+            import paddle.distributed as dist
+
+            dist.init_parallel_env()
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def gather(self, obj):
+        if self.world == 1:
+            return [obj]
+        import paddle.distributed as dist
+
+        out: List = []
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj):
+        if self.world == 1:
+            return obj
+        import paddle.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+# --------------------------------------------------------------------------- main loop
+def predict(model, tokenizer, family, prompts: List[List[int]], todo: List[List[int]], batch_ids: List[int], tgt_length: int,
+            args: PredictArgument, on_batch, dist: Optional[Distributed] = None) -> None:
+    """Generate the batches `todo` (lists of prompt indices; batch_ids[k] seeds batch k), sharing them among
+    the processes of `dist`; `on_batch({index: reply ids}, seconds)` is called on rank 0 after each step."""
+    import paddle
+
+    from .generation import generate_ids
+
+    dist = dist or Distributed()
+    limit = max_positions(model)
+    sampling = dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, repetition_penalty=args.repetition_penalty)
+    steps = (len(todo) + dist.world - 1) // dist.world
+    for step in range(steps):
+        k = step * dist.world + dist.rank
+        start = time.time()
+        result: Dict[int, List[int]] = {}
+        if k < len(todo):
+            idx = todo[k]
+            batch = [prompts[i] for i in idx]
+            new_tokens = tgt_length
+            if limit is not None:
+                new_tokens = max(1, min(tgt_length, limit - max(len(p) for p in batch)))
+            paddle.seed(args.seed + batch_ids[k])
+            for i, ids in zip(idx, generate_ids(model, tokenizer, family, batch, new_tokens, **sampling)):
+                result[i] = ids
+        merged: Dict[int, List[int]] = {}
+        for part in dist.gather(result):
+            merged.update(part)
+        if dist.rank == 0:
+            on_batch(merged, time.time() - start)
+
+
+def run(argv=None) -> int:
+    args = parse(argv)
+    try:
+        # Everything that can be checked cheaply is checked before paddle loads and before anything is written.
+        items = read_items(args.data_file)
+        settings = resolve_settings(args)
+        if os.path.isdir(args.output_file):
+            raise UserError(f"output_file {args.output_file!r} is a folder")
+        from .runtime import setup_runtime
+
+        setup_runtime()
+        return _run(args, items, settings)
+    except UserError as e:
+        fail(str(e))
+
+
+def _run(args: PredictArgument, items: List[Item], settings: Dict) -> int:
+    out_dir = os.path.dirname(os.path.abspath(args.output_file))
+    partial = args.output_file + ".partial"
+    dist = Distributed()
+    device = select_device(args.device)
+    settings["dtype"] = choose_dtype(args, settings, device)
+    header = journal_header(args, settings, file_digest(args.data_file), len(items))
+    done = resume_rows(args, partial, header) if dist.rank == 0 else {}
+    done = dist.broadcast(done)
+
+    from .inference import load_for_inference
+
+    try:
+        model, tokenizer, family, _ = load_for_inference(settings["model"], settings["lora_path"], settings["prefix_path"],
+                                                         settings["dtype"], family=settings["family"])
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"can't load model {settings['model']!r}: {type(e).__name__}: {first}") from None
+    _cast(model, settings["dtype"])
+
+    prompts = [family.generation_prompt(tokenizer, it.turns, it.history, settings["src_length"]) for it in items]
+    batches = plan_batches([len(p) for p in prompts], args.batch_size)
+    todo, batch_ids = [], []
+    for b, idx in enumerate(batches):
+        rest = [i for i in idx if i not in done]
+        if rest:
+            todo.append(rest)
+            batch_ids.append(b)
+
+    rows = dict(done)
+    journal = None
+    bar = None
+    stats = {"tokens": 0, "seconds": 0.0}
+    if dist.rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        journal = Journal(partial, header)
+        journal.start(done)
+        bar = _progress(len(items), len(done))
+
+    def on_batch(replies: Dict[int, List[int]], seconds: float) -> None:
+        from .generation import decode
+
+        new = {i: {"src": items[i].src, "tgt": items[i].reference, "output": decode(tokenizer, ids)} for i, ids in replies.items()}
+        journal.append(new)
+        rows.update(new)
+        stats["tokens"] += sum(len(ids) for ids in replies.values())
+        stats["seconds"] += seconds
+        if bar is not None:
+            bar.update(len(new))
+            bar.set_postfix(tok_s=f"{stats['tokens'] / max(stats['seconds'], 1e-9):.1f}")
+
+    predict(model, tokenizer, family, prompts, todo, batch_ids, settings["tgt_length"], args, on_batch, dist)
+    if dist.rank == 0:
+        if bar is not None:
+            bar.close()
+        journal.finish(args.output_file, rows, len(items))
+        rate = stats["tokens"] / max(stats["seconds"], 1e-9)
+        print(f"predict: wrote {len(items)} lines to {args.output_file} ({len(items) - len(done)} generated now, "
+              f"{stats['tokens']} tokens in {stats['seconds']:.1f} s, {rate:.1f} tokens/s)", file=sys.stderr)
+    return 0
+
+
+def _cast(model, dtype: str) -> None:
+    """Adapters keep the dtype they were trained in; bring every weight to the dtype the base was loaded in."""
+    if any(p.dtype != model.parameters()[0].dtype for p in model.parameters()):
+        model.to(dtype=dtype)
+
+
+def _progress(total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="line", desc="predict", file=sys.stderr, dynamic_ncols=True,
+                disable=os.environ.get("PADDLELLM_NO_PROGRESS") == "1")
+
+
+def main(argv=None) -> int:
+    return run(argv)
