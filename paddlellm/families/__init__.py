@@ -73,3 +73,36 @@ def find_by_name(name: str):
         if hint in low:
             return fam
     return None
+
+
+def family_readme(fam: Family) -> str:
+    """The text of llm/<family>/README.md, made from the registry so it can't drift from the code."""
+    yes = lambda k: "yes" if fam.supports.get(k) else "no"  # noqa: E731
+    folder = f"llm/{fam.name}"
+    return f"""# {fam.name}
+
+Example checkpoint: `{fam.example_checkpoint}` (paddlenlp `{fam.model_class}`, tokenizer `{fam.tokenizer_class}`).
+
+```bash
+python finetune_generation.py {folder}/sft_argument.json    # full fine-tuning
+python finetune_generation.py {folder}/lora_argument.json   # LoRA
+python finetune_generation.py {folder}/pt_argument.json     # Prefix Tuning
+paddlellm tiny --family {fam.name} --output ./tiny-{fam.name}  # a tiny random model to try them on CPU
+```
+
+| SFT | LoRA | Prefix Tuning | InTokens packing | tensor parallel (GPU only, not testable here) |
+|---|---|---|---|---|
+| {yes("sft")} | {yes("lora")} | {yes("prefix")} | {yes("intokens")} | {yes("tensor_parallel")} |
+
+## Quirks
+
+{fam.notes}
+"""
+
+
+def write_readmes() -> None:
+    """Rewrite every llm/<family>/README.md from the registry (python -m paddlellm.families)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for fam in all_families().values():
+        with open(os.path.join(root, "llm", fam.name, "README.md"), "w", encoding="utf-8") as f:
+            f.write(family_readme(fam))
