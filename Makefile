@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install quickstart test
+.PHONY: install browser quickstart test
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -14,8 +14,13 @@ $(VENV)/.installed: setup.py
 
 install: $(VENV)/.installed
 
+# The Gradio UI test drives Debian's chromium through playwright (no browser download).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "chromium could not be installed: the browser test will be skipped"
+
 quickstart: install
 	$(PY) -m paddlellm.quickstart
 
-test: install
+test: install browser
 	$(PY) -m pytest -q tests

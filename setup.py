@@ -31,7 +31,7 @@ setup(
         "cpu": ["paddlepaddle==3.3.1"],
         # CUDA builds come from PaddlePaddle's own wheel index (see README), not PyPI.
         "gpu": ["paddlepaddle-gpu>=3.0"],
-        "test": ["pytest>=7", "requests"],
+        "test": ["pytest>=7", "requests", "playwright"],  # playwright drives Debian's chromium; no browser download
     },
     entry_points={"console_scripts": ["paddlellm=paddlellm.cli:main"]},
 )

@@ -14,7 +14,9 @@ def generate_ids(model, tokenizer, family, prompts: List[List[int]], max_new_tok
 
     inputs = {k: paddle.to_tensor(v) for k, v in _generation_inputs(family, tokenizer, prompts, max_new_tokens).items()}
     stop = family.stop_token_id(tokenizer)
-    kwargs: Dict = dict(max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
+    # paddlenlp 3.0.0b4 replaces max_new_tokens == 20 (its default) by the model's generation_config
+    # max_length, so a 20-token request could run for thousands: pass max_length (= new tokens) too.
+    kwargs: Dict = dict(max_new_tokens=max_new_tokens, max_length=max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
                         use_cache=True, repetition_penalty=repetition_penalty)
     if top_k == 1:
         kwargs["decode_strategy"] = "greedy_search"

@@ -5,6 +5,7 @@ no extra HTTP hop), so its requests are batched with the API's and share its lim
 """
 from __future__ import annotations
 
+import hmac
 import os
 from typing import Callable, Dict, Iterator, List
 
@@ -114,7 +115,7 @@ def launch_ui(state, args) -> Callable[[], None]:
     defaults = dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, repetition_penalty=args.repetition_penalty)
     demo = build_ui(stream_reply, defaults, state.args.max_length, args.title)
     demo.queue(max_size=args.max_queue, default_concurrency_limit=args.max_batch_size)
-    auth = (lambda user, password: password == args.api_key) if args.api_key else None
+    auth = (lambda user, password: hmac.compare_digest(str(password).encode(), args.api_key.encode())) if args.api_key else None
     try:
         demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, share=False, inbrowser=False,
                     quiet=True, show_error=True, auth=auth, auth_message="Enter any user name and the server's API key as the password.")

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import BASE_ENV, ROOT, run_cmd
+from conftest import BASE_ENV, FAMILIES, ROOT, run_cmd
 from paddlellm.serve import (ApiError, ChatRequest, Request, Sampling, Scheduler, TextStream, loads_json, parse_chat,
                              parse_openai)
 
@@ -104,18 +104,28 @@ def test_loads_json_rejects(raw, message):
     assert e.value.status == 400 and message in e.value.message
 
 
-def test_text_stream_pieces_join_to_the_reply():
-    # A fake tokenizer: ids are bytes; an incomplete UTF-8 tail decodes to U+FFFD, as sentencepiece's byte fallback does.
-    reply = "naïve 中文 ok".encode("utf-8")
-    dec = lambda ids: bytes(ids).decode("utf-8", errors="replace").strip()  # noqa: E731
-    ts = TextStream(dec)
-    pieces = [ts.update(list(reply[:n])) for n in range(1, len(reply) + 1)] + [ts.update(list(reply), final=True)]
-    assert "".join(pieces) == "naïve 中文 ok" and all("\ufffd" not in p for p in pieces)
-    # a stop string, split across steps, never leaks out and cuts the reply
-    text = b"one two<end>three"
-    ts = TextStream(dec, stop=["<end>"])
-    pieces = [ts.update(list(text[:n])) for n in range(1, len(text) + 1)]
-    assert "".join(pieces) == "one two" and ts.stopped and ts.text == "one two"
+def _bytes_decoder():
+    # A fake tokenizer: ids are bytes; an incomplete UTF-8 sequence decodes to U+FFFD, as sentencepiece's byte fallback does.
+    raw = lambda ids: bytes(ids).decode("utf-8", errors="replace")  # noqa: E731
+    return (lambda ids: raw(ids).strip()), raw
+
+
+@pytest.mark.parametrize("reply", ["naïve 中文 ok", "  lead and trail  ", "a  \n  b", "€€€ x"])
+def test_text_stream_pieces_join_to_the_reply(reply):
+    dec, raw = _bytes_decoder()
+    data = list(reply.encode("utf-8"))
+    ts = TextStream(dec, raw)
+    pieces = [ts.update(data[:n]) for n in range(1, len(data) + 1)] + [ts.update(data, final=True)]
+    assert "".join(pieces) == reply.strip() and all("\ufffd" not in p for p in pieces)
+    assert ts.read_offset - ts.prefix_offset < 8  # windows stay short
+
+
+def test_text_stream_stop_string():
+    dec, raw = _bytes_decoder()
+    text = list(b"one two<end>three")
+    ts = TextStream(dec, raw, stop=["<end>"])
+    pieces = [ts.update(text[:n]) for n in range(1, len(text) + 1)]
+    assert "".join(pieces) == "one two" and ts.stopped and ts.text == "one two"  # never leaks a partial "<en"
 
 
 def _request(key=("greedy", 1.0)):
@@ -139,6 +149,48 @@ def test_scheduler_batches_compatible_requests_and_bounds_the_queue():
     s.submit(e2)
     s.cancel(e1)  # a client that leaves frees its place in the queue
     assert s.stats()["queued"] == 1 and s.next_batch(0) == [e2]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_engine_matches_generate_ids_for_every_family(family, tiny_dir):
+    """The model thread's batched, streamed generation gives generate_ids' replies (greedy), rows of one batch
+    stop at their own max_length, and streamed pieces join to the reply; sampling runs too (bloom has its
+    own sample() without streamer support: its pieces come through the logits processor)."""
+    from paddlellm.generation import decode, generate_ids
+    from paddlellm.inference import load_for_inference
+    from paddlellm.serve import Engine
+
+    model, tok, fam, _ = load_for_inference(tiny_dir(family))
+    engine = Engine(model, tok, fam, src_length=32)
+    engine.scheduler = Scheduler(8, 8, 0)
+    convs = [(["spell: 1 2"], []), (["hello", "spell: 4 5"], ["hi"]), (["spell: 6 7 8"], [])]
+    lengths = [12, 5, 9]
+    reqs = [engine.make_request(ChatRequest(u, b, n, Sampling(top_k=1), stream=i != 1)) for i, ((u, b), n) in enumerate(zip(convs, lengths))]
+    engine.run_batch(reqs)
+    for req, (u, b), n in zip(reqs, convs, lengths):
+        events = []
+        while not req.events.empty():
+            events.append(req.events.get())
+        kind, info = events[-1]
+        assert kind == "done", events
+        want = decode(tok, generate_ids(model, tok, fam, [fam.generation_prompt(tok, u, b, 32)], n)[0])
+        assert info["text"] == want and info["completion_tokens"] <= n
+        if req.chat.stream:
+            assert "".join(v for k, v in events if k == "piece") == want
+    # a stop string ends its row at once (the batch does not run on to max_length)
+    full = decode(tok, generate_ids(model, tok, fam, [fam.generation_prompt(tok, ["spell: 9"], [], 32)], 30)[0])
+    stop = full[len(full) // 3: len(full) // 3 + 2]
+    if stop.strip() and full.find(stop) > 0:
+        req = engine.make_request(ChatRequest(["spell: 9"], [], 30, Sampling(top_k=1), stop=(stop,)))
+        engine.run_batch([req])
+        assert req.events.get()[1]["text"] == full[: full.find(stop)] and engine.last_steps < 30
+    sampled = [engine.make_request(ChatRequest(["spell: 3"], [], 8, Sampling(top_k=0, top_p=0.9, temperature=1.0), stream=True)) for _ in range(2)]
+    engine.run_batch(sampled)
+    for req in sampled:
+        events = []
+        while not req.events.empty():
+            events.append(req.events.get())
+        assert events[-1][0] == "done" and "".join(v for k, v in events if k == "piece") == events[-1][1]["text"]
 
 
 # =========================================================================== a real server
