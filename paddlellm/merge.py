@@ -110,7 +110,7 @@ class MergeLoraArgument:
     lora_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapters: an output folder of finetune_generation.py --lora (required)."})
     merge_model_path: Optional[str] = field(default=None, metadata={"help": "Folder to write the merged, standalone model into (required)."})
     merge_lora_model_path: Optional[str] = field(default=None, metadata={"help": "Same as merge_model_path (the name later PaddleNLP releases use)."})
-    device: Optional[str] = field(default=None, metadata={"help": "cpu or gpu (default: gpu when available, else cpu). The merge itself is exact float32 arithmetic on either."})
+    device: Optional[str] = field(default=None, metadata={"help": "cpu or gpu (default: gpu when available, else cpu). The merge itself is done in float32 on either."})
     dtype: Optional[str] = field(default=None, metadata={"help": "dtype of the saved weights (default: the dtype the adapters were trained in).", "choices": DTYPES})
     family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the folders: llama chatglm chatglm_v2 bloom gpt-3 opt glm."})
 
@@ -121,10 +121,14 @@ def main_lora(argv=None) -> int:
     if not args.lora_path:
         fail("lora_path is required: the LoRA output folder to merge")
     out = _check_output(args.merge_model_path or args.merge_lora_model_path, "merge_model_path", args.lora_path, args.model_name_or_path)
-    from .runtime import setup_runtime
-
-    setup_runtime()
     try:
+        from .inference import resolve_model
+
+        _check_lora_folder(args.lora_path)
+        resolve_model(args.model_name_or_path, lora_path=args.lora_path, family_name=args.family)  # cheap checks first
+        from .runtime import setup_runtime
+
+        setup_runtime()
         merge_lora(args.model_name_or_path, args.lora_path, out, dtype=args.dtype, device=args.device, family_name=args.family)
     except UserError as e:
         fail(str(e))
@@ -132,19 +136,27 @@ def main_lora(argv=None) -> int:
     return 0
 
 
-def merge_lora(model_name_or_path: Optional[str], lora_path: str, out: str, dtype: Optional[str] = None,
-               device: Optional[str] = None, family_name: Optional[str] = None) -> str:
-    """Fold W + (alpha / r) * A @ B into every adapted layer and save base + merged weights as a standalone model."""
-    from .families import META_FILE
-    from .inference import read_meta, resolve_model
-    from .predict import select_device
-
-    if not os.path.isdir(lora_path) or not os.path.isfile(os.path.join(lora_path, "lora_config.json")):
+def _check_lora_folder(lora_path: str) -> Dict:
+    """lora_config.json of a single-card LoRA folder, or a UserError saying what the folder is not."""
+    if not os.path.isdir(lora_path):
+        raise UserError(f"lora_path {lora_path!r}: no such folder")
+    if not os.path.isfile(os.path.join(lora_path, "lora_config.json")):
         raise UserError(f"lora_path {lora_path!r}: no lora_config.json (not a folder saved by a LoRA fine-tuning run)")
     cfg_json = _read_json(os.path.join(lora_path, "lora_config.json"))
     if int(cfg_json.get("tensor_parallel_degree") or -1) > 1:
         raise UserError(f"lora_path {lora_path!r} holds tensor-parallel shards; merge them first: "
                         f"python merge_tp_params.py --model_name_or_path {lora_path} --merge_model_path LORA_OUT")
+    return cfg_json
+
+
+def merge_lora(model_name_or_path: Optional[str], lora_path: str, out: str, dtype: Optional[str] = None,
+               device: Optional[str] = None, family_name: Optional[str] = None) -> str:
+    """Fold W + (alpha / r) * A @ B into every adapted layer and save base + merged weights as a standalone model."""
+    from .families import META_FILE
+    from .inference import resolve_model
+    from .predict import select_device
+
+    cfg_json = _check_lora_folder(lora_path)
     base, lora_path, _, family, meta = resolve_model(model_name_or_path, lora_path=lora_path, family_name=family_name)
     select_device(device)
     from paddlenlp.peft import LoRAConfig, LoRAModel
@@ -196,10 +208,11 @@ def main_tp(argv=None) -> int:
     if not os.path.isdir(args.model_name_or_path):
         fail(f"model_name_or_path {args.model_name_or_path!r}: no such folder")
     out = _check_output(args.merge_model_path, "merge_model_path", args.model_name_or_path)
-    from .runtime import setup_runtime
-
-    setup_runtime()
     try:
+        find_shards(args.model_name_or_path)  # cheap checks first: before paddle loads
+        from .runtime import setup_runtime
+
+        setup_runtime()
         kind, degree = merge_tp(args.model_name_or_path, out, dtype=args.dtype, with_tokenizer=args.with_tokenizer,
                                 device=args.device, family_name=args.family)
     except UserError as e:
@@ -238,7 +251,7 @@ def find_shards(folder: str) -> Tuple[str, List[List[str]]]:
                 ranks[int(m.group(1))] = [path]
         if not ranks:
             continue
-        degree = max(ranks) + 1
+        degree = max(max(ranks) + 1, _saved_degree(folder))
         missing = [f"tp{r:02d}" for r in range(degree) if r not in ranks]
         if missing:
             raise UserError(f"{folder}: shards {', '.join(missing)} are missing (found {', '.join(f'tp{r:02d}' for r in sorted(ranks))})")
@@ -251,6 +264,15 @@ def find_shards(folder: str) -> Tuple[str, List[List[str]]]:
     if unified:
         raise UserError(f"{folder}: no tensor-parallel shards; it holds {unified[0]}, a single-card or unified checkpoint that loads as it is")
     raise UserError(f"{folder}: no tensor-parallel shards (model_state.tpXX.pdparams, model.tpXX.safetensors or lora_model_state.tpXX.pdparams)")
+
+
+def _saved_degree(folder: str) -> int:
+    """tensor_parallel_degree recorded in the folder's config.json (1 when absent)."""
+    path = os.path.join(folder, "config.json")
+    try:
+        return int(_read_json(path).get("tensor_parallel_degree") or 1) if os.path.isfile(path) else 1
+    except (ValueError, TypeError, json.JSONDecodeError):
+        return 1
 
 
 def load_shard(files: List[str]) -> Dict:

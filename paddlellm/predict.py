@@ -243,16 +243,17 @@ def resolve_settings(args: PredictArgument) -> Dict:
     """Model, adapters, family, lengths and dtype, each from the arguments, else the saved settings, else defaults."""
     from .inference import resolve_model
 
-    family_name = args.family or None
-    base, lora_path, prefix_path, family, meta = resolve_model(args.model_name_or_path, args.lora_path, args.prefix_path, family_name)
-    if args.gpt and not family_name and meta.get("family") is None and not os.path.isfile(os.path.join(base, "config.json")):
-        from .families import get_family
-
-        family = get_family("gpt-3")
+    try:
+        base, lora_path, prefix_path, family, meta = resolve_model(args.model_name_or_path, args.lora_path, args.prefix_path, args.family)
+    except UserError:
+        if not args.gpt or args.family:
+            raise
+        # PaddleNLP's --gpt loads GPTForCausalLM: here it names the family when the folder or name can't.
+        base, lora_path, prefix_path, family, meta = resolve_model(args.model_name_or_path, args.lora_path, args.prefix_path, "gpt-3")
     return {
-        "model": base,
-        "lora_path": lora_path,
-        "prefix_path": prefix_path,
+        "model": os.path.abspath(base) if os.path.isdir(base) else base,
+        "lora_path": os.path.abspath(lora_path) if lora_path else None,
+        "prefix_path": os.path.abspath(prefix_path) if prefix_path else None,
         "family": family,
         "meta": meta,
         "src_length": args.src_length or meta.get("src_length") or DEFAULT_SRC_LENGTH,
@@ -361,6 +362,9 @@ def run(argv=None) -> int:
         settings = resolve_settings(args)
         if os.path.isdir(args.output_file):
             raise UserError(f"output_file {args.output_file!r} is a folder")
+        if args.resume and not os.path.exists(args.output_file + ".partial") and _complete(args.output_file, len(items)):
+            print(f"predict: --resume: {args.output_file} is already complete ({len(items)} lines); nothing to do", file=sys.stderr)
+            return 0
         from .runtime import setup_runtime
 
         setup_runtime()
@@ -431,6 +435,18 @@ def _run(args: PredictArgument, items: List[Item], settings: Dict) -> int:
         print(f"predict: wrote {len(items)} lines to {args.output_file} ({len(items) - len(done)} generated now, "
               f"{stats['tokens']} tokens in {stats['seconds']:.1f} s, {rate:.1f} tokens/s)", file=sys.stderr)
     return 0
+
+
+def _complete(path: str, count: int) -> bool:
+    """Whether `path` is a finished output of `count` lines (finished outputs are only ever written whole)."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return len(rows) == count and all(isinstance(r, dict) and "output" in r for r in rows)
 
 
 def _cast(model, dtype: str) -> None:
