@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
-import sys
-import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -131,8 +128,6 @@ def all_linear_targets(model) -> List[str]:
 
 def build_model(family, model_args, training_args, tokenizer):
     """Load the base model and wrap it for LoRA or Prefix Tuning as asked. Returns (model, kind)."""
-    import paddle
-
     tp = max(training_args.tensor_parallel_degree, 1)
     extra = {}
     if tp > 1:

@@ -1,7 +1,7 @@
 """Generation shared by fine-tuning evaluation, batch prediction and serving."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 
 def generate_ids(model, tokenizer, family, prompts: List[List[int]], max_new_tokens: int, top_k: int = 1,

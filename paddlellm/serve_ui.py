@@ -96,7 +96,7 @@ def build_ui(stream_reply: Callable, defaults: Dict, max_length: int, title: str
 def launch_ui(state, args) -> Callable[[], None]:
     """Start the UI on args.host:args.port in background threads; returns a function that stops it."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry calls from a server
-    from .serve import ChatRequest, Sampling, parse_sampling
+    from .serve import ChatRequest, parse_sampling
 
     def stream_reply(users, bots, params):
         max_new, sampling = parse_sampling(params, state.defaults, state.args.max_length, ("max_length",))

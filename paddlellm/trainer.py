@@ -10,9 +10,8 @@ import logging
 import math
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
-import numpy as np
 import paddle
 from paddlenlp.trainer import Trainer
 from paddlenlp.trainer.trainer_callback import ProgressCallback, TrainerCallback

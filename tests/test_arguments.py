@@ -2,7 +2,6 @@
 import glob
 import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from typing import List, Optional

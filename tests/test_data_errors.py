@@ -1,5 +1,4 @@
 """Bad data ends with one clear line naming file, line and field, exit 2, and nothing in output_dir."""
-import json
 import os
 import sys
 

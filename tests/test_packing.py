@@ -1,5 +1,4 @@
 """InTokens packing is exact, and the loss does not depend on how a step's examples are batched."""
-import glob
 import json
 import math
 import os
@@ -158,7 +157,6 @@ def test_one_step_is_the_same_for_any_batching(tiny_dir, step_data, tmp_path):
 
 
 def _weights_of(model_dir):
-    import paddle
     from safetensors.numpy import load_file
 
     return load_file(os.path.join(model_dir, "model.safetensors"))
