@@ -146,9 +146,12 @@ def main(argv=None) -> int:
     from .arguments import parse_args
 
     (args,) = parse_args([TinyArgument], argv, prog="paddlellm tiny", description=__doc__.splitlines()[0])
-    if not args.output:
-        from .arguments import fail
+    from .arguments import fail
+    from .families import names
 
+    if args.family not in names():
+        fail(f"--family {args.family}: unknown family; choose one of {', '.join(names())}")
+    if not args.output:
         fail("--output is required: the folder to write the tiny checkpoint into")
     from .runtime import setup_runtime
 
