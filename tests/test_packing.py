@@ -176,3 +176,15 @@ def test_eval_loss_same_with_and_without_packing(tiny_dir, step_data, tmp_path):
     for ev in evals:
         assert ev["eval_loss"] == pytest.approx(expected, rel=1e-5)
         assert ev["eval_ppl"] == pytest.approx(math.exp(expected), rel=1e-5)
+
+
+def test_packing_a_family_that_cannot_be_packed_is_one_clear_error(tiny_dir, step_data, tmp_path, capsys):
+    from paddlellm import finetune as ft
+
+    out = str(tmp_path / "opt")
+    with pytest.raises(SystemExit) as e:
+        ft.run(["--model_name_or_path", tiny_dir("opt"), "--dataset_name_or_path", step_data, "--output_dir", out,
+                *ONE_STEP, "--intokens", "true"])
+    assert e.value.code == 2 and not os.path.exists(out)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --intokens: packing is not supported for the opt family (see the README's support table)")
