@@ -38,6 +38,7 @@ class SFTTrainer(Trainer):
         self._step = [0.0, 0]
         self._window = [0.0, 0]
         self.total = [0.0, 0]
+        self._rate_mark = None  # (time, real_tokens) at the start of the logging window
         self.add_callback(_NormaliseGradients(self))
 
     def log(self, logs: Dict[str, float], **kwargs) -> None:
@@ -45,6 +46,12 @@ class SFTTrainer(Trainer):
             # PaddleNLP logs the mean of per-micro-batch means; ours is the mean over every supervised token.
             logs["loss"] = round(self._window[0] / self._window[1], 8)
             self._window = [0.0, 0]
+        if "loss" in logs and self._rate_mark is not None:
+            # real (non-padding) tokens per second over the logging window, all processes together
+            now, (then, seen) = time.time(), self._rate_mark
+            rate = (self.real_tokens - seen) * max(self.args.world_size, 1) / max(now - then, 1e-9)
+            logs["tokens_per_second"] = round(rate, 1)
+            self._rate_mark = (now, self.real_tokens)
         super().log(logs, **kwargs)
         self.history.append(dict(logs, step=self.state.global_step))
 
@@ -63,6 +70,8 @@ class SFTTrainer(Trainer):
         """
         if self.args.pipeline_parallel_degree > 1:
             return super().training_step(model, inputs)
+        if self._rate_mark is None:
+            self._rate_mark = (time.time(), self.real_tokens)
         model.train()
         inputs = self._prepare_inputs(inputs)
         tokens = int((inputs["labels"] != -100).astype("int64").sum())
@@ -178,26 +187,9 @@ class _NormaliseGradients(TrainerCallback):
 class TokensProgressCallback(ProgressCallback):
     """The progress bar shows the latest loss and real (non-padding) tokens per second."""
 
-    def __init__(self, trainer: SFTTrainer):
-        super().__init__()
-        self.trainer = trainer
-        self.last_tokens = 0
-        self.last_time = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        super().on_train_begin(args, state, control, **kwargs)
-        self.last_time = time.time()
-        self.last_tokens = self.trainer.real_tokens
-
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and "loss" in logs and self.last_time is not None:
-            now = time.time()
-            tokens = self.trainer.real_tokens - self.last_tokens
-            rate = tokens * max(args.world_size, 1) / max(now - self.last_time, 1e-9)
-            logs["tokens_per_second"] = round(rate, 1)
-            self.last_time, self.last_tokens = now, self.trainer.real_tokens
-            if self.training_bar is not None:
-                self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{rate:.0f}")
+        if logs is not None and "loss" in logs and self.training_bar is not None:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{logs.get('tokens_per_second', 0):.0f}")
         super().on_log(args, state, control, logs=logs, **kwargs)
 
 
@@ -217,5 +209,5 @@ def build_trainer(model, tokenizer, family, training_args, train_examples, dev_e
     )
     if not training_args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(TokensProgressCallback(trainer))
+        trainer.add_callback(TokensProgressCallback())
     return trainer

@@ -68,6 +68,9 @@ def test_finetune_method(family, method, tiny_dir, tmp_path):
         return
     assert finetune(model, data, out, *METHODS[method]) == 0
     curve = losses(out)
+    with open(os.path.join(out, "log_history.json")) as f:
+        rates = [row["tokens_per_second"] for row in json.load(f) if "loss" in row and "train_runtime" not in row]
+    assert len(rates) == 12 and all(r > 0 for r in rates)
     assert len(curve) == 12 and all(math.isfinite(l) for l in curve)
     assert curve[-1] < curve[0] - 0.15, curve  # it learns the 4 examples
     present, absent = FILES[method]
