@@ -93,7 +93,8 @@ def decide(environ: Mapping[str, str], cpuinfo_text: str, usable_cpus: int) -> D
     env: dict = {}
     parts = []
 
-    user_threads = [f"{v}={environ[v]}" for v in THREAD_VARS if v in environ]
+    # An empty value counts as unset: OpenMP, MKL and paddle all ignore it.
+    user_threads = [f"{v}={environ[v]}" for v in THREAD_VARS if environ.get(v)]
     if user_threads:
         # Filling in the other variable from our own count could contradict the user's
         # choice (MKL follows OMP_NUM_THREADS when MKL_NUM_THREADS is unset): leave both.
@@ -112,7 +113,7 @@ def decide(environ: Mapping[str, str], cpuinfo_text: str, usable_cpus: int) -> D
     vendor = _cpuinfo_field(cpuinfo_text, "vendor_id")
     flags = (_cpuinfo_field(cpuinfo_text, "flags") or "").split()
     name = f"{_VENDOR_NAMES.get(vendor or '', vendor)} CPU"
-    if MKL_CPU_VAR in environ:
+    if environ.get(MKL_CPU_VAR):
         parts.append(f"{MKL_CPU_VAR} left as set ({environ[MKL_CPU_VAR]})")
     elif vendor is None or not flags:
         parts.append("MKL code path unchanged (not an x86 CPU or vendor unknown)")

@@ -92,6 +92,11 @@ def test_user_mkl_threads_alone_is_respected():
     assert d.env == {}
 
 
+def test_empty_values_count_as_unset():
+    env = {"OMP_NUM_THREADS": "", "MKL_DEBUG_CPU_TYPE": ""}
+    assert cr.decide(env, AMD_AVX2, 2).env == {**threads(2), "MKL_DEBUG_CPU_TYPE": "5"}
+
+
 def test_user_mkl_cpu_type_is_respected():
     d = cr.decide({"MKL_DEBUG_CPU_TYPE": "4"}, AMD_AVX2, 2)
     assert d.env == threads(2)
