@@ -12,11 +12,8 @@ when paddle loads. Three set-ups, all starting from an environment with no OMP/M
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -25,6 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchlib import machine_info, matmul_gflops  # noqa: E402
 from paddlellm import cpu_runtime  # noqa: E402  (stdlib only, safe before paddle)
 
 TUNED_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_DEBUG_CPU_TYPE", cpu_runtime.DISABLE_VAR)
@@ -36,21 +34,6 @@ GEN_BATCH, GEN_PROMPT, GEN_NEW = 4, 64, 32
 
 
 # ---- workers: run in a child process, print one "RESULT {json}" line ----------------------
-
-def _matmul(reps: int) -> dict:
-    import paddle
-
-    n = 1024
-    a, b = paddle.randn([n, n], dtype="float32"), paddle.randn([n, n], dtype="float32")
-    for _ in range(3):
-        (a @ b).numpy()  # .numpy() waits for the result
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        (a @ b).numpy()
-        best = min(best, time.perf_counter() - t)
-    return {"gflops": 2 * n**3 / best / 1e9}
-
 
 def _model():
     import paddle
@@ -114,7 +97,7 @@ def _generate(warmup: int, reps: int) -> dict:
 def worker(kind: str, quick: bool) -> None:
     cpu_runtime.configure()  # no-op in the "default" and "threads only" set-ups
     if kind == "matmul":
-        res = _matmul(reps=5 if quick else 20)
+        res = {"gflops": matmul_gflops(reps=5 if quick else 20)}
     elif kind == "train":
         res = _train(warmup=1, steps=2) if quick else _train(warmup=1, steps=3)
     else:
@@ -148,27 +131,6 @@ def run_child(kind: str, mode: str, threads: int, quick: bool) -> dict:
     log = [l for l in proc.stderr.splitlines() if l.startswith("paddlellm: CPU runtime:")]
     res["log"] = log[0] if log else None
     return res
-
-
-def machine_info() -> dict:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    versions = {}
-    for dist in ("paddlepaddle", "paddlenlp"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[dist] = None
-    return {
-        "cpu_model": cpu_runtime._cpuinfo_field(text, "model name") or platform.processor(),
-        "cpu_vendor": cpu_runtime._cpuinfo_field(text, "vendor_id"),
-        "avx2": "avx2" in (cpu_runtime._cpuinfo_field(text, "flags") or "").split(),
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": cpu_runtime.usable_cpu_count(),
-        "python": platform.python_version(),
-        "paddle_version": versions["paddlepaddle"],
-        "paddlenlp_version": versions["paddlenlp"],
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 BENCHES = [

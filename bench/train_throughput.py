@@ -43,11 +43,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import random
 import re
 import resource
@@ -60,6 +58,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchlib import machine_info, matmul_gflops  # noqa: E402
 
 MODEL = dict(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
              num_attention_heads=8, max_position_embeddings=512, rms_norm_eps=1e-6)
@@ -127,18 +127,7 @@ def child_matmul(reps: int) -> None:
     from paddlellm import cpu_runtime
 
     decision = cpu_runtime.configure()
-    import paddle
-
-    n = 1024
-    a, b = paddle.randn([n, n], dtype="float32"), paddle.randn([n, n], dtype="float32")
-    for _ in range(3):
-        (a @ b).numpy()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        (a @ b).numpy()
-        best = min(best, time.perf_counter() - t)
-    _result({"gflops": 2 * n ** 3 / best / 1e9, "env": decision.env, "reason": decision.reason})
+    _result({"gflops": matmul_gflops(reps), "env": decision.env, "reason": decision.reason})
 
 
 # ------------------------------------------------------------------ child: model + data
@@ -347,24 +336,6 @@ def run_arm(kind, packed, name, argv, prep, plan, work, usable_cores) -> dict:
     s["other_processes_cpu_share"] = round(max(others, 0.0) / (s["wall_s"] * usable_cores), 3)
     s["log_history_tokens_per_s"] = _logged_rate(work / name)
     return s
-
-
-def machine_info() -> dict:
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    from paddlellm.cpu_runtime import usable_cpu_count
-
-    vers = {}
-    for pkg in ("paddlepaddle", "paddlenlp"):
-        try:
-            vers[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            vers[pkg] = None
-    return {"cpu": cpu, "usable_cores": usable_cpu_count(), "python": platform.python_version(), **vers}
 
 
 def table(results) -> str:
