@@ -16,8 +16,8 @@ import pytest
 import requests
 
 from conftest import BASE_ENV, FAMILIES, ROOT, run_cmd
-from paddlellm.serve import (ApiError, ChatRequest, Request, Sampling, Scheduler, TextStream, loads_json, parse_chat,
-                             parse_openai)
+from paddlellm.serve_engine import Request, Scheduler, TextStream
+from paddlellm.serve_requests import ApiError, ChatRequest, Sampling, loads_json, parse_chat, parse_openai
 
 MAX_LENGTH = 48  # the servers' --max_length
 KEY = "test-key-123"
@@ -158,7 +158,7 @@ def test_engine_matches_generate_ids_for_every_family(family, tiny_dir):
     own sample() without streamer support: its pieces come through the logits processor)."""
     from paddlellm.generation import decode, generate_ids
     from paddlellm.inference import load_for_inference
-    from paddlellm.serve import Engine
+    from paddlellm.serve_engine import Engine
 
     model, tok, fam, _ = load_for_inference(tiny_dir(family))
     engine = Engine(model, tok, fam, src_length=32)

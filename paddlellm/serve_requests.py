@@ -1,0 +1,216 @@
+"""Request parsing and validation for `paddlellm serve`: JSON bodies of POST /api/chat (PaddleNLP) and
+POST /v1/chat/completions (OpenAI) become a ChatRequest, or an ApiError (HTTP status + one-line message)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status and a one-line message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# =========================================================================== request parsing
+@dataclass(frozen=True)
+class Sampling:
+    top_k: int = 1
+    top_p: float = 1.0
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1 or self.temperature == 0
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share a batch. A seeded request is generated alone (its result
+        would otherwise depend on what it was batched with)."""
+        if self.greedy:
+            return ("greedy", self.repetition_penalty)
+        return ("sample", self.top_k, self.top_p, self.temperature, self.repetition_penalty, self.seed, secrets.token_hex(8) if self.seed is not None else None)
+
+
+@dataclass
+class ChatRequest:
+    """A validated request: the conversation, generation limits and sampling."""
+
+    user_turns: List[str]
+    bot_turns: List[str]  # replies to user_turns[:-1]
+    max_new_tokens: int
+    sampling: Sampling
+    stream: bool = False
+    stop: Tuple[str, ...] = ()
+
+
+def loads_json(body: bytes) -> Dict[str, Any]:
+    """Parse a request body: a JSON object (NaN/Infinity refused) or ApiError 400."""
+    if not body:
+        raise ApiError(400, "the request body is empty: send a JSON object")
+
+    def no_constants(name):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        data = json.loads(body.decode("utf-8"), parse_constant=no_constants)
+    except UnicodeDecodeError:
+        raise ApiError(400, "the request body is not UTF-8 text") from None
+    except ValueError as e:  # JSONDecodeError is a ValueError
+        raise ApiError(400, f"malformed JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__ if data is not None else 'null'}")
+    return data
+
+
+def _number(data: Dict, key: str, default, kind: type, lo=None, hi=None, lo_open=False):
+    value = data.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float) and not value.is_integer()):
+        raise ApiError(400, f"{key} must be {'an integer' if kind is int else 'a number'}, got {json.dumps(value)[:60]}")
+    value = kind(value)
+    if not math.isfinite(value) or (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi):
+        rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+        raise ApiError(400, f"{key} must be {rng}, got {value}")
+    return value
+
+
+def parse_sampling(data: Dict, defaults: Sampling, max_length: int, length_keys: Sequence[str]) -> Tuple[int, Sampling]:
+    """(max_new_tokens, Sampling) from a request, with the server's defaults for missing fields."""
+    max_new = max_length
+    for key in length_keys:
+        if data.get(key) is not None:
+            max_new = _number(data, key, max_length, int, lo=1)
+            if max_new > max_length:
+                raise ApiError(400, f"{key} {max_new} exceeds this server's limit of {max_length} new tokens (--max_length)")
+            break
+    seed = data.get("seed")
+    if seed is not None:
+        seed = _number(data, "seed", None, int, lo=0, hi=2**63 - 1)
+    sampling = Sampling(
+        top_k=_number(data, "top_k", defaults.top_k, int, lo=0),
+        top_p=_number(data, "top_p", defaults.top_p, float, lo=0, hi=1, lo_open=True),
+        temperature=_number(data, "temperature", defaults.temperature, float, lo=0, hi=100),
+        repetition_penalty=_number(data, "repetition_penalty", defaults.repetition_penalty, float, lo=0, hi=100, lo_open=True),
+        seed=seed,
+    )
+    return max_new, sampling
+
+
+USER_ROLES, BOT_ROLES = ("user", "human"), ("bot", "assistant")
+
+
+def _turn_text(turn, where: str, expect: str) -> str:
+    """Text of one turn given as a string or a {"role", "utterance"|"content"} object."""
+    if isinstance(turn, str):
+        return turn
+    if isinstance(turn, dict):
+        role = turn.get("role")
+        if role is not None:
+            if not isinstance(role, str) or role not in (USER_ROLES if expect == "user" else BOT_ROLES):
+                raise ApiError(400, f"{where} should be a {expect} turn (turns alternate user, bot, ...), got role {json.dumps(role)[:40]}")
+        text = turn.get("utterance", turn.get("content"))
+        if isinstance(text, str):
+            return text
+        raise ApiError(400, f"{where}.utterance must be a string")
+    raise ApiError(400, f"{where} must be a string or an object with role and utterance, got {type(turn).__name__}")
+
+
+def parse_chat(data: Dict, defaults: Sampling, max_length: int) -> ChatRequest:
+    """POST /api/chat (PaddleNLP): context (the new message, or a list of alternating turns ending with the
+    user's) and history (earlier alternating turns: [{"role": "user", "utterance": ..}, {"role": "bot", ..}, ..]
+    or plain strings; a JSON string of that list is accepted too, as PaddleNLP's UI sent it)."""
+    if "context" not in data:
+        raise ApiError(400, "context is required: the user's message (a string) or a list of alternating turns")
+    history = data.get("history")
+    if history is None or history == "":
+        history = []
+    if isinstance(history, str):
+        try:
+            history = json.loads(history)
+        except ValueError:
+            raise ApiError(400, "history must be a list of turns (or a JSON string of one)") from None
+    if not isinstance(history, list):
+        raise ApiError(400, f"history must be a list of turns, got {type(history).__name__}")
+    context = data["context"]
+    if isinstance(context, (str, dict)):
+        context = [context]
+    if not isinstance(context, list) or not context:
+        raise ApiError(400, "context must be a string or a non-empty list of turns")
+    turns = history + context
+    if len(turns) % 2 != 1:
+        raise ApiError(400, f"history + context must alternate user and bot turns and end with a user turn; got {len(history)} + {len(context)} turns")
+    texts = [_turn_text(t, f"history[{i}]" if i < len(history) else f"context[{i - len(history)}]", "user" if i % 2 == 0 else "bot") for i, t in enumerate(turns)]
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "stream must be true or false")
+    max_new, sampling = parse_sampling(data, defaults, max_length, ("max_length", "max_new_tokens"))
+    return ChatRequest(texts[0::2], texts[1::2], max_new, sampling, stream)
+
+
+def _message_text(content, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts: [{"type": "text", "text": ...}]
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{where}.content[{j}]: only text parts are supported ({{\"type\": \"text\", \"text\": ...}})")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(400, f"{where}.content must be a string or a list of text parts")
+
+
+def parse_openai(data: Dict, defaults: Sampling, max_length: int) -> ChatRequest:
+    """POST /v1/chat/completions: messages of role system/user/assistant. System messages are put before
+    the first user message (the chat formats have no system slot); consecutive messages of one role are
+    joined with a newline. Unknown fields (model, user, ...) are ignored."""
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list of {role, content} objects")
+    system, turns = [], []  # turns: [role, text]
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}] must be an object with role and content")
+        role = m.get("role")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise ApiError(400, f"messages[{i}].role must be system, user or assistant, got {json.dumps(role)[:40]}")
+        text = _message_text(m.get("content"), f"messages[{i}]") if role != "assistant" or m.get("content") is not None else ""
+        if role in ("system", "developer"):
+            system.append(text)
+        elif turns and turns[-1][0] == role:
+            turns[-1][1] += "\n" + text
+        else:
+            turns.append([role, text])
+    if not turns or turns[0][0] != "user":
+        raise ApiError(400, "the conversation must start with a user message (after any system message)")
+    if turns[-1][0] != "user":
+        raise ApiError(400, "the last message must be a user message")
+    if system:
+        turns[0][1] = "\n".join(system + [turns[0][1]])
+    n = data.get("n", 1)
+    if n != 1 or isinstance(n, bool):
+        raise ApiError(400, "n must be 1")
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "stream must be true or false")
+    stop = data.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "stop must be a non-empty string or a list of up to 4 of them")
+    # OpenAI semantics: no top-k unless asked for; temperature 0 = greedy.
+    openai_defaults = dataclasses.replace(defaults, top_k=0)
+    max_new, sampling = parse_sampling(data, openai_defaults, max_length, ("max_completion_tokens", "max_tokens"))
+    return ChatRequest([t for r, t in turns if r == "user"], [t for r, t in turns if r == "assistant"], max_new, sampling, stream, tuple(stop))
