@@ -24,6 +24,40 @@ def logits_of(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def with_supervised_token_mean_loss(model):
+    """paddlenlp bug workaround (loss counts padding), for models whose forward computes its loss as
+    F.cross_entropy(logits, labels) with reduction "mean": paddle then divides by *every* position when
+    ignore_index is negative (-100), so prompt and padding tokens dilute the loss and it changes with
+    padding. Ignored tokens add exactly 0 to the sum, so rescaling by positions / supervised tokens gives
+    the mean over supervised tokens.
+
+    The instance's forward is replaced (LoRAModel calls model.forward directly, so a hook would be
+    skipped), keeping the class forward's signature, which PrefixModelForCausalLM and the Trainer inspect.
+    Bound with MethodType, so a deepcopy of the model is bound to the copy.
+    """
+    import inspect
+    import types
+
+    cls_forward = type(model).forward
+    sig = inspect.signature(cls_forward)
+
+    def forward(self, *args, **kwargs):
+        labels = sig.bind(self, *args, **kwargs).arguments.get("labels")
+        out = cls_forward(self, *args, **kwargs)
+        config = self.config
+        if labels is None or (config.tensor_parallel_degree > 1 and config.tensor_parallel_output):
+            return out  # no loss, or paddlenlp's tensor-parallel loss, which averages over kept labels itself
+        scale = labels.numel().item() / max(int((labels != IGNORE).astype("int64").sum()), 1)
+        if isinstance(out, tuple):  # return_dict=False: (loss, logits, ...)
+            return (out[0] * scale,) + tuple(out[1:])
+        out.loss = out.loss * scale
+        return out
+
+    forward.__signature__ = sig
+    model.forward = types.MethodType(forward, model)
+    return model
+
+
 @dataclass
 class Example:
     """One tokenised training example (labels are already shifted: labels[i] is the target of input_ids[i]).

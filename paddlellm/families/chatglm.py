@@ -6,48 +6,10 @@ Multi-turn prompts follow ChatGLM's own chat(): a single turn is the bare query;
 from __future__ import annotations
 
 import os
-import types
 from typing import ClassVar, Dict, List
 
+from .base import with_supervised_token_mean_loss
 from .glm import BlankInfillingFamily, pad_attention_mask_ones
-
-
-def _forward_with_token_mean_loss(
-    self,
-    input_ids=None,
-    position_ids=None,
-    attention_mask=None,
-    cache=None,
-    inputs_embeds=None,
-    labels=None,
-    use_cache=None,
-    return_dict=False,
-):
-    """ChatGLMForCausalLM.forward with the loss averaged over supervised tokens only.
-
-    paddlenlp bug workaround (ChatGLM loss counts padding): its forward calls
-    F.cross_entropy(logits, labels, ignore_index=-100) with reduction "mean", and paddle divides by
-    every token when ignore_index < 0, so the loss shrinks with the amount of prompt and padding in
-    the batch. Same signature as the original (PrefixModelForCausalLM and the Trainer inspect it).
-    """
-    import paddle
-    import paddle.nn.functional as F
-    from paddlenlp.transformers.model_outputs import CausalLMOutputWithPast
-
-    cls_forward = type(self).forward
-    args = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache,
-                inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=return_dict)
-    if labels is None or (self.config.tensor_parallel_degree > 1 and self.config.tensor_parallel_output):
-        # no loss wanted, or the tensor-parallel branch, which already averages over kept labels
-        return cls_forward(self, labels=labels, **args)
-    out = cls_forward(self, **args)
-    logits = out.logits if return_dict else out[0]
-    token_loss = F.cross_entropy(logits, labels.unsqueeze(-1), ignore_index=-100, reduction="none")
-    count = (labels != -100).astype(token_loss.dtype).sum()
-    loss = token_loss.sum() / paddle.clip(count, min=1.0)
-    if return_dict:
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
-    return (loss,) + tuple(out)
 
 
 class ChatGLMFamily(BlankInfillingFamily):
@@ -77,9 +39,7 @@ class ChatGLMFamily(BlankInfillingFamily):
 
     def load_model(self, path: str, dtype: str = "float32", **config_overrides):
         model = super().load_model(path, dtype=dtype, **config_overrides)
-        # Bound to this instance only: deepcopy rebinds it to the copy, save_pretrained is unaffected.
-        model.forward = types.MethodType(_forward_with_token_mean_loss, model)
-        return model
+        return with_supervised_token_mean_loss(model)
 
     def tiny_token_ids(self, tokenizer) -> Dict:
         # The model itself locates [MASK]/[gMASK]/<sop> by these config ids (prepare_inputs_for_generation).

@@ -1,5 +1,5 @@
 """OPT: causal decoder with learned positions derived from the attention mask; GPT-2 byte-level BPE tokenizer."""
-from .base import IGNORE, Family
+from .base import Family, with_supervised_token_mean_loss
 
 
 def opt_postprocess_past_key_value(past_key_values):
@@ -15,40 +15,6 @@ def opt_postprocess_past_key_value(past_key_values):
     return [MultiHeadAttention.Cache(k, v) for k, v in zip(keys, values)]
 
 
-def _token_mean_loss(model):
-    """Workaround for paddlenlp 3.0.0b4 on paddle 3.x: OPTForCausalLM's loss is F.cross_entropy(logits,
-    labels), whose "mean" divides by every position when ignore_index < 0 (-100 here), so prompt and
-    padding tokens dilute it and it changes with padding. Ignored tokens add exactly 0 to the sum, so
-    rescaling by positions / supervised tokens gives the mean over supervised tokens.
-
-    The instance's forward is replaced (not hooked) because LoRAModel calls model.forward directly; the
-    replacement keeps OPTForCausalLM.forward's argument names, which PrefixModelForCausalLM inspects
-    (it passes the prefix as `cache`) and paddlenlp's forward-patch check compares.
-    """
-    if getattr(model, "_paddlellm_token_mean_loss", False):
-        return model
-    original = model.forward
-
-    def forward(input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, use_cache=False, cache=None,
-                output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
-        out = original(
-            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-            use_cache=use_cache, cache=cache, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs,
-        )
-        if labels is None:
-            return out
-        scale = labels.numel().item() / max(int((labels != IGNORE).sum()), 1)
-        if isinstance(out, tuple):  # return_dict=False: (loss, logits, ...)
-            return (out[0] * scale,) + tuple(out[1:])
-        out.loss = out.loss * scale
-        return out
-
-    model.forward = forward
-    model._paddlellm_token_mean_loss = True
-    return model
-
-
 class OPTFamily(Family):
     def fix_tokenizer(self, tokenizer) -> None:
         # OPT has a real <pad> (id 1 in facebook/opt-*); fall back to eos only for vocabularies without it.
@@ -56,7 +22,7 @@ class OPTFamily(Family):
             tokenizer.pad_token = "<pad>" if "<pad>" in tokenizer.get_vocab() else tokenizer.eos_token
 
     def load_model(self, path: str, dtype: str = "float32", **config_overrides):
-        return _token_mean_loss(super().load_model(path, dtype=dtype, **config_overrides))
+        return with_supervised_token_mean_loss(super().load_model(path, dtype=dtype, **config_overrides))
 
     def bos_ids(self, tokenizer):
         # OPT was pretrained with </s> opening every document (its tokenizer has add_bos_token=True); its
