@@ -34,8 +34,8 @@ class SFTTrainer(Trainer):
         self.real_tokens = 0  # real (non-padding) training tokens seen by this process
         self.history: List[Dict] = []  # every logged row (PaddleNLP's Trainer empties state.log_history at each log)
         # Token-weighted loss bookkeeping: [loss sum, supervised tokens] of this process in the current
-        # optimisation step, and of all processes since the last log / since the start.
-        self._step = [0.0, 0]
+        # optimisation step (a tensor), and of all processes since the last log / since the start.
+        self._step = None
         self._window = [0.0, 0]
         self.total = [0.0, 0]
         self._rate_mark = None  # (time, real_tokens) at the start of the logging window
@@ -74,26 +74,27 @@ class SFTTrainer(Trainer):
             self._rate_mark = (time.time(), self.real_tokens)
         model.train()
         inputs = self._prepare_inputs(inputs)
-        tokens = int((inputs["labels"] != -100).astype("int64").sum())
+        # Kept as tensors until the step ends, so a GPU is not synchronised at every micro-batch.
+        tokens = (inputs["labels"] != -100).astype("float32").sum()
         with self.autocast_smart_context_manager():
             loss = self.compute_loss(model, inputs)
-        loss_sum = loss * tokens
+        loss_sum = loss.astype("float32") * tokens
         if self.do_grad_scaling:
             self.scaler.scale(loss_sum).backward()
         else:
             loss_sum.backward()
-        self._step[0] += float(loss_sum)
-        self._step[1] += tokens
+        stats = paddle.stack([loss_sum.detach(), tokens])
+        self._step = stats if self._step is None else self._step + stats
         return loss.detach()
 
     def normalise_gradients(self) -> None:
         """Turn summed gradients into the mean over every supervised token of the step, across processes."""
-        stats = paddle.to_tensor([self._step[0], float(self._step[1])], dtype="float64")
+        stats = self._step.astype("float64") if self._step is not None else paddle.zeros([2], dtype="float64")
         world = max(self.args.data_parallel_degree, 1) if self.args.world_size > 1 else 1
         if world > 1:
             paddle.distributed.all_reduce(stats, group=_dp_group(self.args))
-        loss_sum, tokens = float(stats[0]), float(stats[1])
-        self._step = [0.0, 0]
+        loss_sum, tokens = (float(v) for v in stats.numpy())
+        self._step = None
         self._window = [self._window[0] + loss_sum, self._window[1] + int(tokens)]
         self.total = [self.total[0] + loss_sum, self.total[1] + int(tokens)]
         # Data parallel has already averaged gradients over the processes: undo that, then divide by the tokens.
