@@ -81,24 +81,10 @@ def parse(argv=None):
 
 
 def resolve_family(model_args):
-    from .families import family_of, get_family, names, find_by_name
+    from .families import detect_family
 
-    if model_args.family:
-        try:
-            return get_family(model_args.family)
-        except KeyError as e:
-            raise UserError(f"--family: {e.args[0]}") from None
-    path = model_args.model_name_or_path
-    for folder in (model_args.lora_path, model_args.prefix_path, path):
-        if folder and os.path.isdir(folder):
-            try:
-                return family_of(folder)
-            except ValueError:
-                continue
-    fam = find_by_name(path)
-    if fam is None:
-        raise UserError(f"model_name_or_path {path!r}: not a folder and its family can't be told from the name; add --family ({' '.join(names())})")
-    return fam
+    m = model_args
+    return detect_family(m.family, (m.lora_path, m.prefix_path, m.model_name_or_path), m.model_name_or_path)
 
 
 def check_device(training: Dict) -> None:

@@ -21,29 +21,9 @@ def read_meta(path: str) -> Dict:
 def load_for_inference(model_name_or_path: Optional[str] = None, lora_path: Optional[str] = None,
                        prefix_path: Optional[str] = None, dtype: str = "float32", family=None):
     """Returns (model, tokenizer, family, meta). A LoRA/prefix folder alone is enough: it records its base model."""
-    from .families import family_of
-
+    base, lora_path, prefix_path, family, meta = resolve_model(model_name_or_path, lora_path, prefix_path,
+                                                               family.name if family is not None else None)
     adapter = lora_path or prefix_path
-    meta = read_meta(adapter) if adapter else {}
-    if model_name_or_path and not adapter:
-        own = read_meta(model_name_or_path)
-        if own.get("kind") == "lora":
-            lora_path, adapter, meta = model_name_or_path, model_name_or_path, own
-            model_name_or_path = None
-        elif own.get("kind") == "prefix":
-            prefix_path, adapter, meta = model_name_or_path, model_name_or_path, own
-            model_name_or_path = None
-        else:
-            meta = own
-    base = model_name_or_path or meta.get("base_model")
-    if not base:
-        raise UserError("model_name_or_path is required (the adapter folder does not record its base model)")
-    if not os.path.isdir(base) and base.startswith((".", "/", "~")):
-        raise UserError(f"model_name_or_path {base!r}: no such folder")
-    try:
-        family = family or family_of(adapter or base)
-    except ValueError as e:
-        raise UserError(str(e)) from None
     tokenizer = family.load_tokenizer(adapter if adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else base)
     model = family.load_model(base, dtype=dtype)
     if lora_path:
@@ -79,7 +59,7 @@ def resolve_model(model_name_or_path: Optional[str] = None, lora_path: Optional[
     paddlellm_meta.json. A LoRA/prefix output passed as model_name_or_path is recognised as such.
     Raises UserError with a one-line reason (missing or unknown model, wrong adapter folder, unknown family).
     """
-    from .families import family_of, find_by_name, get_family, names
+    from .families import detect_family
 
     if lora_path and prefix_path:
         raise UserError("pass one of lora_path and prefix_path, not both")
@@ -110,25 +90,5 @@ def resolve_model(model_name_or_path: Optional[str] = None, lora_path: Optional[
                         "an adapter folder needs it when it does not record its base model)")
     if not os.path.isdir(base) and base.startswith((".", "/", "~")):
         raise UserError(f"model_name_or_path {base!r}: no such folder")
-    if family_name:
-        try:
-            family = get_family(family_name)
-        except KeyError as e:
-            raise UserError(f"--family: {e.args[0]}") from None
-    else:
-        family, error = None, None
-        for folder in (adapter, base):
-            if folder and os.path.isdir(folder):
-                try:
-                    family = family_of(folder)
-                    break
-                except ValueError as e:
-                    error = error or e
-        if family is None:
-            family = find_by_name(base)
-        if family is None:
-            if error is not None:
-                raise UserError(str(error))
-            raise UserError(f"model_name_or_path {base!r}: not a folder and its family can't be told from the name; "
-                            f"add --family ({' '.join(names())})")
+    family = detect_family(family_name, (adapter, base), base)
     return base, lora_path, prefix_path, family, meta

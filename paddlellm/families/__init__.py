@@ -75,6 +75,32 @@ def find_by_name(name: str):
     return None
 
 
+def detect_family(family_name, folders, model_name: str) -> Family:
+    """The family of a run: --family if given, else the first of `folders` (adapter, then base model) that
+    names one, else the real model name. Raises UserError with a one-line reason."""
+    from ..arguments import UserError
+
+    if family_name:
+        try:
+            return get_family(family_name)
+        except KeyError as e:
+            raise UserError(f"--family: {e.args[0]}") from None
+    error = None
+    for folder in folders:
+        if folder and os.path.isdir(folder):
+            try:
+                return family_of(folder)
+            except ValueError as e:
+                error = error or e
+    fam = find_by_name(model_name)
+    if fam is not None:
+        return fam
+    if error is not None:
+        raise UserError(str(error))
+    raise UserError(f"model_name_or_path {model_name!r}: not a folder and its family can't be told from the name; "
+                    f"add --family ({' '.join(names())})")
+
+
 def family_readme(fam: Family) -> str:
     """The text of llm/<family>/README.md, made from the registry so it can't drift from the code."""
     yes = lambda k: "yes" if fam.supports.get(k) else "no"  # noqa: E731
