@@ -32,8 +32,31 @@ def usage() -> str:
 
 def run_command(name: str, argv) -> int:
     module, func, _ = COMMANDS[name]
-    return getattr(importlib.import_module(module), func)(list(argv)) or 0
+    code = getattr(importlib.import_module(module), func)(list(argv)) or 0
+    _leave_process_group(code)
+    return code
 
+
+def _leave_process_group(code: int) -> None:
+    """Workaround (paddle 3.3, CPU/gloo): a rank that has finished can still die with SIGABRT (-6) while
+    the interpreter tears down paddle's process group. CI saw it once: a predict run's rank 0 wrote its
+    output, printed its last line, then aborted, and the launcher failed the whole job. A rank that
+    joined a process group therefore flushes and leaves with os._exit, so that teardown never runs. The
+    last collective of each command has already synchronised the ranks, and nothing is left to
+    exchange. Outside `paddle.distributed.launch` nothing changes."""
+    dist = sys.modules.get("paddle.distributed")
+    if dist is None or not dist.is_initialized() or dist.get_world_size() < 2:
+        return
+    import logging
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(code)
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
