@@ -35,6 +35,13 @@ def fail(message: str, status: int = 2) -> "typing.NoReturn":
     sys.exit(status)
 
 
+def require_at_least(values: Dict[str, Any], minimum: int = 1) -> None:
+    """Raise UserError naming the first argument below `minimum` (None means "not set" and passes)."""
+    for name, value in values.items():
+        if value is not None and value < minimum:
+            raise UserError(f"--{name} must be at least {minimum}, got {value}")
+
+
 # --------------------------------------------------------------------------- field specs
 @dataclasses.dataclass
 class FieldSpec:

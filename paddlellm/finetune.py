@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .arguments import UserError, dump_args, fail, parse_args
+from .arguments import UserError, dump_args, fail, parse_args, require_at_least
 
 log = logging.getLogger("paddlellm")
 
@@ -71,13 +71,39 @@ def parse(argv=None):
         fail("dataset_name_or_path is required (a folder with train.json and dev.json)")
     if not training.get("output_dir"):
         fail("output_dir is required: the folder for checkpoints and results")
-    if model_args.lora and model_args.prefix_tuning:
-        fail("choose one of --lora and --prefix_tuning")
+    if (model_args.lora or model_args.lora_path) and (model_args.prefix_tuning or model_args.prefix_path):
+        fail("choose one of LoRA (--lora / --lora_path) and prefix tuning (--prefix_tuning / --prefix_path)")
+    try:
+        check_ranges(model_args, data_args, gen_args, training)
+    except UserError as e:
+        fail(str(e))
     for k, v in TRAINING_DEFAULTS.items():
         training.setdefault(k, v)
     # PaddleNLP turns do_eval=True with evaluation_strategy "no" into step-wise evaluation; keep "no" meaning no.
     training.setdefault("do_eval", training["evaluation_strategy"] != "no")
     return model_args, data_args, gen_args, training
+
+
+def check_ranges(model_args, data_args, gen_args, training: Dict) -> None:
+    """Refuse values that can't work before anything loads (paddle would fail later with a traceback)."""
+    from .inference import check_adapter_folders
+
+    m, d = model_args, data_args
+    require_at_least({
+        "src_length": d.src_length, "tgt_length": d.tgt_length,
+        "intokens_max_length": d.intokens_max_length if d.intokens else None,
+        "lora_rank": m.lora_rank if m.lora and not m.lora_path else None,
+        "num_prefix_tokens": m.num_prefix_tokens if m.prefix_tuning and not m.prefix_path else None,
+        **{k: training.get(k) for k in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")},
+    })
+    if (training.get("learning_rate") or 0) < 0:
+        raise UserError(f"--learning_rate must not be negative, got {training['learning_rate']}")
+    out = training.get("output_dir")
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"output_dir {out!r} is a file; give a folder for checkpoints and results")
+    if gen_args.top_k < 0 or not 0.0 < gen_args.top_p <= 1.0:
+        raise UserError(f"generation settings out of range: need top_k >= 0 and 0 < top_p <= 1, got top_k={gen_args.top_k} top_p={gen_args.top_p}")
+    check_adapter_folders(m.lora_path, m.prefix_path)
 
 
 def resolve_family(model_args):
@@ -152,6 +178,9 @@ def build_model(family, model_args, training_args, tokenizer):
             model = PrefixModelForCausalLM(model, cfg, postprocess, pad_mask)
     trainable = sum(int(p.numel()) for p in model.parameters() if not p.stop_gradient)
     total = sum(int(p.numel()) for p in model.parameters())
+    if kind == "lora" and not model_args.lora_path and trainable == 0:
+        raise UserError(f"--lora_target_modules {' '.join(model_args.lora_target_modules or [])}: no layer of the model matches; "
+                        f"its Linear layers are {', '.join(t[2:-1] for t in all_linear_targets(model))}")
     log.info(f"{kind} fine-tuning: {trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
     return model, kind
 

@@ -51,6 +51,17 @@ def generate_replies(model, tokenizer, family, records, src_length: int, max_new
     return out
 
 
+def check_adapter_folders(lora_path: Optional[str], prefix_path: Optional[str]) -> None:
+    """UserError unless each given adapter folder exists and holds its config (and at most one is given)."""
+    if lora_path and prefix_path:
+        raise UserError("pass one of lora_path and prefix_path, not both")
+    for flag, folder, cfg in (("lora_path", lora_path, "lora_config.json"), ("prefix_path", prefix_path, "prefix_config.json")):
+        if folder and not os.path.isdir(folder):
+            raise UserError(f"{flag} {folder!r}: no such folder")
+        if folder and not os.path.isfile(os.path.join(folder, cfg)):
+            raise UserError(f"{flag} {folder!r}: no {cfg} (not a folder saved by a {flag.split('_')[0]} fine-tuning run)")
+
+
 def resolve_model(model_name_or_path: Optional[str] = None, lora_path: Optional[str] = None,
                   prefix_path: Optional[str] = None, family_name: Optional[str] = None):
     """Work out, without loading anything heavy, what load_for_inference will load.
@@ -61,13 +72,7 @@ def resolve_model(model_name_or_path: Optional[str] = None, lora_path: Optional[
     """
     from .families import detect_family
 
-    if lora_path and prefix_path:
-        raise UserError("pass one of lora_path and prefix_path, not both")
-    for flag, folder, cfg in (("lora_path", lora_path, "lora_config.json"), ("prefix_path", prefix_path, "prefix_config.json")):
-        if folder and not os.path.isdir(folder):
-            raise UserError(f"{flag} {folder!r}: no such folder")
-        if folder and not os.path.isfile(os.path.join(folder, cfg)):
-            raise UserError(f"{flag} {folder!r}: no {cfg} (not a folder saved by a {flag.split('_')[0]} fine-tuning run)")
+    check_adapter_folders(lora_path, prefix_path)
     adapter = lora_path or prefix_path
     meta = read_meta(adapter) if adapter else {}
     if model_name_or_path and not adapter and os.path.isdir(model_name_or_path):

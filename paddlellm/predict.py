@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from .arguments import UserError, fail, parse_args
+from .arguments import UserError, fail, parse_args, require_at_least
 
 DTYPES = ["float32", "float16", "bfloat16"]
 DEFAULT_SRC_LENGTH = 1024
@@ -63,10 +63,10 @@ def parse(argv=None) -> PredictArgument:
         fail("output_file is required")
     if not (args.model_name_or_path or args.lora_path or args.prefix_path):
         fail("model_name_or_path is required (a model folder or a PaddleNLP model name)")
-    for name in ("batch_size", "src_length", "tgt_length"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            fail(f"--{name} must be at least 1, got {value}")
+    try:
+        require_at_least({name: getattr(args, name) for name in ("batch_size", "src_length", "tgt_length")})
+    except UserError as e:
+        fail(str(e))
     if args.top_k < 0 or not 0.0 < args.top_p <= 1.0 or args.temperature <= 0 or args.repetition_penalty <= 0:
         fail("sampling settings out of range: need top_k >= 0, 0 < top_p <= 1, temperature > 0, repetition_penalty > 0")
     return args

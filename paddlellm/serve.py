@@ -34,7 +34,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
-from .arguments import UserError, fail, parse_args
+from .arguments import UserError, fail, parse_args, require_at_least
 from .serve_engine import Channel, Engine, Request, Scheduler
 from .serve_requests import ApiError, ChatRequest, Sampling, loads_json, parse_chat, parse_openai
 
@@ -251,12 +251,7 @@ def check_args(args: ServeArgument) -> None:
             raise UserError(f"--{name} must be a port number (1-65535), got {getattr(args, name)}")
     if args.ui and args.port == args.flask_port:
         raise UserError(f"--port (UI) and --flask_port (API) must differ, both are {args.port}")
-    for name in ("max_batch_size", "max_queue", "max_body_bytes"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("src_length", "max_length"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    require_at_least({name: getattr(args, name) for name in ("max_batch_size", "max_queue", "max_body_bytes", "src_length", "max_length")})
     if args.top_k < 0 or not 0 < args.top_p <= 1 or args.temperature < 0 or args.repetition_penalty <= 0:
         raise UserError("sampling defaults out of range: need --top_k >= 0, 0 < --top_p <= 1, --temperature >= 0, --repetition_penalty > 0")
     if args.batch_wait_ms < 0 or args.debug_step_delay < 0:

@@ -77,3 +77,37 @@ def test_tensor_parallel_on_cpu_is_refused(tmp_path):
     out = str(tmp_path / "out")
     proc = finetune(os.path.join(ROOT, "data"), out, "--tensor_parallel_degree", "2")
     assert_one_line_error(proc, "--tensor_parallel_degree 2: tensor, pipeline and sharding parallelism need GPUs (paddlepaddle-gpu); on CPU use data parallel: python -m paddle.distributed.launch --nproc_per_node N ...", out)
+
+
+BAD_ARGUMENTS = {
+    "src_length": (["--src_length", "0"], "--src_length must be at least 1, got 0"),
+    "tgt_length": (["--tgt_length", "-3"], "--tgt_length must be at least 1, got -3"),
+    "intokens_max_length": (["--intokens", "--intokens_max_length", "0"], "--intokens_max_length must be at least 1, got 0"),
+    "lora_rank": (["--lora", "--lora_rank", "0"], "--lora_rank must be at least 1, got 0"),
+    "num_prefix_tokens": (["--prefix_tuning", "--num_prefix_tokens", "0"], "--num_prefix_tokens must be at least 1, got 0"),
+    "batch_size": (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1, got 0"),
+    "accumulation": (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
+    "top_p": (["--top_p", "0"], "generation settings out of range: need top_k >= 0 and 0 < top_p <= 1, got top_k=1 top_p=0.0"),
+    "learning_rate": (["--learning_rate", "-0.1"], "--learning_rate must not be negative, got -0.1"),
+    "lora_and_prefix": (["--lora", "--prefix_tuning"], "choose one of LoRA (--lora / --lora_path) and prefix tuning (--prefix_tuning / --prefix_path)"),
+    "lora_path_missing": (["--lora_path", "{tmp}/nope"], "lora_path '{tmp}/nope': no such folder"),
+    "lora_path_not_lora": (["--lora_path", "{tmp}"], "lora_path '{tmp}': no lora_config.json (not a folder saved by a lora fine-tuning run)"),
+    "prefix_path_not_prefix": (["--prefix_path", "{tmp}"], "prefix_path '{tmp}': no prefix_config.json (not a folder saved by a prefix fine-tuning run)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_arguments_are_one_line_before_anything_loads(tmp_path, case):
+    """Values that paddle would reject later with a traceback (or silently misuse) are refused up front."""
+    extra, expected = BAD_ARGUMENTS[case]
+    extra = [a.format(tmp=tmp_path) for a in extra]
+    out = str(tmp_path / "out")
+    assert_one_line_error(finetune(os.path.join(ROOT, "data"), out, *extra), expected.format(tmp=tmp_path), out)
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    out = tmp_path / "out"
+    out.write_text("keep me")
+    proc = finetune(os.path.join(ROOT, "data"), str(out))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"error: output_dir {str(out)!r} is a file; give a folder for checkpoints and results"
+    assert out.read_text() == "keep me"

@@ -178,3 +178,15 @@ def test_two_process_data_parallel(tiny_dir, tmp_path):
     assert sorted(os.listdir(out)).count("checkpoint-4") == 1
     assert glob.glob(os.path.join(out, "checkpoint-*")) == [os.path.join(out, "checkpoint-4")]
     assert os.path.isfile(os.path.join(out, "lora_model_state.pdparams"))
+
+
+def test_lora_target_modules_matching_nothing_is_refused(tiny_dir, tmp_path, capsys):
+    data = write_data(str(tmp_path / "data"))
+    out = str(tmp_path / "out")
+    with pytest.raises(SystemExit) as e:
+        finetune(tiny_dir("llama"), data, out, "--lora", "true", "--lora_target_modules", ".*nomatch")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --lora_target_modules .*nomatch: no layer of the model matches; its Linear layers are ")
+    assert "q_proj" in err and "down_proj" in err
+    assert not os.path.exists(out)
