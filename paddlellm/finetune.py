@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -245,14 +246,24 @@ def run(argv=None) -> int:
     except UserError as e:
         _cleanup(output_dir, existed)
         fail(str(e))
+    except KeyboardInterrupt:
+        _cleanup(output_dir, existed)
+        fail("interrupted", status=130)
     except BaseException:
         _cleanup(output_dir, existed)
         raise
 
 
 def _cleanup(output_dir: str, existed: bool) -> None:
-    """Remove an output folder this run created, so a failed run leaves nothing half-written."""
-    if not existed and os.path.isdir(output_dir):
+    """After a failure: keep the folder if it holds a complete checkpoint (hours of training are not thrown
+    away; rerunning the same command resumes from it), else remove a folder this run created, so that a
+    failed run leaves nothing half-written."""
+    from .checkpoints import complete_checkpoints
+
+    kept = complete_checkpoints(output_dir)
+    if kept:
+        print(f"paddlellm: kept {kept[-1]}; rerun the same command to resume from it", file=sys.stderr)
+    elif not existed and os.path.isdir(output_dir):
         shutil.rmtree(output_dir, ignore_errors=True)
 
 
@@ -270,7 +281,9 @@ def _pack(family, data_args, train_examples, dev_examples):
 
 
 def _train(family, model_args, data_args, gen_args, training, train_records, dev_records) -> int:
-    from paddlenlp.trainer import TrainingArguments, get_last_checkpoint, set_seed
+    from paddlenlp.trainer import TrainingArguments, set_seed
+
+    from .checkpoints import resume_point
 
     from .data import encode_records
     from .trainer import build_trainer
@@ -295,7 +308,7 @@ def _train(family, model_args, data_args, gen_args, training, train_records, dev
 
     last = None
     if os.path.isdir(training_args.output_dir) and not training_args.overwrite_output_dir:
-        last = get_last_checkpoint(training_args.output_dir)
+        last = resume_point(training_args.output_dir, remove_incomplete=training_args.should_save)
         if last:
             log.info(f"resuming from {last} (pass --overwrite_output_dir to start over)")
     if not dev_examples:

@@ -1,7 +1,8 @@
 """PaddleNLP's Trainer, specialised for supervised fine-tuning.
 
 What we add: evaluation as one token-weighted pass over the whole dev set (loss, ppl, token accuracy;
-and BLEU-4 / ROUGE from generated replies when asked), real tokens/s in the progress bar and logs.
+and BLEU-4 / ROUGE from generated replies when asked), real tokens/s in the progress bar and logs, and
+a marker in every checkpoint that was written completely (see checkpoints.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import paddle
 from paddlenlp.trainer import Trainer
 from paddlenlp.trainer.trainer_callback import ProgressCallback, TrainerCallback
 
+from .checkpoints import mark_complete
 from .data import Collator, ExampleDataset
 from .families import logits_of
 from .generation import text_metrics
@@ -40,6 +42,26 @@ class SFTTrainer(Trainer):
         self.total = [0.0, 0]
         self._rate_mark = None  # (time, real_tokens) at the start of the logging window
         self.add_callback(_NormaliseGradients(self))
+
+    def _save_checkpoint(self, model, metrics=None):
+        super()._save_checkpoint(model, metrics=metrics)
+        self._mark_checkpoint()
+        # Workaround (paddlenlp 3.0.0b4): _save_checkpoint deletes checkpoints beyond save_total_limit only
+        # when local_rank == 0, which a single process started without the launcher (local_rank -1) never
+        # is, so there every checkpoint was kept. Rotate here in that case (by step number).
+        if self.args.local_rank == -1 and self.args.should_save:
+            self._rotate_checkpoints(use_mtime=False, output_dir=self.args.output_dir)
+
+    def _rotate_checkpoints(self, use_mtime=False, output_dir=None) -> None:
+        # PaddleNLP deletes older checkpoints at the end of _save_checkpoint, before returning: mark the
+        # new one complete first, so an interruption between the two never leaves no complete checkpoint.
+        if output_dir == self.args.output_dir:
+            self._mark_checkpoint()
+        super()._rotate_checkpoints(use_mtime=use_mtime, output_dir=output_dir)
+
+    def _mark_checkpoint(self) -> None:
+        if self.args.should_save:
+            mark_complete(self.args.output_dir, self.state.global_step)
 
     def log(self, logs: Dict[str, float], **kwargs) -> None:
         if "loss" in logs and self._window[1] > 0:

@@ -159,6 +159,72 @@ def test_resume_equals_uninterrupted_run(tiny_dir, tmp_path, caplog):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+RESUME = ["--lora", "true", "--lr_scheduler_type", "constant", "--save_strategy", "steps", "--save_steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def straight_six_steps(tiny_dir, tmp_path_factory):
+    """LoRA weights after 6 uninterrupted steps (the reference for the interrupted runs below)."""
+    tmp = tmp_path_factory.mktemp("straight")
+    data = write_data(str(tmp / "data"))
+    assert finetune(tiny_dir("llama"), data, str(tmp / "out"), *RESUME, "--max_steps", "6") == 0
+    return data, _lora_weights(str(tmp / "out"))
+
+
+def test_interrupted_run_keeps_its_checkpoint_and_resumes(tiny_dir, straight_six_steps, tmp_path, monkeypatch, capsys):
+    from paddlellm.checkpoints import MARKER
+    from paddlellm.trainer import SFTTrainer
+
+    data, reference = straight_six_steps
+    out = str(tmp_path / "out")  # a new folder: a failure before any checkpoint would remove it
+    real = SFTTrainer.compute_loss
+
+    def ctrl_c_in_step_five(self, *args, **kwargs):
+        if self.state.global_step >= 4:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", ctrl_c_in_step_five)
+    with pytest.raises(SystemExit) as e:
+        finetune(tiny_dir("llama"), data, out, *RESUME, "--max_steps", "6")
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-2:] == [f"paddlellm: kept {os.path.join(out, 'checkpoint-3')}; rerun the same command to resume from it", "error: interrupted"]
+    assert sorted(os.listdir(out)) == ["checkpoint-3"]
+    assert os.path.isfile(os.path.join(out, "checkpoint-3", MARKER))
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", real)
+    assert finetune(tiny_dir("llama"), data, out, *RESUME, "--max_steps", "6") == 0
+    resumed = _lora_weights(out)
+    for k in reference:
+        np.testing.assert_allclose(resumed[k], reference[k], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_skips_a_checkpoint_left_half_saved(tiny_dir, straight_six_steps, tmp_path, caplog):
+    import shutil
+
+    from paddlellm.checkpoints import MARKER
+
+    data, reference = straight_six_steps
+    out = str(tmp_path / "out")
+    assert finetune(tiny_dir("llama"), data, out, *RESUME, "--max_steps", "3") == 0
+    # What a run killed while writing checkpoint-5 leaves: weights there, optimizer state and marker not.
+    half = os.path.join(out, "checkpoint-5")
+    shutil.copytree(os.path.join(out, "checkpoint-3"), half)
+    for name in os.listdir(half):
+        if name == MARKER or name.startswith("optimizer"):
+            os.remove(os.path.join(half, name))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="paddlellm"):
+        assert finetune(tiny_dir("llama"), data, out, *RESUME, "--max_steps", "6") == 0
+    assert f"{half} was not saved completely" in caplog.text
+    assert f"resuming from {os.path.join(out, 'checkpoint-3')}" in caplog.text
+    assert [d for d in os.listdir(out) if d.startswith("checkpoint-")] == ["checkpoint-6"]
+    resumed = _lora_weights(out)
+    for k in reference:
+        np.testing.assert_allclose(resumed[k], reference[k], rtol=1e-5, atol=1e-6)
+
+
 def test_two_process_data_parallel(tiny_dir, tmp_path):
     data = write_data(str(tmp_path / "data"), train=TRAIN * 2)
     out = str(tmp_path / "out")
