@@ -371,6 +371,12 @@ def run(argv=None) -> int:
         return _run(args, items, settings)
     except UserError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        partial = args.output_file + ".partial"
+        kept = len(Journal.read(partial)[1])
+        if kept:
+            print(f"predict: {kept} of {len(items)} lines are kept in {partial}; add --resume true to the same command to continue", file=sys.stderr)
+        fail("interrupted", status=130)
 
 
 def _run(args: PredictArgument, items: List[Item], settings: Dict) -> int:

@@ -196,7 +196,7 @@ def test_finetune_outputs_llama(tiny_dir, tmp_path):
 
 
 # ------------------------------------------------------------------ incremental output and resume
-def test_interrupted_run_resumes(tiny_dir, tmp_path, monkeypatch):
+def test_interrupted_run_resumes(tiny_dir, tmp_path, monkeypatch, capsys):
     import paddlellm.generation as generation
 
     model = tiny_dir("llama")
@@ -220,8 +220,12 @@ def test_interrupted_run_resumes(tiny_dir, tmp_path, monkeypatch):
         return fake
 
     monkeypatch.setattr(generation, "generate_ids", crash_after(3))
-    with pytest.raises(KeyboardInterrupt):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         predict(*common)
+    assert e.value.code == 130  # Ctrl-C: the usual status, and a pointer to --resume
+    assert capsys.readouterr().err.strip().splitlines()[-2:] == [
+        f"predict: 6 of 10 lines are kept in {out}.partial; add --resume true to the same command to continue", "error: interrupted"]
     assert not os.path.exists(out)  # no output file until it is complete
     journal = read_jsonl(out + ".partial")
     assert journal[0]["records"] == 10 and len(journal) == 1 + 6  # header + 3 finished batches of 2
@@ -239,7 +243,7 @@ def test_interrupted_run_resumes(tiny_dir, tmp_path, monkeypatch):
     # A journal of other settings is refused, not silently mixed in.
     calls.clear()
     monkeypatch.setattr(generation, "generate_ids", crash_after(1))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit):
         predict(*common)
     monkeypatch.setattr(generation, "generate_ids", real)
     with pytest.raises(SystemExit) as e:
