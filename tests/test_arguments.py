@@ -114,3 +114,14 @@ def test_shipped_argument_files_parse(path):
 
     fields = TrainingArguments.__dataclass_fields__
     assert all(k in fields for k in training)
+
+
+def test_readme_gives_two_commands_and_no_section_twice():
+    import re
+
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    headings = re.findall(r"^#{1,3} .+$", text, flags=re.M)
+    assert len(headings) == len(set(headings)), [h for h in headings if headings.count(h) > 1]
+    fresh = text.split("## Two commands for a fresh machine", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    assert [line.split("#")[0].strip() for line in fresh.strip().splitlines()] == ["make quickstart", "make test"]
+    assert open(os.path.join(ROOT, ".ci", "run")).read().strip().splitlines()[-1].endswith("make test")
