@@ -328,7 +328,7 @@ def tp_actions(model_class, config, keys: List[str], degree: int) -> Dict[str, C
     return {real: mappings[base] for base, real in resolved.items()}
 
 
-def merge_state(shards: List[Dict], actions: Dict[str, Callable]) -> Dict:
+def merge_state(shards: List[Dict], actions: Dict[str, Callable], on_tensor: Callable[[], None] = lambda: None) -> Dict:
     """Merge per-rank state dicts: split tensors through their action, replicated ones taken from rank 0."""
     keys = list(shards[0])
     for r, s in enumerate(shards[1:], 1):
@@ -348,6 +348,7 @@ def merge_state(shards: List[Dict], actions: Dict[str, Callable]) -> Dict:
             merged[key] = shards[0][key]
         for s in shards:
             s.pop(key)  # free memory as we go
+        on_tensor()
     return merged
 
 
@@ -423,10 +424,17 @@ def merge_tp(folder: str, out: str, dtype: Optional[str] = None, with_tokenizer:
     if saved_degree > 1 and saved_degree != degree:
         raise UserError(f"{folder}: config.json says tensor_parallel_degree {saved_degree} but {degree} shards were found")
     model_class = family.paddlenlp_class("model_class")
-    shards = [load_shard(files) for files in rank_files]
+    from .runtime import progress_bar
+
+    with progress_bar(degree, "merge-tp: reading", "shard") as bar:
+        shards = []
+        for files in rank_files:
+            shards.append(load_shard(files))
+            bar.update(1)
     keys = list(shards[0])
     actions = (lora_actions if kind == "lora" else tp_actions)(model_class, config, keys, degree)
-    state = merge_state(shards, actions)
+    with progress_bar(len(keys), "merge-tp: merging", "tensor") as bar:
+        state = merge_state(shards, actions, on_tensor=lambda: bar.update(1))
     if dtype:
         state = {k: (v.astype(dtype) if v.dtype in (paddle.float32, paddle.float16, paddle.bfloat16) and str(v.dtype).split(".")[-1] != dtype else v)
                  for k, v in state.items()}

@@ -418,7 +418,9 @@ def _run(args: PredictArgument, items: List[Item], settings: Dict) -> int:
         os.makedirs(out_dir, exist_ok=True)
         journal = Journal(partial, header)
         journal.start(done)
-        bar = _progress(len(items), len(done))
+        from .runtime import progress_bar
+
+        bar = progress_bar(len(items), "predict", "line", initial=len(done))
 
     def on_batch(replies: Dict[int, List[int]], seconds: float) -> None:
         from .generation import decode
@@ -459,13 +461,6 @@ def _cast(model, dtype: str) -> None:
     """Adapters keep the dtype they were trained in; bring every weight to the dtype the base was loaded in."""
     if any(p.dtype != model.parameters()[0].dtype for p in model.parameters()):
         model.to(dtype=dtype)
-
-
-def _progress(total: int, initial: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="line", desc="predict", file=sys.stderr, dynamic_ncols=True,
-                disable=os.environ.get("PADDLELLM_NO_PROGRESS") == "1")
 
 
 def main(argv=None) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import sys
 import warnings
 
@@ -51,3 +52,11 @@ def setup_runtime(quiet: bool = False) -> None:
         from paddlenlp.utils.log import logger
 
         logger.set_level("WARNING")
+
+
+def progress_bar(total: int, desc: str, unit: str, initial: int = 0):
+    """A tqdm bar on stderr for long work; PADDLELLM_NO_PROGRESS=1 turns every bar off (logs, tests)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True,
+                disable=os.environ.get("PADDLELLM_NO_PROGRESS") == "1")
