@@ -267,12 +267,15 @@ def _cleanup(output_dir: str, existed: bool) -> None:
         shutil.rmtree(output_dir, ignore_errors=True)
 
 
-def _pack(family, data_args, train_examples, dev_examples):
+def _pack(family, data_args, train_examples, dev_examples, prefix: bool = False):
     """Pack train (and dev, for loss evaluation) examples into rows of intokens_max_length tokens."""
     from .data import pack_examples
 
     if not family.supports.get("intokens", False):
         raise UserError(f"--intokens: packing is not supported for the {family.name} family (see the README's support table)")
+    if prefix and not family.supports.get("intokens_prefix", True):
+        raise UserError(f"--intokens: prefix tuning of the {family.name} family can't be packed exactly (see llm/{family.name}/README.md); "
+                        f"train the prefix with intokens off")
     train_rows, eff = pack_examples(train_examples, data_args.intokens_max_length)
     log.info(f"intokens: packed {len(train_examples)} train examples into {len(train_rows)} rows of "
              f"{data_args.intokens_max_length} tokens; packing efficiency {100 * eff:.1f}% (real tokens / token slots)")
@@ -303,7 +306,8 @@ def _train(family, model_args, data_args, gen_args, training, train_records, dev
     dev_examples, dev_stats = (encode_records(family, tokenizer, dev_records, data_args.src_length, data_args.tgt_length, "dev")
                                if dev_records else ([], None))
     if data_args.intokens:
-        train_examples, dev_examples = _pack(family, data_args, train_examples, dev_examples)
+        train_examples, dev_examples = _pack(family, data_args, train_examples, dev_examples,
+                                             prefix=bool(model_args.prefix_tuning or model_args.prefix_path))
     model, kind = build_model(family, model_args, training_args, tokenizer)
 
     last = None

@@ -156,6 +156,43 @@ def test_one_step_is_the_same_for_any_batching(tiny_dir, step_data, tmp_path):
     assert moved > 1e-3  # the step really changed the weights
 
 
+PACKED_METHODS = {"sft": ([], "model_state.pdparams"),
+                  "prefix": (["--prefix_tuning", "true", "--num_prefix_tokens", "4"], "prefix_model_state.pdparams")}
+
+
+@pytest.mark.parametrize("method", list(PACKED_METHODS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_step_equals_unpacked_step(family, method, tiny_dir, step_data, tmp_path, capsys):
+    """Gradients through the packed path are exact too: one packed step updates every trained weight (the
+    model's, or the prefix's with the prefix attended by every packed example) as an unpacked one."""
+    import paddle
+
+    from paddlellm import finetune as ft
+
+    extra_args, weights_file = PACKED_METHODS[method]
+    common = ["--model_name_or_path", tiny_dir(family), "--dataset_name_or_path", step_data, *ONE_STEP,
+              "--per_device_train_batch_size", "4", *extra_args]
+    packed = ["--intokens", "true", "--intokens_max_length", "64"]
+    if method == "prefix" and not get_family(family).supports.get("intokens_prefix", True):
+        out = str(tmp_path / "packed")
+        with pytest.raises(SystemExit) as e:
+            ft.run(common + ["--output_dir", out, *packed])
+        assert e.value.code == 2 and not os.path.exists(out)
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: --intokens: prefix tuning of the {family} family can't be packed exactly (see llm/{family}/README.md); "
+            "train the prefix with intokens off")
+        return
+    results = {}
+    for name, extra in {"batch4": [], "packed": packed}.items():
+        out = str(tmp_path / name)
+        assert ft.run(common + ["--output_dir", out, *extra]) == 0
+        results[name] = (_first_loss(out), {k: v.numpy() for k, v in paddle.load(os.path.join(out, weights_file)).items()})
+    (loss, w), (packed_loss, packed_w) = results["batch4"], results["packed"]
+    assert packed_loss == pytest.approx(loss, rel=1e-5)
+    for k in w:
+        np.testing.assert_allclose(packed_w[k], w[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
 def _weights_of(model_dir):
     from safetensors.numpy import load_file
 
@@ -178,9 +215,11 @@ def test_eval_loss_same_with_and_without_packing(tiny_dir, step_data, tmp_path):
         assert ev["eval_ppl"] == pytest.approx(math.exp(expected), rel=1e-5)
 
 
-def test_packing_a_family_that_cannot_be_packed_is_one_clear_error(tiny_dir, step_data, tmp_path, capsys):
+def test_packing_a_family_that_cannot_be_packed_is_one_clear_error(tiny_dir, step_data, tmp_path, capsys, monkeypatch):
+    """Every family packs today; a registry entry that says it can't is refused in one line before training."""
     from paddlellm import finetune as ft
 
+    monkeypatch.setitem(get_family("opt").supports, "intokens", False)
     out = str(tmp_path / "opt")
     with pytest.raises(SystemExit) as e:
         ft.run(["--model_name_or_path", tiny_dir("opt"), "--dataset_name_or_path", step_data, "--output_dir", out,

@@ -93,7 +93,7 @@ class Family:
     tiny_config: Dict[str, Any]  # config kwargs of the tiny random model (vocab_size is set from the tokenizer)
     example_checkpoint: str  # a real public checkpoint name, used in the shipped llm/<family>/*.json
     name_hints: Tuple[str, ...] = ()  # lower-case substrings of real model names that mean this family
-    supports: Dict[str, bool] = field(default_factory=dict)  # pretrain sft lora prefix tensor_parallel intokens
+    supports: Dict[str, bool] = field(default_factory=dict)  # pretrain sft lora prefix tensor_parallel intokens intokens_prefix (default True)
     lora_target_modules: Optional[List[str]] = None  # regexes; None = every nn.Linear of the model
     prefix_lm: bool = False  # prompt attends bidirectionally (ChatGLM v1, GLM)
     notes: str = ""  # quirks, shown in llm/<family>/README.md

@@ -75,9 +75,12 @@ FAMILY = BloomFamily(
     ),
     example_checkpoint="bigscience/bloomz-7b1-mt",
     name_hints=("bloom",),
-    supports=dict(pretrain=False, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
+    # intokens_prefix: ALiBi biases every key by its absolute position, so in a packed row the prefix keys sit
+    # farther from the second and later examples than they would unpacked: prefix tuning + packing is inexact.
+    supports=dict(pretrain=False, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True, intokens_prefix=False),
     notes=(
         "No bos token: prompt and reply are concatenated as PaddleNLP's llm did; every reply ends with </s> and "
-        "is supervised. Pads with <pad>. ALiBi positions need no position_ids, also when packing."
+        "is supervised. Pads with <pad>. ALiBi positions need no position_ids, also when packing. Prefix tuning "
+        "does not pack (intokens): ALiBi would place the prefix farther from every packed example after the first."
     ),
 )

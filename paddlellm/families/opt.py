@@ -1,5 +1,41 @@
 """OPT: causal decoder with learned positions derived from the attention mask; GPT-2 byte-level BPE tokenizer."""
+import types
+
 from .base import Family, with_supervised_token_mean_loss
+
+
+def accept_packed_masks(model):
+    """Let paddlenlp's OPTModel take packed rows (intokens): a 4-D bool mask [batch, 1, seq, keys].
+
+    OPTModel accepts only a 2-D padding mask: its learned positions are cumsum(mask) - 1 and its causal
+    mask is built from the sequence length, so packed examples would see each other and count positions
+    across example boundaries. With a causal block-diagonal mask, the number of keys a token may attend
+    to is exactly its position within its example plus one (plus num_prefix_tokens under prefix tuning,
+    as cumsum gives for unpacked rows), so both come from the 4-D mask itself. Two instance methods are
+    extended for 4-D masks; 2-D masks (every unpacked batch, and generation) take paddlenlp's own code.
+    """
+    import paddle
+    import paddle.nn as nn
+
+    inner = model.opt
+    positions = inner.embeddings.position_embeddings
+    own_positions, own_mask = positions.forward, inner._prepare_decoder_attention_mask
+
+    def position_forward(self, attention_mask, past_key_values_length=0):
+        if attention_mask.ndim == 4:
+            pos = attention_mask[:, 0].astype("int64").sum(axis=-1) - 1  # [batch, seq]
+            return nn.Embedding.forward(self, pos + self.offset)
+        return own_positions(attention_mask, past_key_values_length)
+
+    def prepare_mask(self, attention_mask, input_shape, past_key_values_length):
+        if attention_mask.ndim == 4:  # already causal and block-diagonal: True = may attend -> additive mask
+            dtype = paddle.get_default_dtype()
+            return (1.0 - attention_mask.astype(dtype)) * float(paddle.finfo(dtype).min)
+        return own_mask(attention_mask, input_shape, past_key_values_length)
+
+    positions.forward = types.MethodType(position_forward, positions)
+    inner._prepare_decoder_attention_mask = types.MethodType(prepare_mask, inner)
+    return model
 
 
 def opt_postprocess_past_key_value(past_key_values):
@@ -22,7 +58,7 @@ class OPTFamily(Family):
             tokenizer.pad_token = "<pad>" if "<pad>" in tokenizer.get_vocab() else tokenizer.eos_token
 
     def load_model(self, path: str, dtype: str = "float32", **config_overrides):
-        return with_supervised_token_mean_loss(super().load_model(path, dtype=dtype, **config_overrides))
+        return accept_packed_masks(with_supervised_token_mean_loss(super().load_model(path, dtype=dtype, **config_overrides)))
 
     def bos_ids(self, tokenizer):
         # OPT was pretrained with </s> opening every document (its tokenizer has add_bos_token=True); its
@@ -31,15 +67,11 @@ class OPTFamily(Family):
         return [tokenizer.eos_token_id]
 
     def model_inputs(self, input_ids, labels, positions, block_positions, attend, pad_mask, simple):
-        """OPT takes only a 2-D padding mask: positions are cumsum(mask) - 1 and the mask is expanded as
-        [batch, 1, 1, seq], so there is no way to give per-example positions or a block-diagonal mask."""
-        if not simple:
-            raise NotImplementedError(
-                "OPT cannot take packed rows (intokens): OPTModel derives positions from cumsum of a 2-D "
-                "attention mask and accepts no 4-D mask, so packed examples would see each other. "
-                "Train OPT with intokens off."
-            )
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": pad_mask}
+        """A 2-D padding mask for unpacked rows; packed rows get a 4-D bool mask (True = may attend), from
+        which accept_packed_masks derives the positions too (OPT takes no position_ids)."""
+        if simple:
+            return {"input_ids": input_ids, "labels": labels, "attention_mask": pad_mask}
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": self.pad_rows_attend_self(attend, pad_mask)[:, None, :, :]}
 
     def generation_inputs(self, tokenizer, prompts, max_new_tokens=None):
         # Positions come from the mask, so left padding is handled without position_ids (OPT warns on them).
@@ -74,10 +106,11 @@ FAMILY = OPTFamily(
     ),
     example_checkpoint="facebook/opt-125m",
     name_hints=("facebook/opt", "opt-"),
-    supports=dict(pretrain=True, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=False),
+    supports=dict(pretrain=True, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
     notes=(
         "Sequences open with </s> (OPT's bos); every reply ends with </s> and is supervised. Pads with <pad>. "
-        "No packing (intokens): OPT's positions come from a 2-D attention mask. With prefix tuning, positions "
-        "start at num_prefix_tokens."
+        "OPT's positions come from its attention mask: packed rows (intokens) pass a 4-D block-diagonal mask "
+        "and positions are derived from it (accept_packed_masks). With prefix tuning, positions start at "
+        "num_prefix_tokens."
     ),
 )
