@@ -84,7 +84,8 @@ class SFTTrainer(Trainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs)
 
     def training_step(self, model, inputs, step_control=0):
-        """Backward the *sum* of token losses; gradients are divided by the step's token count later.
+        """Backward the *sum* of token losses (over a constant); gradients are divided by the step's token
+        count later.
 
         The model's loss is the mean over this micro-batch's supervised tokens; times their number it is
         their sum. Summing over micro-batches and processes and dividing once by the step's total makes
@@ -101,13 +102,25 @@ class SFTTrainer(Trainer):
         with self.autocast_smart_context_manager():
             loss = self.compute_loss(model, inputs)
         loss_sum = loss.astype("float32") * tokens
+        # Backward the sum divided by a constant token budget (the same for every micro-batch and process,
+        # so the update stays exact): a raw sum is thousands of times a mean loss, and under fp16 loss
+        # scaling its gradients would overflow and skip the first steps until the scale had shrunk.
+        scaled = loss_sum / self.token_budget()
         if self.do_grad_scaling:
-            self.scaler.scale(loss_sum).backward()
+            self.scaler.scale(scaled).backward()
         else:
-            loss_sum.backward()
+            scaled.backward()
         stats = paddle.stack([loss_sum.detach(), tokens])
         self._step = stats if self._step is None else self._step + stats
         return loss.detach()
+
+    def token_budget(self) -> float:
+        """Most tokens one process can see in an optimisation step (rows x row length): a constant scale."""
+        d = self.data_args
+        if d is None:
+            return 1.0
+        row = d.intokens_max_length if d.intokens else d.src_length + d.tgt_length
+        return float(self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * row)
 
     def normalise_gradients(self) -> None:
         """Turn summed gradients into the mean over every supervised token of the step, across processes."""
@@ -119,8 +132,9 @@ class SFTTrainer(Trainer):
         self._step = None
         self._window = [self._window[0] + loss_sum, self._window[1] + int(tokens)]
         self.total = [self.total[0] + loss_sum, self.total[1] + int(tokens)]
-        # Data parallel has already averaged gradients over the processes: undo that, then divide by the tokens.
-        scale = world / max(tokens, 1.0)
+        # Data parallel has already averaged gradients over the processes: undo that and the token budget,
+        # then divide by the tokens.
+        scale = world * self.token_budget() / max(tokens, 1.0)
         with paddle.no_grad():
             for p in self.model.parameters():
                 grad = getattr(p, "main_grad", None)

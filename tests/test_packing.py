@@ -227,3 +227,41 @@ def test_packing_a_family_that_cannot_be_packed_is_one_clear_error(tiny_dir, ste
     assert e.value.code == 2 and not os.path.exists(out)
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: --intokens: packing is not supported for the opt family (see the README's support table)")
+
+
+def test_backward_value_stays_at_mean_loss_scale(tiny_dir, step_data, tmp_path, monkeypatch):
+    """What is backpropagated (and what an fp16 loss scaler multiplies) is the token-loss sum over a constant
+    budget, never larger than a mean loss: gradients before normalisation are at most the final ones, which
+    are then exactly the mean-loss gradients (the one-step tests above check the update itself)."""
+    import paddle
+
+    from paddlellm import finetune as ft
+    from paddlellm.trainer import SFTTrainer
+
+    norms = []
+    real = SFTTrainer.normalise_gradients
+
+    def grad_norm(model):
+        return math.sqrt(sum(float((p.grad.astype("float64") ** 2).sum()) for p in model.parameters() if p.grad is not None))
+
+    def spy(self):
+        before = grad_norm(self.model)
+        real(self)
+        norms.append((before, grad_norm(self.model), self.token_budget()))
+
+    monkeypatch.setattr(SFTTrainer, "normalise_gradients", spy)
+    assert ft.run(["--model_name_or_path", tiny_dir("llama"), "--dataset_name_or_path", step_data, "--output_dir", str(tmp_path / "o"),
+                   *ONE_STEP, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"]) == 0
+    (before, after, budget), = norms
+    assert budget == 2 * 2 * (32 + 16)
+    assert 0 < before < after
+    tokens = sum(int((np.array(e.labels) != -100).sum()) for e in _step_examples(tiny_dir("llama"), step_data))
+    assert before == pytest.approx(after * tokens / budget, rel=1e-4)
+
+
+def _step_examples(model_dir, data_dir):
+    from paddlellm.data import read_split
+
+    fam = get_family("llama")
+    tok = fam.load_tokenizer(model_dir)
+    return [fam.encode(tok, r.src, r.tgt, 32, 16) for r in read_split(data_dir, "train")]
