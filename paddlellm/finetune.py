@@ -97,6 +97,12 @@ def check_ranges(model_args, data_args, gen_args, training: Dict) -> None:
         "num_prefix_tokens": m.num_prefix_tokens if m.prefix_tuning and not m.prefix_path else None,
         **{k: training.get(k) for k in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")},
     })
+    pp = int(training.get("pipeline_parallel_degree") or 1)
+    if pp > 1:
+        # PaddleNLP's pipeline parallel needs each family's *Pipe model class (only some have one) and its
+        # own batch layout; fine-tuning here uses the standard classes, so refuse instead of failing on GPUs.
+        raise UserError(f"--pipeline_parallel_degree {pp}: pipeline parallel is not supported; "
+                        "use tensor_parallel_degree (GPUs) and/or data parallel instead")
     if (training.get("learning_rate") or 0) < 0:
         raise UserError(f"--learning_rate must not be negative, got {training['learning_rate']}")
     out = training.get("output_dir")
@@ -119,9 +125,9 @@ def check_device(training: Dict) -> None:
     import paddle
 
     gpu = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
-    for key in ("tensor_parallel_degree", "pipeline_parallel_degree", "sharding_parallel_degree"):
+    for key in ("tensor_parallel_degree", "sharding_parallel_degree"):
         if int(training.get(key, 1) or 1) > 1 and not gpu:
-            raise UserError(f"--{key} {training[key]}: tensor, pipeline and sharding parallelism need GPUs (paddlepaddle-gpu); on CPU use data parallel: python -m paddle.distributed.launch --nproc_per_node N ...")
+            raise UserError(f"--{key} {training[key]}: tensor and sharding parallelism need GPUs (paddlepaddle-gpu); on CPU use data parallel: python -m paddle.distributed.launch --nproc_per_node N ...")
     if (training.get("fp16") or training.get("bf16")) and not gpu:
         raise UserError("--fp16/--bf16 mixed precision needs a GPU here; drop the flag to train in float32 on CPU")
 

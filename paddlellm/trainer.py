@@ -91,8 +91,6 @@ class SFTTrainer(Trainer):
         their sum. Summing over micro-batches and processes and dividing once by the step's total makes
         the loss and the update independent of batch size, accumulation, packing and process count.
         """
-        if self.args.pipeline_parallel_degree > 1:
-            return super().training_step(model, inputs)
         if self._rate_mark is None:
             self._rate_mark = (time.time(), self.real_tokens)
         model.train()

@@ -76,7 +76,7 @@ def test_folder_splits_are_read_in_order(tmp_path):
 def test_tensor_parallel_on_cpu_is_refused(tmp_path):
     out = str(tmp_path / "out")
     proc = finetune(os.path.join(ROOT, "data"), out, "--tensor_parallel_degree", "2")
-    assert_one_line_error(proc, "--tensor_parallel_degree 2: tensor, pipeline and sharding parallelism need GPUs (paddlepaddle-gpu); on CPU use data parallel: python -m paddle.distributed.launch --nproc_per_node N ...", out)
+    assert_one_line_error(proc, "--tensor_parallel_degree 2: tensor and sharding parallelism need GPUs (paddlepaddle-gpu); on CPU use data parallel: python -m paddle.distributed.launch --nproc_per_node N ...", out)
 
 
 BAD_ARGUMENTS = {
@@ -88,6 +88,7 @@ BAD_ARGUMENTS = {
     "batch_size": (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1, got 0"),
     "accumulation": (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
     "top_p": (["--top_p", "0"], "generation settings out of range: need top_k >= 0 and 0 < top_p <= 1, got top_k=1 top_p=0.0"),
+    "pipeline": (["--pipeline_parallel_degree", "2"], "--pipeline_parallel_degree 2: pipeline parallel is not supported; use tensor_parallel_degree (GPUs) and/or data parallel instead"),
     "learning_rate": (["--learning_rate", "-0.1"], "--learning_rate must not be negative, got -0.1"),
     "lora_and_prefix": (["--lora", "--prefix_tuning"], "choose one of LoRA (--lora / --lora_path) and prefix tuning (--prefix_tuning / --prefix_path)"),
     "lora_path_missing": (["--lora_path", "{tmp}/nope"], "lora_path '{tmp}/nope': no such folder"),
