@@ -123,15 +123,18 @@ class SFTTrainer(Trainer):
     def normalise_gradients(self) -> None:
         """Turn summed gradients into the mean over every supervised token of the step, across processes."""
         stats = self._step.astype("float64") if self._step is not None else paddle.zeros([2], dtype="float64")
-        world = max(self.args.data_parallel_degree, 1) if self.args.world_size > 1 else 1
-        if world > 1:
-            paddle.distributed.all_reduce(stats, group=_dp_group(self.args))
+        groups = _replica_groups(self.args) if self.args.world_size > 1 else []
+        world = 1
+        for group, degree in groups:
+            paddle.distributed.all_reduce(stats, group=group)
+            world *= degree
         loss_sum, tokens = (float(v) for v in stats.numpy())
         self._step = None
         self._window = [self._window[0] + loss_sum, self._window[1] + int(tokens)]
         self.total = [self.total[0] + loss_sum, self.total[1] + int(tokens)]
-        # Data parallel has already averaged gradients over the processes: undo that and the token budget,
-        # then divide by the tokens.
+        # Data parallel (and sharding) average gradients over their processes: undo that and the token
+        # budget, then divide by the tokens. (Scaling is linear, so it does not matter whether sharding
+        # averages before this point or inside the optimizer step.)
         scale = world * self.token_budget() / max(tokens, 1.0)
         with paddle.no_grad():
             for p in self.model.parameters():
@@ -199,14 +202,23 @@ class SFTTrainer(Trainer):
         return metrics
 
 
-def _dp_group(args):
-    """The data-parallel communication group (None = the default group of all processes)."""
+def _replica_groups(args):
+    """(group, degree) of each set of processes that see different data and average their gradients:
+    data parallel, and sharding (GPU only; not testable here). group None = every process."""
     try:
         from paddle.distributed import fleet
 
-        return fleet.get_hybrid_communicate_group().get_data_parallel_group()
+        hcg = fleet.get_hybrid_communicate_group()
     except Exception:  # fleet not initialised: plain data parallel over every process
-        return None
+        hcg = None
+    if hcg is None:
+        return [(None, max(args.world_size, 1))]
+    groups = []
+    if hcg.get_data_parallel_world_size() > 1:
+        groups.append((hcg.get_data_parallel_group(), hcg.get_data_parallel_world_size()))
+    if hcg.get_sharding_parallel_world_size() > 1:
+        groups.append((hcg.get_sharding_parallel_group(), hcg.get_sharding_parallel_world_size()))
+    return groups
 
 
 class _NormaliseGradients(TrainerCallback):
