@@ -94,6 +94,9 @@ def resolve_model(model_name_or_path: Optional[str] = None, lora_path: Optional[
         raise UserError("model_name_or_path is required (a model folder or a PaddleNLP model name; "
                         "an adapter folder needs it when it does not record its base model)")
     if not os.path.isdir(base) and base.startswith((".", "/", "~")):
+        if not model_name_or_path and adapter:
+            raise UserError(f"the base model {base!r} recorded in {adapter!r} is not there (moved or deleted?); "
+                            f"pass --model_name_or_path with its new place")
         raise UserError(f"model_name_or_path {base!r}: no such folder")
     family = detect_family(family_name, (adapter, base), base)
     return base, lora_path, prefix_path, family, meta

@@ -326,6 +326,14 @@ def test_argument_errors(tiny_dir, tmp_path):
     assert_error(cli("--model_name_or_path", model, *base, "--lora_path", str(tmp_path)),
                  f"lora_path '{tmp_path}': no lora_config.json (not a folder saved by a lora fine-tuning run)", out)
     assert_error(cli("--model_name_or_path", model, *base, "--batch_size", "0"), "--batch_size must be at least 1, got 0", out)
+    # An adapter whose recorded base model was moved away: say so, and how to point at it.
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "lora_config.json").write_text("{}")
+    (lora / "paddlellm_meta.json").write_text(json.dumps({"family": "llama", "kind": "lora", "base_model": str(tmp_path / "moved")}))
+    assert_error(cli("--lora_path", str(lora), *base),
+                 f"the base model '{tmp_path / 'moved'}' recorded in '{lora}' is not there (moved or deleted?); "
+                 "pass --model_name_or_path with its new place", out)
 
 
 def test_device_and_dtype_errors(tiny_dir, tmp_path):
