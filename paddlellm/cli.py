@@ -27,7 +27,7 @@ COMMANDS = {
 def usage() -> str:
     width = max(len(c) for c in COMMANDS)
     rows = "\n".join(f"  {c.ljust(width)}  {d}" for c, (_, _, d) in COMMANDS.items())
-    return f"usage: paddlellm <command> [args]\n\ncommands:\n{rows}\n\n`paddlellm <command> --help` lists a command's arguments."
+    return f"usage: paddlellm <command> [args]\n\ncommands:\n{rows}\n\n`paddlellm <command> --help` lists a command's arguments; `paddlellm --version` prints the version."
 
 
 def run_command(name: str, argv) -> int:
@@ -63,9 +63,18 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"paddlellm {__version__}")
+        return 0
     name = argv[0]
     if name not in COMMANDS:
-        print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(f"error: unknown command {name!r}{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     return run_command(name, argv[1:])
 

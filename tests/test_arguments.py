@@ -125,3 +125,14 @@ def test_readme_gives_two_commands_and_no_section_twice():
     fresh = text.split("## Two commands for a fresh machine", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     assert [line.split("#")[0].strip() for line in fresh.strip().splitlines()] == ["make quickstart", "make test"]
     assert open(os.path.join(ROOT, ".ci", "run")).read().strip().splitlines()[-1].endswith("make test")
+
+
+def test_console_command_lists_commands_and_version():
+    from paddlellm import __version__
+
+    out = run_cmd([sys.executable, "-m", "paddlellm.cli", "--help"]).stdout
+    for command in ("finetune", "predict", "merge-lora", "merge-tp", "serve", "tiny", "quickstart"):
+        assert f"  {command} " in out
+    assert run_cmd([sys.executable, "-m", "paddlellm.cli", "--version"]).stdout.strip() == f"paddlellm {__version__}"
+    bad = run_cmd([sys.executable, "-m", "paddlellm.cli", "finetuen"], check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown command 'finetuen'; did you mean 'finetune'?")
