@@ -177,8 +177,11 @@ def _kind_words(spec: FieldSpec) -> str:
 def load_json_args(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such argument file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is fine
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save the file as UTF-8") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

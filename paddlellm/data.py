@@ -28,6 +28,7 @@ class Record:
     src: List[str]
     tgt: List[str]
     where: str  # "file:line", for messages
+    raw_src: object = None  # src as written in the file (a string or a list), for outputs that echo it
 
 
 def split_files(dataset_name_or_path: str, split: str, required: bool = True) -> List[str]:
@@ -62,34 +63,47 @@ def _turns(value, field: str, where: str) -> List[str]:
 def read_records(path: str, require_tgt: bool = True) -> List[Record]:
     """Read and validate one JSONL file. With require_tgt=False (prediction) tgt may be absent."""
     records: List[Record] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: each line must be a JSON object with 'src' and 'tgt', got {type(obj).__name__}")
-            if "src" not in obj:
-                raise DataError(f"{where}: missing field 'src'")
-            src = _turns(obj["src"], "src", where)
-            if "tgt" not in obj or (obj["tgt"] is None and not require_tgt):
-                if require_tgt:
-                    raise DataError(f"{where}: missing field 'tgt'")
-                tgt: List[str] = []
-            else:
-                tgt = _turns(obj["tgt"], "tgt", where)
-            if require_tgt and len(src) != len(tgt):
-                raise DataError(f"{where}: fields 'src' and 'tgt' must have equal lengths ({len(src)} != {len(tgt)} turns)")
-            if not require_tgt and len(tgt) not in (len(src), len(src) - 1, 0):
-                raise DataError(f"{where}: field 'tgt' must have as many turns as 'src' or one fewer ({len(tgt)} vs {len(src)})")
-            records.append(Record(src, tgt, where))
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: each line must be a JSON object with 'src' and 'tgt', got {type(obj).__name__}")
+        if "src" not in obj:
+            raise DataError(f"{where}: missing field 'src'")
+        src = _turns(obj["src"], "src", where)
+        if "tgt" not in obj or (obj["tgt"] is None and not require_tgt):
+            if require_tgt:
+                raise DataError(f"{where}: missing field 'tgt'")
+            tgt: List[str] = []
+        else:
+            tgt = _turns(obj["tgt"], "tgt", where)
+        if require_tgt and len(src) != len(tgt):
+            raise DataError(f"{where}: fields 'src' and 'tgt' must have equal lengths ({len(src)} != {len(tgt)} turns)")
+        if not require_tgt and len(tgt) not in (len(src), len(src) - 1, 0):
+            raise DataError(f"{where}: field 'tgt' must have as many turns as 'src' or one fewer ({len(tgt)} vs {len(src)})")
+        records.append(Record(src, tgt, where, obj["src"]))
     if not records:
         raise DataError(f"{path}: file holds no examples")
     return records
+
+
+def _lines(path: str):
+    """(line number, text) of a UTF-8 text file; a byte-order mark (as Windows editors write) is skipped,
+    and bytes that are not UTF-8 are a DataError naming the line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); "
+                                "save the file as UTF-8") from None
 
 
 def read_split(dataset_name_or_path: str, split: str, required: bool = True) -> List[Record]:

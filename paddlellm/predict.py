@@ -88,15 +88,13 @@ def read_items(path: str) -> List[Item]:
 
     if not os.path.isfile(path):
         raise UserError(f"data_file {path!r}: no such file")
-    records = read_records(path, require_tgt=False)
-    raw = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
     items = []
-    for r, obj in zip(records, raw):
+    for r in read_records(path, require_tgt=False):
         if len(r.tgt) < len(r.src) - 1:
             raise DataError(f"{r.where}: field 'tgt' must hold the {len(r.src) - 1} earlier replies of the multi-turn 'src' "
                             f"(and may add the reference reply), got {len(r.tgt)}")
         reference = r.tgt[-1] if len(r.tgt) == len(r.src) else None
-        items.append(Item(obj["src"], reference, r.src, r.tgt[: len(r.src) - 1]))
+        items.append(Item(r.raw_src, reference, r.src, r.tgt[: len(r.src) - 1]))
     return items
 
 

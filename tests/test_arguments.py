@@ -65,6 +65,16 @@ def test_errors_name_the_problem(tmp_path, capsys):
     assert _error([unknown], capsys) == f"error: {unknown}: unknown argument 'lerning_rate' (did you mean --learning_rate?)"
     assert _error([str(tmp_path / "missing.json")], capsys) == f"error: {tmp_path / 'missing.json'}: no such argument file"
     assert _error(["--evaluation_strategy", "often"], capsys) == "error: --evaluation_strategy: evaluation_strategy must be one of no, steps, epoch, got 'often'"
+    latin1 = tmp_path / "l.json"
+    latin1.write_bytes('{"name": "café"}'.encode("latin-1"))
+    assert _error([str(latin1)], capsys) == f"error: {latin1}: not UTF-8 text (byte 0xe9 at offset 13); save the file as UTF-8"
+
+
+def test_argument_file_with_byte_order_mark(tmp_path):
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + b'{"n": 7}\r\n')
+    (a,) = parse_args([A], [str(bom)])
+    assert a.n == 7
 
 
 def test_help_lists_every_field_without_importing_paddle():

@@ -16,6 +16,7 @@ CASES = {
     "unequal_lists": ('{"src": ["a", "b"], "tgt": ["c"]}\n', "train.json:1: fields 'src' and 'tgt' must have equal lengths (2 != 1 turns)"),
     "not_object": ('["a", "b"]\n', "train.json:1: each line must be a JSON object with 'src' and 'tgt', got list"),
     "empty_file": ("\n\n", "train.json: file holds no examples"),
+    "not_utf8": (GOOD + '{"src": "caf\xe9", "tgt": "b"}\n', "train.json:2: not UTF-8 text (byte 0xe9 at byte 13 of the line); save the file as UTF-8"),
 }
 
 
@@ -37,9 +38,20 @@ def assert_one_line_error(proc, expected_tail, out):
 def test_bad_train_file(tmp_path, case):
     text, expected = CASES[case]
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "train.json").write_text(text)
+    (tmp_path / "data" / "train.json").write_bytes(text.encode("latin-1" if case == "not_utf8" else "utf-8"))
     out = str(tmp_path / "out")
     assert_one_line_error(finetune(str(tmp_path / "data"), out), expected, out)
+
+
+def test_windows_files_read_like_any_other(tmp_path):
+    """A byte-order mark and CRLF line ends (what Windows editors write) are plain UTF-8 JSONL too."""
+    from paddlellm.data import read_records
+
+    path = tmp_path / "train.json"
+    path.write_bytes(b"\xef\xbb\xbf" + '{"src": "café", "tgt": "b"}\r\n\r\n{"src": ["x", "y"], "tgt": ["1", "2"]}\r\n'.encode())
+    recs = read_records(str(path))
+    assert [(r.src, r.tgt, r.raw_src) for r in recs] == [(["café"], ["b"], "café"), (["x", "y"], ["1", "2"], ["x", "y"])]
+    assert recs[1].where.endswith("train.json:3")
 
 
 def test_empty_split_folder(tmp_path):
