@@ -35,6 +35,29 @@ def fail(message: str, status: int = 2) -> "typing.NoReturn":
     sys.exit(status)
 
 
+def check_can_create(path: str, what: str) -> None:
+    """Cheap check, before any work, that folder `path` exists or can be made: its nearest existing
+    ancestor must be a writable folder. Raises UserError naming `what`."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe == os.path.abspath(path):
+        if not os.path.isdir(probe):
+            raise UserError(f"{what} {path!r} is a file; give a folder")
+    elif not os.path.isdir(probe):
+        raise UserError(f"{what} {path!r}: can't create it ({probe!r} is a file); choose a writable place")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path!r}: can't create it ({probe!r} is not writable); choose a writable place")
+
+
+def make_dir(path: str, what: str) -> None:
+    """os.makedirs(path, exist_ok=True), or a UserError naming `what` and the reason (no traceback)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{what} {path!r}: can't create it ({e.strerror or type(e).__name__}); choose a writable place") from None
+
+
 def require_at_least(values: Dict[str, Any], minimum: int = 1) -> None:
     """Raise UserError naming the first argument below `minimum` (None means "not set" and passes)."""
     for name, value in values.items():

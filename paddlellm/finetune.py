@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .arguments import UserError, dump_args, fail, parse_args, require_at_least
+from .arguments import UserError, check_can_create, dump_args, fail, make_dir, parse_args, require_at_least
 
 log = logging.getLogger("paddlellm")
 
@@ -105,9 +105,8 @@ def check_ranges(model_args, data_args, gen_args, training: Dict) -> None:
                         "use tensor_parallel_degree (GPUs) and/or data parallel instead")
     if (training.get("learning_rate") or 0) < 0:
         raise UserError(f"--learning_rate must not be negative, got {training['learning_rate']}")
-    out = training.get("output_dir")
-    if out and os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"output_dir {out!r} is a file; give a folder for checkpoints and results")
+    if training.get("output_dir"):
+        check_can_create(training["output_dir"], "output_dir")
     if gen_args.top_k < 0 or not 0.0 < gen_args.top_p <= 1.0:
         raise UserError(f"generation settings out of range: need top_k >= 0 and 0 < top_p <= 1, got top_k={gen_args.top_k} top_p={gen_args.top_p}")
     check_adapter_folders(m.lora_path, m.prefix_path)
@@ -243,6 +242,7 @@ def run(argv=None) -> int:
 
         setup_runtime()  # before paddle is imported
         check_device(training)
+        make_dir(output_dir, "output_dir")
         import paddle
 
         # Fresh parameter and optimizer-state names in every run (not counters left by earlier runs in

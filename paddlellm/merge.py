@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .arguments import UserError, fail, parse_args
+from .arguments import UserError, check_can_create, fail, make_dir, parse_args
 
 DTYPES = ["float32", "float16", "bfloat16"]
 
@@ -48,7 +48,7 @@ class Staging:
         self.path = os.path.join(parent, f".{os.path.basename(self.target)}.merging-{os.getpid()}")
 
     def __enter__(self) -> str:
-        os.makedirs(os.path.dirname(self.target), exist_ok=True)
+        make_dir(os.path.dirname(self.target), "the folder of merge_model_path")
         shutil.rmtree(self.path, ignore_errors=True)
         os.makedirs(self.path)
         return self.path
@@ -75,8 +75,10 @@ class Staging:
 def _check_output(out: Optional[str], flag: str, *inputs: Optional[str]) -> str:
     if not out:
         fail(f"{flag} is required: the folder to write the merged model into")
-    if os.path.isfile(out):
-        fail(f"{flag} {out!r} is a file; give a folder")
+    try:
+        check_can_create(out, flag)
+    except UserError as e:
+        fail(str(e))
     for src in inputs:
         if src and os.path.isdir(src) and os.path.abspath(src) == os.path.abspath(out):
             fail(f"{flag} must differ from the input folder {src!r}")

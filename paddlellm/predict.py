@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from .arguments import UserError, fail, parse_args, require_at_least
+from .arguments import UserError, check_can_create, fail, make_dir, parse_args, require_at_least
 
 DTYPES = ["float32", "float16", "bfloat16"]
 DEFAULT_SRC_LENGTH = 1024
@@ -360,6 +360,7 @@ def run(argv=None) -> int:
         settings = resolve_settings(args)
         if os.path.isdir(args.output_file):
             raise UserError(f"output_file {args.output_file!r} is a folder")
+        check_can_create(os.path.dirname(os.path.abspath(args.output_file)), "the folder of output_file")
         if args.resume and not os.path.exists(args.output_file + ".partial") and _complete(args.output_file, len(items)):
             print(f"predict: --resume: {args.output_file} is already complete ({len(items)} lines); nothing to do", file=sys.stderr)
             return 0
@@ -413,7 +414,7 @@ def _run(args: PredictArgument, items: List[Item], settings: Dict) -> int:
     bar = None
     stats = {"tokens": 0, "seconds": 0.0}
     if dist.rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
+        make_dir(out_dir, "the folder of output_file")
         journal = Journal(partial, header)
         journal.start(done)
         from .runtime import progress_bar

@@ -122,5 +122,12 @@ def test_output_dir_that_is_a_file(tmp_path):
     out = tmp_path / "out"
     out.write_text("keep me")
     proc = finetune(os.path.join(ROOT, "data"), str(out))
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"error: output_dir {str(out)!r} is a file; give a folder for checkpoints and results"
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"error: output_dir {str(out)!r} is a file; give a folder"
     assert out.read_text() == "keep me"
+
+
+def test_output_dir_that_cannot_be_created(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    out = str(tmp_path / "afile" / "out")
+    assert_one_line_error(finetune(os.path.join(ROOT, "data"), out),
+                          f"output_dir {out!r}: can't create it ({str(tmp_path / 'afile')!r} is a file); choose a writable place", out)

@@ -289,6 +289,10 @@ def test_scripts_and_errors(tiny_dir, tmp_path):
                  f"lora_path '{base}': no lora_config.json (not a folder saved by a LoRA fine-tuning run)", out)
     assert_error(cli("merge_lora_params.py", "--lora_path", str(base)),
                  "merge_model_path is required: the folder to write the merged model into", out)
+    (tmp_path / "afile").write_text("x")
+    proc = cli("merge_tp_params.py", "--model_name_or_path", shards, "--merge_model_path", str(tmp_path / "afile" / "m"))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: merge_model_path '{tmp_path / 'afile' / 'm'}': can't create it ('{tmp_path / 'afile'}' is a file); choose a writable place")
 
 
 def test_help_is_fast():

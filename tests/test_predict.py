@@ -326,6 +326,9 @@ def test_argument_errors(tiny_dir, tmp_path):
     assert_error(cli("--model_name_or_path", model, *base, "--lora_path", str(tmp_path)),
                  f"lora_path '{tmp_path}': no lora_config.json (not a folder saved by a lora fine-tuning run)", out)
     assert_error(cli("--model_name_or_path", model, *base, "--batch_size", "0"), "--batch_size must be at least 1, got 0", out)
+    (tmp_path / "afile").write_text("x")
+    assert_error(cli("--model_name_or_path", model, "--data_file", data, "--output_file", str(tmp_path / "afile" / "o.json")),
+                 f"the folder of output_file '{tmp_path / 'afile'}' is a file; give a folder")
     # An adapter whose recorded base model was moved away: say so, and how to point at it.
     lora = tmp_path / "lora"
     lora.mkdir()
