@@ -153,6 +153,12 @@ def main(argv=None) -> int:
         fail(f"--family {args.family}: unknown family; choose one of {', '.join(names())}")
     if not args.output:
         fail("--output is required: the folder to write the tiny checkpoint into")
+    from .arguments import UserError, check_can_create
+
+    try:
+        check_can_create(args.output, "--output")
+    except UserError as e:
+        fail(str(e))
     from .runtime import setup_runtime
 
     setup_runtime()

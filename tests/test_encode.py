@@ -70,6 +70,9 @@ def test_tiny_command_writes_a_loadable_checkpoint(tmp_path):
     assert model.config.num_hidden_layers == 1
     assert sorted(os.listdir(out)) == sorted(["config.json", "generation_config.json", "merges.txt", "model.safetensors", "paddlellm_meta.json",
                                               "special_tokens_map.json", "tokenizer_config.json", "vocab.json"])
+    (tmp_path / "afile").write_text("x")
+    blocked = run_cmd([sys.executable, "-m", "paddlellm.cli", "tiny", "--family", "opt", "--output", str(tmp_path / "afile")], check=False)
+    assert blocked.returncode == 2 and blocked.stderr.strip() == f"error: --output {str(tmp_path / 'afile')!r} is a file; give a folder"
     bad = run_cmd([sys.executable, "-m", "paddlellm.cli", "tiny", "--family", "gpt4", "--output", str(tmp_path / "x")], check=False)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1] == "error: --family gpt4: unknown family; choose one of llama, chatglm, chatglm_v2, bloom, gpt-3, opt, glm"
