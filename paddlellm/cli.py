@@ -58,6 +58,7 @@ def _leave_process_group(code: int) -> None:
     logging.shutdown()
     os._exit(code)
 
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):

@@ -45,12 +45,13 @@ class SFTTrainer(Trainer):
 
     def _save_checkpoint(self, model, metrics=None):
         super()._save_checkpoint(model, metrics=metrics)
-        self._mark_checkpoint()
         # Workaround (paddlenlp 3.0.0b4): _save_checkpoint deletes checkpoints beyond save_total_limit only
         # when local_rank == 0, which a single process started without the launcher (local_rank -1) never
-        # is, so there every checkpoint was kept. Rotate here in that case (by step number).
+        # is, so there every checkpoint was kept. Rotate here in that case (by step number; it marks first).
         if self.args.local_rank == -1 and self.args.should_save:
             self._rotate_checkpoints(use_mtime=False, output_dir=self.args.output_dir)
+        else:
+            self._mark_checkpoint()
 
     def _rotate_checkpoints(self, use_mtime=False, output_dir=None) -> None:
         # PaddleNLP deletes older checkpoints at the end of _save_checkpoint, before returning: mark the
