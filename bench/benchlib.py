@@ -1,8 +1,9 @@
-"""Pieces the benchmark scripts share: the machine they ran on and its float32 matmul throughput."""
+"""Pieces the benchmark scripts share: the machine they ran on, its float32 matmul throughput, saving a report."""
 from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import sys
@@ -51,3 +52,11 @@ def machine_info() -> dict:
         "paddlenlp_version": versions["paddlenlp"],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def save_report(path, report: dict) -> Path:
+    """Write a benchmark's report as indented JSON (making its folder); returns the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return out

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchlib import machine_info, matmul_gflops  # noqa: E402
+from benchlib import machine_info, matmul_gflops, save_report  # noqa: E402
 from paddlellm import cpu_runtime  # noqa: E402  (stdlib only, safe before paddle)
 
 TUNED_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_DEBUG_CPU_TYPE", cpu_runtime.DISABLE_VAR)
@@ -198,9 +198,7 @@ def main() -> None:
         "results": results,
         "wall_s": round(time.perf_counter() - start, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = save_report(args.out, report)
     print()
     print(table(results))
     print(f"\nsaved {out} ({report['wall_s']} s)")

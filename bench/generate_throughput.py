@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
-import json
 import os
 import platform
 import sys
@@ -126,10 +125,9 @@ def main() -> int:
         "decoding": "greedy, KV cache, left padding + attention mask",
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(out, f, indent=2)
-        f.write("\n")
+    from benchlib import save_report
+
+    save_report(args.out, out)
     print(f"saved {args.out}")
     return 0
 

@@ -225,10 +225,9 @@ def main(argv=None) -> int:
         "settings": {"clients": args.clients, "duration_s": args.duration, "max_tokens": args.max_tokens, "stream": args.stream, "greedy": True},
         "runs": runs,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    from benchlib import save_report
+
+    save_report(args.output, result)
     print(f"saved {args.output}")
     failed = any(r["errors"] for r in runs)
     if failed:

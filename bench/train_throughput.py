@@ -59,7 +59,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchlib import machine_info, matmul_gflops  # noqa: E402
+from benchlib import machine_info, matmul_gflops, save_report  # noqa: E402
 
 MODEL = dict(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
              num_attention_heads=8, max_position_embeddings=512, rms_norm_eps=1e-6)
@@ -448,9 +448,7 @@ def main() -> None:
             "target_met": target,
             "wall_s": round(time.perf_counter() - start, 1),
         }
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        out = save_report(args.out, report)
         print()
         print(table(results))
         print(f"\nintokens speed-up (effective tokens/s): SFT {speedup['sft']}x, LoRA {speedup['lora']}x; target "
