@@ -142,6 +142,12 @@ def _lora_weights(out):
     return {k: v.numpy() for k, v in paddle.load(os.path.join(out, "lora_model_state.pdparams")).items()}
 
 
+def _assert_same_weights(got, expected):
+    assert got.keys() == expected.keys()
+    for k in expected:
+        np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
 def test_resume_equals_uninterrupted_run(tiny_dir, tmp_path, caplog):
     data = write_data(str(tmp_path / "data"))
     common = ["--lora", "true", "--lr_scheduler_type", "constant", "--save_strategy", "steps", "--save_steps", "3"]
@@ -153,10 +159,7 @@ def test_resume_equals_uninterrupted_run(tiny_dir, tmp_path, caplog):
     with caplog.at_level("INFO", logger="paddlellm"):
         assert finetune(tiny_dir("llama"), data, resumed, *common, "--max_steps", "6") == 0
     assert f"resuming from {os.path.join(resumed, 'checkpoint-3')}" in caplog.text
-    a, b = _lora_weights(straight), _lora_weights(resumed)
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+    _assert_same_weights(_lora_weights(resumed), _lora_weights(straight))
 
 
 RESUME = ["--lora", "true", "--lr_scheduler_type", "constant", "--save_strategy", "steps", "--save_steps", "3"]
@@ -195,9 +198,7 @@ def test_interrupted_run_keeps_its_checkpoint_and_resumes(tiny_dir, straight_six
 
     monkeypatch.setattr(SFTTrainer, "compute_loss", real)
     assert finetune(tiny_dir("llama"), data, out, *RESUME, "--max_steps", "6") == 0
-    resumed = _lora_weights(out)
-    for k in reference:
-        np.testing.assert_allclose(resumed[k], reference[k], rtol=1e-5, atol=1e-6)
+    _assert_same_weights(_lora_weights(out), reference)
 
 
 def test_resume_skips_a_checkpoint_left_half_saved(tiny_dir, straight_six_steps, tmp_path, caplog):
@@ -220,9 +221,7 @@ def test_resume_skips_a_checkpoint_left_half_saved(tiny_dir, straight_six_steps,
     assert f"{half} was not saved completely" in caplog.text
     assert f"resuming from {os.path.join(out, 'checkpoint-3')}" in caplog.text
     assert [d for d in os.listdir(out) if d.startswith("checkpoint-")] == ["checkpoint-6"]
-    resumed = _lora_weights(out)
-    for k in reference:
-        np.testing.assert_allclose(resumed[k], reference[k], rtol=1e-5, atol=1e-6)
+    _assert_same_weights(_lora_weights(out), reference)
 
 
 def test_two_process_data_parallel(tiny_dir, tmp_path):

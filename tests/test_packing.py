@@ -104,15 +104,12 @@ def _manual_loss(model_dir, data_dir):
     """Mean cross-entropy over every supervised token of the 4 examples, one example at a time."""
     import paddle
 
-    from paddlellm.data import read_split
-
     fam = get_family("llama")
-    tok = fam.load_tokenizer(model_dir)
+    tok, examples = _step_examples(model_dir, data_dir)
     model = fam.load_model(model_dir)
     model.eval()
     total, count = 0.0, 0
-    for r in read_split(data_dir, "train"):
-        e = fam.encode(tok, r.src, r.tgt, 32, 16)
+    for e in examples:
         batch = {k: paddle.to_tensor(v) for k, v in fam.build_batch([[e]], tok.pad_token_id).items()}
         labels = batch.pop("labels")
         with paddle.no_grad():
@@ -255,13 +252,14 @@ def test_backward_value_stays_at_mean_loss_scale(tiny_dir, step_data, tmp_path, 
     (before, after, budget), = norms
     assert budget == 2 * 2 * (32 + 16)
     assert 0 < before < after
-    tokens = sum(int((np.array(e.labels) != -100).sum()) for e in _step_examples(tiny_dir("llama"), step_data))
+    tokens = sum(int((np.array(e.labels) != -100).sum()) for e in _step_examples(tiny_dir("llama"), step_data)[1])
     assert before == pytest.approx(after * tokens / budget, rel=1e-4)
 
 
 def _step_examples(model_dir, data_dir):
+    """(tokenizer, the step data's train examples encoded as ONE_STEP's lengths) for the tiny LLaMA."""
     from paddlellm.data import read_split
 
     fam = get_family("llama")
     tok = fam.load_tokenizer(model_dir)
-    return [fam.encode(tok, r.src, r.tgt, 32, 16) for r in read_split(data_dir, "train")]
+    return tok, [fam.encode(tok, r.src, r.tgt, 32, 16) for r in read_split(data_dir, "train")]
