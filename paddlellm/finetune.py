@@ -87,7 +87,7 @@ def parse(argv=None):
 
 def check_ranges(model_args, data_args, gen_args, training: Dict) -> None:
     """Refuse values that can't work before anything loads (paddle would fail later with a traceback)."""
-    from .inference import check_adapter_folders
+    from .loading import check_adapter_folders
 
     m, d = model_args, data_args
     require_at_least({

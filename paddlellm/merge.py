@@ -124,7 +124,7 @@ def main_lora(argv=None) -> int:
         fail("lora_path is required: the LoRA output folder to merge")
     out = _check_output(args.merge_model_path or args.merge_lora_model_path, "merge_model_path", args.lora_path, args.model_name_or_path)
     try:
-        from .inference import resolve_model
+        from .loading import resolve_model
 
         _check_lora_folder(args.lora_path)
         resolve_model(args.model_name_or_path, lora_path=args.lora_path, family_name=args.family)  # cheap checks first
@@ -155,7 +155,7 @@ def merge_lora(model_name_or_path: Optional[str], lora_path: str, out: str, dtyp
                device: Optional[str] = None, family_name: Optional[str] = None) -> str:
     """Fold W + (alpha / r) * A @ B into every adapted layer and save base + merged weights as a standalone model."""
     from .families import META_FILE
-    from .inference import resolve_model
+    from .loading import resolve_model
     from .predict import select_device
 
     cfg_json = _check_lora_folder(lora_path)
@@ -406,7 +406,7 @@ def merge_tp(folder: str, out: str, dtype: Optional[str] = None, with_tokenizer:
              device: Optional[str] = None, family_name: Optional[str] = None) -> Tuple[str, int]:
     """Merge the tensor-parallel checkpoint in `folder` into `out`. Returns (kind, degree)."""
     from .families import META_FILE, family_of, get_family
-    from .inference import read_meta
+    from .loading import read_meta
     from .predict import select_device
 
     kind, rank_files = find_shards(folder)

@@ -239,7 +239,7 @@ def saved_dtype(base: str, lora_path: Optional[str], prefix_path: Optional[str],
 
 def resolve_settings(args: PredictArgument) -> Dict:
     """Model, adapters, family, lengths and dtype, each from the arguments, else the saved settings, else defaults."""
-    from .inference import resolve_model
+    from .loading import resolve_model
 
     try:
         base, lora_path, prefix_path, family, meta = resolve_model(args.model_name_or_path, args.lora_path, args.prefix_path, args.family)
@@ -388,7 +388,7 @@ def _run(args: PredictArgument, items: List[Item], settings: Dict) -> int:
     done = resume_rows(args, partial, header) if dist.rank == 0 else {}
     done = dist.broadcast(done)
 
-    from .inference import load_for_inference
+    from .loading import load_for_inference
 
     try:
         model, tokenizer, family, _ = load_for_inference(settings["model"], settings["lora_path"], settings["prefix_path"],

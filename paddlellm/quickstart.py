@@ -25,7 +25,7 @@ class QuickstartArgument:
 
 def exact_match(output_dir_or_model: str, lora_path=None) -> tuple:
     from .data import read_split
-    from .inference import generate_replies, load_for_inference
+    from .loading import generate_replies, load_for_inference
 
     model, tokenizer, family, _ = load_for_inference(output_dir_or_model, lora_path=lora_path)
     records = read_split(os.path.join(ROOT, "data"), "dev")

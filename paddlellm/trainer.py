@@ -21,7 +21,7 @@ from .checkpoints import mark_complete
 from .data import Collator, ExampleDataset
 from .families import logits_of
 from .generation import text_metrics
-from .inference import generate_replies
+from .loading import generate_replies
 
 log = logging.getLogger("paddlellm")
 

@@ -87,7 +87,7 @@ def test_finetune_method(family, method, tiny_dir, tmp_path):
     assert 0.0 <= ev["eval_accuracy"] <= 1.0
     # the output folder alone is enough to load the fine-tuned model and generate
     from paddlellm.data import read_split
-    from paddlellm.inference import generate_replies, load_for_inference
+    from paddlellm.loading import generate_replies, load_for_inference
 
     m, tok, f, _ = load_for_inference(out)
     replies = generate_replies(m, tok, f, read_split(data, "dev"), 24, 4, batch_size=2)

@@ -41,7 +41,7 @@ def read_weights(folder):
 # ------------------------------------------------------------------ LoRA
 @pytest.mark.parametrize("family", FAMILIES)
 def test_merged_lora_equals_base_plus_adapters(family, tiny_dir, tmp_path):
-    from paddlellm.inference import load_for_inference
+    from paddlellm.loading import load_for_inference
     from paddlellm.merge import main_lora
 
     base = tiny_dir(family)
@@ -70,7 +70,7 @@ def test_merged_lora_equals_base_plus_adapters(family, tiny_dir, tmp_path):
 def test_merge_lora_of_a_finetune_run_then_predict(tiny_dir, tmp_path):
     """finetune_generation.py --lora -> merge_lora_params.py -> predict_generation.py, as a user runs them."""
     from paddlellm import finetune
-    from paddlellm.inference import load_for_inference
+    from paddlellm.loading import load_for_inference
     from paddlellm.merge import main_lora
     from paddlellm.predict import main as predict
 
@@ -175,7 +175,7 @@ def test_merge_tp_is_bit_identical(family, degree, tiny_dir, tmp_path):
             meta = json.load(f)
         assert meta["family"] == family and meta["kind"] == "base" and meta["merged_tensor_parallel_degree"] == degree
     # the merged folder loads as a single-card model
-    from paddlellm.inference import load_for_inference
+    from paddlellm.loading import load_for_inference
 
     m, tok, fam, _ = load_for_inference(out)
     ref = get_family(family).paddlenlp_class("model_class").from_pretrained(str(tmp_path / "base"))
@@ -188,7 +188,7 @@ def test_merge_tp_lora_shards(family, tiny_dir, tmp_path):
     """Sharded LoRA adapters (lora_model_state.tpXX.pdparams) merge back bit-identically and still load."""
     import paddle
 
-    from paddlellm.inference import load_for_inference
+    from paddlellm.loading import load_for_inference
     from paddlellm.merge import main_tp
 
     base = str(tmp_path / "base")

@@ -50,7 +50,7 @@ def predict(*argv):
 def expected_outputs(rows, src_length, tgt_length, model_name_or_path=None, lora_path=None, prefix_path=None):
     """Greedy replies generated one prompt at a time, the straightforward way."""
     from paddlellm.generation import decode, generate_ids
-    from paddlellm.inference import load_for_inference
+    from paddlellm.loading import load_for_inference
 
     model, tok, fam, _ = load_for_inference(model_name_or_path, lora_path, prefix_path)
     out = []
@@ -161,7 +161,7 @@ def test_adapter_outputs_read_saved_settings(family, kind, tiny_dir, tmp_path):
     assert got == expected_outputs(DATA, 40, 4, **args)
     # The adapter is applied: the logits move (tiny random models often greedily repeat the last prompt
     # token with or without an adapter, so the generated text alone would not show it).
-    from paddlellm.inference import load_for_inference
+    from paddlellm.loading import load_for_inference
 
     with_adapter = logits_of(*load_for_inference(None, **args)[:3])
     without = logits_of(*load_for_inference(base)[:3])

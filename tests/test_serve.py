@@ -16,8 +16,8 @@ import pytest
 import requests
 
 from conftest import BASE_ENV, FAMILIES, ROOT, run_cmd
-from paddlellm.serve_engine import Request, Scheduler, TextStream
-from paddlellm.serve_requests import ApiError, ChatRequest, Sampling, loads_json, parse_chat, parse_openai
+from paddlellm.serve.engine import Request, Scheduler, TextStream
+from paddlellm.serve.requests import ApiError, ChatRequest, Sampling, loads_json, parse_chat, parse_openai
 
 MAX_LENGTH = 48  # the servers' --max_length
 KEY = "test-key-123"
@@ -157,8 +157,8 @@ def test_engine_matches_generate_ids_for_every_family(family, tiny_dir):
     stop at their own max_length, and streamed pieces join to the reply; sampling runs too (bloom has its
     own sample() without streamer support: its pieces come through the logits processor)."""
     from paddlellm.generation import decode, generate_ids
-    from paddlellm.inference import load_for_inference
-    from paddlellm.serve_engine import Engine
+    from paddlellm.loading import load_for_inference
+    from paddlellm.serve.engine import Engine
 
     model, tok, fam, _ = load_for_inference(tiny_dir(family))
     engine = Engine(model, tok, fam, src_length=32)
@@ -271,7 +271,7 @@ def slow_server(llama, tmp_path_factory):
 def reference(llama):
     """expected(user_turns, bot_turns, max_new) -> the reply generate_ids gives (greedy), decoded."""
     from paddlellm.generation import decode, generate_ids
-    from paddlellm.inference import load_for_inference
+    from paddlellm.loading import load_for_inference
 
     model, tok, fam, _ = load_for_inference(llama)
     cache = {}

@@ -34,9 +34,9 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
-from .arguments import UserError, fail, parse_args, require_at_least
-from .serve_engine import Channel, Engine, Request, Scheduler
-from .serve_requests import ApiError, ChatRequest, Sampling, loads_json, parse_chat, parse_openai
+from ..arguments import UserError, fail, parse_args, require_at_least
+from .engine import Channel, Engine, Request, Scheduler
+from .requests import ApiError, ChatRequest, Sampling, loads_json, parse_chat, parse_openai
 
 log = logging.getLogger("paddlellm.serve")
 
@@ -280,7 +280,7 @@ def main(argv=None) -> int:
     rank, world = int(os.environ.get("PADDLE_TRAINER_ID", "0")), int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
     try:
         check_args(args)
-        from .inference import read_meta
+        from ..loading import read_meta
 
         adapter = args.lora_path or args.prefix_path or args.model_name_or_path
         meta = read_meta(adapter) if adapter and os.path.isdir(adapter) else {}
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
     for noisy in ("werkzeug", "httpx"):  # a line per request (httpx: gradio's start-up checks)
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from .runtime import setup_runtime
+    from ..runtime import setup_runtime
 
     setup_runtime()
     state = ServerState(args, model_name)
@@ -306,7 +306,7 @@ def main(argv=None) -> int:
             threading.Thread(target=http.serve_forever, name="http", daemon=True).start()
             servers.append(http.shutdown)
             if args.ui:
-                from .serve_ui import launch_ui
+                from .ui import launch_ui
 
                 servers.append(launch_ui(state, args))
         engine = load_engine(args, world)
@@ -351,7 +351,7 @@ def load_engine(args: ServeArgument, world: int) -> Engine:
     if world > 1:
         paddle.distributed.init_parallel_env()
         channel = Channel()
-    from .inference import load_for_inference
+    from ..loading import load_for_inference
 
     try:
         model, tokenizer, family, _ = load_for_inference(args.model_name_or_path, args.lora_path, args.prefix_path, args.dtype)

@@ -9,7 +9,7 @@ import hmac
 import os
 from typing import Callable, Dict, Iterator, List
 
-from .arguments import UserError
+from ..arguments import UserError
 
 # Page fonts from the system, not Google Fonts: the UI must work on machines without internet access.
 SANS = ("ui-sans-serif", "system-ui", "sans-serif")
@@ -38,7 +38,7 @@ def build_ui(stream_reply: Callable, defaults: Dict, max_length: int, title: str
     text) and raises ApiError when the request is refused."""
     import gradio as gr
 
-    from .serve_requests import ApiError
+    from .requests import ApiError
 
     def respond(history: List[Dict], top_k, top_p, temperature, repetition_penalty, max_new) -> Iterator[List[Dict]]:
         users, bots = history_turns(history[:-1])
@@ -96,7 +96,7 @@ def build_ui(stream_reply: Callable, defaults: Dict, max_length: int, title: str
 def launch_ui(state, args) -> Callable[[], None]:
     """Start the UI on args.host:args.port in background threads; returns a function that stops it."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry calls from a server
-    from .serve_requests import ChatRequest, parse_sampling
+    from .requests import ChatRequest, parse_sampling
 
     def stream_reply(users, bots, params):
         max_new, sampling = parse_sampling(params, state.defaults, state.args.max_length, ("max_length",))
@@ -106,7 +106,7 @@ def launch_ui(state, args) -> Callable[[], None]:
                 if kind == "piece":
                     yield req.text.sent
                 elif kind == "error":
-                    from .serve_requests import ApiError
+                    from .requests import ApiError
 
                     raise ApiError(*value)
         finally:

@@ -15,7 +15,7 @@ import traceback
 from collections import deque
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .serve_requests import ApiError, ChatRequest, Sampling
+from .requests import ApiError, ChatRequest, Sampling
 
 log = logging.getLogger("paddlellm.serve")
 STOP_OP, NOOP_OP, GENERATE_OP = "stop", "noop", "generate"
@@ -357,7 +357,7 @@ class Engine:
 
     # ------------------------------------------------------------------ called from HTTP / UI threads
     def make_request(self, chat: ChatRequest) -> Request:
-        from .generation import decode
+        from ..generation import decode
 
         with self.lock:
             prompt = self.family.generation_prompt(self.tokenizer, chat.user_turns, chat.bot_turns, self.src_length)

@@ -1,0 +1,5 @@
+"""Serving: the HTTP API (app), request parsing (requests), batched generation (engine), the Gradio UI (ui).
+
+`paddlellm serve` / flask_server.py run `main`; see paddlellm.serve.app for how it works.
+"""
+from .app import main  # noqa: F401
