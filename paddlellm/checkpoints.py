@@ -5,18 +5,25 @@ and its get_last_checkpoint simply takes the highest N: a run killed while savin
 looks newest but cannot be loaded. SFTTrainer therefore writes a marker file into each checkpoint once
 everything of it is on disk; resuming takes the newest marked checkpoint and removes newer unmarked
 ones (they are what an interrupted save left). A folder without any marker (written by PaddleNLP itself
-or by an older paddlellm) is resumed the way PaddleNLP would.
+or by an older paddlellm) is resumed the way PaddleNLP would. Either way a checkpoint is checked before
+resuming from it (trainer state, optimizer state, the weights of the kind being trained): a broken one
+is passed over with a warning, or named in one line when no usable one is left.
+
+Also here: replacing_weights, which every command that saves weights into a folder goes through, so a
+folder never keeps an older weight file that loaders would read instead of the new one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 MARKER = "paddlellm_checkpoint_complete.json"
+TRAINER_STATE = "trainer_state.json"  # paddlenlp.trainer.trainer.TRAINER_STATE_NAME
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 log = logging.getLogger("paddlellm")
@@ -53,18 +60,155 @@ def complete_checkpoints(output_dir: str) -> List[str]:
     return [path for _, path in checkpoint_dirs(output_dir) if is_complete(path)]
 
 
-def resume_point(output_dir: str, remove_incomplete: bool = True) -> Optional[str]:
-    """The checkpoint to resume from (None: start afresh). With remove_incomplete (the saving process
-    only), unmarked checkpoints newer than it are deleted: PaddleNLP orders checkpoints by mtime when it
-    rotates them and would otherwise keep the broken one and delete a good one."""
+# --------------------------------------------------------------------------- weight files
+# Every weight file a model or adapter folder can hold (PaddleNLP's names; sharded and tensor-parallel
+# variants and their index files), plus the adapter configs that say how to read adapter weights.
+WEIGHT_FILE = re.compile(r"^(model_state|model|lora_model_state|prefix_model_state|peft_model)([.-].*)?\.(pdparams|safetensors)$"
+                         r"|^(model_state|model|lora_model_state|prefix_model_state|peft_model)\.(pdparams|safetensors)\.index(\.[^.]+)?\.json$")
+ADAPTER_CONFIG = ("lora_config.json", "prefix_config.json")
+_WEIGHTS_OF_KIND = {
+    "full": re.compile(r"^(model_state|model)([.-].*)?\.(pdparams|safetensors)$|^(model_state|model)\..*index.*\.json$"),
+    "lora": re.compile(r"^(lora_model_state|peft_model)([.-].*)?\.(pdparams|safetensors)$|^peft_model\..*index.*\.json$"),
+    "prefix": re.compile(r"^prefix_model_state([.-].*)?\.pdparams$"),
+}
+_WEIGHT_NAMES = {"full": "model_state.pdparams", "lora": "lora_model_state.pdparams", "prefix": "prefix_model_state.pdparams"}
+
+
+def _weight_files(folder: str, configs: bool = False) -> Dict[str, Tuple[int, int]]:
+    """{name: (inode, mtime_ns)} of the weight files in folder (and adapter configs with `configs`)."""
+    if not os.path.isdir(folder):
+        return {}
+    out = {}
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if (WEIGHT_FILE.search(name) or (configs and name in ADAPTER_CONFIG)) and os.path.isfile(path):
+            st = os.stat(path)
+            out[name] = (st.st_ino, st.st_mtime_ns)
+    return out
+
+
+def remove_weight_files(folder: str, configs: bool = False) -> List[str]:
+    """Delete every weight file in folder (and the adapter configs with `configs`); returns the names removed."""
+    removed = []
+    for name in _weight_files(folder, configs):
+        os.remove(os.path.join(folder, name))
+        removed.append(name)
+    return removed
+
+
+@contextlib.contextmanager
+def replacing_weights(folder: str, enabled: bool = True):
+    """Around a save into `folder`: afterwards, weight files (and adapter configs) that were there before
+    and were not rewritten by the save are deleted.
+
+    Why: paddlenlp's from_pretrained prefers model.safetensors to model_state.pdparams, so an older file
+    of the other format (a merged or tiny model, an earlier run of another kind) would silently win over
+    the weights just saved. A folder must hold one set of weights: the one written last.
+    """
+    before = _weight_files(folder, configs=True) if enabled else {}
+    yield
+    if not enabled:
+        return
+    after = _weight_files(folder, configs=True)
+    stale = [name for name, stamp in before.items() if after.get(name) == stamp]
+    for name in stale:
+        os.remove(os.path.join(folder, name))
+    if stale:
+        log.info(f"{folder}: removed {', '.join(sorted(stale))} left by an earlier save (replaced by the weights just saved)")
+
+
+# --------------------------------------------------------------------------- resuming
+def checkpoint_problem(folder: str, kind: Optional[str] = None, need_optimizer: bool = True) -> Optional[str]:
+    """Why training can't resume from checkpoint `folder` (None: it can). `kind` (full, lora, prefix) is
+    what the run trains, whose weights the checkpoint must hold; None accepts any."""
+    names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    if TRAINER_STATE not in names:
+        return f"no {TRAINER_STATE}"
+    try:
+        with open(os.path.join(folder, TRAINER_STATE), encoding="utf-8") as f:
+            int(json.load(f)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{TRAINER_STATE} is unreadable"
+    if need_optimizer and not any(n.startswith("optimizer") for n in names):
+        return "no optimizer state (optimizer.pdopt)"
+    kinds = [kind] if kind else list(_WEIGHTS_OF_KIND)
+    if not any(_WEIGHTS_OF_KIND[k].search(n) for k in kinds for n in names):
+        return f"no {_WEIGHT_NAMES[kind]}" if kind else "no model weights"
+    return None
+
+
+def _looks_half_saved(folder: str) -> bool:
+    """An unmarked folder that a save of ours was writing when it stopped: empty, or holding checkpoint files.
+    (Anything else, e.g. a user's own checkpoint-99/, is not ours to delete.)"""
+    names = os.listdir(folder)
+    return not names or any(WEIGHT_FILE.search(n) or n.startswith(("optimizer", "scheduler", "rng_state", "trainer_state")) for n in names)
+
+
+def resume_point(output_dir: str, remove_incomplete: bool = True, kind: Optional[str] = None,
+                 need_optimizer: bool = True) -> Tuple[Optional[str], List[str]]:
+    """(checkpoint to resume from or None to start afresh, checkpoints that can't be resumed from).
+
+    Only checkpoints that hold what resuming needs (trainer state, optimizer state, weights of `kind`)
+    are candidates; the newest wins. When our completion markers are present, only marked checkpoints
+    count, and unmarked ones newer than the chosen one (what an interrupted save left) are deleted by the
+    saving process (remove_incomplete): PaddleNLP's rotation would otherwise keep them and delete a good one.
+    Passing over a broken checkpoint is logged; if there are checkpoints but none is usable, UserError
+    names the newest and what to do.
+    """
+    from .arguments import UserError
+
     found = checkpoint_dirs(output_dir)
-    marked = [(step, path) for step, path in found if is_complete(path)]
-    if not marked:
-        return found[-1][1] if found else None  # nothing of ours: PaddleNLP's own rule
-    step, path = marked[-1]
-    for later_step, later in found:
-        if later_step > step and not is_complete(later):
-            log.warning(f"{later} was not saved completely (the run stopped while saving it); resuming from {path} instead")
-            if remove_incomplete:
-                shutil.rmtree(later, ignore_errors=True)
-    return path
+    if not found:
+        return None, []
+    any_marked = any(is_complete(path) for _, path in found)
+    chosen, skipped = None, []
+    for step, path in reversed(found):
+        if any_marked and not is_complete(path):
+            if _looks_half_saved(path):
+                log.warning(f"{path} was not saved completely (the run stopped while saving it); passing over it")
+                if remove_incomplete:
+                    shutil.rmtree(path, ignore_errors=True)
+                    continue
+            else:
+                log.warning(f"{path} is not a checkpoint of this run (unknown contents); leaving it alone")
+            skipped.append(path)
+            continue
+        problem = checkpoint_problem(path, kind, need_optimizer)
+        if problem is None:
+            chosen = path
+            break
+        log.warning(f"{path} can't be resumed from ({problem}); passing over it")
+        skipped.append(path)
+    if chosen is None and skipped:
+        broken = skipped[0]
+        raise UserError(f"{broken} can't be resumed from ({checkpoint_problem(broken, kind, need_optimizer) or 'not saved completely'}) "
+                        f"and output_dir holds no usable checkpoint; pass --overwrite_output_dir true to start over, or remove it")
+    if chosen and skipped:
+        log.warning(f"resuming from the newest usable checkpoint, {chosen}")
+    return chosen, skipped
+
+
+def relocate_state(checkpoint: str, output_dir: str) -> None:
+    """Make the trainer state of `checkpoint` point into `output_dir` as it is now.
+
+    PaddleNLP records best_model_checkpoint as a path (output_dir as given when it was saved); after the
+    folder is copied or moved, that path is elsewhere or gone, and the next rotation fails
+    ("... is not in list") or load_best_model_at_end would load another run's model.
+    """
+    path = os.path.join(checkpoint, TRAINER_STATE)
+    with open(path, encoding="utf-8") as f:
+        state = json.load(f)
+    best = state.get("best_model_checkpoint")
+    if not best:
+        return
+    here = os.path.join(output_dir, os.path.basename(os.path.normpath(best)))
+    new = here if os.path.isdir(here) else None
+    if new == best:
+        return
+    if new is None:
+        log.warning(f"{checkpoint}: the best checkpoint it records ({best}) is gone; the best model is tracked afresh")
+    state["best_model_checkpoint"] = new
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(path + ".tmp", path)

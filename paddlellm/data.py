@@ -38,6 +38,8 @@ def split_files(dataset_name_or_path: str, split: str, required: bool = True) ->
         raise DataError(f"dataset_name_or_path {root!r} is not a folder; give a folder with train.json and dev.json (or train/ and dev/ folders of *.json)")
     single = os.path.join(root, f"{split}.json")
     folder = os.path.join(root, split)
+    if os.path.isfile(single) and os.path.isdir(folder):
+        raise DataError(f"{root}: holds both {split}.json and a {split}/ folder; keep one of them (which one is meant is ambiguous)")
     if os.path.isfile(single):
         return [single]
     if os.path.isdir(folder):

@@ -39,7 +39,7 @@ class DataArgument:
     task_name: Optional[str] = field(default=None, metadata={"help": "Name of the task, recorded with the results."})
     src_length: int = field(default=1024, metadata={"help": "Maximum tokens of the context (earlier turns + final prompt); oldest turns are dropped first."})
     tgt_length: int = field(default=1024, metadata={"help": "Maximum tokens of the final reply (including its end token); also the generation length in evaluation."})
-    eval_with_do_generation: bool = field(default=False, metadata={"help": "Evaluate by generating replies (BLEU-4, ROUGE-1/2/L) instead of loss/ppl/accuracy."})
+    eval_with_do_generation: bool = field(default=False, metadata={"help": "Also evaluate by generating replies: BLEU-4 and ROUGE-1/2/L are reported together with loss/ppl/accuracy."})
     save_generation_output: bool = field(default=False, metadata={"help": "With eval_with_do_generation, write generated_output.json to output_dir."})
     intokens: bool = field(default=False, metadata={"help": "Pack several examples into one sequence of up to intokens_max_length tokens."})
     intokens_max_length: int = field(default=2048, metadata={"help": "Token slots of one packed sequence."})
@@ -63,6 +63,13 @@ TRAINING_DEFAULTS = dict(
 
 
 def parse(argv=None):
+    """(model_args, data_args, gen_args, training kwargs) of a fine-tuning command line."""
+    return parse_with_mode(argv)[:4]
+
+
+def parse_with_mode(argv=None):
+    """parse() plus the run's mode: "train" (train, then evaluate when there is dev data: also when neither
+    do_train nor do_eval is given), "train_only" (do_eval false) or "eval_only" (do_train false)."""
     model_args, data_args, gen_args, training = parse_args(
         [ModelArgument, DataArgument, GenerateArgument], argv, prog="finetune_generation.py",
         description="Fine-tune (SFT, LoRA, Prefix Tuning) a causal LM on src/tgt JSONL data.", training=True)
@@ -78,11 +85,25 @@ def parse(argv=None):
         check_ranges(model_args, data_args, gen_args, training)
     except UserError as e:
         fail(str(e))
+    # PaddleNLP's TrainingArguments give do_train/do_eval defaults, so "not given" is told apart here,
+    # where the dict holds only what the JSON file and the command line set.
+    do_train, do_eval = training.get("do_train"), training.get("do_eval")
+    if do_train is False and do_eval is False:
+        fail("--do_train false and --do_eval false: nothing to do; do_train false evaluates a model, do_eval false trains without evaluating")
+    mode = "eval_only" if do_train is False else "train_only" if do_eval is False else "train"
+    if mode != "eval_only" and model_args.model_name_or_path and os.path.isdir(model_args.model_name_or_path) \
+            and os.path.realpath(model_args.model_name_or_path) == os.path.realpath(training["output_dir"]):
+        fail(f"output_dir {training['output_dir']!r} is the model being fine-tuned (model_name_or_path); "
+             "write to another folder (saving would replace the weights training starts from)")
+    if mode == "train_only":
+        # no evaluation at all: also none during training, and so no best model to load at the end
+        training["evaluation_strategy"] = "no"
+        training["load_best_model_at_end"] = False
     for k, v in TRAINING_DEFAULTS.items():
         training.setdefault(k, v)
     # PaddleNLP turns do_eval=True with evaluation_strategy "no" into step-wise evaluation; keep "no" meaning no.
     training.setdefault("do_eval", training["evaluation_strategy"] != "no")
-    return model_args, data_args, gen_args, training
+    return model_args, data_args, gen_args, training, mode
 
 
 def check_ranges(model_args, data_args, gen_args, training: Dict) -> None:
@@ -119,7 +140,7 @@ def resolve_family(model_args):
     return detect_family(m.family, (m.lora_path, m.prefix_path, m.model_name_or_path), m.model_name_or_path)
 
 
-def check_device(training: Dict) -> None:
+def check_device(training: Dict, dtype: str = "float32") -> None:
     """Refuse what this device can't do, with one clear line (before anything is written)."""
     import paddle
 
@@ -127,8 +148,12 @@ def check_device(training: Dict) -> None:
     for key in ("tensor_parallel_degree", "sharding_parallel_degree"):
         if int(training.get(key, 1) or 1) > 1 and not gpu:
             raise UserError(f"--{key} {training[key]}: tensor and sharding parallelism need GPUs (paddlepaddle-gpu); on CPU use data parallel: python -m paddle.distributed.launch --nproc_per_node N ...")
-    if (training.get("fp16") or training.get("bf16")) and not gpu:
-        raise UserError("--fp16/--bf16 mixed precision needs a GPU here; drop the flag to train in float32 on CPU")
+    for flag in ("fp16", "bf16"):
+        if training.get(flag) and not gpu:
+            # the shipped configs set fp16: true for GPUs; say exactly which override turns it off
+            raise UserError(f"--{flag}: mixed precision needs a GPU here; pass --{flag} false to train in float32 on CPU")
+    if dtype != "float32" and not gpu:
+        raise UserError(f"--dtype {dtype}: paddle's CPU kernels have no {dtype} matmul; use --dtype float32 on CPU (or a GPU)")
 
 
 def all_linear_targets(model) -> List[str]:
@@ -228,27 +253,29 @@ def save_outputs(trainer, tokenizer, family, kind, model_args, data_args, gen_ar
 
 
 def run(argv=None) -> int:
-    model_args, data_args, gen_args, training = parse(argv)
+    model_args, data_args, gen_args, training, mode = parse_with_mode(argv)
     output_dir = training["output_dir"]
     existed = os.path.exists(output_dir)
     try:
         # Validate the data before anything heavy loads or anything is written.
         from .data import read_split
 
-        train_records = read_split(data_args.dataset_name_or_path, "train")
-        dev_records = read_split(data_args.dataset_name_or_path, "dev", required=False)
+        train_records = read_split(data_args.dataset_name_or_path, "train") if mode != "eval_only" else []
+        dev_records = read_split(data_args.dataset_name_or_path, "dev", required=mode == "eval_only")
         family = resolve_family(model_args)
         from .runtime import setup_runtime
 
         setup_runtime()  # before paddle is imported
-        check_device(training)
+        check_device(training, model_args.dtype)
         make_dir(output_dir, "output_dir")
         import paddle
 
         # Fresh parameter and optimizer-state names in every run (not counters left by earlier runs in
         # this process), so a checkpoint's optimizer state matches the parameters when a run resumes.
         with paddle.utils.unique_name.guard():
-            return _train(family, model_args, data_args, gen_args, training, train_records, dev_records)
+            if mode == "eval_only":
+                return _evaluate_only(family, model_args, data_args, gen_args, training, dev_records)
+            return _train(family, model_args, data_args, gen_args, training, train_records, dev_records, mode)
     except UserError as e:
         _cleanup(output_dir, existed)
         fail(str(e))
@@ -264,11 +291,14 @@ def _cleanup(output_dir: str, existed: bool) -> None:
     """After a failure: keep the folder if it holds a complete checkpoint (hours of training are not thrown
     away; rerunning the same command resumes from it), else remove a folder this run created, so that a
     failed run leaves nothing half-written."""
-    from .checkpoints import complete_checkpoints
+    from .checkpoints import checkpoint_problem, complete_checkpoints
+    from .families import META_FILE
 
-    kept = complete_checkpoints(output_dir)
+    kept = [c for c in complete_checkpoints(output_dir) if checkpoint_problem(c) is None]
     if kept:
         print(f"paddlellm: kept {kept[-1]}; rerun the same command to resume from it", file=sys.stderr)
+    elif os.path.isfile(os.path.join(output_dir, META_FILE)):
+        pass  # the trained model was saved before the failure (e.g. in the final evaluation): never remove it
     elif not existed and os.path.isdir(output_dir):
         shutil.rmtree(output_dir, ignore_errors=True)
 
@@ -282,20 +312,20 @@ def _pack(family, data_args, train_examples, dev_examples, prefix: bool = False)
     if prefix and not family.supports.get("intokens_prefix", True):
         raise UserError(f"--intokens: prefix tuning of the {family.name} family can't be packed exactly (see llm/{family.name}/README.md); "
                         f"train the prefix with intokens off")
-    train_rows, eff = pack_examples(train_examples, data_args.intokens_max_length)
-    log.info(f"intokens: packed {len(train_examples)} train examples into {len(train_rows)} rows of "
-             f"{data_args.intokens_max_length} tokens; packing efficiency {100 * eff:.1f}% (real tokens / token slots)")
+    train_rows = []
+    if train_examples:
+        train_rows, eff = pack_examples(train_examples, data_args.intokens_max_length)
+        log.info(f"intokens: packed {len(train_examples)} train examples into {len(train_rows)} rows of "
+                 f"{data_args.intokens_max_length} tokens; packing efficiency {100 * eff:.1f}% (real tokens / token slots)")
     dev_rows = pack_examples(dev_examples, data_args.intokens_max_length)[0] if dev_examples else []
     return train_rows, dev_rows
 
 
-def _train(family, model_args, data_args, gen_args, training, train_records, dev_records) -> int:
+def _setup(family, model_args, data_args, training, train_records, dev_records, tokenizer_from: Optional[str] = None):
+    """TrainingArguments, logging, tokenizer and the encoded (and, with intokens, packed) examples."""
     from paddlenlp.trainer import TrainingArguments, set_seed
 
-    from .checkpoints import resume_point
-
     from .data import encode_records
-    from .trainer import build_trainer
 
     try:
         training_args = TrainingArguments(**training)
@@ -304,27 +334,72 @@ def _train(family, model_args, data_args, gen_args, training, train_records, dev
     set_seed(training_args.seed)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log.setLevel(logging.INFO if training_args.local_rank in (-1, 0) else logging.WARNING)
+    source = tokenizer_from or model_args.model_name_or_path
     try:
-        tokenizer = family.load_tokenizer(model_args.model_name_or_path)
+        tokenizer = family.load_tokenizer(source)
     except Exception as e:  # a wrong path or name: one line, not paddlenlp's traceback
-        raise UserError(f"model_name_or_path {model_args.model_name_or_path!r}: can't load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    train_examples, train_stats = encode_records(family, tokenizer, train_records, data_args.src_length, data_args.tgt_length, "train")
-    dev_examples, dev_stats = (encode_records(family, tokenizer, dev_records, data_args.src_length, data_args.tgt_length, "dev")
-                               if dev_records else ([], None))
+        raise UserError(f"model_name_or_path {source!r}: can't load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    train_examples, train_stats = (encode_records(family, tokenizer, train_records, data_args.src_length, data_args.tgt_length, "train")
+                                   if train_records else ([], {}))
+    dev_examples, _ = (encode_records(family, tokenizer, dev_records, data_args.src_length, data_args.tgt_length, "dev")
+                       if dev_records else ([], None))
     if data_args.intokens:
         train_examples, dev_examples = _pack(family, data_args, train_examples, dev_examples,
                                              prefix=bool(model_args.prefix_tuning or model_args.prefix_path))
+    return training_args, tokenizer, train_examples, train_stats, dev_examples
+
+
+def _resume(training_args, kind: str):
+    """The checkpoint to resume from (None: start afresh) and the ones passed over as unusable."""
+    from .checkpoints import checkpoint_dirs, relocate_state, resume_point
+
+    out = training_args.output_dir
+    if not os.path.isdir(out):
+        return None, []
+    if training_args.overwrite_output_dir:
+        # Starting over: checkpoints of the earlier run would be mixed with this run's (same step numbers,
+        # their completion markers, and rotation by step number would delete the new ones instead).
+        old = checkpoint_dirs(out)
+        if old and training_args.should_save:
+            from .checkpoints import is_complete
+
+            ours = [p for _, p in old if is_complete(p)]
+            for path in ours:
+                shutil.rmtree(path, ignore_errors=True)
+            if ours:
+                log.info(f"--overwrite_output_dir: removed {len(ours)} checkpoint(s) of the earlier run in {out}")
+        # what is left is not ours (no completion marker): leave it alone, also in the rotation
+        return None, [p for _, p in checkpoint_dirs(out)] if training_args.should_save else [p for _, p in old]
+    need_optimizer = not (training_args.ignore_load_lr_and_optim or training_args.ignore_save_lr_and_optim)
+    last, unusable = resume_point(out, remove_incomplete=training_args.should_save, kind=kind, need_optimizer=need_optimizer)
+    if last:
+        if training_args.should_save:
+            relocate_state(last, out)
+        log.info(f"resuming from {last} (pass --overwrite_output_dir to start over)")
+    return last, unusable
+
+
+def _train(family, model_args, data_args, gen_args, training, train_records, dev_records, mode: str = "train") -> int:
+    from .trainer import build_trainer
+
+    training_args, tokenizer, train_examples, train_stats, dev_examples = _setup(
+        family, model_args, data_args, training, train_records, dev_records)
+    kind = "lora" if (model_args.lora or model_args.lora_path) else "prefix" if (model_args.prefix_tuning or model_args.prefix_path) else "full"
+    # Decide where to resume before the model loads: a broken checkpoint is one line without that wait.
+    last, unusable = _resume(training_args, kind)
     model, kind = build_model(family, model_args, training_args, tokenizer)
 
-    last = None
-    if os.path.isdir(training_args.output_dir) and not training_args.overwrite_output_dir:
-        last = resume_point(training_args.output_dir, remove_incomplete=training_args.should_save)
-        if last:
-            log.info(f"resuming from {last} (pass --overwrite_output_dir to start over)")
-    if not dev_examples:
+    if mode == "train_only":
+        log.info("do_eval false: no evaluation (during training or at the end)")
+        dev_examples, dev_records = [], []
+    elif not dev_examples:
+        off = "evaluation and load_best_model_at_end are" if training_args.load_best_model_at_end else "evaluation is"
+        log.info(f"no dev data (dev.json or dev/) in {data_args.dataset_name_or_path}: {off} switched off")
         training_args.evaluation_strategy = training_args.evaluation_strategy.__class__("no")
         training_args.do_eval = False
+        training_args.load_best_model_at_end = False
     trainer = build_trainer(model, tokenizer, family, training_args, train_examples, dev_examples, dev_records, data_args, gen_args)
+    trainer.unusable_checkpoints = unusable
     train_result = trainer.train(resume_from_checkpoint=last)
     save_outputs(trainer, tokenizer, family, kind, model_args, data_args, gen_args, training_args)
     if training_args.should_save:  # the loss curve, for users and for tests
@@ -335,10 +410,39 @@ def _train(family, model_args, data_args, gen_args, training, train_records, dev
     metrics.update({f"train_{k}": v for k, v in train_stats.items()})
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
-    if dev_examples:  # the final evaluation always runs when there is dev data
+    if dev_examples:  # the final evaluation runs whenever there is dev data (unless do_eval is false)
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
+    return 0
+
+
+def _evaluate_only(family, model_args, data_args, gen_args, training, dev_records) -> int:
+    """do_train false: evaluate the model (with its adapters) on the dev set; write only the results.
+
+    Nothing is trained and no weights or checkpoints are written: output_dir receives eval_results.json
+    (and generated_output.json with save_generation_output), whatever else it holds stays as it is.
+    """
+    from .loading import load_for_inference, resolve_model
+    from .trainer import build_trainer
+
+    m = model_args
+    base, lora_path, prefix_path, _, _ = resolve_model(m.model_name_or_path, m.lora_path, m.prefix_path, family.name)
+    adapter = lora_path or prefix_path
+    tokenizer_from = adapter if adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else base
+    training_args, tokenizer, _, _, dev_examples = _setup(family, model_args, data_args, training, [], dev_records, tokenizer_from)
+    what = f"{base}" + (f" with the LoRA adapters in {lora_path}" if lora_path else f" with the prefix in {prefix_path}" if prefix_path else "")
+    log.info(f"evaluation-only run (do_train false): evaluating {what} on the dev set of {data_args.dataset_name_or_path}; "
+             f"nothing is trained or saved except the results in {training_args.output_dir}")
+    model, tokenizer, family, _ = load_for_inference(base, lora_path, prefix_path, dtype=m.dtype, family=family)
+    trainer = build_trainer(model, tokenizer, family, training_args, [], dev_examples, dev_records, data_args, gen_args)
+    trainer.guard_run = False  # no training to protect: a failing evaluation is the command's failure
+    metrics = trainer.evaluate()
+    metrics["eval_model"] = os.path.abspath(base) if os.path.isdir(base) else base
+    if adapter:
+        metrics["eval_adapter"] = os.path.abspath(adapter)
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
     return 0
 
 

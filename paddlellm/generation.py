@@ -67,9 +67,21 @@ def text_metrics(predictions: List[str], references: List[str]) -> Dict[str, flo
     for p, r in zip(preds, refs):
         bleu.add_inst(p, [r])
         rouge_l.add_inst(p, [r])
-    out = {"bleu4": 100 * bleu.score(), "rougel": 100 * rouge_l.score()}
+    out = {"bleu4": _bleu_percent(bleu), "rougel": 100 * rouge_l.score()}
     for name, metric in (("rouge1", Rouge1()), ("rouge2", Rouge2())):
         overlap, total = metric.compute(preds, refs)
         out[name] = 100 * overlap / total if total else 0.0
     out["exact_match"] = 100 * sum(p == r for p, r in zip(predictions, references)) / max(len(references), 1)
     return out
+
+
+def _bleu_percent(bleu) -> float:
+    """BLEU in percent; 0 when some n-gram order has no match or every prediction is empty.
+
+    Workaround (paddlenlp 3.0.0b4 BLEU.accumulate): it divides by the predictions' total length (a
+    ZeroDivisionError when every reply is empty, e.g. a model that stops at once) and replaces a zero
+    n-gram precision by the smallest float, printing BLEU 0 as 1.73e-306. Geometric-mean BLEU is 0 then.
+    """
+    if bleu.bp_c == 0 or any(bleu.match_ngram[n] == 0 for n in range(bleu.n_size)):
+        return 0.0
+    return 100 * bleu.score()

@@ -35,9 +35,6 @@ def _read_json(path: str) -> Dict:
         return json.load(f)
 
 
-WEIGHT_FILE = re.compile(r"^(model_state|model|lora_model_state|prefix_model_state|peft_model)([.-].*)?\.(pdparams|safetensors)$|\.index(\.[^.]+)?\.json$")
-
-
 class Staging:
     """Build an output folder under a temporary name next to `target`; move it into place on success,
     delete it on failure (so an error leaves no half-written model behind)."""
@@ -59,9 +56,9 @@ class Staging:
             return False
         if os.path.isdir(self.target) and os.listdir(self.target):
             # An earlier output: replace its weights (stale shards would shadow the new file) and files we write.
-            for name in os.listdir(self.target):
-                if WEIGHT_FILE.search(name) and os.path.isfile(os.path.join(self.target, name)):
-                    os.remove(os.path.join(self.target, name))
+            from .checkpoints import remove_weight_files
+
+            remove_weight_files(self.target, configs=True)
             for name in os.listdir(self.path):
                 os.replace(os.path.join(self.path, name), os.path.join(self.target, name))
             os.rmdir(self.path)

@@ -136,7 +136,10 @@ def build_tiny(family_name: str, output: str, vocab_size: int = 600, seed: int =
     model = family.paddlenlp_class("model_class")(config)
     family.init_new_weights(model)
     model.eval()
-    model.save_pretrained(output, safe_serialization=True)
+    from .checkpoints import replacing_weights
+
+    with replacing_weights(output):  # an older weight file there would be loaded instead of this one
+        model.save_pretrained(output, safe_serialization=True)
     with open(os.path.join(output, META_FILE), "w", encoding="utf-8") as f:
         json.dump({"family": family.name, "kind": "base", "tiny": True, "seed": seed}, f, indent=2)
     return output

@@ -17,7 +17,7 @@ import paddle
 from paddlenlp.trainer import Trainer
 from paddlenlp.trainer.trainer_callback import ProgressCallback, TrainerCallback
 
-from .checkpoints import mark_complete
+from .checkpoints import mark_complete, replacing_weights
 from .data import Collator, ExampleDataset
 from .families import logits_of
 from .generation import text_metrics
@@ -41,7 +41,28 @@ class SFTTrainer(Trainer):
         self._window = [0.0, 0]
         self.total = [0.0, 0]
         self._rate_mark = None  # (time, real_tokens) at the start of the logging window
+        self.unusable_checkpoints: List[str] = []  # set by finetune when resuming passed over broken ones
+        self.guard_run = True  # a training run: a failing generation evaluation is a warning, not the end of the run
         self.add_callback(_NormaliseGradients(self))
+
+    def _save(self, output_dir=None, state_dict=None, merge_tensor_parallel=False):
+        # Every model save (checkpoints and the final one) replaces the weight files already in the folder.
+        # Not in model-parallel runs: there other ranks write their shards into the same folder at the
+        # same time, and telling their fresh files from stale ones would race.
+        args = self.args
+        single_writer = args.should_save and max(args.tensor_parallel_degree, 1) == 1 and max(args.pipeline_parallel_degree, 1) == 1 \
+            and max(args.sharding_parallel_degree, 1) == 1
+        folder = output_dir if output_dir is not None else args.output_dir
+        with replacing_weights(folder, enabled=single_writer):
+            super()._save(output_dir=output_dir, state_dict=state_dict, merge_tensor_parallel=merge_tensor_parallel)
+
+    def _sorted_checkpoints(self, output_dir=None, checkpoint_prefix="checkpoint", use_mtime=False):
+        # Checkpoints that resuming passed over as unusable (e.g. a foreign checkpoint-99/) are left alone by
+        # the rotation: counting them would delete this run's newer checkpoints instead (rotation keeps the
+        # highest step numbers).
+        found = super()._sorted_checkpoints(output_dir=output_dir, checkpoint_prefix=checkpoint_prefix, use_mtime=use_mtime)
+        skip = {os.path.abspath(p) for p in self.unusable_checkpoints}
+        return [p for p in found if os.path.abspath(p) not in skip]
 
     def _save_checkpoint(self, model, metrics=None):
         super()._save_checkpoint(model, metrics=metrics)
@@ -151,7 +172,15 @@ class SFTTrainer(Trainer):
         start = time.time()
         metrics = self._loss_metrics(eval_dataset or self.eval_dataset)
         if self.data_args.eval_with_do_generation:
-            metrics.update(self._generation_metrics())
+            try:
+                metrics.update(self._generation_metrics())
+            except Exception as e:
+                if not self.guard_run:
+                    raise
+                # A failure while generating or scoring replies (a model or metric quirk) must not end a
+                # training run: that would lose every step since the last checkpoint.
+                log.warning(f"generation evaluation failed at step {self.state.global_step} ({type(e).__name__}: {e}); "
+                            "BLEU/ROUGE are left out this time and training goes on")
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
         metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
         self.log(metrics)
