@@ -17,7 +17,7 @@ import paddle
 from paddlenlp.trainer import Trainer
 from paddlenlp.trainer.trainer_callback import ProgressCallback, TrainerCallback
 
-from .checkpoints import mark_complete, replacing_weights
+from .checkpoints import MARKER, mark_complete, replacing_weights
 from .data import Collator, ExampleDataset
 from .families import logits_of
 from .generation import text_metrics
@@ -65,6 +65,13 @@ class SFTTrainer(Trainer):
         return [p for p in found if os.path.abspath(p) not in skip]
 
     def _save_checkpoint(self, model, metrics=None):
+        # Saving into a checkpoint-N folder that is already there (one that resuming passed over as broken):
+        # its old completion marker must not vouch for the new save until that is complete, and it is a
+        # checkpoint of this run again, so it takes part in the rotation.
+        folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        if self.args.should_save and os.path.isfile(os.path.join(folder, MARKER)):
+            os.remove(os.path.join(folder, MARKER))
+        self.unusable_checkpoints = [p for p in self.unusable_checkpoints if os.path.abspath(p) != os.path.abspath(folder)]
         super()._save_checkpoint(model, metrics=metrics)
         # Workaround (paddlenlp 3.0.0b4): _save_checkpoint deletes checkpoints beyond save_total_limit only
         # when local_rank == 0, which a single process started without the launcher (local_rank -1) never
