@@ -146,3 +146,15 @@ def test_console_command_lists_commands_and_version():
     assert run_cmd([sys.executable, "-m", "paddlellm.cli", "--version"]).stdout.strip() == f"paddlellm {__version__}"
     bad = run_cmd([sys.executable, "-m", "paddlellm.cli", "finetuen"], check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: unknown command 'finetuen'; did you mean 'finetune'?")
+
+
+def test_console_command_without_a_command_is_a_usage_error():
+    proc = run_cmd([sys.executable, "-m", "paddlellm.cli"], check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("usage: paddlellm <command> [args]")
+
+
+def test_generation_evaluation_help_says_metrics_are_reported_together():
+    out = run_cmd([sys.executable, os.path.join(ROOT, "finetune_generation.py"), "--help"]).stdout
+    line = out.split("--eval_with_do_generation", 1)[1].splitlines()[1].strip()
+    assert line == "Also evaluate by generating replies: BLEU-4 and ROUGE-1/2/L are reported together with loss/ppl/accuracy."

@@ -131,3 +131,21 @@ def test_output_dir_that_cannot_be_created(tmp_path):
     out = str(tmp_path / "afile" / "out")
     assert_one_line_error(finetune(os.path.join(ROOT, "data"), out),
                           f"output_dir {out!r}: can't create it ({str(tmp_path / 'afile')!r} is a file); choose a writable place", out)
+
+
+def test_split_file_and_split_folder_together_are_ambiguous(tmp_path):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "train.json").write_text(GOOD)
+    (tmp_path / "data" / "train" / "more.json").write_text(GOOD)
+    out = str(tmp_path / "out")
+    assert_one_line_error(finetune(str(tmp_path / "data"), out),
+                          f"{tmp_path / 'data'}: holds both train.json and a train/ folder; keep one of them (which one is meant is ambiguous)", out)
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--fp16", "true"], "--fp16: mixed precision needs a GPU here; pass --fp16 false to train in float32 on CPU"),
+    (["--dtype", "float16"], "--dtype float16: paddle's CPU kernels have no float16 matmul; use --dtype float32 on CPU (or a GPU)"),
+], ids=["fp16", "dtype"])
+def test_half_precision_on_cpu_is_one_line(tmp_path, extra, expected):
+    out = str(tmp_path / "out")
+    assert_one_line_error(finetune(os.path.join(ROOT, "data"), out, *extra), expected, out)
