@@ -74,54 +74,57 @@ _WEIGHTS_OF_KIND = {
 _WEIGHT_NAMES = {"full": "model_state.pdparams", "lora": "lora_model_state.pdparams", "prefix": "prefix_model_state.pdparams"}
 
 
-def _weight_files(folder: str, configs: bool = False) -> Dict[str, Tuple[int, int]]:
-    """{name: (inode, mtime_ns)} of the weight files in folder (and adapter configs with `configs`)."""
+def _weight_files(folder: str, configs: bool = False) -> List[str]:
+    """Names of the weight files in folder (and of the adapter configs with `configs`)."""
     if not os.path.isdir(folder):
-        return {}
-    out = {}
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        if (WEIGHT_FILE.search(name) or (configs and name in ADAPTER_CONFIG)) and os.path.isfile(path):
-            st = os.stat(path)
-            out[name] = (st.st_ino, st.st_mtime_ns)
-    return out
+        return []
+    return sorted(name for name in os.listdir(folder)
+                  if (WEIGHT_FILE.search(name) or (configs and name in ADAPTER_CONFIG)) and os.path.isfile(os.path.join(folder, name)))
 
 
 def remove_weight_files(folder: str, configs: bool = False) -> List[str]:
     """Delete every weight file in folder (and the adapter configs with `configs`); returns the names removed."""
-    removed = []
-    for name in _weight_files(folder, configs):
+    names = _weight_files(folder, configs)
+    for name in names:
         os.remove(os.path.join(folder, name))
-        removed.append(name)
-    return removed
+    return names
 
 
 @contextlib.contextmanager
 def replacing_weights(folder: str, enabled: bool = True):
-    """Around a save into `folder`: afterwards, weight files (and adapter configs) that were there before
-    and were not rewritten by the save are deleted.
+    """Around a save into `folder`: the weight files (and adapter configs) already there are set aside
+    first, deleted once the save succeeded, and put back (in place of what it wrote) if it fails.
 
     Why: paddlenlp's from_pretrained prefers model.safetensors to model_state.pdparams, so an older file
     of the other format (a merged or tiny model, an earlier run of another kind) would silently win over
     the weights just saved. A folder must hold one set of weights: the one written last.
     """
-    before = _weight_files(folder, configs=True) if enabled else {}
-    yield
-    if not enabled:
-        return
-    after = _weight_files(folder, configs=True)
-    stale = [name for name, stamp in before.items() if after.get(name) == stamp]
-    for name in stale:
-        os.remove(os.path.join(folder, name))
+    names = _weight_files(folder, configs=True) if enabled else []
+    aside = {name: os.path.join(folder, f".{name}.replaced-{os.getpid()}") for name in names}
+    for name, path in aside.items():
+        os.replace(os.path.join(folder, name), path)
+    try:
+        yield
+    except BaseException:
+        remove_weight_files(folder, configs=True)  # what the failed save wrote (possibly half a file)
+        for name, path in aside.items():
+            os.replace(path, os.path.join(folder, name))
+        raise
+    for path in aside.values():
+        os.remove(path)
+    stale = [name for name in names if not os.path.exists(os.path.join(folder, name))]
     if stale:
-        log.info(f"{folder}: removed {', '.join(sorted(stale))} left by an earlier save (replaced by the weights just saved)")
+        log.info(f"{folder}: removed {', '.join(stale)} left by an earlier save (replaced by the weights just saved)")
 
 
 # --------------------------------------------------------------------------- resuming
 def checkpoint_problem(folder: str, kind: Optional[str] = None, need_optimizer: bool = True) -> Optional[str]:
     """Why training can't resume from checkpoint `folder` (None: it can). `kind` (full, lora, prefix) is
     what the run trains, whose weights the checkpoint must hold; None accepts any."""
-    names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    try:
+        names = set(os.listdir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        names = set()
     if TRAINER_STATE not in names:
         return f"no {TRAINER_STATE}"
     try:
@@ -140,7 +143,10 @@ def checkpoint_problem(folder: str, kind: Optional[str] = None, need_optimizer: 
 def _looks_half_saved(folder: str) -> bool:
     """An unmarked folder that a save of ours was writing when it stopped: empty, or holding checkpoint files.
     (Anything else, e.g. a user's own checkpoint-99/, is not ours to delete.)"""
-    names = os.listdir(folder)
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:  # being removed by the saving process right now
+        return True
     return not names or any(WEIGHT_FILE.search(n) or n.startswith(("optimizer", "scheduler", "rng_state", "trainer_state")) for n in names)
 
 
@@ -208,7 +214,10 @@ def relocate_state(checkpoint: str, output_dir: str) -> None:
     if new is None:
         log.warning(f"{checkpoint}: the best checkpoint it records ({best}) is gone; the best model is tracked afresh")
     state["best_model_checkpoint"] = new
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    # Every process of a distributed run does this (each reads the file when it resumes): a temporary
+    # name per process, and atomic replacement with the same content, keep them from disturbing each other.
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(state, f, indent=2, sort_keys=True)
         f.write("\n")
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)

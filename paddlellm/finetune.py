@@ -373,8 +373,7 @@ def _resume(training_args, kind: str):
     need_optimizer = not (training_args.ignore_load_lr_and_optim or training_args.ignore_save_lr_and_optim)
     last, unusable = resume_point(out, remove_incomplete=training_args.should_save, kind=kind, need_optimizer=need_optimizer)
     if last:
-        if training_args.should_save:
-            relocate_state(last, out)
+        relocate_state(last, out)
         log.info(f"resuming from {last} (pass --overwrite_output_dir to start over)")
     return last, unusable
 

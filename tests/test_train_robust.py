@@ -122,3 +122,21 @@ def test_missing_dev_data_is_said(tiny_dir, tmp_path, caplog):
         assert finetune(tiny_dir("llama"), data, str(tmp_path / "out"), "--lora", "true", "--max_steps", "1",
                         "--load_best_model_at_end", "true") == 0
     assert f"no dev data (dev.json or dev/) in {data}: evaluation and load_best_model_at_end are switched off" in caplog.text
+
+
+def test_replacing_weights_puts_the_old_files_back_when_the_save_fails(tmp_path):
+    from paddlellm.checkpoints import replacing_weights
+
+    (tmp_path / "model.safetensors").write_bytes(b"old weights")
+    (tmp_path / "lora_config.json").write_text("{}")
+    (tmp_path / "config.json").write_text("{}")  # not a weight file: never touched
+    with pytest.raises(RuntimeError):
+        with replacing_weights(str(tmp_path)):
+            (tmp_path / "model_state.pdparams").write_bytes(b"half")
+            raise RuntimeError("disk full")
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "lora_config.json", "model.safetensors"]  # the half file is gone
+    assert (tmp_path / "model.safetensors").read_bytes() == b"old weights"
+    with replacing_weights(str(tmp_path)):
+        (tmp_path / "model_state.pdparams").write_bytes(b"new weights")
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model_state.pdparams"]
+    assert (tmp_path / "model_state.pdparams").read_bytes() == b"new weights"
