@@ -151,7 +151,13 @@ def _looks_half_saved(folder: str) -> bool:
 
 
 def resume_point(output_dir: str, remove_incomplete: bool = True, kind: Optional[str] = None,
-                 need_optimizer: bool = True) -> Tuple[Optional[str], List[str]]:
+                 need_optimizer: bool = True) -> Optional[str]:
+    """The checkpoint to resume from (None: start afresh); see choose_checkpoint."""
+    return choose_checkpoint(output_dir, remove_incomplete, kind, need_optimizer)[0]
+
+
+def choose_checkpoint(output_dir: str, remove_incomplete: bool = True, kind: Optional[str] = None,
+                      need_optimizer: bool = True) -> Tuple[Optional[str], List[str]]:
     """(checkpoint to resume from or None to start afresh, checkpoints that can't be resumed from).
 
     Only checkpoints that hold what resuming needs (trainer state, optimizer state, weights of `kind`)

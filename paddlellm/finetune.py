@@ -351,7 +351,7 @@ def _setup(family, model_args, data_args, training, train_records, dev_records, 
 
 def _resume(training_args, kind: str):
     """The checkpoint to resume from (None: start afresh) and the ones passed over as unusable."""
-    from .checkpoints import checkpoint_dirs, relocate_state, resume_point
+    from .checkpoints import checkpoint_dirs, choose_checkpoint, relocate_state
 
     out = training_args.output_dir
     if not os.path.isdir(out):
@@ -371,7 +371,7 @@ def _resume(training_args, kind: str):
         # what is left is not ours (no completion marker): leave it alone, also in the rotation
         return None, [p for _, p in checkpoint_dirs(out)] if training_args.should_save else [p for _, p in old]
     need_optimizer = not (training_args.ignore_load_lr_and_optim or training_args.ignore_save_lr_and_optim)
-    last, unusable = resume_point(out, remove_incomplete=training_args.should_save, kind=kind, need_optimizer=need_optimizer)
+    last, unusable = choose_checkpoint(out, remove_incomplete=training_args.should_save, kind=kind, need_optimizer=need_optimizer)
     if last:
         relocate_state(last, out)
         log.info(f"resuming from {last} (pass --overwrite_output_dir to start over)")
