@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import shutil
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 MARKER = "paddlellm_checkpoint_complete.json"
 TRAINER_STATE = "trainer_state.json"  # paddlenlp.trainer.trainer.TRAINER_STATE_NAME
@@ -227,3 +227,30 @@ def relocate_state(checkpoint: str, output_dir: str) -> None:
         json.dump(state, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def prepare_resume(training_args, kind: Optional[str] = None) -> Tuple[Optional[str], List[str]]:
+    """Where a Trainer run into training_args.output_dir resumes: (checkpoint or None to start afresh,
+    checkpoints to leave out of the rotation). With overwrite_output_dir, the earlier run's checkpoints
+    are removed; else the chosen checkpoint's trainer state is pointed at the folder's current place."""
+    out = training_args.output_dir
+    if not os.path.isdir(out):
+        return None, []
+    if training_args.overwrite_output_dir:
+        # Starting over: checkpoints of the earlier run would be mixed with this run's (same step numbers,
+        # their completion markers, and rotation by step number would delete the new ones instead).
+        old = checkpoint_dirs(out)
+        if old and training_args.should_save:
+            ours = [p for _, p in old if is_complete(p)]
+            for path in ours:
+                shutil.rmtree(path, ignore_errors=True)
+            if ours:
+                log.info(f"--overwrite_output_dir: removed {len(ours)} checkpoint(s) of the earlier run in {out}")
+        # what is left is not ours (no completion marker): leave it alone, also in the rotation
+        return None, [p for _, p in checkpoint_dirs(out)] if training_args.should_save else [p for _, p in old]
+    need_optimizer = not (training_args.ignore_load_lr_and_optim or training_args.ignore_save_lr_and_optim)
+    last, unusable = choose_checkpoint(out, remove_incomplete=training_args.should_save, kind=kind, need_optimizer=need_optimizer)
+    if last:
+        relocate_state(last, out)
+        log.info(f"resuming from {last} (pass --overwrite_output_dir to start over)")
+    return last, unusable

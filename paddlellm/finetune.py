@@ -349,43 +349,15 @@ def _setup(family, model_args, data_args, training, train_records, dev_records, 
     return training_args, tokenizer, train_examples, train_stats, dev_examples
 
 
-def _resume(training_args, kind: str):
-    """The checkpoint to resume from (None: start afresh) and the ones passed over as unusable."""
-    from .checkpoints import checkpoint_dirs, choose_checkpoint, relocate_state
-
-    out = training_args.output_dir
-    if not os.path.isdir(out):
-        return None, []
-    if training_args.overwrite_output_dir:
-        # Starting over: checkpoints of the earlier run would be mixed with this run's (same step numbers,
-        # their completion markers, and rotation by step number would delete the new ones instead).
-        old = checkpoint_dirs(out)
-        if old and training_args.should_save:
-            from .checkpoints import is_complete
-
-            ours = [p for _, p in old if is_complete(p)]
-            for path in ours:
-                shutil.rmtree(path, ignore_errors=True)
-            if ours:
-                log.info(f"--overwrite_output_dir: removed {len(ours)} checkpoint(s) of the earlier run in {out}")
-        # what is left is not ours (no completion marker): leave it alone, also in the rotation
-        return None, [p for _, p in checkpoint_dirs(out)] if training_args.should_save else [p for _, p in old]
-    need_optimizer = not (training_args.ignore_load_lr_and_optim or training_args.ignore_save_lr_and_optim)
-    last, unusable = choose_checkpoint(out, remove_incomplete=training_args.should_save, kind=kind, need_optimizer=need_optimizer)
-    if last:
-        relocate_state(last, out)
-        log.info(f"resuming from {last} (pass --overwrite_output_dir to start over)")
-    return last, unusable
-
-
 def _train(family, model_args, data_args, gen_args, training, train_records, dev_records, mode: str = "train") -> int:
+    from .checkpoints import prepare_resume
     from .trainer import build_trainer
 
     training_args, tokenizer, train_examples, train_stats, dev_examples = _setup(
         family, model_args, data_args, training, train_records, dev_records)
     kind = "lora" if (model_args.lora or model_args.lora_path) else "prefix" if (model_args.prefix_tuning or model_args.prefix_path) else "full"
     # Decide where to resume before the model loads: a broken checkpoint is one line without that wait.
-    last, unusable = _resume(training_args, kind)
+    last, unusable = prepare_resume(training_args, kind)
     model, kind = build_model(family, model_args, training_args, tokenizer)
 
     if mode == "train_only":
