@@ -85,6 +85,10 @@ def test_foreign_checkpoint_folder(tiny_dir, interrupted, tmp_path, capsys, capl
     assert finetune(tiny_dir("llama"), data, alone, *RESUME, "--max_steps", "6", "--overwrite_output_dir", "true") == 0
     assert checkpoints(alone) == ["checkpoint-6", "checkpoint-99"]
     _assert_same_weights(_lora_weights(alone), reference)
+    # starting over again removes the earlier run's checkpoint-6 (the rotation would keep it, the higher
+    # step, and delete the new checkpoint-3), and still leaves the user's folder alone
+    assert finetune(tiny_dir("llama"), data, alone, *RESUME, "--max_steps", "3", "--overwrite_output_dir", "true") == 0
+    assert checkpoints(alone) == ["checkpoint-3", "checkpoint-99"]
 
     beside = copy_run(interrupted, tmp_path)  # beside a checkpoint of ours: resume from ours
     shutil.copytree(os.path.join(alone, "checkpoint-99"), os.path.join(beside, "checkpoint-99"))
