@@ -520,6 +520,11 @@ def test_two_ranks_under_distributed_launch(llama, reference, tmp_path):
         with srv.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "spell: 8"}], "temperature": 0, "stream": True}, stream=True) as r:
             text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in sse_events(r) if e != "[DONE]")
         assert text == reference(["spell: 8"])
+        # prompt log-probabilities: rank 1 runs the same scoring forward pass (n=2: two rows of one batch)
+        out = srv.post("/v1/completions", {"prompt": "spell: 8", "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 1, "n": 2}).json()
+        assert [c["index"] for c in out["choices"]] == [0, 1] and out["choices"][0] == {**out["choices"][1], "index": 0}
+        lps = out["choices"][0]["logprobs"]["token_logprobs"]
+        assert lps[0] is None and len(lps) == out["usage"]["prompt_tokens"] + 2 and all(x < 0 for x in lps[1:])
         assert srv.health()["status"] == "ok"
         with open(os.path.join(logs, "workerlog.1"), errors="replace") as f:
             follower = f.read()

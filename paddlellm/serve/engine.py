@@ -506,8 +506,9 @@ class Engine:
 
     def token_texts(self, ids: List[int], alternatives: Sequence[Sequence[int]] = (), context: Sequence[int] = ()) -> Tuple[List[str], List[List[str]]]:
         """The text each token of `ids` adds after the tokens before it (so the texts join to the decoded
-        sequence; a sentencepiece token keeps its leading space), and the same for alternatives[i], the
-        candidates at position i. `context`: tokens before ids[0]. Special tokens are shown."""
+        sequence; a sentencepiece token keeps its leading space; a token holding part of a multi-byte character
+        is shown by its name), and the same for alternatives[i], the candidates at position i. `context`:
+        tokens before ids[0]. Special tokens are shown."""
         window = 4  # earlier tokens decoded with a token: enough for multi-token characters and spaces
         seq = list(context) + list(ids)
         off = len(context)
@@ -520,7 +521,9 @@ class Engine:
 
                 def piece(tok: int) -> str:
                     after = dec(ctx + [tok])
-                    return after[len(before):] if after.startswith(before) else dec([tok])
+                    text = after[len(before):] if after.startswith(before) else dec([tok])
+                    # part of a multi-byte character: the token's own name (e.g. "<0xE6>"), one per id
+                    return self.tokenizer.convert_ids_to_tokens(tok) if "\ufffd" in text else text
 
                 texts.append(piece(t))
                 alts.append([piece(a) for a in alternatives[i]] if i < len(alternatives) else [])
