@@ -169,6 +169,11 @@ def test_n_choices_and_chat_logprobs(server, client, direct):
     assert [c.index for c in first.choices] == [0, 1]
     assert [c.text for c in client.completions.create(**body).choices] == [c.text for c in first.choices]  # seeded: reproducible
     assert first.usage.prompt_tokens == len(direct.encode("spell: 5", special=True))  # the prompt counts once
+    texts = {0: "", 1: ""}
+    for chunk in client.completions.create(**body, stream=True):  # streamed: pieces of both choices, interleaved
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert [texts[0], texts[1]] == [c.text for c in first.choices]
 
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "spell: 2"}], n=2, temperature=1.0, max_tokens=6)
     assert [c.index for c in chat.choices] == [0, 1] and all(c.message.role == "assistant" for c in chat.choices)
