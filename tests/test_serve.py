@@ -88,7 +88,6 @@ def test_parse_chat_rejects(body, message):
     ({"messages": [{"role": "user", "content": "a"}], "n": 17}, "n must be >= 1 and <= 16"),
     ({"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs 21 exceeds this server's limit of 20"),
     ({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "top_logprobs needs logprobs: true"),
-    ({"messages": [{"role": "user", "content": "a"}], "logprobs": True, "stream": True}, "not available with stream"),
     ({"messages": [{"role": "user", "content": "a"}], "stop": [1]}, "stop must be"),
     ({"messages": [{"role": "user", "content": "a"}], "max_tokens": 100}, "exceeds this server's limit"),
 ])

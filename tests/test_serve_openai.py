@@ -136,6 +136,28 @@ def test_echo_logprobs_equal_the_models_log_softmax(server, client, direct):
     assert zero.choices[0].finish_reason == "length" and all(len(t) == 1 for t in lp.top_logprobs[1:])
 
 
+def test_streamed_logprobs_equal_the_whole_response(server, direct):
+    """A stream sends each piece's token logprobs with it (the prompt's with the echo): joined, they are the
+    non-streamed response's, for completions and chat."""
+    body = {"prompt": "spell: 3 1", "max_tokens": 8, "temperature": 0, "echo": True, "logprobs": 2}
+    whole = server.post("/v1/completions", body).json()["choices"][0]
+    with server.post("/v1/completions", {**body, "stream": True}, stream=True) as r:
+        chunks = [json.loads(e)["choices"][0] for e in sse_events(r) if e != "[DONE]"]
+    joined = {k: sum((c["logprobs"][k] for c in chunks if c["logprobs"]), []) for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    want = whole["logprobs"]
+    assert (joined["tokens"], joined["text_offset"]) == (want["tokens"], want["text_offset"]) and "".join(c["text"] for c in chunks) == whole["text"]
+    assert joined["token_logprobs"][0] is None and close(joined["token_logprobs"][1:], want["token_logprobs"][1:])
+    assert [sorted(t) for t in joined["top_logprobs"][1:]] == [sorted(t) for t in want["top_logprobs"][1:]]
+    assert chunks[0]["text"] == "spell: 3 1" and len(chunks[0]["logprobs"]["tokens"]) == len(direct.encode("spell: 3 1", special=True))
+
+    chat = {"messages": [{"role": "user", "content": "spell: 3 1"}], "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 1}
+    whole = server.post("/v1/chat/completions", chat).json()["choices"][0]["logprobs"]["content"]
+    with server.post("/v1/chat/completions", {**chat, "stream": True}, stream=True) as r:
+        chunks = [json.loads(e)["choices"][0] for e in sse_events(r) if e != "[DONE]"]
+    joined = sum((c["logprobs"]["content"] for c in chunks if c["logprobs"]), [])
+    assert [c["token"] for c in joined] == [c["token"] for c in whole] and close([c["logprob"] for c in joined], [c["logprob"] for c in whole])
+
+
 def test_logprobs_are_the_raw_distribution_under_sampling(server, client, direct):
     """With temperature, top_p and a repetition penalty the reported logprobs are still the model's own:
     the best alternatives of the first generated token are the top of the plain log-softmax."""
@@ -198,7 +220,6 @@ BAD = [
     ({"prompt": []}, "prompt must be a string", "prompt"),
     ({"prompt": "a", "max_tokens": MAX_LENGTH + 1}, f"exceeds this server's limit of {MAX_LENGTH} new tokens", "max_tokens"),
     ({"prompt": "a " * 70}, "above this server's limit of 64 (--src_length)", "prompt"),
-    ({"prompt": "a", "logprobs": 1, "stream": True}, "not available with stream", "stream"),
     ({"prompt": "a", "n": 0}, "n must be >= 1", "n"),
     ({"prompt": "a", "best_of": 3}, "best_of is not supported", "best_of"),
     ({"prompt": "a", "echo": "yes"}, "echo must be true or false", "echo"),

@@ -256,21 +256,33 @@ def create_app(state: ServerState):
                        for i, (r, info) in enumerate(zip(reqs, infos))]
             return jsonify({**head, "object": "chat.completion", "choices": choices, "usage": responses.usage(infos, prompts)})
 
-        def chunk(i: int, delta: Dict, finish: Optional[str] = None, **extra) -> str:
-            return sse({**head, "object": "chat.completion.chunk", "choices": [{"index": i, "delta": delta, "finish_reason": finish}], **extra})
+        def chunk(i: int, delta: Dict, finish: Optional[str] = None, logprobs=None, **extra) -> str:
+            choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            return sse({**head, "object": "chat.completion.chunk", "choices": [choice], **extra})
 
         def events():
             infos: Dict[int, Dict] = {}
+            lps = [responses.Logprobs(state.engine, r.prompt) for r in reqs]
+            pending: List[List] = [[] for _ in reqs]  # logprobs of tokens whose text has not gone out yet
+
+            def take(i: int):
+                if chat_req.logprobs is None:
+                    return None
+                recs, pending[i] = pending[i], []
+                return lps[i].chat(recs)
+
             try:
                 for i in range(len(reqs)):
                     yield chunk(i, {"role": "assistant", "content": ""})
                 for i, kind, value in group.events_until_done(lambda: _client_gone(sock), state.scheduler.cancel):
-                    if kind == "piece":
-                        yield chunk(i, {"content": value})
+                    if kind == "logprobs":
+                        pending[i] += value
+                    elif kind == "piece":
+                        yield chunk(i, {"content": value}, logprobs=take(i))
                     elif kind == "done":
                         infos[i] = value
                         last = {"usage": responses.usage(list(infos.values()), prompts)} if len(infos) == len(reqs) else {}
-                        yield chunk(i, {}, responses.finish_reason(value), **last)
+                        yield chunk(i, {}, responses.finish_reason(value), logprobs=take(i), **last)
                     else:
                         yield sse(error_body(*value))
                 yield "data: [DONE]\n\n"
@@ -294,22 +306,36 @@ def create_app(state: ServerState):
                         "finish_reason": responses.finish_reason(info)} for i, (r, info, echo) in enumerate(zip(reqs, infos, echoes))]
             return jsonify({**head, "object": "text_completion", "choices": choices, "usage": responses.usage(infos, prompts)})
 
-        def chunk(i: int, text: str, finish: Optional[str] = None, **extra) -> str:
-            return sse({**head, "object": "text_completion", "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}], **extra})
+        def chunk(i: int, text: str, finish: Optional[str] = None, logprobs=None, **extra) -> str:
+            return sse({**head, "object": "text_completion", "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}], **extra})
 
         def events():
             infos: Dict[int, Dict] = {}
+            want = chats[0].logprobs is not None
+            lps = [responses.Logprobs(engine, [] if r.prompt_logprobs is not None else r.prompt) for r in reqs]
+            pending: List[List] = [[] for _ in reqs]  # logprobs of tokens whose text has not gone out yet
+
+            def take(i: int):
+                if not want:
+                    return None
+                recs, pending[i] = pending[i], []
+                return lps[i].completion(responses.generated_rows(recs))
+
             try:
                 for i, echo in enumerate(echoes):
-                    if echo:
+                    if echo and not want:  # with logprobs, the echo goes out with the prompt's logprobs
                         yield chunk(i, echo)
                 for i, kind, value in group.events_until_done(lambda: _client_gone(sock), state.scheduler.cancel):
-                    if kind == "piece":
-                        yield chunk(i, value)
+                    if kind == "prompt_logprobs":
+                        yield chunk(i, echoes[i], logprobs=lps[i].completion(responses.prompt_rows(reqs[i].prompt, value)))
+                    elif kind == "logprobs":
+                        pending[i] += value
+                    elif kind == "piece":
+                        yield chunk(i, value, logprobs=take(i))
                     elif kind == "done":
                         infos[i] = value
                         last = {"usage": responses.usage(list(infos.values()), prompts)} if len(infos) == len(reqs) else {}
-                        yield chunk(i, "", responses.finish_reason(value), **last)
+                        yield chunk(i, "", responses.finish_reason(value), logprobs=take(i), **last)
                     else:
                         yield sse(error_body(*value))
                 yield "data: [DONE]\n\n"

@@ -329,6 +329,7 @@ class _BatchSink:
             if req.chat.stream or req.text.stop:  # otherwise the reply is decoded once, when it ends
                 piece = self.engine.decode_piece(req, self.tokens[b])
                 if piece and req.chat.stream:
+                    self._send_logprobs(b)
                     req.events.put(("piece", piece))
             if req.text.stopped or natural_stop:
                 self.finish_row(b, "stop")
@@ -340,6 +341,20 @@ class _BatchSink:
         for step in [k for k in self.pending if k < self.seen]:
             del self.pending[step]
 
+    def set_prompt_logprobs(self, b: int, rows: List) -> None:
+        self.prompt_logprobs[b] = rows
+        if self.reqs[b].chat.stream:  # a stream sends the echoed prompt with them
+            self.reqs[b].events.put(("prompt_logprobs", rows))
+
+    def _send_logprobs(self, b: int) -> None:
+        """Streaming: the logprobs of the tokens generated since the last piece go out before the next piece."""
+        req = self.reqs[b]
+        if req.logprobs is not None:
+            sent = getattr(req, "logprobs_sent", 0)
+            if len(self.logprobs[b]) > sent:
+                req.events.put(("logprobs", self.logprobs[b][sent:]))
+                req.logprobs_sent = len(self.logprobs[b])
+
     def _logprob(self, b: int, step: int, token: int, k: int) -> Tuple[int, float, List[Tuple[int, float]]]:
         lsm = self.pending[step][b]
         return token, float(lsm[token]), top_k(lsm, k)
@@ -348,6 +363,8 @@ class _BatchSink:
         req = self.reqs[b]
         self.done[b] = True
         piece = self.engine.decode_piece(req, self.tokens[b], final=True)
+        if req.chat.stream:
+            self._send_logprobs(b)
         if piece and req.chat.stream:
             req.events.put(("piece", piece))
         info = {"text": req.text.sent if req.chat.stream else req.text.text, "finish_reason": reason,
@@ -631,7 +648,7 @@ class Engine:
             scores = self.score_prompts([prompts[b] for b in rows], max(wanted[b] for b in rows))
             if sink is not None:
                 for b, row in zip(rows, scores):
-                    sink.prompt_logprobs[b] = [(lp, top[: wanted[b]]) for lp, top in row]
+                    sink.set_prompt_logprobs(b, [(lp, top[: wanted[b]]) for lp, top in row])
         if sink is not None:
             for b, m in enumerate(max_new):
                 if m == 0:  # echo only: nothing to generate

@@ -222,7 +222,7 @@ def parse_openai(data: Dict, defaults: Sampling, max_length: int, max_logprobs: 
     logprobs = None
     if _flag(data, "logprobs"):
         logprobs = _number(data, "top_logprobs", 0, int, lo=0)
-        _check_logprobs(logprobs, max_logprobs, stream, "top_logprobs")
+        _check_logprobs(logprobs, max_logprobs, "top_logprobs")
     elif data.get("top_logprobs") is not None:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     # OpenAI semantics: no top-k unless asked for; temperature 0 = greedy.
@@ -249,11 +249,9 @@ def _openai_common(data: Dict) -> Tuple[int, bool, Tuple[str, ...]]:
 MAX_N = 16  # most choices per prompt (each is a row of a batch)
 
 
-def _check_logprobs(k: int, max_logprobs: int, stream: bool, key: str) -> None:
+def _check_logprobs(k: int, max_logprobs: int, key: str) -> None:
     if k > max_logprobs:
         raise ApiError(400, f"{key} {k} exceeds this server's limit of {max_logprobs} (--max_logprobs)", key)
-    if stream:  # the log-probabilities come with the finished reply; pieces of a stream are cut by text, not tokens
-        raise ApiError(400, "logprobs are not available with stream: true; ask without streaming", "stream")
 
 
 def parse_completions(data: Dict, defaults: Sampling, max_length: int, max_logprobs: int = 20) -> List[ChatRequest]:
@@ -287,7 +285,7 @@ def parse_completions(data: Dict, defaults: Sampling, max_length: int, max_logpr
     echo = _flag(data, "echo")
     logprobs = _number(data, "logprobs", None, int, lo=0)
     if logprobs is not None:
-        _check_logprobs(logprobs, max_logprobs, stream, "logprobs")
+        _check_logprobs(logprobs, max_logprobs, "logprobs")
     max_new, sampling = parse_sampling(data, dataclasses.replace(defaults, top_k=0), max_length, ("max_tokens",), default_new=16, min_new=0)
     if max_new == 0 and not echo:
         raise ApiError(400, "max_tokens 0 needs echo: true (there would be nothing to return)", "max_tokens")
