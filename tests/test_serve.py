@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from conftest import BASE_ENV, FAMILIES, ROOT, run_cmd
-from paddlellm.serve.engine import Request, Scheduler, TextStream
+from paddlellm.serve.scheduler import Request, Scheduler, TextStream
 from paddlellm.serve.requests import ApiError, ChatRequest, Sampling, loads_json, parse_chat, parse_openai
 
 MAX_LENGTH = 48  # the servers' --max_length

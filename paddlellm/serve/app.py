@@ -40,7 +40,8 @@ from typing import Dict, List, Optional
 
 from ..arguments import UserError, fail, parse_args, require_at_least
 from . import responses
-from .engine import Channel, Engine, Request, RequestGroup, Scheduler
+from .engine import Channel, Engine
+from .scheduler import Request, RequestGroup, Scheduler
 from .requests import ApiError, ChatRequest, Sampling, loads_json, parse_chat, parse_completions, parse_openai
 
 log = logging.getLogger("paddlellm.serve")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
-from .engine import Engine, Request
+from .engine import Engine
+from .scheduler import Request
 
 
 def finish_reason(info: Dict) -> str:
