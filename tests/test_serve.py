@@ -89,6 +89,7 @@ def test_parse_chat_rejects(body, message):
     ({"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs 21 exceeds this server's limit of 20"),
     ({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "top_logprobs needs logprobs: true"),
     ({"messages": [{"role": "user", "content": "a"}], "stop": [1]}, "stop must be"),
+    ({"messages": [{"role": "user", "content": "a"}], "stop": ["x"] * 17}, "a list of up to 16"),
     ({"messages": [{"role": "user", "content": "a"}], "max_tokens": 100}, "exceeds this server's limit"),
 ])
 def test_parse_openai_rejects(body, message):
