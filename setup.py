@@ -31,7 +31,9 @@ setup(
         "cpu": ["paddlepaddle==3.3.1"],
         # CUDA builds come from PaddlePaddle's own wheel index (see README), not PyPI.
         "gpu": ["paddlepaddle-gpu>=3.0"],
-        "test": ["pytest>=7", "requests", "playwright"],  # playwright drives Debian's chromium; no browser download
+        # playwright drives Debian's chromium (no browser download); openai (the official client) and
+        # lm-evaluation-harness (its API models need no torch) drive the server's OpenAI-compatible API.
+        "test": ["pytest>=7", "requests", "playwright", "openai>=1", "lm_eval[api]>=0.4.13"],
     },
     entry_points={"console_scripts": ["paddlellm=paddlellm.cli:main"]},
 )

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from conftest import BASE_ENV, FAMILIES, ROOT, run_cmd
-from paddlellm.serve.engine import Request, Scheduler, TextStream
+from paddlellm.serve.scheduler import Request, Scheduler, TextStream
 from paddlellm.serve.requests import ApiError, ChatRequest, Sampling, loads_json, parse_chat, parse_openai
 
 MAX_LENGTH = 48  # the servers' --max_length
@@ -84,8 +84,12 @@ def test_parse_chat_rejects(body, message):
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text parts"),
     ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}, "must start with a user message"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "last message must be a user message"),
-    ({"messages": [{"role": "user", "content": "a"}], "n": 2}, "n must be 1"),
+    ({"messages": [{"role": "user", "content": "a"}], "n": 0}, "n must be >= 1"),
+    ({"messages": [{"role": "user", "content": "a"}], "n": 17}, "n must be >= 1 and <= 16"),
+    ({"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs 21 exceeds this server's limit of 20"),
+    ({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "top_logprobs needs logprobs: true"),
     ({"messages": [{"role": "user", "content": "a"}], "stop": [1]}, "stop must be"),
+    ({"messages": [{"role": "user", "content": "a"}], "stop": ["x"] * 17}, "a list of up to 16"),
     ({"messages": [{"role": "user", "content": "a"}], "max_tokens": 100}, "exceeds this server's limit"),
 ])
 def test_parse_openai_rejects(body, message):
@@ -132,6 +136,17 @@ def _request(key=("greedy", 1.0)):
     r = Request(ChatRequest(["x"], [], 4, DEFAULTS), [1, 2], 4, lambda ids: "")
     r.key = key
     return r
+
+
+def test_scheduler_queues_a_group_all_or_none():
+    s = Scheduler(max_queue=3, max_batch_size=8, batch_wait=0)
+    s.submit_all([_request(), _request()])
+    with pytest.raises(ApiError) as e:
+        s.submit_all([_request(), _request()])  # one place left: none of the two is queued
+    assert e.value.status == 429 and s.stats()["queued"] == 2
+    with pytest.raises(ApiError) as e:
+        s.submit_all([_request() for _ in range(4)])  # can never fit
+    assert e.value.status == 400 and e.value.param == "n"
 
 
 def test_scheduler_batches_compatible_requests_and_bounds_the_queue():
@@ -191,6 +206,41 @@ def test_engine_matches_generate_ids_for_every_family(family, tiny_dir):
         while not req.events.empty():
             events.append(req.events.get())
         assert events[-1][0] == "done" and "".join(v for k, v in events if k == "piece") == events[-1][1]["text"]
+    _check_completion_logprobs(engine, model, tok, fam)
+
+
+def _check_completion_logprobs(engine, model, tok, fam):
+    """A raw completion with echo + logprobs, sampled with a repetition penalty, batched with a prompt-only
+    (max_tokens 0) row: prompt and generated logprobs equal the log-softmax of a plain forward pass over the
+    whole sequence (causal families); prefix-LM families refuse prompt logprobs in one line."""
+    import paddle
+    import paddle.nn.functional as F
+
+    from paddlellm.families.base import logits_of
+
+    sampling = Sampling(top_k=0, top_p=0.9, temperature=0.7, repetition_penalty=1.3, seed=3)
+    ids = list(tok("spell: 1 2 3", add_special_tokens=False)["input_ids"])
+    chats = [ChatRequest([], [], n, sampling, logprobs=2, echo=True, prompt_ids=p) for n, p in ((5, ids), (0, ids[:3]))]
+    if fam.prefix_lm:
+        with pytest.raises(ApiError) as e:
+            engine.make_request(chats[0])
+        assert e.value.status == 400 and "bidirectionally" in e.value.message
+        return
+    reqs = [engine.make_request(c) for c in chats]
+    for r in reqs[1:]:
+        r.key = reqs[0].key
+    engine.run_batch(reqs)
+    for req in reqs:
+        kind, info = req.events.get()
+        assert kind == "done" and len(info["tokens"]) <= req.max_new_tokens and len(info["logprobs"]) == len(info["tokens"])
+        seq = req.prompt + info["tokens"]
+        with paddle.no_grad():
+            lsm = F.log_softmax(logits_of(model(input_ids=paddle.to_tensor([seq]))).astype("float32"), axis=-1).numpy()[0]
+        want = [lsm[i - 1, seq[i]] for i in range(1, len(seq))]
+        got = [lp for lp, _ in info["prompt_logprobs"]] + [lp for _, lp, _ in info["logprobs"]]
+        assert len(got) == len(want) and max(abs(a - b) for a, b in zip(got, want)) < 1e-4, fam.name
+        best = [top[0][1] for _, top in info["prompt_logprobs"]] + [top[0][1] for _, _, top in info["logprobs"]]
+        assert max(abs(a - b) for a, b in zip(best, lsm[: len(seq) - 1].max(axis=-1))) < 1e-4
 
 
 # =========================================================================== a real server
@@ -411,7 +461,8 @@ def test_wrong_method_and_server_survives(server):
 
 def test_api_key_required_everywhere(slow_server):
     url = slow_server.url
-    for method, path in (("get", "/health"), ("get", "/v1/models"), ("post", "/api/chat"), ("post", "/v1/chat/completions")):
+    for method, path in (("get", "/health"), ("get", "/v1/models"), ("post", "/api/chat"), ("post", "/v1/chat/completions"),
+                         ("post", "/v1/completions"), ("get", "/tokenizer_info"), ("post", "/tokenize"), ("post", "/detokenize")):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "wrong"}):
             r = getattr(requests, method)(url + path, json={"context": "a"}, headers=headers, timeout=10)
             assert r.status_code == 401 and "API key" in r.json()["error_msg"], (path, headers, r.text)
@@ -516,6 +567,11 @@ def test_two_ranks_under_distributed_launch(llama, reference, tmp_path):
         with srv.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "spell: 8"}], "temperature": 0, "stream": True}, stream=True) as r:
             text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in sse_events(r) if e != "[DONE]")
         assert text == reference(["spell: 8"])
+        # prompt log-probabilities: rank 1 runs the same scoring forward pass (n=2: two rows of one batch)
+        out = srv.post("/v1/completions", {"prompt": "spell: 8", "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 1, "n": 2}).json()
+        assert [c["index"] for c in out["choices"]] == [0, 1] and out["choices"][0] == {**out["choices"][1], "index": 0}
+        lps = out["choices"][0]["logprobs"]["token_logprobs"]
+        assert lps[0] is None and len(lps) == out["usage"]["prompt_tokens"] + 2 and all(x < 0 for x in lps[1:])
         assert srv.health()["status"] == "ok"
         with open(os.path.join(logs, "workerlog.1"), errors="replace") as f:
             follower = f.read()

@@ -1,4 +1,5 @@
-"""Serving: the HTTP API (app), request parsing (requests), batched generation (engine), the Gradio UI (ui).
+"""Serving: the HTTP API (app), request parsing (requests), OpenAI response shapes (responses), the queue and
+text streaming (scheduler), batched generation (engine), the Gradio UI (ui).
 
 `paddlellm serve` / flask_server.py run `main`; see paddlellm.serve.app for how it works.
 """

@@ -3,14 +3,18 @@
     python flask_server.py --model_name_or_path DIR [--flask_port 8010] [--port 8011] [--api_key KEY] ...
     python -m paddle.distributed.launch --nproc_per_node N flask_server.py ...   (rank 0 serves HTTP)
 
-Endpoints (on --flask_port): POST /api/chat (PaddleNLP), POST /v1/chat/completions (OpenAI, `stream`
-gives server-sent events), GET /v1/models, GET /health. The Gradio chat UI listens on --port.
+Endpoints (on --flask_port): POST /api/chat (PaddleNLP), POST /v1/chat/completions and POST /v1/completions
+(OpenAI, `stream` gives server-sent events; log-probabilities, echo, n choices), GET /tokenizer_info,
+POST /tokenize, POST /detokenize (as vLLM's server), GET /v1/models, GET /health. The Gradio chat UI
+listens on --port.
 
 How it works: the main thread owns the model (paddle's generate is not thread-safe). HTTP handler
 threads validate a request, build its prompt with the chat format the model was fine-tuned with
 (family.generation_prompt, as predict_generation.py) and put it on a bounded queue (full -> 429).
 The model thread takes the oldest request plus up to max_batch_size-1 waiting requests with the same
-sampling parameters and generates them as one left-padded batch with paddlenlp's generate(). A
+sampling parameters and generates them as one left-padded batch with paddlenlp's generate() (a call
+asking for n choices or several prompts queues one request per choice; they batch together).
+Prompt log-probabilities come from one forward pass over the batch's prompts before generation. A
 streamer hands every new token to its request, which sends the text that is new since its last piece
 (multi-byte characters arrive whole; the pieces join to exactly the reply). A logits processor ends
 a row early (forces its stop token) when its own max_length is reached, its client went away or a stop
@@ -32,11 +36,13 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from ..arguments import UserError, fail, parse_args, require_at_least
-from .engine import Channel, Engine, Request, Scheduler
-from .requests import ApiError, ChatRequest, Sampling, loads_json, parse_chat, parse_openai
+from . import responses
+from .engine import Channel, Engine
+from .scheduler import Request, RequestGroup, Scheduler
+from .requests import ApiError, ChatRequest, Sampling, loads_json, parse_chat, parse_completions, parse_openai
 
 log = logging.getLogger("paddlellm.serve")
 
@@ -65,16 +71,18 @@ class ServeArgument:
     max_queue: int = field(default=64, metadata={"help": "Most requests waiting for the model; more are answered 429."})
     batch_wait_ms: float = field(default=5.0, metadata={"help": "How long the model thread waits for more compatible requests before starting a batch that is not full."})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "Largest request body accepted (larger -> 413)."})
+    max_logprobs: int = field(default=20, metadata={"help": "Most alternatives a request may ask for per token (logprobs / top_logprobs; more -> 400)."})
     debug_step_delay: float = field(default=0.0, metadata={"help": "TESTING ONLY: sleep this many seconds per generated token (makes queueing deterministic in tests)."})
 
 
 
 # =========================================================================== HTTP
-def error_body(status: int, message: str) -> Dict:
-    """One error shape for both APIs: PaddleNLP's error_code/error_msg and OpenAI's error object."""
+def error_body(status: int, message: str, param: Optional[str] = None) -> Dict:
+    """One error shape for both APIs: PaddleNLP's error_code/error_msg and OpenAI's error object
+    ({"message", "type", "param", "code"})."""
     kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
             429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")
-    return {"error_code": status, "error_msg": message, "error": {"message": message, "type": kind, "code": status}}
+    return {"error_code": status, "error_msg": message, "error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
 class ServerState:
@@ -86,15 +94,32 @@ class ServerState:
         self.defaults = Sampling(args.top_k, args.top_p, args.temperature, args.repetition_penalty)
         self.started = time.time()
 
-    def submit(self, chat: ChatRequest) -> Request:
+    def ready_engine(self) -> Engine:
         if self.engine is None:
             raise ApiError(503, "the model is still loading; retry shortly")
+        return self.engine
+
+    def make_request(self, chat: ChatRequest) -> Request:
         try:
-            req = self.engine.make_request(chat)
+            return self.ready_engine().make_request(chat)
+        except ApiError:
+            raise
         except Exception as e:  # e.g. text the tokenizer cannot encode (lone surrogates)
             raise ApiError(400, f"cannot encode the conversation: {type(e).__name__}: {e}") from None
+
+    def submit(self, chat: ChatRequest) -> Request:
+        req = self.make_request(chat)
         self.scheduler.submit(req)
         return req
+
+    def submit_group(self, chats: List[ChatRequest]) -> RequestGroup:
+        """n requests per prompt, queued all or none. They share one batch key, so a seeded call is batched
+        alone but as a whole (its n choices differ and the call is reproducible)."""
+        reqs = [self.make_request(c) for c in chats for _ in range(c.n)]
+        for r in reqs[1:]:
+            r.key = reqs[0].key
+        self.scheduler.submit_all(reqs)
+        return RequestGroup(reqs)
 
 
 def _client_gone(sock) -> bool:
@@ -117,8 +142,8 @@ def create_app(state: ServerState):
     app.json.ensure_ascii = False
     api_key = state.args.api_key
 
-    def error(status: int, message: str, headers=None):
-        resp = jsonify(error_body(status, message))
+    def error(status: int, message: str, headers=None, param=None):
+        resp = jsonify(error_body(status, message, param))
         resp.status_code = status
         for k, v in (headers or {}).items():
             resp.headers[k] = v
@@ -126,7 +151,7 @@ def create_app(state: ServerState):
 
     @app.errorhandler(ApiError)
     def _api_error(e: ApiError):
-        return error(e.status, e.message, {"Retry-After": "1"} if e.status in (429, 503) else None)
+        return error(e.status, e.message, {"Retry-After": "1"} if e.status in (429, 503) else None, e.param)
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
@@ -197,49 +222,158 @@ def create_app(state: ServerState):
 
         return Response(lines(), mimetype="application/x-ndjson", headers={"X-Accel-Buffering": "no"})
 
-    @app.post("/v1/chat/completions")
-    def completions():
-        chat_req = parse_openai(body(), state.defaults, state.args.max_length)
-        req = state.submit(chat_req)
-        sock = request.environ.get("werkzeug.socket")
-        cid, created = f"chatcmpl-{req.id}-{secrets.token_hex(6)}", int(time.time())
-        head = {"id": cid, "created": created, "model": state.model_name}
-        if not chat_req.stream:
-            info = wait_done(req, sock)
-            return jsonify({**head, "object": "chat.completion",
-                            "choices": [{"index": 0, "message": {"role": "assistant", "content": info["text"]}, "finish_reason": _finish(info)}],
-                            "usage": _usage(info)})
+    def collect(group: RequestGroup, sock) -> List[Dict]:
+        """Wait for every request of a call; the infos of the finished requests, in order."""
+        infos: List[Optional[Dict]] = [None] * len(group.reqs)
+        try:
+            for i, kind, value in group.events_until_done(lambda: _client_gone(sock), state.scheduler.cancel):
+                if kind == "done":
+                    infos[i] = value
+                elif kind == "error":
+                    raise ApiError(*value)
+        finally:
+            group.cancel(state.scheduler.cancel)  # no-op for finished requests
+        if any(i is None for i in infos):
+            raise ApiError(499, "client closed the connection")
+        return infos
 
-        def chunk(delta: Dict, finish: Optional[str] = None, **extra) -> str:
-            obj = {**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    def sse(obj: Dict) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    def stream_response(gen):
+        return Response(gen, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions")
+    def chat_completions():
+        chat_req = parse_openai(body(), state.defaults, state.args.max_length, state.args.max_logprobs)
+        group = state.submit_group([chat_req])
+        reqs, sock = group.reqs, request.environ.get("werkzeug.socket")
+        head = {"id": f"chatcmpl-{reqs[0].id}-{secrets.token_hex(6)}", "created": int(time.time()), "model": state.model_name}
+        prompts = [len(reqs[0].prompt)]
+        if not chat_req.stream:
+            infos = collect(group, sock)
+            choices = [{"index": i, "message": {"role": "assistant", "content": info["text"]},
+                        "logprobs": responses.chat_logprobs(state.engine, r, info), "finish_reason": responses.finish_reason(info)}
+                       for i, (r, info) in enumerate(zip(reqs, infos))]
+            return jsonify({**head, "object": "chat.completion", "choices": choices, "usage": responses.usage(infos, prompts)})
+
+        def chunk(i: int, delta: Dict, finish: Optional[str] = None, logprobs=None, **extra) -> str:
+            choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            return sse({**head, "object": "chat.completion.chunk", "choices": [choice], **extra})
 
         def events():
+            infos: Dict[int, Dict] = {}
+            lps = [responses.Logprobs(state.engine, r.prompt) for r in reqs]
+            pending: List[List] = [[] for _ in reqs]  # logprobs of tokens whose text has not gone out yet
+
+            def take(i: int):
+                if chat_req.logprobs is None:
+                    return None
+                recs, pending[i] = pending[i], []
+                return lps[i].chat(recs)
+
             try:
-                yield chunk({"role": "assistant", "content": ""})
-                for kind, value in req.events_until_done(lambda: _client_gone(sock), state.scheduler.cancel):
-                    if kind == "piece":
-                        yield chunk({"content": value})
+                for i in range(len(reqs)):
+                    yield chunk(i, {"role": "assistant", "content": ""})
+                for i, kind, value in group.events_until_done(lambda: _client_gone(sock), state.scheduler.cancel):
+                    if kind == "logprobs":
+                        pending[i] += value
+                    elif kind == "piece":
+                        yield chunk(i, {"content": value}, logprobs=take(i))
                     elif kind == "done":
-                        yield chunk({}, _finish(value), usage=_usage(value))
+                        infos[i] = value
+                        last = {"usage": responses.usage(list(infos.values()), prompts)} if len(infos) == len(reqs) else {}
+                        yield chunk(i, {}, responses.finish_reason(value), logprobs=take(i), **last)
                     else:
-                        yield f"data: {json.dumps(error_body(*value), ensure_ascii=False)}\n\n"
+                        yield sse(error_body(*value))
                 yield "data: [DONE]\n\n"
             finally:
-                state.scheduler.cancel(req)
+                group.cancel(state.scheduler.cancel)
 
-        return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return stream_response(events())
+
+    @app.post("/v1/completions")
+    def completions():
+        chats = parse_completions(body(), state.defaults, state.args.max_length, state.args.max_logprobs)
+        group = state.submit_group(chats)
+        reqs, sock = group.reqs, request.environ.get("werkzeug.socket")
+        engine = state.engine
+        head = {"id": f"cmpl-{reqs[0].id}-{secrets.token_hex(6)}", "created": int(time.time()), "model": state.model_name}
+        prompts = [len(r.prompt) for r in reqs[:: chats[0].n]]
+        echoes = [(c.prompt_text if c.prompt_text is not None else engine.detokenize(c.prompt_ids)) if c.echo else "" for c in chats for _ in range(c.n)]
+        if not chats[0].stream:
+            infos = collect(group, sock)
+            choices = [{"index": i, "text": echo + info["text"], "logprobs": responses.completion_logprobs(engine, r, info),
+                        "finish_reason": responses.finish_reason(info)} for i, (r, info, echo) in enumerate(zip(reqs, infos, echoes))]
+            return jsonify({**head, "object": "text_completion", "choices": choices, "usage": responses.usage(infos, prompts)})
+
+        def chunk(i: int, text: str, finish: Optional[str] = None, logprobs=None, **extra) -> str:
+            return sse({**head, "object": "text_completion", "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}], **extra})
+
+        def events():
+            infos: Dict[int, Dict] = {}
+            want = chats[0].logprobs is not None
+            lps = [responses.Logprobs(engine, [] if r.prompt_logprobs is not None else r.prompt) for r in reqs]
+            pending: List[List] = [[] for _ in reqs]  # logprobs of tokens whose text has not gone out yet
+
+            def take(i: int):
+                if not want:
+                    return None
+                recs, pending[i] = pending[i], []
+                return lps[i].completion(responses.generated_rows(recs))
+
+            try:
+                for i, echo in enumerate(echoes):
+                    if echo and not want:  # with logprobs, the echo goes out with the prompt's logprobs
+                        yield chunk(i, echo)
+                for i, kind, value in group.events_until_done(lambda: _client_gone(sock), state.scheduler.cancel):
+                    if kind == "prompt_logprobs":
+                        yield chunk(i, echoes[i], logprobs=lps[i].completion(responses.prompt_rows(reqs[i].prompt, value)))
+                    elif kind == "logprobs":
+                        pending[i] += value
+                    elif kind == "piece":
+                        yield chunk(i, value, logprobs=take(i))
+                    elif kind == "done":
+                        infos[i] = value
+                        last = {"usage": responses.usage(list(infos.values()), prompts)} if len(infos) == len(reqs) else {}
+                        yield chunk(i, "", responses.finish_reason(value), logprobs=take(i), **last)
+                    else:
+                        yield sse(error_body(*value))
+                yield "data: [DONE]\n\n"
+            finally:
+                group.cancel(state.scheduler.cancel)
+
+        return stream_response(events())
+
+    @app.get("/tokenizer_info")
+    def tokenizer_info():
+        engine = state.ready_engine()
+        tok = engine.tokenizer
+        return jsonify({"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                        "pad_token": tok.pad_token, "unk_token": tok.unk_token,
+                        "chat_template": getattr(tok, "chat_template", None) if isinstance(getattr(tok, "chat_template", None), str) else None,
+                        "model_max_length": engine.max_positions, "vocab_size": engine.vocab_size})
+
+    @app.post("/tokenize")
+    def tokenize():
+        data, engine = body(), state.ready_engine()
+        text, special = data.get("prompt"), data.get("add_special_tokens", True)
+        if not isinstance(text, str):
+            raise ApiError(400, "prompt must be a string (the text to tokenize)", "prompt")
+        if not isinstance(special, bool):
+            raise ApiError(400, "add_special_tokens must be true or false", "add_special_tokens")
+        ids = engine.encode(text, add_special_tokens=special)
+        return jsonify({"tokens": ids, "count": len(ids), "max_model_len": engine.max_positions})
+
+    @app.post("/detokenize")
+    def detokenize():
+        data, engine = body(), state.ready_engine()
+        ids = data.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ApiError(400, "tokens must be a list of token ids", "tokens")
+        return jsonify({"prompt": engine.detokenize(ids)})
 
     return app
-
-
-def _finish(info: Dict) -> str:
-    return "length" if info["finish_reason"] == "length" else "stop"
-
-
-def _usage(info: Dict) -> Dict[str, int]:
-    return {"prompt_tokens": info["prompt_tokens"], "completion_tokens": info["completion_tokens"],
-            "total_tokens": info["prompt_tokens"] + info["completion_tokens"]}
 
 
 # =========================================================================== entry point
@@ -252,6 +386,8 @@ def check_args(args: ServeArgument) -> None:
     if args.ui and args.port == args.flask_port:
         raise UserError(f"--port (UI) and --flask_port (API) must differ, both are {args.port}")
     require_at_least({name: getattr(args, name) for name in ("max_batch_size", "max_queue", "max_body_bytes", "src_length", "max_length")})
+    if args.max_logprobs < 0:
+        raise UserError(f"--max_logprobs must be >= 0, got {args.max_logprobs}")
     if args.top_k < 0 or not 0 < args.top_p <= 1 or args.temperature < 0 or args.repetition_penalty <= 0:
         raise UserError("sampling defaults out of range: need --top_k >= 0, 0 < --top_p <= 1, --temperature >= 0, --repetition_penalty > 0")
     if args.batch_wait_ms < 0 or args.debug_step_delay < 0:
@@ -322,7 +458,7 @@ def main(argv=None) -> int:
     state.engine = engine
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: (stopping.set(), state.scheduler.wake()))
-    where = f"API http://{args.host}:{args.flask_port} (/api/chat, /v1/chat/completions, /health)"
+    where = f"API http://{args.host}:{args.flask_port} (/api/chat, /v1/chat/completions, /v1/completions, /tokenize, /health)"
     if args.ui:
         where += f", chat UI http://{args.host}:{args.port}"
     print(f"serving {model_name} ({engine.family.name}, {world} process{'es' if world > 1 else ''}): {where}", flush=True)

@@ -1,203 +1,22 @@
-"""The model side of `paddlellm serve`: text streaming, requests and the queue, the distributed hand-off
-between ranks, and batched generation on the model thread (see paddlellm.serve's docstring for how it works)."""
+"""The model side of `paddlellm serve`: the distributed hand-off between ranks, and batched generation on
+the model thread, with log-probabilities (see paddlellm.serve's docstring for how it works)."""
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import itertools
 import json
 import logging
-import queue
 import secrets
 import threading
 import time
 import traceback
-from collections import deque
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .requests import ApiError, ChatRequest, Sampling
+from .scheduler import Request, Scheduler
 
 log = logging.getLogger("paddlellm.serve")
 STOP_OP, NOOP_OP, GENERATE_OP = "stop", "noop", "generate"
-
-
-# =========================================================================== text streaming
-class TextStream:
-    """Turns a growing reply (token ids) into text pieces whose concatenation is the reply.
-
-    The reply is `decode(ids)` (generation.decode: special tokens skipped, stripped), cut at the first
-    stop string. While it grows, only a window of the last tokens is decoded at each step (the way
-    text-generation-inference does it, so a long reply costs O(1) per step, not O(length)): the text
-    of ids[prefix_offset:] minus that of ids[prefix_offset:read_offset] is new, unless it ends in U+FFFD
-    (an incomplete multi-byte character). Held back as well: leading/trailing whitespace (the reply is
-    stripped) and any tail that may be the start of a stop string. The last update decodes the whole
-    reply once, and only its remainder goes out.
-    """
-
-    def __init__(self, decode: Callable[[List[int]], str], decode_raw: Optional[Callable[[List[int]], str]] = None,
-                 stop: Sequence[str] = ()):
-        self.decode = decode
-        self.decode_raw = decode_raw or decode  # without strip(): windows must keep their spaces
-        self.stop = [s for s in stop if s]
-        self.prefix_offset = self.read_offset = 0
-        self.raw = ""  # text of the reply so far, as grown from window differences
-        self.sent = ""  # concatenation of the pieces handed out
-        self.text = ""  # the reply as decoded last (cut at a stop string)
-        self.stopped = False  # a stop string was found
-
-    def update(self, ids: List[int], final: bool = False) -> str:
-        """The new piece of text after the reply grew to `ids` ('' when nothing new is certain yet)."""
-        if self.stopped:
-            return ""
-        if final:
-            text = self.decode(ids)
-        else:
-            prefix = self.decode_raw(ids[self.prefix_offset:self.read_offset])
-            window = self.decode_raw(ids[self.prefix_offset:])
-            if len(window) > len(prefix) and not window.endswith("\ufffd") and window.startswith(prefix):
-                self.raw += window[len(prefix):]
-                self.prefix_offset, self.read_offset = self.read_offset, len(ids)
-            text = self.raw.strip()
-        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if cuts:
-            text, self.stopped, final = text[: min(cuts)], True, True
-        self.text = text
-        if not final:
-            text = text.rstrip("\ufffd")
-            text = text[: len(text) - self._partial_stop(text)]
-        if not text.startswith(self.sent):  # the window decoding disagreed with the full decode: never retract
-            if final:
-                log.warning("streamed text %r is not a prefix of the reply %r", self.sent[-40:], text[-40:])
-            return ""
-        piece, self.sent = text[len(self.sent):], text
-        return piece
-
-    def _partial_stop(self, text: str) -> int:
-        """Length of the longest tail of `text` that is a proper prefix of a stop string."""
-        best = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
-
-
-# =========================================================================== requests and the queue
-_ids = itertools.count(1)
-
-
-class Request:
-    """One request in flight. The model thread writes events; the HTTP (or UI) thread reads them:
-    ("piece", text), then ("done", info) or ("error", (status, message))."""
-
-    def __init__(self, chat: ChatRequest, prompt: List[int], max_new_tokens: int, decode: Callable[[List[int]], str],
-                 decode_raw: Optional[Callable[[List[int]], str]] = None):
-        self.id = next(_ids)
-        self.chat = chat
-        self.prompt = prompt
-        self.max_new_tokens = max_new_tokens
-        self.key = chat.sampling.batch_key()
-        self.events: "queue.SimpleQueue" = queue.SimpleQueue()
-        self.cancelled = threading.Event()
-        self.text = TextStream(decode, decode_raw, chat.stop)
-        self.created = time.time()
-
-    def events_until_done(self, client_gone: Callable[[], bool], cancel: Callable[["Request"], None], poll: float = 0.25) -> Iterator[Tuple[str, Any]]:
-        """Yield events until done/error; cancel the request (freeing its slot) if the client goes away."""
-        while True:
-            try:
-                ev = self.events.get(timeout=poll)
-            except queue.Empty:
-                if client_gone():
-                    cancel(self)
-                    return
-                continue
-            yield ev
-            if ev[0] in ("done", "error"):
-                return
-
-
-class Scheduler:
-    """A bounded FIFO of waiting requests; the model thread takes batches of compatible ones."""
-
-    def __init__(self, max_queue: int, max_batch_size: int, batch_wait: float):
-        self.max_queue = max_queue
-        self.max_batch_size = max_batch_size
-        self.batch_wait = batch_wait
-        self.cond = threading.Condition()
-        self.waiting: deque = deque()
-        self.running: set = set()
-        self.closed = False
-        self.served = 0
-        self.batches = 0
-        self.largest_batch = 0
-
-    def submit(self, req: Request) -> None:
-        with self.cond:
-            if self.closed:
-                raise ApiError(503, "the server is shutting down")
-            if len(self.waiting) >= self.max_queue:
-                raise ApiError(429, f"too many requests: {len(self.waiting)} are waiting (--max_queue {self.max_queue}); retry later")
-            self.waiting.append(req)
-            self.cond.notify_all()
-
-    def cancel(self, req: Request) -> None:
-        """The client went away: drop it from the queue (freeing its slot) or let the model thread end its row."""
-        req.cancelled.set()
-        with self.cond:
-            if req in self.waiting:
-                self.waiting.remove(req)
-                self.cond.notify_all()
-
-    def finished(self, req: Request) -> None:
-        with self.cond:
-            if req in self.running:
-                self.running.discard(req)
-                self.served += 1
-
-    def next_batch(self, timeout: float) -> List[Request]:
-        """The oldest waiting request plus compatible ones (same sampling), or [] after `timeout` idle seconds."""
-        with self.cond:
-            if not self.waiting and not self.closed:
-                self.cond.wait(timeout)
-            if not self.waiting or self.closed:
-                return []
-            head = self.waiting.popleft()
-            batch = [head]
-            deadline = time.monotonic() + self.batch_wait
-            while True:
-                for req in list(self.waiting):
-                    if len(batch) >= self.max_batch_size:
-                        break
-                    if req.key == head.key:
-                        self.waiting.remove(req)
-                        batch.append(req)
-                left = deadline - time.monotonic()
-                if len(batch) >= self.max_batch_size or left <= 0 or self.closed:
-                    break
-                self.cond.wait(left)
-            self.running.update(batch)
-            self.batches += 1
-            self.largest_batch = max(self.largest_batch, len(batch))
-            return batch
-
-    def wake(self) -> None:
-        with self.cond:
-            self.cond.notify_all()
-
-    def close(self) -> List[Request]:
-        with self.cond:
-            self.closed = True
-            left = list(self.waiting)
-            self.waiting.clear()
-            self.cond.notify_all()
-            return left
-
-    def stats(self) -> Dict[str, int]:
-        with self.cond:
-            return {"queued": len(self.waiting), "running": len(self.running), "served": self.served,
-                    "batches": self.batches, "largest_batch": self.largest_batch}
 
 
 # =========================================================================== distributed hand-off
@@ -248,6 +67,10 @@ class _BatchSink:
         self.tokens: List[List[int]] = [[] for _ in reqs]
         self.done = [False] * len(reqs)
         self.seen = 0  # generated steps already taken in
+        self.want_logprobs = any(r.logprobs is not None for r in reqs)
+        self.pending: Dict[int, Any] = {}  # step -> [batch, vocab] log-softmax of the logits that step chose from
+        self.logprobs: List[List[Tuple[int, float, List[Tuple[int, float]]]]] = [[] for _ in reqs]  # (token, logprob, top)
+        self.prompt_logprobs: List[Optional[List]] = [None] * len(reqs)
 
     def feed(self, cols) -> None:
         """Take in new generated steps: cols is [batch, k] token ids."""
@@ -256,17 +79,20 @@ class _BatchSink:
             if self.done[b]:
                 continue
             natural_stop = False
-            for t in cols[b]:
+            for j, t in enumerate(cols[b]):
                 t = int(t)
                 if t == stop:
                     natural_stop = True
                     break
                 self.tokens[b].append(t)
+                if req.logprobs is not None:
+                    self.logprobs[b].append(self._logprob(b, self.seen + j, t, req.logprobs))
                 if len(self.tokens[b]) >= req.max_new_tokens:
                     break
             if req.chat.stream or req.text.stop:  # otherwise the reply is decoded once, when it ends
                 piece = self.engine.decode_piece(req, self.tokens[b])
                 if piece and req.chat.stream:
+                    self._send_logprobs(b)
                     req.events.put(("piece", piece))
             if req.text.stopped or natural_stop:
                 self.finish_row(b, "stop")
@@ -275,15 +101,38 @@ class _BatchSink:
             elif req.cancelled.is_set():
                 self.finish_row(b, "cancelled")
         self.seen += len(cols[0]) if len(cols) else 0
+        for step in [k for k in self.pending if k < self.seen]:
+            del self.pending[step]
+
+    def set_prompt_logprobs(self, b: int, rows: List) -> None:
+        self.prompt_logprobs[b] = rows
+        if self.reqs[b].chat.stream:  # a stream sends the echoed prompt with them
+            self.reqs[b].events.put(("prompt_logprobs", rows))
+
+    def _send_logprobs(self, b: int) -> None:
+        """Streaming: the logprobs of the tokens generated since the last piece go out before the next piece."""
+        req = self.reqs[b]
+        if req.logprobs is not None:
+            sent = req.logprobs_sent
+            if len(self.logprobs[b]) > sent:
+                req.events.put(("logprobs", self.logprobs[b][sent:]))
+                req.logprobs_sent = len(self.logprobs[b])
+
+    def _logprob(self, b: int, step: int, token: int, k: int) -> Tuple[int, float, List[Tuple[int, float]]]:
+        lsm = self.pending[step][b]
+        return token, float(lsm[token]), top_k(lsm, k)
 
     def finish_row(self, b: int, reason: str) -> None:
         req = self.reqs[b]
         self.done[b] = True
         piece = self.engine.decode_piece(req, self.tokens[b], final=True)
+        if req.chat.stream:
+            self._send_logprobs(b)
         if piece and req.chat.stream:
             req.events.put(("piece", piece))
         info = {"text": req.text.sent if req.chat.stream else req.text.text, "finish_reason": reason,
-                "prompt_tokens": len(req.prompt), "completion_tokens": len(self.tokens[b])}
+                "prompt_tokens": len(req.prompt), "completion_tokens": len(self.tokens[b]), "tokens": self.tokens[b],
+                "logprobs": self.logprobs[b] if req.logprobs is not None else None, "prompt_logprobs": self.prompt_logprobs[b]}
         req.events.put(("done", info))
         self.engine.tokens_generated += len(self.tokens[b])
         self.engine.on_finished(req)
@@ -301,10 +150,23 @@ class _BatchSink:
         pass
 
 
+def top_k(lsm, k: int) -> List[Tuple[int, float]]:
+    """The k (token, logprob) pairs of a log-softmax vector with the highest logprobs, best first."""
+    import numpy as np
+
+    if k <= 0:
+        return []
+    idx = np.argpartition(-lsm, k - 1)[:k] if k < len(lsm) else np.arange(len(lsm))
+    idx = idx[np.argsort(-lsm[idx], kind="stable")]
+    return [(int(i), float(lsm[i])) for i in idx]
+
+
 class _RowControl:
     """A logits processor that forces the stop token for rows that must end: a row that reached its own
     max_new_tokens (rows of one batch may ask for different lengths) or, on rank 0's say, a client that
-    went away / a stop string. Also feeds the sink when the decode path has no streamer support."""
+    went away / a stop string. Also feeds the sink when the decode path has no streamer support, and keeps
+    the log-softmax of the logits when a row wants log-probabilities. It is the first processor of the list
+    (Engine.generate), so it sees the model's raw logits: no repetition penalty, temperature or top-k/top-p yet."""
 
     def __init__(self, engine: "Engine", origin_len: int, max_new: List[int], sink: Optional[_BatchSink], feed_sink: bool):
         self.engine = engine
@@ -323,6 +185,10 @@ class _RowControl:
         generated = input_ids.shape[1] - self.origin_len
         if self.sink is not None and self.feed_sink and generated > self.sink.seen:
             self.sink.feed(input_ids[:, self.origin_len + self.sink.seen:].numpy())
+        if self.sink is not None and self.sink.want_logprobs:
+            import paddle.nn.functional as F
+
+            self.sink.pending[generated] = F.log_softmax(logits.astype("float32"), axis=-1).numpy()
         flags = np.array(self.sink.forced() if self.sink is not None else [False] * len(self.max_new), dtype="int32")
         if eng.channel is not None:
             flags = eng.channel.sync_flags(flags)
@@ -351,19 +217,31 @@ class Engine:
         self.scheduler: Optional[Scheduler] = None
         config = getattr(model, "config", None) or getattr(getattr(model, "model", None), "config", None)
         self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        # Ids a prompt may hold: inside both the tokenizer's and the model's vocabulary.
+        self.vocab_size = min(v for v in (len(tokenizer), getattr(config, "vocab_size", None)) if v)
         self._inputs_take_length = "max_new_tokens" in inspect.signature(family.generation_inputs).parameters
         self.tokens_generated = 0  # reply tokens handed out (rank 0)
         self.last_steps = 0  # decode steps of the last batch
 
     # ------------------------------------------------------------------ called from HTTP / UI threads
     def make_request(self, chat: ChatRequest) -> Request:
+        """A Request for the scheduler: the prompt ids (chat format, or a raw completion prompt), checked."""
         from ..generation import decode
 
-        with self.lock:
-            prompt = self.family.generation_prompt(self.tokenizer, chat.user_turns, chat.bot_turns, self.src_length)
         max_new = chat.max_new_tokens
-        if self.max_positions:  # never generate past the position table
-            max_new = max(1, min(max_new, self.max_positions - len(prompt)))
+        if chat.raw:
+            prompt = self.raw_prompt(chat)
+            if self.max_positions and len(prompt) + max_new > self.max_positions:
+                raise ApiError(400, f"this model's maximum context length is {self.max_positions} tokens; the prompt has {len(prompt)} "
+                                    f"and max_tokens asks for {max_new} more", "max_tokens")
+            if chat.echo and chat.logprobs is not None and self.family.prefix_lm:
+                raise ApiError(400, f"prompt log-probabilities (echo with logprobs) are not defined for the {self.family.name} family: "
+                                    "its prompt attends bidirectionally", "echo")
+        else:
+            with self.lock:
+                prompt = self.family.generation_prompt(self.tokenizer, chat.user_turns, chat.bot_turns, self.src_length)
+            if self.max_positions:  # never generate past the position table
+                max_new = max(1, min(max_new, self.max_positions - len(prompt)))
 
         def dec(ids: List[int]) -> str:
             with self.lock:
@@ -374,6 +252,87 @@ class Engine:
                 return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
 
         return Request(chat, prompt, max_new, dec, dec_raw)
+
+    def raw_prompt(self, chat: ChatRequest) -> List[int]:
+        """The ids of a /v1/completions prompt: given ids (checked against the vocabulary) or the text encoded
+        with the tokenizer's special tokens (as vLLM does), at most --src_length of them."""
+        if chat.prompt_ids is not None:
+            bad = [t for t in chat.prompt_ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ApiError(400, f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})", "prompt")
+            prompt = list(chat.prompt_ids)
+        else:
+            prompt = self.encode(chat.prompt_text, add_special_tokens=True)
+        if not prompt:
+            raise ApiError(400, "the prompt is empty (no tokens)", "prompt")
+        if len(prompt) > self.src_length:
+            raise ApiError(400, f"the prompt has {len(prompt)} tokens, above this server's limit of {self.src_length} (--src_length)", "prompt")
+        return prompt
+
+    def encode(self, text: str, add_special_tokens: bool) -> List[int]:
+        try:
+            with self.lock:
+                return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        except Exception as e:  # e.g. lone surrogates
+            raise ApiError(400, f"cannot encode the text: {type(e).__name__}: {e}", "prompt") from None
+
+    def detokenize(self, ids: List[int]) -> str:
+        """The text of token ids, special tokens included (as vLLM's /detokenize)."""
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})", "tokens")
+        with self.lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=False) if ids else ""
+
+    def token_texts(self, ids: List[int], alternatives: Sequence[Sequence[int]] = (), context: Sequence[int] = ()) -> Tuple[List[str], List[List[str]]]:
+        """The text each token of `ids` adds after the tokens before it (so the texts join to the decoded
+        sequence; a sentencepiece token keeps its leading space; a token holding part of a multi-byte character
+        is shown by its name), and the same for alternatives[i], the candidates at position i. `context`:
+        tokens before ids[0]. Special tokens are shown."""
+        window = 4  # earlier tokens decoded with a token: enough for multi-token characters and spaces
+        seq = list(context) + list(ids)
+        off = len(context)
+        texts, alts = [], []
+        with self.lock:
+            dec = lambda t: self.tokenizer.decode(t, skip_special_tokens=False) if t else ""  # noqa: E731
+            for i, t in enumerate(ids):
+                ctx = seq[max(0, off + i - window): off + i]
+                before = dec(ctx)
+
+                def piece(tok: int) -> str:
+                    after = dec(ctx + [tok])
+                    text = after[len(before):] if after.startswith(before) else dec([tok])
+                    # part of a multi-byte character: the token's own name (e.g. "<0xE6>"), one per id
+                    return self.tokenizer.convert_ids_to_tokens(tok) if "\ufffd" in text else text
+
+                texts.append(piece(t))
+                alts.append([piece(a) for a in alternatives[i]] if i < len(alternatives) else [])
+        return texts, alts
+
+    def score_prompts(self, prompts: List[List[int]], k: int) -> List[List[Tuple[float, List[Tuple[int, float]]]]]:
+        """Log-probabilities of every prompt token after the first: one forward pass over the prompts (the
+        training collate, right-padded, causal), log-softmax of the model's logits; for each position
+        (logprob of the token, its k best alternatives)."""
+        import paddle
+        import paddle.nn.functional as F
+
+        from ..families.base import logits_of
+
+        batch = self.family.build_batch([[self.family.make_example(list(p), list(p), 0, False)] for p in prompts], self.tokenizer.pad_token_id)
+        batch.pop("labels", None)
+        with paddle.no_grad():
+            logits = logits_of(self.model(**{key: paddle.to_tensor(v) for key, v in batch.items()}))
+            lsm = F.log_softmax(logits.astype("float32")[:, :-1], axis=-1)  # [B, S-1, V]: position i predicts token i+1
+            nxt = paddle.to_tensor(batch["input_ids"][:, 1:]).unsqueeze(-1)
+            chosen = paddle.take_along_axis(lsm, nxt, axis=-1).squeeze(-1).numpy()
+            if k > 0:
+                top_v, top_i = paddle.topk(lsm, k=min(k, lsm.shape[-1]), axis=-1)
+                top_v, top_i = top_v.numpy(), top_i.numpy()
+        out = []
+        for b, p in enumerate(prompts):
+            out.append([(float(chosen[b, i]), [(int(t), float(v)) for t, v in zip(top_i[b, i], top_v[b, i])] if k > 0 else [])
+                        for i in range(len(p) - 1)])
+        return out
 
     def decode_piece(self, req: Request, ids: List[int], final: bool = False) -> str:
         return req.text.update(ids, final)
@@ -411,7 +370,8 @@ class Engine:
     def run_batch(self, reqs: List[Request]) -> None:
         s = reqs[0].chat.sampling
         job = {"op": GENERATE_OP, "prompts": [r.prompt for r in reqs], "max_new": [r.max_new_tokens for r in reqs],
-               "sampling": dataclasses.asdict(s), "seed": s.seed if s.seed is not None else secrets.randbelow(2**31)}
+               "sampling": dataclasses.asdict(s), "seed": s.seed if s.seed is not None else secrets.randbelow(2**31),
+               "prompt_logprobs": [r.prompt_logprobs for r in reqs]}
         sink = _BatchSink(self, reqs)
         try:
             if self.channel is not None:
@@ -444,6 +404,21 @@ class Engine:
         import paddle
 
         prompts, max_new = job["prompts"], job["max_new"]
+        # Prompt log-probabilities first (every rank runs the same forward: collectives stay in step).
+        wanted = job.get("prompt_logprobs") or [None] * len(prompts)
+        rows = [b for b, k in enumerate(wanted) if k is not None]
+        if rows:
+            scores = self.score_prompts([prompts[b] for b in rows], max(wanted[b] for b in rows))
+            if sink is not None:
+                for b, row in zip(rows, scores):
+                    sink.set_prompt_logprobs(b, [(lp, top[: wanted[b]]) for lp, top in row])
+        if sink is not None:
+            for b, m in enumerate(max_new):
+                if m == 0:  # echo only: nothing to generate
+                    sink.finish_row(b, "length")
+        if max(max_new) == 0:
+            self.last_steps = 0
+            return
         s = Sampling(**job["sampling"])
         extra = {"max_new_tokens": max(max_new)} if self._inputs_take_length else {}
         inputs = {k: paddle.to_tensor(v) for k, v in self.family.generation_inputs(self.tokenizer, prompts, **extra).items()}
@@ -459,7 +434,12 @@ class Engine:
             kwargs.update(decode_strategy="sampling", top_k=max(s.top_k, 0), top_p=s.top_p, temperature=s.temperature)
             strategy = "sample"
         streams = _accepts_streamer(self.model, strategy)
-        kwargs["logits_processors"] = _processor_list([_RowControl(self, origin_len, max_new, sink, feed_sink=not streams)])
+        processors = [_RowControl(self, origin_len, max_new, sink, feed_sink=not streams)]
+        if s.repetition_penalty != 1.0:  # given here so it runs after _RowControl, which must see the raw logits
+            from paddlenlp.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+            processors.append(RepetitionPenaltyLogitsProcessor(penalty=s.repetition_penalty))
+        kwargs["logits_processors"] = _processor_list(processors)
         if streams and sink is not None:
             kwargs["streamer"] = sink
         with paddle.no_grad():

@@ -1,5 +1,6 @@
-"""Request parsing and validation for `paddlellm serve`: JSON bodies of POST /api/chat (PaddleNLP) and
-POST /v1/chat/completions (OpenAI) become a ChatRequest, or an ApiError (HTTP status + one-line message)."""
+"""Request parsing and validation for `paddlellm serve`: JSON bodies of POST /api/chat (PaddleNLP),
+POST /v1/chat/completions and POST /v1/completions (OpenAI) become ChatRequests, or an ApiError (HTTP status,
+one-line message and the offending parameter)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,10 +14,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 class ApiError(Exception):
     """A request the server refuses: HTTP status and a one-line message."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, param: Optional[str] = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.param = param  # the request field at fault (OpenAI's error.param), when there is one
 
 
 # =========================================================================== request parsing
@@ -42,7 +44,7 @@ class Sampling:
 
 @dataclass
 class ChatRequest:
-    """A validated request: the conversation, generation limits and sampling."""
+    """A validated request: the conversation (or, for /v1/completions, a raw prompt), generation limits and sampling."""
 
     user_turns: List[str]
     bot_turns: List[str]  # replies to user_turns[:-1]
@@ -50,6 +52,16 @@ class ChatRequest:
     sampling: Sampling
     stream: bool = False
     stop: Tuple[str, ...] = ()
+    n: int = 1  # completions to generate for this prompt
+    logprobs: Optional[int] = None  # log-probabilities of the generated tokens, with this many alternatives each
+    echo: bool = False  # /v1/completions: the reply starts with the prompt (and its log-probabilities)
+    prompt_text: Optional[str] = None  # /v1/completions: raw prompt text (no chat format), encoded with special tokens
+    prompt_ids: Optional[List[int]] = None  # /v1/completions: the prompt as token ids
+
+    @property
+    def raw(self) -> bool:
+        """A raw completion keeps the generated text as is (a chat reply is stripped)."""
+        return self.prompt_text is not None or self.prompt_ids is not None
 
 
 def loads_json(body: bytes) -> Dict[str, Any]:
@@ -76,22 +88,32 @@ def _number(data: Dict, key: str, default, kind: type, lo=None, hi=None, lo_open
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float) and not value.is_integer()):
-        raise ApiError(400, f"{key} must be {'an integer' if kind is int else 'a number'}, got {json.dumps(value)[:60]}")
+        raise ApiError(400, f"{key} must be {'an integer' if kind is int else 'a number'}, got {json.dumps(value)[:60]}", key)
     value = kind(value)
     if not math.isfinite(value) or (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi):
         rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
-        raise ApiError(400, f"{key} must be {rng}, got {value}")
+        raise ApiError(400, f"{key} must be {rng}, got {value}", key)
     return value
 
 
-def parse_sampling(data: Dict, defaults: Sampling, max_length: int, length_keys: Sequence[str]) -> Tuple[int, Sampling]:
+def _flag(data: Dict, key: str, default: bool = False) -> bool:
+    value = data.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{key} must be true or false", key)
+    return value
+
+
+def parse_sampling(data: Dict, defaults: Sampling, max_length: int, length_keys: Sequence[str], default_new: Optional[int] = None,
+                   min_new: int = 1) -> Tuple[int, Sampling]:
     """(max_new_tokens, Sampling) from a request, with the server's defaults for missing fields."""
-    max_new = max_length
+    max_new = min(default_new or max_length, max_length)
     for key in length_keys:
         if data.get(key) is not None:
-            max_new = _number(data, key, max_length, int, lo=1)
+            max_new = _number(data, key, max_length, int, lo=min_new)
             if max_new > max_length:
-                raise ApiError(400, f"{key} {max_new} exceeds this server's limit of {max_length} new tokens (--max_length)")
+                raise ApiError(400, f"{key} {max_new} exceeds this server's limit of {max_length} new tokens (--max_length)", key)
             break
     seed = data.get("seed")
     if seed is not None:
@@ -150,9 +172,7 @@ def parse_chat(data: Dict, defaults: Sampling, max_length: int) -> ChatRequest:
     if len(turns) % 2 != 1:
         raise ApiError(400, f"history + context must alternate user and bot turns and end with a user turn; got {len(history)} + {len(context)} turns")
     texts = [_turn_text(t, f"history[{i}]" if i < len(history) else f"context[{i - len(history)}]", "user" if i % 2 == 0 else "bot") for i, t in enumerate(turns)]
-    stream = data.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "stream must be true or false")
+    stream = _flag(data, "stream")
     max_new, sampling = parse_sampling(data, defaults, max_length, ("max_length", "max_new_tokens"))
     return ChatRequest(texts[0::2], texts[1::2], max_new, sampling, stream)
 
@@ -170,10 +190,11 @@ def _message_text(content, where: str) -> str:
     raise ApiError(400, f"{where}.content must be a string or a list of text parts")
 
 
-def parse_openai(data: Dict, defaults: Sampling, max_length: int) -> ChatRequest:
+def parse_openai(data: Dict, defaults: Sampling, max_length: int, max_logprobs: int = 20) -> ChatRequest:
     """POST /v1/chat/completions: messages of role system/user/assistant. System messages are put before
     the first user message (the chat formats have no system slot); consecutive messages of one role are
-    joined with a newline. Unknown fields (model, user, ...) are ignored."""
+    joined with a newline. `n` replies; `logprobs` (true/false) with `top_logprobs` alternatives (at most
+    max_logprobs). Unknown fields (model, user, ...) are ignored."""
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects")
@@ -197,20 +218,78 @@ def parse_openai(data: Dict, defaults: Sampling, max_length: int) -> ChatRequest
         raise ApiError(400, "the last message must be a user message")
     if system:
         turns[0][1] = "\n".join(system + [turns[0][1]])
-    n = data.get("n", 1)
-    if n != 1 or isinstance(n, bool):
-        raise ApiError(400, "n must be 1")
-    stream = data.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "stream must be true or false")
+    n, stream, stop = _openai_common(data)
+    logprobs = None
+    if _flag(data, "logprobs"):
+        logprobs = _number(data, "top_logprobs", 0, int, lo=0)
+        _check_logprobs(logprobs, max_logprobs, "top_logprobs")
+    elif data.get("top_logprobs") is not None:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    # OpenAI semantics: no top-k unless asked for; temperature 0 = greedy.
+    openai_defaults = dataclasses.replace(defaults, top_k=0)
+    max_new, sampling = parse_sampling(data, openai_defaults, max_length, ("max_completion_tokens", "max_tokens"))
+    return ChatRequest([t for r, t in turns if r == "user"], [t for r, t in turns if r == "assistant"], max_new, sampling, stream, stop,
+                       n=n, logprobs=logprobs)
+
+
+def _openai_common(data: Dict) -> Tuple[int, bool, Tuple[str, ...]]:
+    """n, stream and stop of an OpenAI request."""
+    n = _number(data, "n", 1, int, lo=1, hi=MAX_N)
+    stream = _flag(data, "stream")
     stop = data.get("stop")
     if stop is None:
         stop = []
     elif isinstance(stop, str):
         stop = [stop]
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, "stop must be a non-empty string or a list of up to 4 of them")
-    # OpenAI semantics: no top-k unless asked for; temperature 0 = greedy.
-    openai_defaults = dataclasses.replace(defaults, top_k=0)
-    max_new, sampling = parse_sampling(data, openai_defaults, max_length, ("max_completion_tokens", "max_tokens"))
-    return ChatRequest([t for r, t in turns if r == "user"], [t for r, t in turns if r == "assistant"], max_new, sampling, stream, tuple(stop))
+    # OpenAI allows 4; evaluation harnesses send a task's stop strings plus the eos token, often more (vLLM: no limit).
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, f"stop must be a non-empty string or a list of up to {MAX_STOP} of them", "stop")
+    return n, stream, tuple(stop)
+
+
+MAX_N = 16  # most choices per prompt (each is a row of a batch)
+MAX_STOP = 16  # most stop strings per request
+
+
+def _check_logprobs(k: int, max_logprobs: int, key: str) -> None:
+    if k > max_logprobs:
+        raise ApiError(400, f"{key} {k} exceeds this server's limit of {max_logprobs} (--max_logprobs)", key)
+
+
+def parse_completions(data: Dict, defaults: Sampling, max_length: int, max_logprobs: int = 20) -> List[ChatRequest]:
+    """POST /v1/completions (OpenAI's legacy text endpoint): one ChatRequest per prompt.
+
+    prompt: a string, a list of strings, a list of token ids or a list of such lists. max_tokens (default
+    16, 0 allowed with echo), temperature, top_p, stop, seed, n, stream, echo, and logprobs = the number
+    of alternatives reported per token (0 = only the chosen token's). No chat format is applied.
+    """
+    prompt = data.get("prompt")
+    if isinstance(prompt, str):
+        prompts: List = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt):
+        prompts = prompt
+    else:
+        raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of non-empty lists of token ids", "prompt")
+    for p in prompts:
+        if isinstance(p, list) and min(p) < 0:
+            raise ApiError(400, f"prompt token id {min(p)} is outside the vocabulary (ids are >= 0)", "prompt")
+    for key in ("suffix", "logit_bias"):
+        if data.get(key):
+            raise ApiError(400, f"{key} is not supported by this server", key)
+    n, stream, stop = _openai_common(data)
+    best_of = data.get("best_of")
+    if best_of is not None and best_of != n:
+        raise ApiError(400, "best_of is not supported by this server (leave it out or equal to n)", "best_of")
+    echo = _flag(data, "echo")
+    logprobs = _number(data, "logprobs", None, int, lo=0)
+    if logprobs is not None:
+        _check_logprobs(logprobs, max_logprobs, "logprobs")
+    max_new, sampling = parse_sampling(data, dataclasses.replace(defaults, top_k=0), max_length, ("max_tokens",), default_new=16, min_new=0)
+    if max_new == 0 and not echo:
+        raise ApiError(400, "max_tokens 0 needs echo: true (there would be nothing to return)", "max_tokens")
+    return [ChatRequest([], [], max_new, sampling, stream, stop, n=n, logprobs=logprobs, echo=echo,
+                        prompt_text=p if isinstance(p, str) else None, prompt_ids=p if isinstance(p, list) else None) for p in prompts]
