@@ -67,6 +67,17 @@ def test_merge_refuses_adapter_of_another_base(folders, tmp_path):
     assert os.listdir(tmp_path) == []  # no merged model of random weights, no staging folder
 
 
+def test_finetune_refuses_adapter_of_another_base(folders, tmp_path):
+    """finetune_generation.py --lora_path (continue training an adapter): the same check, before output_dir exists."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.json", DATA[:2])
+    out = str(tmp_path / "run")
+    base, _, adapter, expected = mismatches(folders)[0]
+    assert_error(cli("finetune_generation.py", "--model_name_or_path", base, "--lora", "true", "--lora_path", adapter,
+                     "--dataset_name_or_path", str(data), "--output_dir", out), expected, out)
+
+
 def test_serve_loader_refuses_and_fitting_pairs_load(folders):
     """flask_server.py loads through load_for_inference: the same refusal; the adapters on their own base still load."""
     from paddlellm.arguments import UserError
@@ -76,6 +87,9 @@ def test_serve_loader_refuses_and_fitting_pairs_load(folders):
         with pytest.raises(UserError) as e:
             load_for_inference(base, **{flag[2:]: adapter})
         assert str(e.value) == expected
+    with pytest.raises(UserError) as e:  # a model name: its family is told by the name
+        load_for_inference("facebook/opt-125m", lora_path=folders["lora_llama"])
+    assert str(e.value) == f"the base is opt (facebook/opt-125m); the adapter was trained on llama ({folders['lora_llama']}): {REFUSE}"
     model, _, family, _ = load_for_inference(folders["llama"], lora_path=folders["lora_llama"])
     assert family.name == "llama" and type(model).__name__ == "LoRAModel"
     model, _, family, _ = load_for_inference(None, prefix_path=folders["prefix_llama"])  # base read from the adapter
