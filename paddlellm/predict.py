@@ -12,8 +12,9 @@ compute goes to padding. Finished batches are appended to `<output_file>.partial
 to disk); the output file itself appears, complete, only at the end (written to a temporary file and
 renamed), so an interrupted run never leaves a corrupt output. `--resume true` continues from the
 `.partial` file; the settings of a finished output are kept in `<output_file>.settings.json`, so
-`--resume true` on it does nothing when they match and refuses changed ones. Under `python -m paddle.distributed.launch --nproc_per_node N` the batches are shared
-among the N processes (data parallel) and only rank 0 writes.
+`--resume true` on it does nothing when they match and refuses changed ones. Under
+`python -m paddle.distributed.launch --nproc_per_node N` the batches are shared among the N
+processes (data parallel) and only rank 0 writes.
 """
 from __future__ import annotations
 
