@@ -134,10 +134,13 @@ def check_ranges(model_args, data_args, gen_args, training: Dict) -> None:
 
 
 def resolve_family(model_args):
+    from .adapter_fit import check_fit
     from .families import detect_family
 
     m = model_args
-    return detect_family(m.family, (m.lora_path, m.prefix_path, m.model_name_or_path), m.model_name_or_path)
+    family = detect_family(m.family, (m.lora_path, m.prefix_path, m.model_name_or_path), m.model_name_or_path)
+    check_fit(m.family, m.model_name_or_path, m.lora_path, m.prefix_path)  # the adapter to continue must fit the base
+    return family
 
 
 def check_device(training: Dict, dtype: str = "float32") -> None:

@@ -68,7 +68,8 @@ def resolve_model(model_name_or_path: Optional[str] = None, lora_path: Optional[
 
     Returns (base, lora_path, prefix_path, family, meta): `meta` is the adapter's (or the model folder's)
     paddlellm_meta.json. A LoRA/prefix output passed as model_name_or_path is recognised as such.
-    Raises UserError with a one-line reason (missing or unknown model, wrong adapter folder, unknown family).
+    Raises UserError with a one-line reason (missing or unknown model, wrong adapter folder, unknown family,
+    an adapter that does not fit the base, a --family that contradicts a folder).
     """
     from .families import detect_family
 
@@ -99,4 +100,8 @@ def resolve_model(model_name_or_path: Optional[str] = None, lora_path: Optional[
                             f"pass --model_name_or_path with its new place")
         raise UserError(f"model_name_or_path {base!r}: no such folder")
     family = detect_family(family_name, (adapter, base), base)
+    # --family vs what the folders record, adapter vs base (family and shapes): see adapter_fit.
+    from .adapter_fit import check_fit
+
+    check_fit(family_name, base, lora_path, prefix_path)
     return base, lora_path, prefix_path, family, meta

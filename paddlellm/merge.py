@@ -111,6 +111,7 @@ class MergeLoraArgument:
     merge_lora_model_path: Optional[str] = field(default=None, metadata={"help": "Same as merge_model_path (the name later PaddleNLP releases use)."})
     device: Optional[str] = field(default=None, metadata={"help": "cpu or gpu (default: gpu when available, else cpu). The merge itself is done in float32 on either."})
     dtype: Optional[str] = field(default=None, metadata={"help": "dtype of the saved weights (default: the dtype the adapters were trained in).", "choices": DTYPES})
+    with_tokenizer: bool = field(default=True, metadata={"help": "Save the tokenizer (of the LoRA folder, else the base) with the merged model; false = weights and config only."})
     family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the folders: llama chatglm chatglm_v2 bloom gpt-3 opt glm."})
 
 
@@ -128,7 +129,8 @@ def main_lora(argv=None) -> int:
         from .runtime import setup_runtime
 
         setup_runtime()
-        merge_lora(args.model_name_or_path, args.lora_path, out, dtype=args.dtype, device=args.device, family_name=args.family)
+        merge_lora(args.model_name_or_path, args.lora_path, out, dtype=args.dtype, device=args.device, family_name=args.family,
+                   with_tokenizer=args.with_tokenizer)
     except UserError as e:
         fail(str(e))
     print(f"merge-lora: wrote a merged model to {out}", file=sys.stderr)
@@ -149,7 +151,7 @@ def _check_lora_folder(lora_path: str) -> Dict:
 
 
 def merge_lora(model_name_or_path: Optional[str], lora_path: str, out: str, dtype: Optional[str] = None,
-               device: Optional[str] = None, family_name: Optional[str] = None) -> str:
+               device: Optional[str] = None, family_name: Optional[str] = None, with_tokenizer: bool = True) -> str:
     """Fold W + (alpha / r) * A @ B into every adapted layer and save base + merged weights as a standalone model."""
     from .families import META_FILE
     from .loading import resolve_model
@@ -179,7 +181,8 @@ def merge_lora(model_name_or_path: Optional[str], lora_path: str, out: str, dtyp
     with Staging(out) as stage:
         inner.config.tensor_parallel_degree = 1
         inner.save_pretrained(stage, state_dict=state, safe_serialization=True)
-        save_tokenizer(family, [lora_path, base], stage)
+        if with_tokenizer:
+            save_tokenizer(family, [lora_path, base], stage)
         merged_meta = {k: v for k, v in meta.items() if k in ("src_length", "tgt_length", "chat_format")}
         merged_meta.update(family=family.name, kind="base", dtype=out_dtype,
                            merged_from={"base_model": os.path.abspath(base) if os.path.isdir(base) else base,

@@ -11,8 +11,10 @@ Prompts of similar length are generated together (left padding, attention mask, 
 compute goes to padding. Finished batches are appended to `<output_file>.partial` (flushed and synced
 to disk); the output file itself appears, complete, only at the end (written to a temporary file and
 renamed), so an interrupted run never leaves a corrupt output. `--resume true` continues from the
-`.partial` file. Under `python -m paddle.distributed.launch --nproc_per_node N` the batches are shared
-among the N processes (data parallel) and only rank 0 writes.
+`.partial` file; the settings of a finished output are kept in `<output_file>.settings.json`, so
+`--resume true` on it does nothing when they match and refuses changed ones. Under
+`python -m paddle.distributed.launch --nproc_per_node N` the batches are shared among the N
+processes (data parallel) and only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ DTYPES = ["float32", "float16", "bfloat16"]
 DEFAULT_SRC_LENGTH = 1024
 DEFAULT_TGT_LENGTH = 1024
 JOURNAL_VERSION = 1
+SEED_LIMIT = 2**64  # paddle.seed takes an unsigned 64-bit integer
+RECORD_SUFFIX = ".settings.json"  # next to a finished output: the journal header it was written with
 
 
 @dataclass
@@ -42,15 +46,15 @@ class PredictArgument:
     prefix_path: Optional[str] = field(default=None, metadata={"help": "Prefix-tuning parameters (an output folder of finetune_generation.py --prefix_tuning)."})
     top_k: int = field(default=1, metadata={"help": "Top-k sampling; 1 = greedy decoding (deterministic), 0 = no top-k limit."})
     top_p: float = field(default=1.0, metadata={"help": "Top-p (nucleus) sampling threshold (used when top_k != 1)."})
-    temperature: float = field(default=0.95, metadata={"help": "Sampling temperature (used when top_k != 1)."})
+    temperature: float = field(default=0.95, metadata={"help": "Sampling temperature (used when top_k != 1); 0 = greedy decoding, as in the server."})
     repetition_penalty: float = field(default=1.0, metadata={"help": "Penalty > 1 discourages repeating tokens already in the prompt or reply."})
-    seed: int = field(default=42, metadata={"help": "Random seed for sampling (each batch is seeded from it, so resumed runs sample the same way)."})
+    seed: int = field(default=42, metadata={"help": "Random seed for sampling, 0 to 2**64 - 1 (each batch is seeded from it, so resumed runs sample the same way)."})
     data_file: Optional[str] = field(default=None, metadata={"help": "Input JSONL: one {\"src\": ..., \"tgt\": ...} object per line; tgt is optional."})
     output_file: str = field(default="output.json", metadata={"help": "Output JSONL: one {\"src\", \"tgt\", \"output\"} line per input line, in input order."})
     device: Optional[str] = field(default=None, metadata={"help": "cpu, gpu or gpu:N (default: gpu when this paddle build has CUDA and a GPU is present, else cpu)."})
     dtype: Optional[str] = field(default=None, metadata={"help": "Weight dtype (default: the dtype saved with the model/adapter, else float32). float16/bfloat16 need a GPU.", "choices": DTYPES})
     gpt: bool = field(default=False, metadata={"help": "PaddleNLP's flag for GPT checkpoints (GPTForCausalLM). The family is read from the model folder, so this only matters when it can't be: it then means --family gpt-3."})
-    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the model folder: llama chatglm chatglm_v2 bloom gpt-3 opt glm."})
+    family: Optional[str] = field(default=None, metadata={"help": "Model family, for a model name or folder that does not record one: llama chatglm chatglm_v2 bloom gpt-3 opt glm. A folder that records another family is refused."})
     resume: bool = field(default=False, metadata={"help": "Continue an interrupted run from <output_file>.partial instead of starting over."})
 
 
@@ -67,8 +71,11 @@ def parse(argv=None) -> PredictArgument:
         require_at_least({name: getattr(args, name) for name in ("batch_size", "src_length", "tgt_length")})
     except UserError as e:
         fail(str(e))
-    if args.top_k < 0 or not 0.0 < args.top_p <= 1.0 or args.temperature <= 0 or args.repetition_penalty <= 0:
-        fail("sampling settings out of range: need top_k >= 0, 0 < top_p <= 1, temperature > 0, repetition_penalty > 0")
+    for name, ok, need in (("top_k", args.top_k >= 0, ">= 0 (0 = no top-k limit)"), ("top_p", 0.0 < args.top_p <= 1.0, "in (0, 1]"),
+                           ("temperature", args.temperature >= 0, ">= 0 (0 = greedy)"), ("repetition_penalty", args.repetition_penalty > 0, "> 0"),
+                           ("seed", 0 <= args.seed < SEED_LIMIT, "in 0 .. 2**64 - 1")):
+        if not ok:  # (a NaN fails every comparison, so it lands here too)
+            fail(f"--{name} must be {need}, got {getattr(args, name)}")
     return args
 
 
@@ -86,6 +93,8 @@ class Item:
 def read_items(path: str) -> List[Item]:
     from .data import DataError, read_records
 
+    if os.path.isdir(path):
+        raise UserError(f"data_file {path!r} is a folder; give the JSONL file to predict on (e.g. {os.path.join(path, 'dev.json')!r})")
     if not os.path.isfile(path):
         raise UserError(f"data_file {path!r}: no such file")
     items = []
@@ -123,9 +132,10 @@ class Journal:
     last line (a crash mid-write) is dropped when the journal is read back.
     """
 
-    def __init__(self, path: str, header: Dict):
+    def __init__(self, path: str, header: Dict, record: Optional[str] = None):
         self.path = path
         self.header = header
+        self.record = record  # where finish() keeps the header of the finished output
         self.file = None
 
     @staticmethod
@@ -149,6 +159,8 @@ class Journal:
 
     def start(self, done: Dict[int, Dict]) -> None:
         """(Re)write the journal with the finished rows `done`, then keep it open for appending."""
+        if self.record and os.path.exists(self.record):
+            os.remove(self.record)  # it described the output this run replaces
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(json.dumps(self.header, ensure_ascii=False) + "\n")
@@ -174,6 +186,8 @@ class Journal:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, output_file)
+        if self.record:
+            _write_atomic(self.record, json.dumps(self.header, ensure_ascii=False, indent=1) + "\n")
         os.remove(self.path)
 
 
@@ -188,6 +202,40 @@ def journal_header(args: PredictArgument, settings: Dict, data_digest: str, coun
     }
 
 
+def _write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def check_same_run(old_header: Dict, header: Dict, what: str, advice: str) -> None:
+    """UserError naming what differs when `old_header` (a journal's or a finished output's) is not this run's."""
+    if old_header.get("data_sha256") != header["data_sha256"] or old_header.get("records") != header["records"]:
+        raise UserError(f"--resume: {what} was written for a different data_file; {advice}")
+    old, new = old_header.get("settings", {}), header["settings"]
+    changed = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+    if changed:
+        raise UserError(f"--resume: {what} was written with other settings ({', '.join(changed)}); {advice}")
+
+
+def finished_already(args: PredictArgument, header: Dict) -> bool:
+    """--resume on a finished output: True when it was written by this very run (nothing to do);
+    UserError when its recorded data or settings differ; False (generate again) when it records none."""
+    if not (args.resume and not os.path.exists(args.output_file + ".partial") and _complete(args.output_file, header["records"])):
+        return False
+    try:
+        with open(args.output_file + RECORD_SUFFIX, encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        print(f"predict: --resume: {args.output_file} records no settings to compare ({args.output_file}{RECORD_SUFFIX} is missing); "
+              "generating it again", file=sys.stderr)
+        return False
+    check_same_run(recorded, header, args.output_file, "drop --resume to generate it again")
+    return True
+
+
 def resume_rows(args: PredictArgument, partial: str, header: Dict) -> Dict[int, Dict]:
     """Finished rows to keep from an earlier run's journal ({} when starting over)."""
     old_header, rows = Journal.read(partial)
@@ -198,12 +246,7 @@ def resume_rows(args: PredictArgument, partial: str, header: Dict) -> Dict[int, 
     if old_header is None:
         print(f"predict: --resume: no {partial} to continue; starting from the beginning", file=sys.stderr)
         return {}
-    if old_header.get("data_sha256") != header["data_sha256"] or old_header.get("records") != header["records"]:
-        raise UserError(f"--resume: {partial} was written for a different data_file; drop --resume to start over")
-    old, new = old_header.get("settings", {}), header["settings"]
-    changed = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
-    if changed:
-        raise UserError(f"--resume: {partial} was written with other settings ({', '.join(changed)}); drop --resume to start over")
+    check_same_run(old_header, header, partial, "drop --resume to start over")
     return {i: r for i, r in rows.items() if 0 <= i < header["records"]}
 
 
@@ -330,7 +373,9 @@ def predict(model, tokenizer, family, prompts: List[List[int]], todo: List[List[
 
     dist = dist or Distributed()
     limit = max_positions(model)
-    sampling = dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, repetition_penalty=args.repetition_penalty)
+    # temperature 0 means greedy decoding (as in the server), which paddlenlp's sampling can't do (it divides by it).
+    top_k = 1 if args.temperature == 0 else args.top_k
+    sampling = dict(top_k=top_k, top_p=args.top_p, temperature=args.temperature, repetition_penalty=args.repetition_penalty)
     steps = (len(todo) + dist.world - 1) // dist.world
     for step in range(steps):
         k = step * dist.world + dist.rank
@@ -342,7 +387,7 @@ def predict(model, tokenizer, family, prompts: List[List[int]], todo: List[List[
             new_tokens = tgt_length
             if limit is not None:
                 new_tokens = max(1, min(tgt_length, limit - max(len(p) for p in batch)))
-            paddle.seed(args.seed + batch_ids[k])
+            paddle.seed((args.seed + batch_ids[k]) % SEED_LIMIT)
             for i, ids in zip(idx, generate_ids(model, tokenizer, family, batch, new_tokens, **sampling)):
                 result[i] = ids
         merged: Dict[int, List[int]] = {}
@@ -361,9 +406,6 @@ def run(argv=None) -> int:
         if os.path.isdir(args.output_file):
             raise UserError(f"output_file {args.output_file!r} is a folder")
         check_can_create(os.path.dirname(os.path.abspath(args.output_file)), "the folder of output_file")
-        if args.resume and not os.path.exists(args.output_file + ".partial") and _complete(args.output_file, len(items)):
-            print(f"predict: --resume: {args.output_file} is already complete ({len(items)} lines); nothing to do", file=sys.stderr)
-            return 0
         from .runtime import setup_runtime
 
         setup_runtime()
@@ -385,6 +427,9 @@ def _run(args: PredictArgument, items: List[Item], settings: Dict) -> int:
     device = select_device(args.device)
     settings["dtype"] = choose_dtype(args, settings, device)
     header = journal_header(args, settings, file_digest(args.data_file), len(items))
+    if finished_already(args, header):
+        print(f"predict: --resume: {args.output_file} is already complete ({len(items)} lines, same data and settings); nothing to do", file=sys.stderr)
+        return 0
     done = resume_rows(args, partial, header) if dist.rank == 0 else {}
     done = dist.broadcast(done)
 
@@ -415,7 +460,7 @@ def _run(args: PredictArgument, items: List[Item], settings: Dict) -> int:
     stats = {"tokens": 0, "seconds": 0.0}
     if dist.rank == 0:
         make_dir(out_dir, "the folder of output_file")
-        journal = Journal(partial, header)
+        journal = Journal(partial, header, args.output_file + RECORD_SUFFIX)
         journal.start(done)
         from .runtime import progress_bar
 

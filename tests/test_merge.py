@@ -67,6 +67,21 @@ def test_merged_lora_equals_base_plus_adapters(family, tiny_dir, tmp_path):
     assert not any("lora" in k for k in read_weights(out))
 
 
+def test_merge_lora_with_tokenizer_flag(tiny_dir, tmp_path):
+    """--with_tokenizer (PaddleNLP's name, as in merge_tp_params.py): false saves weights and config only."""
+    from paddlellm.merge import main_lora
+
+    base = tiny_dir("llama")
+    lora = make_lora(base, str(tmp_path / "lora"), "llama", seed=1)
+    bare, full = str(tmp_path / "bare"), str(tmp_path / "full")
+    assert main_lora(["--lora_path", lora, "--merge_model_path", bare, "--with_tokenizer", "false"]) == 0
+    assert main_lora(["--lora_path", lora, "--merge_model_path", full, "--with_tokenizer", "true"]) == 0
+    assert not any(n.startswith(("tokenizer", "sentencepiece", "special_tokens")) for n in os.listdir(bare))
+    assert {"tokenizer_config.json", "sentencepiece.bpe.model"} <= set(os.listdir(full))
+    weights = read_weights(bare)
+    assert weights.keys() == read_weights(full).keys() and all(np.array_equal(weights[k], v) for k, v in read_weights(full).items())
+
+
 def test_merge_lora_of_a_finetune_run_then_predict(tiny_dir, tmp_path):
     """finetune_generation.py --lora -> merge_lora_params.py -> predict_generation.py, as a user runs them."""
     from paddlellm import finetune
@@ -300,7 +315,7 @@ def test_help_is_fast():
         code = ("import atexit, sys; atexit.register(lambda: print('PADDLE_LOADED' if 'paddle' in sys.modules else 'PADDLE_NOT_LOADED'));"
                 f"from paddlellm.cli import main; main(['{command}', '--help'])")
         out = run_cmd([sys.executable, "-c", code]).stdout
-        for name in (("--model_name_or_path", "--lora_path", "--merge_model_path", "--device") if command == "merge-lora"
+        for name in (("--model_name_or_path", "--lora_path", "--merge_model_path", "--device", "--with_tokenizer") if command == "merge-lora"
                      else ("--model_name_or_path", "--merge_model_path", "--dtype", "--with_tokenizer", "--device")):
             assert name in out
         assert out.strip().endswith("PADDLE_NOT_LOADED")

@@ -141,7 +141,7 @@ def test_base_model_outputs_in_input_order(family, tiny_dir, tmp_path):
     assert [r["src"] for r in rows] == [d["src"] for d in DATA]
     assert [r["tgt"] for r in rows] == [reference(d) for d in DATA]
     assert all(set(r) == {"src", "tgt", "output"} for r in rows)
-    assert sorted(os.listdir(tmp_path / "out")) == ["pred.json"]  # no .partial / .tmp left behind
+    assert sorted(os.listdir(tmp_path / "out")) == ["pred.json", "pred.json.settings.json"]  # no .partial / .tmp left behind
 
 
 # ------------------------------------------------------------------ every family, LoRA and prefix outputs
@@ -269,7 +269,8 @@ def test_distributed_launch_rank0_writes(tiny_dir, tmp_path):
              "--output_file", out, "--batch_size", "2", "--src_length", "32", "--tgt_length", "4", "--device", "cpu"],
             env={"PADDLELLM_NO_PROGRESS": "1"}, timeout=300)
     assert read_jsonl(out) == read_jsonl(single)
-    assert sorted(os.listdir(tmp_path)) == sorted(["data.json", "single.json", "dist.json", "logs"])
+    assert sorted(os.listdir(tmp_path)) == sorted(["data.json", "single.json", "dist.json", "logs", "single.json.settings.json",
+                                                   "dist.json.settings.json"])
     log0 = open(os.path.join(logs, "workerlog.0")).read()
     log1 = open(os.path.join(logs, "workerlog.1")).read()
     assert "predict: wrote 7 lines" in log0 and "predict: wrote" not in log1  # only rank 0 writes
