@@ -95,6 +95,12 @@ def check_folder(family, path: str) -> None:
         raise UserError(f"{path}: the {family.name} family can't reproduce this transformers model: {e}") from None
 
 
+def refuse_unreadable(family, path: Optional[str]) -> None:
+    """If `path` is a transformers folder, UserError unless `family` can read it (the cheap check commands run first)."""
+    if path and os.path.isdir(path) and is_hf_folder(path):
+        check_folder(family, path)
+
+
 # --------------------------------------------------------------------------- weights
 def _bits_bf16_to_float32(a):
     """bfloat16 stored as raw uint16 (paddlenlp's torch reader gives it so) -> float32, exactly."""
@@ -153,7 +159,7 @@ def to_paddle(family, hf_state: Dict, mappings) -> Dict:
             t = t.transpose([1, 0])
         elif action == "split":
             t = paddle.split(t, 3, axis=-1)[index]
-        elif action is not None:
+        elif action not in (None, "tied"):
             raise UserError(f"the {family.name} family's transformers mapping has an action paddlellm can't apply ({action!r})")
         out[dst] = t
     left = [k for k in hf_state if k not in used and not any(re.search(p, k) for p in family.hf_buffers)]
@@ -164,7 +170,10 @@ def to_paddle(family, hf_state: Dict, mappings) -> Dict:
 
 
 def to_hf(family, state: Dict, mappings, skip=()) -> Dict:
-    """paddlenlp tensors -> transformers names/layout (the inverse of to_paddle). `skip`: tied copies."""
+    """paddlenlp tensors -> transformers names/layout (the inverse of to_paddle). `skip`: tied copies.
+
+    A "tied" mapping entry only reads (a head tied to the embeddings in a transformers checkpoint that
+    stores it once); list it before the head's own entry, which wins when the checkpoint has it."""
     import paddle
 
     out, parts, used = {}, {}, set()
@@ -181,6 +190,8 @@ def to_hf(family, state: Dict, mappings, skip=()) -> Dict:
                 out[src] = paddle.concat([parts[src][i] for i in range(3)], axis=-1)
         elif action is None:
             out[src] = t
+        elif action == "tied":
+            pass  # an import-only copy of a tied tensor (the head itself is written under its own name)
         else:
             raise UserError(f"the {family.name} family's transformers mapping has an action paddlellm can't invert ({action!r})")
     left = [k for k in state if k not in used and k not in skip]
@@ -369,8 +380,15 @@ def export_model(family, model, tokenizer, out: str, dtype: str = "float32") -> 
     tied = _tied(model)
     state = to_hf(family, model.state_dict(), name_mappings(family, config), skip=set(tied))
     state = {k: (v.astype(dtype) if v.dtype != getattr(__import__("paddle"), dtype) else v).contiguous() for k, v in state.items()}
-    save_file(state, os.path.join(out, SAFE), metadata={"format": "pt"})
     cfg = hf_config(family, config, dtype)
+    if family.hf_tied_head:
+        # paddlenlp keeps this head as its own weight; transformers ties it to the embeddings unless told not to.
+        head, embed = family.hf_tied_head
+        tie = bool((state[head].astype("float32") == state[embed].astype("float32")).all())
+        if tie:
+            del state[head]
+        cfg["tie_word_embeddings"] = tie
+    save_file(state, os.path.join(out, SAFE), metadata={"format": "pt"})
     _write_json(os.path.join(out, CONFIG), cfg)
     gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
     _write_json(os.path.join(out, "generation_config.json"), gen)

@@ -99,4 +99,7 @@ def resolve_model(model_name_or_path: Optional[str] = None, lora_path: Optional[
                             f"pass --model_name_or_path with its new place")
         raise UserError(f"model_name_or_path {base!r}: no such folder")
     family = detect_family(family_name, (adapter, base), base)
+    from .hf import refuse_unreadable  # a transformers-format folder the family can't read: one line, now
+
+    refuse_unreadable(family, base)
     return base, lora_path, prefix_path, family, meta

@@ -103,6 +103,8 @@ class Family:
     hf_model_type: str = ""
     hf_refusal: str = ""
     hf_buffers: Tuple[str, ...] = (r"\.rotary_emb\.inv_freq$",)
+    # (head, embeddings) transformers names of an LM head paddlenlp keeps untied: exported tied when equal.
+    hf_tied_head: Optional[Tuple[str, str]] = None
 
     # ------------------------------------------------------------------ loading
     def paddlenlp_class(self, attr: str):
