@@ -237,6 +237,9 @@ def load_model(family, path: str, dtype: str = "float32", **config_overrides):
         if list(v.shape) != list(own[k].shape):
             raise UserError(f"{path}: tensor {k} has shape {list(v.shape)}, but config.json implies {list(own[k].shape)}")
         state[k] = v.astype(own[k].dtype) if v.dtype != own[k].dtype else v
+    for k, first in tied.items():  # the same tensor under its tied name too (else paddle warns it skipped one)
+        if k not in state and first in state:
+            state[k] = state[first]
     model.set_state_dict(state)
     model.eval()
     _log(f"{path}: read a transformers {hf_cfg.get('architectures', ['?'])[0]} checkpoint ({len(files)} file(s), "

@@ -115,6 +115,7 @@ class MergeLoraArgument:
     device: Optional[str] = field(default=None, metadata={"help": "cpu or gpu (default: gpu when available, else cpu). The merge itself is done in float32 on either."})
     dtype: Optional[str] = field(default=None, metadata={"help": "dtype of the saved weights (default: the dtype the adapters were trained in).", "choices": DTYPES})
     family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the folders: llama chatglm chatglm_v2 bloom gpt-3 opt glm."})
+    output_format: str = field(default="paddle", metadata={"help": "paddle (PaddleNLP folder) or hf (Hugging Face transformers folder, as paddlellm export-hf writes).", "choices": ["paddle", "hf"]})
 
 
 def main_lora(argv=None) -> int:
@@ -131,7 +132,12 @@ def main_lora(argv=None) -> int:
         from .runtime import setup_runtime
 
         setup_runtime()
-        merge_lora(args.model_name_or_path, args.lora_path, out, dtype=args.dtype, device=args.device, family_name=args.family)
+        if args.output_format == "hf":  # merged, then written in transformers' layout (paddlellm/hf.py)
+            from .hf import export_hf
+
+            export_hf(args.model_name_or_path, out, dtype=args.dtype, lora_path=args.lora_path, family_name=args.family)
+        else:
+            merge_lora(args.model_name_or_path, args.lora_path, out, dtype=args.dtype, device=args.device, family_name=args.family)
     except UserError as e:
         fail(str(e))
     print(f"merge-lora: wrote a merged model to {out}", file=sys.stderr)

@@ -64,10 +64,12 @@ class GPTFamily(Family):
     def hf_config_from_paddle(self, config):
         return dict(
             vocab_size=config.vocab_size, n_embd=config.hidden_size, n_layer=config.num_hidden_layers,
-            n_head=config.num_attention_heads, n_inner=config.intermediate_size, n_positions=config.max_position_embeddings,
+            n_head=config.num_attention_heads, n_positions=config.max_position_embeddings,
             activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=config.hidden_dropout_prob,
             embd_pdrop=config.hidden_dropout_prob, attn_pdrop=config.attention_probs_dropout_prob,
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, tie_word_embeddings=True,
+            # transformers' own convention: None means 4 * n_embd
+            n_inner=None if config.intermediate_size == 4 * config.hidden_size else config.intermediate_size,
         )
 
     def hf_tokenizer_config(self, tokenizer):
