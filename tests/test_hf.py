@@ -116,7 +116,7 @@ def write_fake(folder, config, tensors=None):
     return str(folder)
 
 
-def test_unreadable_transformers_folders_are_refused_in_one_line(tmp_path):
+def test_unreadable_transformers_folders_are_refused_in_one_line(tmp_path, capsys):
     chatglm2 = write_fake(tmp_path / "chatglm2", {"model_type": "chatglm_v2", "architectures": ["ChatGLMModel"]})
     glm4 = write_fake(tmp_path / "glm4", {"model_type": "glm", "architectures": ["GlmForCausalLM"]})
     cfg = json.load(open(fixture("llama") + "/config.json"))
@@ -136,24 +136,28 @@ def test_unreadable_transformers_folders_are_refused_in_one_line(tmp_path):
         (no_sp, "needs the sentencepiece model tokenizer.model"),
         (shard, "model-00002-of-00003.safetensors (listed in its index) is missing"),
     ]
-    for folder, words in cases:
-        proc = run_cmd([sys.executable, "predict_generation.py", "--model_name_or_path", folder, "--data_file", str(data),
-                        "--output_file", str(tmp_path / "o.json")], check=False)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and words in lines[-1] and lines[-1].startswith("error: "), proc.stderr[-2000:]
-        assert "Traceback" not in proc.stderr
+    from paddlellm.predict import main as predict
+
+    for folder, words in cases:  # predict_generation.py's entry, in this process (the finetune case below is a real command)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            predict(["--model_name_or_path", folder, "--data_file", str(data), "--output_file", str(tmp_path / "o.json")])
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert stop.value.code == 2 and words in last and last.startswith("error: "), last
+        assert not os.path.exists(tmp_path / "o.json")
     proc = run_cmd([sys.executable, "finetune_generation.py", "--model_name_or_path", chatglm2, "--dataset_name_or_path",
                     os.path.join(ROOT, "data"), "--output_dir", str(tmp_path / "ft")], check=False)
     assert proc.returncode == 2 and "chatglm_v2 checkpoint can't be read" in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "ft")
 
 
 # ------------------------------------------------------------------ out
 @pytest.mark.parametrize("family", list(EXPORTABLE))
-def test_export_matches_transformers_layout_and_round_trips(family, tmp_path):
+def test_export_matches_transformers_layout_and_round_trips(family, tiny_dir, tmp_path):
     """Our model of the fixture's config exports to the same names, shapes, dtypes, tensors and config fields
     transformers wrote; our own tiny model exports and loads back with identical logits."""
-    from paddlellm.hf import export_model, is_hf_folder
+    from paddlellm.hf import export_model, is_hf_folder, main_export
 
     fam = get_family(family)
     ref = fixture(EXPORTABLE[family])
@@ -175,12 +179,10 @@ def test_export_matches_transformers_layout_and_round_trips(family, tmp_path):
     assert len(shared) >= 8
     assert {k: mine[k] for k in shared} == {k: cfg[k] for k in shared}
 
-    # our own tiny model (its own config) -> export-hf command -> load back: identical logits
-    from paddlellm.tiny import build_tiny
-
-    tiny = build_tiny(family, str(tmp_path / "tiny"), num_hidden_layers=1)
+    # our own tiny model (its own config) -> export-hf (the command's function) -> load back: identical logits
+    tiny = tiny_dir(family)
     exported = str(tmp_path / "exported")
-    run_cmd([sys.executable, "-m", "paddlellm.cli", "export-hf", "--model_name_or_path", tiny, "--output_path", exported])
+    assert main_export(["--model_name_or_path", tiny, "--output_path", exported]) == 0
     assert is_hf_folder(exported)
     names = set(os.listdir(exported))
     assert {"config.json", "model.safetensors", "tokenizer_config.json", "special_tokens_map.json"} <= names
