@@ -114,24 +114,28 @@ def read_state(files: List[str]) -> Dict:
     import numpy as np
     import paddle
 
+    from .runtime import progress_bar
+
     state = {}
-    for f in files:
-        try:
-            if f.endswith(".safetensors"):
-                from safetensors import safe_open
+    with progress_bar(len(files), "reading transformers weights", "file") as bar:
+        for f in files:
+            try:
+                if f.endswith(".safetensors"):
+                    from safetensors import safe_open
 
-                with safe_open(f, framework="paddle", device="cpu") as sf:
-                    for k in sf.keys():
-                        state[k] = sf.get_tensor(k)
-            else:
-                # paddlenlp's torch-free reader of torch.save zip files (numpy arrays; bfloat16 as uint16).
-                from paddlenlp.utils.serialization import load_torch
+                    with safe_open(f, framework="paddle", device="cpu") as sf:
+                        for k in sf.keys():
+                            state[k] = sf.get_tensor(k)
+                else:
+                    # paddlenlp's torch-free reader of torch.save zip files (numpy arrays; bfloat16 as uint16).
+                    from paddlenlp.utils.serialization import load_torch
 
-                for k, a in load_torch(f).items():
-                    a = np.ascontiguousarray(a)
-                    state[k] = paddle.to_tensor(_bits_bf16_to_float32(a) if a.dtype == np.uint16 else a, place=paddle.CPUPlace())
-        except Exception as e:  # a truncated or foreign file: say which
-            raise UserError(f"{f}: can't read these weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                    for k, a in load_torch(f).items():
+                        a = np.ascontiguousarray(a)
+                        state[k] = paddle.to_tensor(_bits_bf16_to_float32(a) if a.dtype == np.uint16 else a, place=paddle.CPUPlace())
+            except Exception as e:  # a truncated or foreign file: say which
+                raise UserError(f"{f}: can't read these weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+            bar.update(1)
     return state
 
 
@@ -217,6 +221,10 @@ def load_model(family, path: str, dtype: str = "float32", **config_overrides):
     import paddle
 
     check_folder(family, path)
+    if int(config_overrides.get("tensor_parallel_degree") or 1) > 1:
+        # The conversion here builds whole tensors; splitting them per rank is not implemented (nor testable on CPU).
+        raise UserError(f"{path}: a transformers-format folder loads on one card only here, not with tensor_parallel_degree "
+                        f"{config_overrides['tensor_parallel_degree']}")
     hf_cfg = read_config(path)
     kwargs = family.hf_config_to_paddle(hf_cfg)
     kwargs.update(config_overrides)
@@ -341,7 +349,7 @@ def write_tokenizer(family, tokenizer, out: str) -> None:
             for name in ("vocab.json", "merges.txt"):
                 shutil.copy(os.path.join(tmp, family.tokenizer_files["vocab_file" if name == "vocab.json" else "merges_file"]),
                             os.path.join(out, name))
-            _write_tokenizer_json(out, tokenizer)
+            _write_tokenizer_json(out, tokenizer, add_bos=bool(family.hf_tokenizer_config(tokenizer).get("add_bos_token")))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     special = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if getattr(tokenizer, k, None)}
@@ -351,13 +359,21 @@ def write_tokenizer(family, tokenizer, out: str) -> None:
     _write_json(os.path.join(out, "special_tokens_map.json"), special)
 
 
-def _write_tokenizer_json(out: str, tokenizer) -> None:
-    """tokenizer.json (the fast-tokenizer file; BLOOM's transformers tokenizer reads only this) from vocab/merges."""
+def _write_tokenizer_json(out: str, tokenizer, add_bos: bool = False) -> None:
+    """tokenizer.json (the fast-tokenizer file; BLOOM's transformers tokenizer reads only this) from vocab/merges.
+
+    add_bos: open every encoded sequence with the bos token (OPT); transformers 5 takes that from this
+    file's post-processor, not from tokenizer_config.json."""
     from tokenizers import AddedToken, ByteLevelBPETokenizer
+    from tokenizers.processors import TemplateProcessing
 
     tok = ByteLevelBPETokenizer(os.path.join(out, "vocab.json"), os.path.join(out, "merges.txt"))
     specials = sorted({t for t in (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token, tokenizer.pad_token) if t})
     tok.add_special_tokens([AddedToken(t, special=True) for t in specials])
+    if add_bos:
+        bos = tokenizer.bos_token
+        tok.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))])
     tok.save(os.path.join(out, "tokenizer.json"))
 
 
