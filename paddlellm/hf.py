@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from .arguments import UserError
+from .merge import _write_json
 
 CONFIG = "config.json"
 SAFE_INDEX, SAFE = "model.safetensors.index.json", "model.safetensors"
@@ -377,12 +378,6 @@ def _write_tokenizer_json(out: str, tokenizer, add_bos: bool = False) -> None:
     tok.save(os.path.join(out, "tokenizer.json"))
 
 
-def _write_json(path: str, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
-
 def hf_config(family, config, dtype: str) -> Dict:
     """config.json in transformers' schema for a paddlenlp config of `family`."""
     cfg = {"architectures": [family.hf_architecture], "model_type": family.hf_model_type}
@@ -391,14 +386,18 @@ def hf_config(family, config, dtype: str) -> Dict:
     return cfg
 
 
-def export_model(family, model, tokenizer, out: str, dtype: str = "float32") -> None:
-    """Write model + tokenizer as a transformers folder into `out` (an existing, empty staging folder)."""
+def export_model(family, model, tokenizer, out: str, dtype: str = "float32", max_shard_size: str = "5GB") -> None:
+    """Write model + tokenizer as a transformers folder into `out` (an existing, empty staging folder).
+
+    Weights larger than max_shard_size are split into model-0000x-of-0000y.safetensors with
+    model.safetensors.index.json, the names transformers uses."""
+    from paddlenlp.transformers.model_utils import shard_checkpoint
     from safetensors.paddle import save_file
 
     config = model.config
     tied = _tied(model)
     state = to_hf(family, model.state_dict(), name_mappings(family, config), skip=set(tied))
-    state = {k: (v.astype(dtype) if v.dtype != getattr(__import__("paddle"), dtype) else v).contiguous() for k, v in state.items()}
+    state = {k: v.astype(dtype).contiguous() for k, v in state.items()}
     cfg = hf_config(family, config, dtype)
     if family.hf_tied_head:
         # paddlenlp keeps this head as its own weight; transformers ties it to the embeddings unless told not to.
@@ -407,7 +406,11 @@ def export_model(family, model, tokenizer, out: str, dtype: str = "float32") -> 
         if tie:
             del state[head]
         cfg["tie_word_embeddings"] = tie
-    save_file(state, os.path.join(out, SAFE), metadata={"format": "pt"})
+    shards, index = shard_checkpoint(state, max_shard_size=max_shard_size, weights_name=SAFE)
+    for name, shard in shards.items():
+        save_file(shard, os.path.join(out, name), metadata={"format": "pt"})  # "pt": transformers refuses other formats
+    if index is not None:
+        _write_json(os.path.join(out, SAFE_INDEX), index)
     _write_json(os.path.join(out, CONFIG), cfg)
     gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
     _write_json(os.path.join(out, "generation_config.json"), gen)

@@ -193,6 +193,16 @@ def test_export_matches_transformers_layout_and_round_trips(family, tiny_dir, tm
     t1, t2 = fam.load_tokenizer(tiny), fam.load_tokenizer(exported)
     assert fam.encode_text(t1, "spell: 4 0 7, hello") == fam.encode_text(t2, "spell: 4 0 7, hello")
     assert (t1.bos_token, t1.eos_token, t1.pad_token) == (t2.bos_token, t2.eos_token, t2.pad_token)
+    if family == "llama":  # size-sharded export: transformers' shard and index names, read back identically
+        sharded = tmp_path / "sharded"
+        sharded.mkdir()
+        export_model(fam, m1, t1, str(sharded), "float32", max_shard_size="100KB")
+        index = json.load(open(sharded / "model.safetensors.index.json"))
+        shards = sorted(set(index["weight_map"].values()))
+        assert len(shards) > 1 and shards[0].startswith("model-00001-of-0000") and sorted(os.listdir(sharded)) == sorted(
+            shards + ["model.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.model",
+                      "tokenizer_config.json", "special_tokens_map.json"])
+        assert np.array_equal(raw_logits(fam.load_model(str(sharded)), ids), raw_logits(m1, ids))
 
 
 def test_export_dtype_and_refusals(tiny_dir, tmp_path):
