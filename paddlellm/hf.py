@@ -65,14 +65,13 @@ def is_hf_folder(path) -> bool:
     """Whether `path` is a folder of transformers-format weights (torch layout), judged from its files."""
     if not isinstance(path, str) or not os.path.isfile(os.path.join(path, CONFIG)):
         return False
-    if any(n.endswith(".pdparams") for n in os.listdir(path)):
-        return False
     files = weight_files(path)
     if not files:
         return False
     if files[0].endswith(".bin"):
-        return True
-    try:
+        # paddlenlp prefers its own model_state.pdparams to .bin files (e.g. one its converter left behind)
+        return not any(n.endswith(".pdparams") for n in os.listdir(path))
+    try:  # paddlenlp reads safetensors before anything else, and only its own "np" format
         return _safetensors_format(files[0]) not in PADDLE_FORMATS
     except (OSError, ValueError, struct.error):
         return False  # unreadable: let paddlenlp report it
@@ -219,8 +218,6 @@ def _tied(model) -> Dict[str, str]:
 
 def load_model(family, path: str, dtype: str = "float32", **config_overrides):
     """A paddlenlp model of `family` with the weights of the transformers folder `path` (converted in memory)."""
-    import paddle
-
     check_folder(family, path)
     if int(config_overrides.get("tensor_parallel_degree") or 1) > 1:
         # The conversion here builds whole tensors; splitting them per rank is not implemented (nor testable on CPU).
