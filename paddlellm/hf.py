@@ -248,7 +248,7 @@ def load_model(family, path: str, dtype: str = "float32", **config_overrides):
             state[k] = state[first]
     model.set_state_dict(state)
     model.eval()
-    _log(f"{path}: read a transformers {hf_cfg.get('architectures', ['?'])[0]} checkpoint ({len(files)} file(s), "
+    _log(f"{path}: read a transformers {(hf_cfg.get('architectures') or [family.hf_architecture])[0]} checkpoint ({len(files)} file(s), "
          f"{len(state)} tensors) and converted it in memory to paddlenlp {family.model_class}; the folder is unchanged")
     return model
 

@@ -58,7 +58,7 @@ class GPTFamily(Family):
             intermediate_size=hf.get("n_inner") or 4 * hidden, max_position_embeddings=hf["n_positions"],
             seq_length=hf["n_positions"], hidden_dropout_prob=hf.get("resid_pdrop", 0.1),
             attention_probs_dropout_prob=hf.get("attn_pdrop", 0.1), bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"), ignore_index=IGNORE,
+            eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
         )
 
     def hf_config_from_paddle(self, config):
