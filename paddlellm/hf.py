@@ -156,7 +156,11 @@ def to_paddle(family, hf_state: Dict, mappings) -> Dict:
     out, used = {}, set()
     for src, dst, action, index in mappings:
         if src not in hf_state:
-            continue
+            # Checkpoints saved from the bare model (gpt2, bloom-560m, opt-125m on the Hub) lack the head
+            # model's prefix (transformer., model.); transformers accepts them, so do we.
+            src = src.split(".", 1)[-1]
+            if src not in hf_state:
+                continue
         t = hf_state[src]
         used.add(src)
         if action == "transpose":

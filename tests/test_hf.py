@@ -89,6 +89,18 @@ def test_transformers_folder_loads_with_transformers_logits(name, capfd):
     assert snapshot(folder) == before  # nothing written into the user's folder
 
 
+def test_checkpoint_saved_from_the_bare_model_loads(tmp_path):
+    """Hub checkpoints such as gpt2 and bloom-560m store names without the head model's prefix (h.0..., not transformer.h.0...)."""
+    from safetensors.numpy import save_file
+
+    folder = str(tmp_path / "gpt2")
+    shutil.copytree(fixture("gpt2"), folder)
+    tensors = hf_tensors(folder)
+    save_file({k.split(".", 1)[1]: v for k, v in tensors.items()}, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    ids, ref = np.load(os.path.join(folder, "input_ids.npy")), np.load(os.path.join(folder, "logits.npy"))
+    assert np.abs(raw_logits(get_family("gpt-3").load_model(folder), ids) - ref).max() < 1e-4
+
+
 def test_predict_command_on_a_transformers_folder(tmp_path):
     """predict_generation.py as a user runs it, on the .bin variant: greedy output equals in-process generation."""
     from paddlellm.loading import generate_replies, load_for_inference
