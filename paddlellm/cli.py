@@ -19,6 +19,7 @@ COMMANDS = {
     "merge-lora": ("paddlellm.merge", "main_lora", "merge LoRA adapters into a standalone model (merge_lora_params.py)"),
     "merge-tp": ("paddlellm.merge", "main_tp", "merge tensor-parallel shards into one checkpoint (merge_tp_params.py)"),
     "serve": ("paddlellm.serve", "main", "HTTP API + Gradio chat UI (flask_server.py)"),
+    "export-hf": ("paddlellm.hf", "main_export", "write a model (full, merged or LoRA output) as a Hugging Face transformers folder"),
     "tiny": ("paddlellm.tiny", "main", "write a tiny random checkpoint with a real tokenizer"),
     "quickstart": ("paddlellm.quickstart", "main", "build a tiny LLaMA, LoRA-tune it on data/, show dev accuracy before/after"),
 }

@@ -104,4 +104,7 @@ def resolve_model(model_name_or_path: Optional[str] = None, lora_path: Optional[
     from .adapter_fit import check_fit
 
     check_fit(family_name, base, lora_path, prefix_path)
+    from .hf import refuse_unreadable  # a transformers-format folder the family can't read: one line, now
+
+    refuse_unreadable(family, base)
     return base, lora_path, prefix_path, family, meta

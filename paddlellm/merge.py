@@ -113,6 +113,7 @@ class MergeLoraArgument:
     dtype: Optional[str] = field(default=None, metadata={"help": "dtype of the saved weights (default: the dtype the adapters were trained in).", "choices": DTYPES})
     with_tokenizer: bool = field(default=True, metadata={"help": "Save the tokenizer (of the LoRA folder, else the base) with the merged model; false = weights and config only."})
     family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the folders: llama chatglm chatglm_v2 bloom gpt-3 opt glm."})
+    output_format: str = field(default="paddle", metadata={"help": "paddle (PaddleNLP folder) or hf (Hugging Face transformers folder, as paddlellm export-hf writes).", "choices": ["paddle", "hf"]})
 
 
 def main_lora(argv=None) -> int:
@@ -129,8 +130,13 @@ def main_lora(argv=None) -> int:
         from .runtime import setup_runtime
 
         setup_runtime()
-        merge_lora(args.model_name_or_path, args.lora_path, out, dtype=args.dtype, device=args.device, family_name=args.family,
-                   with_tokenizer=args.with_tokenizer)
+        if args.output_format == "hf":  # merged, then written in transformers' layout (paddlellm/hf.py)
+            from .hf import export_hf
+
+            export_hf(args.model_name_or_path, out, dtype=args.dtype, lora_path=args.lora_path, family_name=args.family)
+        else:
+            merge_lora(args.model_name_or_path, args.lora_path, out, dtype=args.dtype, device=args.device, family_name=args.family,
+                       with_tokenizer=args.with_tokenizer)
     except UserError as e:
         fail(str(e))
     print(f"merge-lora: wrote a merged model to {out}", file=sys.stderr)

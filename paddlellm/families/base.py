@@ -97,6 +97,14 @@ class Family:
     lora_target_modules: Optional[List[str]] = None  # regexes; None = every nn.Linear of the model
     prefix_lm: bool = False  # prompt attends bidirectionally (ChatGLM v1, GLM)
     notes: str = ""  # quirks, shown in llm/<family>/README.md
+    # Hugging Face transformers folders (paddlellm/hf.py): the transformers class of the same architecture,
+    # or None with the reason in hf_refusal; tensors old transformers versions saved that are not weights.
+    hf_architecture: Optional[str] = None
+    hf_model_type: str = ""
+    hf_refusal: str = ""
+    hf_buffers: Tuple[str, ...] = (r"\.rotary_emb\.inv_freq$",)
+    # (head, embeddings) transformers names of an LM head paddlenlp keeps untied: exported tied when equal.
+    hf_tied_head: Optional[Tuple[str, str]] = None
 
     # ------------------------------------------------------------------ loading
     def paddlenlp_class(self, attr: str):
@@ -105,6 +113,10 @@ class Family:
         return getattr(module, getattr(self, attr))
 
     def load_tokenizer(self, path: str):
+        from .. import hf
+
+        if hf.is_hf_folder(path):  # a transformers folder: read through paddlellm/hf.py
+            return hf.load_tokenizer(self, path)
         tok = self.paddlenlp_class("tokenizer_class").from_pretrained(path)
         self.fix_tokenizer(tok)
         return tok
@@ -124,10 +136,34 @@ class Family:
         )
 
     def load_model(self, path: str, dtype: str = "float32", **config_overrides):
+        from .. import hf
+
+        if hf.is_hf_folder(path):  # a transformers folder: converted in memory by paddlellm/hf.py
+            return hf.load_model(self, path, dtype=dtype, **config_overrides)
         return self.paddlenlp_class("model_class").from_pretrained(path, dtype=dtype, **config_overrides)
 
     def init_new_weights(self, model) -> None:
         """Fix the random initialisation of a model built from a config, not loaded (hook; default: nothing)."""
+
+    # ------------------------------------------------------------------ Hugging Face transformers folders
+    def hf_config_to_paddle(self, hf: Dict[str, Any]) -> Dict[str, Any]:
+        """paddlenlp config kwargs for a transformers config.json (hook). ValueError names a setting the
+        paddlenlp model can't reproduce."""
+        raise ValueError(self.hf_refusal or "no transformers mapping")
+
+    def hf_config_from_paddle(self, config) -> Dict[str, Any]:
+        """transformers config.json fields (without architectures/model_type/dtype) of a paddlenlp config (hook)."""
+        raise ValueError(self.hf_refusal or "no transformers mapping")
+
+    def hf_name_mappings(self, config):
+        """[(transformers name, paddlenlp name, action, index)]: action None, "transpose" or "split" (index-th of
+        three equal parts of the last axis). Default: paddlenlp's own converter mapping of the model class."""
+        return [(m.source_name, m.target_name, m.action, m.index)
+                for m in self.paddlenlp_class("model_class")._get_name_mappings(config)]
+
+    def hf_tokenizer_config(self, tokenizer) -> Dict[str, Any]:
+        """tokenizer_config.json fields for transformers' AutoTokenizer (hook; special tokens are added)."""
+        return {}
 
     # ------------------------------------------------------------------ chat format
     def turn_prompt(self, index: int, query: str) -> str:

@@ -40,6 +40,28 @@ class BloomFamily(Family):
         out = super().generation_inputs(tokenizer, prompts, max_new_tokens)
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
+    # transformers BloomForCausalLM: the same fused query_key_value layout ([heads, 3, head_dim] on the output
+    # axis); paddlenlp's converter mapping (names and Linear transposes) is right.
+    _HF_KEYS = ("vocab_size", "hidden_size", "n_layer", "n_head", "layer_norm_epsilon", "hidden_dropout", "attention_dropout",
+                "apply_residual_connection_post_layernorm", "bos_token_id", "eos_token_id", "pad_token_id")
+
+    def hf_config_to_paddle(self, hf):
+        if hf.get("slow_but_exact") and int(hf.get("pretraining_tp", 1)) > 1:
+            raise ValueError("slow_but_exact with pretraining_tp > 1 is not supported")
+        if hf.get("tie_word_embeddings") is False:
+            raise ValueError("tie_word_embeddings=false: paddlenlp's BLOOM ties its LM head to the embeddings")
+        out = {k: hf[k] for k in self._HF_KEYS if k in hf}
+        out.setdefault("hidden_size", hf.get("n_embed"))
+        return out
+
+    def hf_config_from_paddle(self, config):
+        out = {k: getattr(config, k) for k in self._HF_KEYS}
+        out.update(tie_word_embeddings=True, slow_but_exact=False, pretraining_tp=1)
+        return out
+
+    def hf_tokenizer_config(self, tokenizer):
+        return {"tokenizer_class": "BloomTokenizerFast", "add_prefix_space": False}
+
     def prefix_hooks(self):
         # BloomAttention concatenates its cache on axis 1: [batch, prefix_len, heads, head_dim] per layer,
         # the layout bloom_postprocess_past_key_value returns. BloomForCausalLM takes it as `cache`, and
@@ -74,6 +96,8 @@ FAMILY = BloomFamily(
         initializer_range=0.08,
     ),
     example_checkpoint="bigscience/bloomz-7b1-mt",
+    hf_architecture="BloomForCausalLM",
+    hf_model_type="bloom",
     name_hints=("bloom",),
     # intokens_prefix: ALiBi biases every key by its absolute position, so in a packed row the prefix keys sit
     # farther from the second and later examples than they would unpacked: prefix tuning + packing is inexact.

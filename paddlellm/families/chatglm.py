@@ -107,6 +107,7 @@ FAMILY = ChatGLMFamily(
         position_encoding_2d=True,
     ),
     example_checkpoint="THUDM/chatglm-6b",
+    hf_refusal="transformers has no ChatGLM-6B architecture (THUDM's checkpoints run only as trust_remote_code models) and paddlellm has no tested mapping of their weights; use a PaddleNLP-format checkpoint (e.g. THUDM/chatglm-6b by name)",
     supports=dict(pretrain=False, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
     lora_target_modules=[
         r".*attention\.query_key_value",

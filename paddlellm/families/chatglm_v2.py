@@ -64,6 +64,7 @@ FAMILY = ChatGLMv2Family(
         add_qkv_bias=True,
     ),
     example_checkpoint="THUDM/chatglm2-6b",
+    hf_refusal="transformers has no ChatGLM2-6B architecture (THUDM's checkpoints run only as trust_remote_code models) and paddlellm has no tested mapping of their weights; use a PaddleNLP-format checkpoint (e.g. THUDM/chatglm2-6b by name)",
     name_hints=("chatglm2", "chatglm_v2"),
     supports=dict(pretrain=False, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
     notes=(

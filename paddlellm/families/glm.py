@@ -249,6 +249,7 @@ FAMILY = GLMFamily(
         output_dropout_prob=0.0,
     ),
     example_checkpoint="THUDM/glm-large-chinese",
+    hf_refusal="transformers has no GLM-large/10B (blank-infilling) architecture: its own 'glm' model type is GLM-4, a different causal design; use a PaddleNLP-format checkpoint (e.g. THUDM/glm-large-chinese by name)",
     supports=dict(pretrain=False, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
     lora_target_modules=[
         r".*attention\.query_key_value",

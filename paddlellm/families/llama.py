@@ -9,6 +9,38 @@ class LlamaFamily(Family):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.unk_token
 
+    # transformers LlamaForCausalLM: paddlenlp's own converter mapping (names, Linear transposes) is right.
+    def hf_config_to_paddle(self, hf):
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"RoPE scaling {kind!r} (rope_parameters/rope_scaling) is not supported")
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise ValueError("attention_bias/mlp_bias: paddlenlp's LLaMA has no biases")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {hf['hidden_act']!r}: paddlenlp's LLaMA uses silu")
+        heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+        if hf.get("head_dim") not in (None, hidden // heads):
+            raise ValueError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
+        keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+        out = {k: hf[k] for k in keys if k in hf}
+        out["num_key_value_heads"] = hf.get("num_key_value_heads") or heads
+        out["rope_theta"] = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        out["seq_length"] = hf.get("max_position_embeddings", 2048)
+        return out
+
+    def hf_config_from_paddle(self, config):
+        keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "tie_word_embeddings",
+                "bos_token_id", "eos_token_id", "pad_token_id")
+        out = {k: getattr(config, k) for k in keys}
+        out.update(hidden_act="silu", attention_bias=False, mlp_bias=False)
+        return out
+
+    def hf_tokenizer_config(self, tokenizer):
+        return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False}
+
     def prefix_hooks(self):
         from paddlenlp.peft.prefix import llama_postprocess_past_key_value
 
@@ -35,5 +67,7 @@ FAMILY = LlamaFamily(
     example_checkpoint="meta-llama/Llama-2-7b",
     name_hints=("llama",),
     supports=dict(pretrain=True, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
+    hf_architecture="LlamaForCausalLM",
+    hf_model_type="llama",
     notes="Pads with <unk> (LLaMA has no pad token). Every reply ends with </s> and is supervised.",
 )

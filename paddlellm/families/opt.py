@@ -78,6 +78,45 @@ class OPTFamily(Family):
         out = super().generation_inputs(tokenizer, prompts, max_new_tokens)
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
+    # transformers OPTForCausalLM: paddlenlp's converter mapping is right for the layers it covers (not
+    # project_in/project_out, which OPT-350m's narrower word embeddings need: refused below), but it leaves
+    # paddlenlp's separate LM head weight out, so a converted model would predict with a random head.
+    def hf_name_mappings(self, config):
+        head = [("model.decoder.embed_tokens.weight", "lm_head.decoder_weight", "tied", None),  # tied checkpoints
+                ("lm_head.weight", "lm_head.decoder_weight", None, None)]  # untied ones
+        return super().hf_name_mappings(config) + head
+
+    def hf_config_to_paddle(self, hf):
+        hidden = hf["hidden_size"]
+        if hf.get("word_embed_proj_dim", hidden) != hidden:
+            raise ValueError("word_embed_proj_dim != hidden_size (project_in/project_out layers) is not in paddlenlp's OPT mapping")
+        if not hf.get("do_layer_norm_before", True) or hf.get("_remove_final_layer_norm"):
+            raise ValueError("do_layer_norm_before=false / _remove_final_layer_norm (OPT-350m's layout) is not supported")
+        if hf.get("layer_norm_elementwise_affine") is False or hf.get("enable_bias") is False:
+            raise ValueError("layer_norm_elementwise_affine=false / enable_bias=false is not supported")
+        return dict(
+            vocab_size=hf["vocab_size"], hidden_size=hidden, word_embed_proj_dim=hidden, num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"], intermediate_size=hf["ffn_dim"],
+            hidden_act=hf.get("activation_function", "relu"), max_position_embeddings=hf["max_position_embeddings"],
+            normalize_before=True, hidden_dropout_prob=hf.get("dropout", 0.1), attention_probs_dropout_prob=hf.get("attention_dropout", 0.0),
+            bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
+        )
+
+    def hf_config_from_paddle(self, config):
+        return dict(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size, word_embed_proj_dim=config.hidden_size,
+            num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+            ffn_dim=config.intermediate_size, activation_function=config.hidden_act,
+            max_position_embeddings=config.max_position_embeddings, do_layer_norm_before=True, enable_bias=True,
+            layer_norm_elementwise_affine=True, dropout=config.hidden_dropout_prob,
+            attention_dropout=config.attention_probs_dropout_prob, bos_token_id=config.bos_token_id,
+            eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+        )
+
+    def hf_tokenizer_config(self, tokenizer):
+        # OPT opens every sequence with </s>: transformers' GPT2Tokenizer does so with add_bos_token.
+        return {"tokenizer_class": "GPT2Tokenizer", "add_bos_token": True, "add_prefix_space": False}
+
     def prefix_hooks(self):
         # The default prefix mask padding (ones before the 2-D mask) is right for OPT; note that positions,
         # being cumsum(mask) - 1, then start at num_prefix_tokens (as with HF OPT + PEFT prefix tuning),
@@ -105,6 +144,9 @@ FAMILY = OPTFamily(
         attention_probs_dropout_prob=0.0,
     ),
     example_checkpoint="facebook/opt-125m",
+    hf_architecture="OPTForCausalLM",
+    hf_model_type="opt",
+    hf_tied_head=("lm_head.weight", "model.decoder.embed_tokens.weight"),
     name_hints=("facebook/opt", "opt-"),
     supports=dict(pretrain=True, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
     notes=(
