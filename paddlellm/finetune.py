@@ -233,7 +233,7 @@ def save_outputs(trainer, tokenizer, family, kind, model_args, data_args, gen_ar
     from .families import META_FILE
 
     out = training_args.output_dir
-    trainer.save_model(out)
+    trainer.save_final_model(out, kind)  # a full model as model.safetensors, like every other command's output
     if not training_args.should_save:
         return
     tokenizer.save_pretrained(out)
