@@ -409,8 +409,11 @@ def merge_tp(folder: str, out: str, dtype: Optional[str] = None, with_tokenizer:
     from .loading import read_meta
     from .predict import select_device
 
+    from .adapter_fit import check_fit
+
     kind, rank_files = find_shards(folder)
     degree = len(rank_files)
+    check_fit(family_name, folder, None, None)  # --family must not contradict the family the folder records
     try:
         family = get_family(family_name) if family_name else family_of(folder)
     except (KeyError, ValueError) as e:
