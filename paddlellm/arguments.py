@@ -65,6 +65,16 @@ def require_at_least(values: Dict[str, Any], minimum: int = 1) -> None:
             raise UserError(f"--{name} must be at least {minimum}, got {value}")
 
 
+def check_sampling(top_k: int = 1, top_p: float = 1.0, temperature: float = 1.0, repetition_penalty: float = 1.0) -> None:
+    """Raise UserError naming the first sampling setting out of range and its value (predict, the server
+    and fine-tuning's generation evaluation check their arguments with this, so all say the same)."""
+    for name, value, ok, need in (("top_k", top_k, top_k >= 0, ">= 0 (0 = no top-k limit)"), ("top_p", top_p, 0.0 < top_p <= 1.0, "in (0, 1]"),
+                                  ("temperature", temperature, temperature >= 0, ">= 0 (0 = greedy)"),
+                                  ("repetition_penalty", repetition_penalty, repetition_penalty > 0, "> 0")):
+        if not ok:  # (a NaN fails every comparison, so it lands here too)
+            raise UserError(f"--{name} must be {need}, got {value}")
+
+
 # --------------------------------------------------------------------------- field specs
 @dataclasses.dataclass
 class FieldSpec:

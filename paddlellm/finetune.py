@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .arguments import UserError, check_can_create, dump_args, fail, make_dir, parse_args, require_at_least
+from .arguments import UserError, check_can_create, check_sampling, dump_args, fail, make_dir, parse_args, require_at_least
 
 log = logging.getLogger("paddlellm")
 
@@ -128,8 +128,7 @@ def check_ranges(model_args, data_args, gen_args, training: Dict) -> None:
         raise UserError(f"--learning_rate must not be negative, got {training['learning_rate']}")
     if training.get("output_dir"):
         check_can_create(training["output_dir"], "output_dir")
-    if gen_args.top_k < 0 or not 0.0 < gen_args.top_p <= 1.0:
-        raise UserError(f"generation settings out of range: need top_k >= 0 and 0 < top_p <= 1, got top_k={gen_args.top_k} top_p={gen_args.top_p}")
+    check_sampling(top_k=gen_args.top_k, top_p=gen_args.top_p)
     check_adapter_folders(m.lora_path, m.prefix_path)
 
 
@@ -235,7 +234,7 @@ def save_outputs(trainer, tokenizer, family, kind, model_args, data_args, gen_ar
     from .families import META_FILE
 
     out = training_args.output_dir
-    trainer.save_model(out)
+    trainer.save_final_model(out, kind)  # a full model as model.safetensors, like every other command's output
     if not training_args.should_save:
         return
     tokenizer.save_pretrained(out)

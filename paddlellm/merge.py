@@ -411,12 +411,14 @@ def write_safetensors_model(out: str, config, state: Dict, max_shard_size: str =
 def merge_tp(folder: str, out: str, dtype: Optional[str] = None, with_tokenizer: Optional[bool] = None,
              device: Optional[str] = None, family_name: Optional[str] = None) -> Tuple[str, int]:
     """Merge the tensor-parallel checkpoint in `folder` into `out`. Returns (kind, degree)."""
+    from .adapter_fit import check_fit
     from .families import META_FILE, family_of, get_family
     from .loading import read_meta
     from .predict import select_device
 
     kind, rank_files = find_shards(folder)
     degree = len(rank_files)
+    check_fit(family_name, folder, None, None)  # --family must not contradict the family the folder records
     try:
         family = get_family(family_name) if family_name else family_of(folder)
     except (KeyError, ValueError) as e:

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from .arguments import UserError, check_can_create, fail, make_dir, parse_args, require_at_least
+from .arguments import UserError, check_can_create, check_sampling, fail, make_dir, parse_args, require_at_least
 
 DTYPES = ["float32", "float16", "bfloat16"]
 DEFAULT_SRC_LENGTH = 1024
@@ -69,13 +69,11 @@ def parse(argv=None) -> PredictArgument:
         fail("model_name_or_path is required (a model folder or a PaddleNLP model name)")
     try:
         require_at_least({name: getattr(args, name) for name in ("batch_size", "src_length", "tgt_length")})
+        check_sampling(args.top_k, args.top_p, args.temperature, args.repetition_penalty)
     except UserError as e:
         fail(str(e))
-    for name, ok, need in (("top_k", args.top_k >= 0, ">= 0 (0 = no top-k limit)"), ("top_p", 0.0 < args.top_p <= 1.0, "in (0, 1]"),
-                           ("temperature", args.temperature >= 0, ">= 0 (0 = greedy)"), ("repetition_penalty", args.repetition_penalty > 0, "> 0"),
-                           ("seed", 0 <= args.seed < SEED_LIMIT, "in 0 .. 2**64 - 1")):
-        if not ok:  # (a NaN fails every comparison, so it lands here too)
-            fail(f"--{name} must be {need}, got {getattr(args, name)}")
+    if not 0 <= args.seed < SEED_LIMIT:
+        fail(f"--seed must be in 0 .. 2**64 - 1, got {args.seed}")
     return args
 
 

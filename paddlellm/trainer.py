@@ -50,11 +50,38 @@ class SFTTrainer(Trainer):
         # Not in model-parallel runs: there other ranks write their shards into the same folder at the
         # same time, and telling their fresh files from stale ones would race.
         args = self.args
-        single_writer = args.should_save and max(args.tensor_parallel_degree, 1) == 1 and max(args.pipeline_parallel_degree, 1) == 1 \
-            and max(args.sharding_parallel_degree, 1) == 1
+        single_writer = args.should_save and not self.model_parallel()
         folder = output_dir if output_dir is not None else args.output_dir
         with replacing_weights(folder, enabled=single_writer):
             super()._save(output_dir=output_dir, state_dict=state_dict, merge_tensor_parallel=merge_tensor_parallel)
+
+    def model_parallel(self) -> bool:
+        """Whether the model is split over processes (tensor, pipeline or sharding parallel: GPU only)."""
+        a = self.args
+        return max(a.tensor_parallel_degree, 1) > 1 or max(a.pipeline_parallel_degree, 1) > 1 or max(a.sharding_parallel_degree, 1) > 1
+
+    def save_final_model(self, output_dir: str, kind: str) -> None:
+        """Save the trained model at the end of a run.
+
+        A full model goes into model.safetensors, the format merge_lora_params.py, merge_tp_params.py and
+        `paddlellm tiny` write, so every command's output folder holds the same kind of weights (the
+        Trainer's own save would write model_state.pdparams). Adapters (LoRA, prefix) are saved by the
+        Trainer as PaddleNLP's adapter files. Checkpoints (checkpoint-N/) keep the Trainer's format: resuming
+        reads it. Under tensor / pipeline / sharding parallel (GPU only, not testable on this CPU machine)
+        the Trainer's per-rank sharded save is kept unchanged: merge_tp_params.py reads those shards.
+        """
+        if kind != "full" or self.model_parallel():
+            self.save_model(output_dir)
+            return
+        if not self.args.should_save:  # data parallel: one process writes, the others hold the same weights
+            return
+        from paddlenlp.trainer.trainer import TRAINING_ARGS_NAME
+        from paddlenlp.transformers.model_utils import unwrap_model
+
+        os.makedirs(output_dir, exist_ok=True)
+        with replacing_weights(output_dir):  # e.g. an earlier run's model_state.pdparams must not remain
+            unwrap_model(self.model).save_pretrained(output_dir, safe_serialization=True)
+        paddle.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))  # as the Trainer's save keeps it
 
     def _sorted_checkpoints(self, output_dir=None, checkpoint_prefix="checkpoint", use_mtime=False):
         # Checkpoints that resuming passed over as unusable (e.g. a foreign checkpoint-99/) are left alone by

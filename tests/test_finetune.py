@@ -26,7 +26,7 @@ METHODS = {
 }
 # what each method must (and must not) leave in output_dir
 FILES = {
-    "sft": (["model_state.pdparams", "config.json"], ["lora_config.json", "prefix_config.json"]),
+    "sft": (["model.safetensors", "config.json"], ["model_state.pdparams", "lora_config.json", "prefix_config.json"]),
     "lora": (["lora_model_state.pdparams", "lora_config.json"], ["model.safetensors", "model_state.pdparams"]),
     "prefix": (["prefix_model_state.pdparams", "prefix_config.json"], ["model.safetensors", "model_state.pdparams"]),
 }

@@ -277,6 +277,27 @@ def assert_error(proc, expected, out):
     assert not any(".merging-" in n for n in os.listdir(os.path.dirname(out)))
 
 
+def test_merge_tp_refuses_a_family_contradicting_the_folder(tiny_dir, tmp_path, capsys):
+    """--family opt on llama shards loaded them with OPT's classes; now refused in one line through the
+    check predict and merge_lora_params.py use (an agreeing --family still merges)."""
+    from paddlellm.merge import main_tp
+
+    base = tmp_path / "base"
+    model = tp_base("llama", tiny_dir("llama"), str(base))
+    shards = str(tmp_path / "tp")
+    write_tp_shards(model, read_weights(str(base)), shards, 2, False, extras_from=str(base))
+    out = str(tmp_path / "out")
+    with pytest.raises(SystemExit) as e:
+        main_tp(["--model_name_or_path", shards, "--merge_model_path", out, "--family", "opt"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --family opt contradicts model_name_or_path {shards!r}, which records family llama; "
+        "drop --family (it is for a model that does not record its family)")
+    assert not os.path.exists(out)
+    assert main_tp(["--model_name_or_path", shards, "--merge_model_path", out, "--family", "llama", "--device", "cpu"]) == 0
+    merged, original = read_weights(out), read_weights(str(base))
+    assert sorted(merged) == sorted(original) and all(np.array_equal(merged[k], original[k]) for k in original)
+
+
 def test_scripts_and_errors(tiny_dir, tmp_path):
     base = tmp_path / "base"
     model = tp_base("llama", tiny_dir("llama"), str(base))

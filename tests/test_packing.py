@@ -90,9 +90,9 @@ def step_data(tmp_path_factory):
 
 
 def _weights(out):
-    import paddle
+    from safetensors.numpy import load_file
 
-    return {k: v.numpy() for k, v in paddle.load(os.path.join(out, "model_state.pdparams")).items()}
+    return load_file(os.path.join(out, "model.safetensors"))
 
 
 def _first_loss(out):
@@ -153,7 +153,7 @@ def test_one_step_is_the_same_for_any_batching(tiny_dir, step_data, tmp_path):
     assert moved > 1e-3  # the step really changed the weights
 
 
-PACKED_METHODS = {"sft": ([], "model_state.pdparams"),
+PACKED_METHODS = {"sft": ([], "model.safetensors"),
                   "prefix": (["--prefix_tuning", "true", "--num_prefix_tokens", "4"], "prefix_model_state.pdparams")}
 
 
@@ -162,7 +162,7 @@ PACKED_METHODS = {"sft": ([], "model_state.pdparams"),
 def test_packed_step_equals_unpacked_step(family, method, tiny_dir, step_data, tmp_path, capsys):
     """Gradients through the packed path are exact too: one packed step updates every trained weight (the
     model's, or the prefix's with the prefix attended by every packed example) as an unpacked one."""
-    import paddle
+    from paddlenlp.transformers.model_utils import load_state_dict
 
     from paddlellm import finetune as ft
 
@@ -183,7 +183,7 @@ def test_packed_step_equals_unpacked_step(family, method, tiny_dir, step_data, t
     for name, extra in {"batch4": [], "packed": packed}.items():
         out = str(tmp_path / name)
         assert ft.run(common + ["--output_dir", out, *extra]) == 0
-        results[name] = (_first_loss(out), {k: v.numpy() for k, v in paddle.load(os.path.join(out, weights_file)).items()})
+        results[name] = (_first_loss(out), {k: v.numpy() for k, v in load_state_dict(os.path.join(out, weights_file)).items()})
     (loss, w), (packed_loss, packed_w) = results["batch4"], results["packed"]
     assert packed_loss == pytest.approx(loss, rel=1e-5)
     for k in w:

@@ -548,6 +548,26 @@ def test_help_is_fast_and_bad_arguments_are_one_line():
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --max_queue must be at least 1, got 0"
 
 
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--top_k", "-1", "--top_k must be >= 0 (0 = no top-k limit), got -1"),
+    ("--top_p", "1.5", "--top_p must be in (0, 1], got 1.5"),
+    ("--top_p", "0", "--top_p must be in (0, 1], got 0.0"),
+    ("--temperature", "-0.5", "--temperature must be >= 0 (0 = greedy), got -0.5"),
+    ("--repetition_penalty", "0", "--repetition_penalty must be > 0, got 0.0"),
+])
+def test_sampling_range_errors_name_the_argument(flag, value, expected, capsys):
+    """Each out-of-range sampling default names its own argument and value, in predict's words (one check
+    shared by both); the server's message used to list all four conditions at once."""
+    from paddlellm.predict import main as predict_main
+    from paddlellm.serve.app import main
+
+    for command, args in ((main, ["--model_name_or_path", "x"]),
+                          (predict_main, ["--model_name_or_path", "x", "--data_file", "d.json", "--output_file", "o.json"])):
+        with pytest.raises(SystemExit) as e:
+            command(args + [flag, value])
+        assert e.value.code == 2 and capsys.readouterr().err.strip() == f"error: {expected}", command.__module__
+
+
 def test_busy_port_is_a_one_line_error(server):
     proc = run_cmd([sys.executable, "flask_server.py", "--model_name_or_path", "x", "--ui", "false", "--flask_port", str(server.port)], check=False, timeout=120)
     assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{server.port} (--flask_port)" in proc.stderr.strip().splitlines()[-1]

@@ -28,7 +28,7 @@ def file_state(path):
 
 def test_one_set_of_weights_per_folder(tiny_dir, tmp_path):
     """The issue's repro: merge LoRA into X, fine-tune (SFT) into X, then everything loaded X's stale
-    model.safetensors. Each save now replaces the weight files of the other format."""
+    model.safetensors. Each save now replaces the weight files already there."""
     from paddlellm.merge import merge_lora
     from paddlellm.tiny import build_tiny
 
@@ -41,8 +41,8 @@ def test_one_set_of_weights_per_folder(tiny_dir, tmp_path):
     merged = file_state(os.path.join(x, "model.safetensors"))
 
     assert finetune(base, data, x, "--max_steps", "2", "--overwrite_output_dir", "true") == 0
-    assert weight_files(x) == ["model_state.pdparams"]
-    sft = file_state(os.path.join(x, "model_state.pdparams"))
+    assert weight_files(x) == ["model.safetensors"]
+    sft = file_state(os.path.join(x, "model.safetensors"))
     got = loaded_state(x)
     for k in sft:
         np.testing.assert_array_equal(got[k], sft[k], err_msg=k)
@@ -66,6 +66,51 @@ def test_output_dir_equal_to_the_model_is_refused(tiny_dir, tmp_path, capsys):
         f"error: output_dir {base + '/'!r} is the model being fine-tuned (model_name_or_path); write to another folder "
         "(saving would replace the weights training starts from)")
     assert sorted(os.listdir(base)) == before
+
+
+def test_sft_output_is_model_safetensors_and_every_command_reads_it(tiny_dir, tmp_path, caplog):
+    """Full fine-tuning writes its final weights as model.safetensors, the format of merge and `paddlellm tiny`
+    (it wrote the Trainer's model_state.pdparams), replacing any weight file already there; its checkpoints
+    keep the Trainer's format, and resuming, predict/serve loading, LoRA on top and merging still work."""
+    from paddlellm.merge import merge_lora
+
+    base = tiny_dir("llama")
+    data = write_data(str(tmp_path / "data"))
+    out = str(tmp_path / "sft")
+    os.makedirs(out)
+    with open(os.path.join(out, "model_state.pdparams"), "wb") as f:
+        f.write(b"an earlier save")  # must not remain next to the new weights
+    sft = ["--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant"]
+    assert finetune(base, data, out, *sft) == 0
+    assert weight_files(out) == ["model.safetensors"]
+    assert "model_state.pdparams" in os.listdir(os.path.join(out, "checkpoint-2"))  # the Trainer's format, for resuming
+    assert os.path.isfile(os.path.join(out, "training_args.bin"))
+    final = file_state(os.path.join(out, "model.safetensors"))
+    step2 = file_state(os.path.join(out, "checkpoint-2", "model_state.pdparams"))
+    start = file_state(os.path.join(base, "model.safetensors"))
+    assert final.keys() == step2.keys()
+    for k in final:
+        np.testing.assert_array_equal(final[k], step2[k], err_msg=k)
+    assert any(not np.array_equal(final[k], start[k]) for k in final)  # trained weights, not the base's
+    got = loaded_state(out)  # the loader predict and serve use
+    for k in final:
+        np.testing.assert_array_equal(got[k], final[k], err_msg=k)
+
+    with caplog.at_level("INFO", logger="paddlellm"):  # resuming from the Trainer-format checkpoint
+        assert finetune(base, data, out, *sft[2:], "--max_steps", "3") == 0
+    assert f"resuming from {os.path.join(out, 'checkpoint-2')}" in caplog.text
+    assert weight_files(out) == ["model.safetensors"]
+    resumed = file_state(os.path.join(out, "model.safetensors"))
+    assert any(not np.array_equal(resumed[k], final[k]) for k in final)  # step 3 was trained and saved
+
+    lora = str(tmp_path / "lora")  # LoRA on the SFT output, then merged into it
+    assert finetune(out, data, lora, "--lora", "true", "--max_steps", "1", "--learning_rate", "1e-2") == 0
+    merged = str(tmp_path / "merged")
+    merge_lora(None, lora, merged)
+    m = file_state(os.path.join(merged, "model.safetensors"))
+    assert m.keys() == resumed.keys()
+    same = [k for k in m if np.array_equal(m[k], resumed[k])]
+    assert same and len(same) < len(m)  # untouched layers are the SFT output's, adapted ones moved
 
 
 GENERATION_EVAL = ["--lora", "true", "--max_steps", "2", "--eval_with_do_generation", "true",

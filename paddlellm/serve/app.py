@@ -38,7 +38,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from ..arguments import UserError, fail, parse_args, require_at_least
+from ..arguments import UserError, check_sampling, fail, parse_args, require_at_least
 from . import responses
 from .engine import Channel, Engine
 from .scheduler import Request, RequestGroup, Scheduler
@@ -388,8 +388,7 @@ def check_args(args: ServeArgument) -> None:
     require_at_least({name: getattr(args, name) for name in ("max_batch_size", "max_queue", "max_body_bytes", "src_length", "max_length")})
     if args.max_logprobs < 0:
         raise UserError(f"--max_logprobs must be >= 0, got {args.max_logprobs}")
-    if args.top_k < 0 or not 0 < args.top_p <= 1 or args.temperature < 0 or args.repetition_penalty <= 0:
-        raise UserError("sampling defaults out of range: need --top_k >= 0, 0 < --top_p <= 1, --temperature >= 0, --repetition_penalty > 0")
+    check_sampling(args.top_k, args.top_p, args.temperature, args.repetition_penalty)  # the defaults of every request
     if args.batch_wait_ms < 0 or args.debug_step_delay < 0:
         raise UserError("--batch_wait_ms and --debug_step_delay must be >= 0")
 
