@@ -228,6 +228,10 @@ def save_outputs(trainer, tokenizer, family, kind, model_args, data_args, gen_ar
 
 
 def run(argv=None) -> int:
+    from .quant import quant_requested, run as run_quant
+
+    if quant_requested(argv):  # do_ptq / do_gptq: PaddleNLP ran compression from this script too
+        return run_quant(argv, prog="finetune_generation.py")
     model_args, data_args, gen_args, training = parse(argv)
     output_dir = training["output_dir"]
     existed = os.path.exists(output_dir)

@@ -124,6 +124,9 @@ class Family:
         )
 
     def load_model(self, path: str, dtype: str = "float32", **config_overrides):
+        from ..quant.storage import refuse_if_quantized  # float weights only: training, merging (a UserError line)
+
+        refuse_if_quantized(path)
         return self.paddlenlp_class("model_class").from_pretrained(path, dtype=dtype, **config_overrides)
 
     def init_new_weights(self, model) -> None:

@@ -1,0 +1,237 @@
+"""The quantization math: PTQ with paddle.quantization + paddleslim observers, GPTQ with paddleslim,
+and the two small workarounds they need on paddle 3.3.1 CPU. Results are integer codes + scales
+(numpy), which storage.install turns into a model and `paddlellm quant` saves."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import random
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from ..arguments import UserError
+from .storage import pack_int4, qmax
+
+log = logging.getLogger("paddlellm")
+
+
+# --------------------------------------------------------------------------- calibration batches
+def calibration_batches(family, examples, pad_id: int, batch_size: int, steps: int, seed: int) -> List[Dict]:
+    """`steps` shuffled batches of `batch_size` examples as model inputs (paddle tensors, no labels)."""
+    import paddle
+
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    batches = []
+    for s in range(steps):
+        idx = order[s * batch_size:(s + 1) * batch_size]
+        if not idx:
+            break
+        arrays = family.build_batch([[examples[i]] for i in idx], pad_id)
+        batches.append({k: paddle.to_tensor(v) for k, v in arrays.items() if k != "labels"})
+    return batches
+
+
+def run_batches(model, batches) -> None:
+    import paddle
+
+    with paddle.no_grad():
+        for b in batches:
+            model(**b)
+
+
+def linear_names(model) -> List[str]:
+    """Every plain nn.Linear, as PaddleNLP quantized them (LM heads are family classes and stay float)."""
+    import paddle
+
+    return [n for n, layer in model.named_sublayers() if type(layer) is paddle.nn.Linear]
+
+
+def set_sublayer(model, name: str, layer) -> None:
+    parent = model
+    *path, last = name.split(".")
+    for p in path:
+        parent = getattr(parent, p)
+    setattr(parent, last, layer)
+
+
+# --------------------------------------------------------------------------- codes
+def channel_absmax(w: np.ndarray) -> np.ndarray:
+    """Per-output-channel abs-max of a [in, out] weight; 0 becomes 1e-8 as in paddleslim's compute_scales."""
+    a = np.abs(w).max(axis=0).astype(np.float32)
+    return np.where(a == 0, np.float32(1e-8), a)
+
+
+def codes(w: np.ndarray, scale: np.ndarray, bits: int, low: int) -> np.ndarray:
+    """round(w / scale) clipped to [low, qmax] as int8."""
+    return np.clip(np.round(w / scale), low, qmax(bits)).astype(np.int8)
+
+
+def layer_tensors(name: str, q: np.ndarray, scale: np.ndarray, bits: int, bias, act_absmax=None) -> Dict[str, np.ndarray]:
+    out = {f"{name}.qweight": q if bits == 8 else pack_int4(q), f"{name}.weight_scale": scale.astype(np.float32)}
+    if bias is not None:
+        out[f"{name}.bias"] = bias.numpy().astype(np.float32)
+    if act_absmax is not None:
+        out[f"{name}.act_scale"] = np.array([act_absmax], dtype=np.float32)
+    return out
+
+
+class Result:
+    """Integer codes and scales of every quantized Linear, plus PaddleNLP-format scale dumps."""
+
+    def __init__(self):
+        self.tensors: Dict[str, np.ndarray] = {}
+        self.layers: Dict[str, Dict] = {}
+        self.weight_scales: Dict[str, List[float]] = {}
+        self.act_scales: Dict[str, float] = {}
+
+    def add(self, name: str, q, scale, bits: int, bias, absmax, act_absmax=None) -> None:
+        self.tensors.update(layer_tensors(name, q, scale, bits, bias, act_absmax))
+        self.layers[name] = {"bits": bits, "a8": act_absmax is not None}
+        self.weight_scales[f"{name}.weight_quanter"] = [float(v) for v in absmax]
+        if act_absmax is not None:
+            self.act_scales[f"{name}.activation_quanter"] = float(act_absmax)
+
+    def full_tensors(self, model) -> Dict[str, np.ndarray]:
+        """Codes + every other tensor of the (float) model, ready for storage.install / safetensors."""
+        out = dict(self.tensors)
+        for k, v in model.state_dict().items():
+            owner, _, leaf = k.rpartition(".")
+            if owner in self.layers and leaf in ("weight", "bias"):
+                continue
+            a = v.numpy()
+            out[k] = a.astype(np.float32) if a.dtype.kind == "f" else a
+        return out
+
+
+# --------------------------------------------------------------------------- PTQ
+def ptq(model, batches, bits: int, a8: bool, bar) -> Result:
+    """PaddleNLP's apply_ptq: paddle.quantization.PTQ with paddleslim's AVGObserver (A8W8 activations) and
+    AbsMaxChannelWiseWeightObserver; the observers give the abs-max scales, the codes are round-to-nearest."""
+    import paddle
+    from paddle.quantization import PTQ, QuantConfig
+    from paddleslim.quant.observers import AbsMaxChannelWiseWeightObserver, AVGObserver
+
+    names = linear_names(model)
+    originals = {n: layer for n, layer in model.named_sublayers() if n in set(names)}
+    cfg = QuantConfig(activation=None, weight=None)
+    cfg.add_type_config(paddle.nn.Linear, activation=AVGObserver(quant_bits=8) if a8 else None,
+                        weight=AbsMaxChannelWiseWeightObserver(quant_bits=bits))
+    PTQ(cfg).quantize(model, inplace=True)
+    for b in batches:
+        run_batches(model, [b])
+        bar.update(1)
+    subs = dict(model.named_sublayers())
+    result = Result()
+    for n in names:
+        quanted = subs[n]
+        absmax = np.asarray(quanted.weight_quanter.scales().numpy(), dtype=np.float32).reshape([-1])
+        absmax = np.where(absmax == 0, np.float32(1e-8), absmax)
+        act = None
+        if a8:
+            act = float(np.asarray(quanted.activation_quanter.scales().numpy()).reshape([-1])[0])
+        set_sublayer(model, n, originals[n])  # back to the float Linear; storage.install quantizes it
+        w = originals[n].weight.numpy()
+        scale = (absmax / np.float32(qmax(bits))).astype(np.float32)
+        result.add(n, codes(w, scale, bits, -qmax(bits)), scale, bits, originals[n].bias, absmax, act)
+    return result
+
+
+# --------------------------------------------------------------------------- GPTQ
+@contextlib.contextmanager
+def empty_index_assignment_is_noop():
+    """Workaround, paddle 3.3.1 (fixed upstream by Paddle PR #79586): `t[empty_int_index] = v` raises
+    "The pointer p_index is nullptr" instead of doing nothing. paddleslim's GPTQ.fasterquant assigns
+    through the (usually empty) index of dead Hessian columns, so every layer failed. Patched only
+    while GPTQ runs, and only when this paddle has the bug."""
+    import paddle
+
+    probe = paddle.zeros([2])
+    try:
+        probe[paddle.to_tensor([], dtype="int64")] = 1.0
+        yield  # fixed paddle: nothing to patch
+        return
+    except ValueError:
+        pass
+    original = paddle.Tensor.__setitem__
+
+    def empty(index) -> bool:
+        if isinstance(index, paddle.Tensor):
+            return index.dtype in (paddle.int32, paddle.int64) and int(index.numel()) == 0
+        return isinstance(index, (tuple, list)) and any(empty(i) for i in index)
+
+    def setitem(self, index, value):
+        if empty(index):
+            return None
+        return original(self, index, value)
+
+    paddle.Tensor.__setitem__ = setitem
+    try:
+        yield
+    finally:
+        paddle.Tensor.__setitem__ = original
+
+
+def gptq(model, batches, bits: int, percdamp: float, actorder: bool, bar, retries: int = 2) -> Result:
+    """paddleslim GPTQ on every Linear in order (PaddleNLP's apply_gptq): each layer collects its Hessian over
+    the calibration batches, then fasterquant rounds it column by column. A layer whose Cholesky factorisation
+    fails is retried with 10x the damping (up to `retries` times) before giving up with its name."""
+    from paddleslim.quant.advanced import GPTQ
+
+    result = Result()
+    subs = dict(model.named_sublayers())
+    for n in linear_names(model):
+        layer = subs[n]
+        w0 = layer.weight.numpy().copy()
+        wrapper = GPTQ(layer, quant_bits=bits)
+        set_sublayer(model, n, wrapper)
+        run_batches(model, batches)
+        hessian = wrapper.hessian.clone()
+        damp = percdamp
+        for attempt in range(retries + 1):
+            try:
+                with empty_index_assignment_is_noop(), contextlib.redirect_stdout(io.StringIO()) as printed:
+                    wrapper.fasterquant(percdamp=damp, groupsize=-1, actorder=actorder)
+                log.debug(printed.getvalue().strip())
+                break
+            except (RuntimeError, ValueError, OSError) as e:
+                if attempt == retries:
+                    raise UserError(f"GPTQ failed on layer {n} even with percdamp {damp:g} ({str(e).strip().splitlines()[0][:120]}); "
+                                    f"use more calibration data (gptq_step) or a larger gptq_percdamp") from None
+                damp *= 10
+                log.warning(f"GPTQ: layer {n}: factorisation failed; retrying with percdamp {damp:g}")
+                layer.weight.set_value(w0)
+                wrapper.hessian = hessian.clone()
+        set_sublayer(model, n, layer)
+        absmax = channel_absmax(w0)
+        scale = (absmax / np.float32(qmax(bits))).astype(np.float32)
+        # fasterquant wrote q * scale back; the codes are recovered exactly (its grid is [-2^(b-1), 2^(b-1)-1])
+        result.add(n, codes(layer.weight.numpy(), scale, bits, -qmax(bits) - 1), scale, bits, layer.bias, absmax)
+        bar.update(1)
+    return result
+
+
+def rtn(model, bits: int) -> Result:
+    """Round-to-nearest with per-channel abs-max scales (no calibration): the baseline GPTQ is measured against."""
+    result = Result()
+    subs = dict(model.named_sublayers())
+    for n in linear_names(model):
+        w = subs[n].weight.numpy()
+        absmax = channel_absmax(w)
+        scale = (absmax / np.float32(qmax(bits))).astype(np.float32)
+        result.add(n, codes(w, scale, bits, -qmax(bits)), scale, bits, subs[n].bias, absmax)
+    return result
+
+
+def count_params(result: Result) -> Tuple[int, int]:
+    """(quantized parameters, bytes of their codes)."""
+    n = b = 0
+    for k, v in result.tensors.items():
+        if k.endswith(".qweight"):
+            b += v.nbytes
+    for name, spec in result.layers.items():
+        q = result.tensors[f"{name}.qweight"]
+        n += q.shape[1] * (q.shape[0] if spec["bits"] == 8 else 2 * q.shape[0])
+    return n, b
