@@ -110,6 +110,9 @@ def check_ranges(model_args, data_args, gen_args, training: Dict) -> None:
     if gen_args.top_k < 0 or not 0.0 < gen_args.top_p <= 1.0:
         raise UserError(f"generation settings out of range: need top_k >= 0 and 0 < top_p <= 1, got top_k={gen_args.top_k} top_p={gen_args.top_p}")
     check_adapter_folders(m.lora_path, m.prefix_path)
+    from .quant.storage import refuse_if_quantized
+
+    refuse_if_quantized(m.model_name_or_path)  # integer weights can't be trained further
 
 
 def resolve_family(model_args):

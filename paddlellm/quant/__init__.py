@@ -55,6 +55,7 @@ class QuantArgument:
     do_gptq: bool = field(default=False, metadata={"help": "GPTQ weight quantization with paddleslim (bits from quant_type)."})
     gptq_step: int = field(default=8, metadata={"help": "Calibration batches for GPTQ (each Linear layer sees all of them)."})
     gptq_percdamp: float = field(default=0.1, metadata={"help": "(not in PaddleNLP's arguments) GPTQ Hessian damping, as a fraction of its mean diagonal; PaddleNLP used 0.1. A layer whose factorisation fails is retried with 10x, twice."})
+    max_length: Optional[int] = field(default=None, metadata={"help": "PaddleNLP's total token limit (its ptq JSONs set it): caps tgt_length at max_length - src_length."})
     gptq_actorder: bool = field(default=True, metadata={"help": "(not in PaddleNLP's arguments) quantize columns in order of decreasing Hessian diagonal, as PaddleNLP did."})
 
     def __post_init__(self):
@@ -115,11 +116,8 @@ def parse(argv=None, prog: str = "paddlellm quant"):
     return model_args, data_args, quant_args, training
 
 
-def check(model_args, data_args, q: QuantArgument, training: Dict) -> Plan:
-    """Every refusal that needs no paddle, each as one line."""
-    from ..data import DataError, split_files
-    from ..loading import resolve_model
-
+def check_args(model_args, data_args, q: QuantArgument, training: Dict):
+    """Refusals that depend on the arguments alone (one line each). Returns (quant_type, bits, a8, method, steps)."""
     if training.get("do_train"):
         raise UserError("do_ptq/do_gptq cannot run together with do_train (as in PaddleNLP): fine-tune first, then quantize its output_dir")
     if q.do_qat:
@@ -150,6 +148,19 @@ def check(model_args, data_args, q: QuantArgument, training: Dict) -> Plan:
                       **{k: training.get(k) for k in ("per_device_train_batch_size", "per_device_eval_batch_size")}})
     if q.gptq_percdamp <= 0:
         raise UserError(f"gptq_percdamp must be positive, got {q.gptq_percdamp}")
+    if q.max_length is not None:
+        if q.max_length <= data_args.src_length:
+            raise UserError(f"max_length {q.max_length} must be larger than src_length {data_args.src_length}")
+        data_args.tgt_length = min(data_args.tgt_length, q.max_length - data_args.src_length)
+    return quant_type, bits, a8, method, steps
+
+
+def check(model_args, data_args, q: QuantArgument, training: Dict) -> Plan:
+    """Every refusal before the model loads, each as one line; the resolved plan of the run."""
+    from ..data import DataError, split_files
+    from ..loading import resolve_model
+
+    quant_type, bits, a8, method, steps = check_args(model_args, data_args, q, training)
     if not model_args.model_name_or_path and not model_args.lora_path:
         raise UserError("model_name_or_path is required: the model folder, fine-tune output or LoRA output to quantize")
     if not data_args.dataset_name_or_path:
@@ -179,6 +190,12 @@ def check(model_args, data_args, q: QuantArgument, training: Dict) -> Plan:
 
 
 def _has_gpu() -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version("paddlepaddle-gpu")
+    except metadata.PackageNotFoundError:
+        return False  # the CPU wheel: known without importing paddle (keeps the refusal one line, and fast)
     from ..runtime import setup_runtime
 
     setup_runtime()
@@ -187,23 +204,28 @@ def _has_gpu() -> bool:
     return paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
 
 
-def run(argv=None, prog: str = "paddlellm quant") -> int:
+def execute(argv=None, prog: str = "paddlellm quant"):
+    """Parse, check and quantize; returns (report, in-memory quantized model). Raises UserError."""
     model_args, data_args, q, training = parse(argv, prog)
+    plan = check(model_args, data_args, q, training)
+    from ..data import read_split
+
+    calib_split = "quant" if os.path.basename(plan.calibration_file).startswith("quant") else "train"
+    calib_records = read_split(data_args.dataset_name_or_path, calib_split)
+    dev_records = read_split(data_args.dataset_name_or_path, "dev", required=False)
+    from ..runtime import setup_runtime
+
+    setup_runtime()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log.setLevel(logging.INFO)
+    from .pipeline import quantize
+
+    return quantize(plan, model_args, data_args, q, training, calib_records, dev_records)
+
+
+def run(argv=None, prog: str = "paddlellm quant") -> int:
     try:
-        plan = check(model_args, data_args, q, training)
-        from ..data import read_split
-
-        calib_split = "quant" if os.path.basename(plan.calibration_file).startswith("quant") else "train"
-        calib_records = read_split(data_args.dataset_name_or_path, calib_split)
-        dev_records = read_split(data_args.dataset_name_or_path, "dev", required=False)
-        from ..runtime import setup_runtime
-
-        setup_runtime()
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-        log.setLevel(logging.INFO)
-        from .pipeline import quantize
-
-        results = quantize(plan, model_args, data_args, q, training, calib_records, dev_records)
+        results, _ = execute(argv, prog)
     except UserError as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -214,7 +236,7 @@ def run(argv=None, prog: str = "paddlellm quant") -> int:
     for w in warnings_for(results.get("dev")) + ([] if results["reload_check"]["max_abs_diff"] == 0 else
                                                 ["the reloaded folder's logits differ from the in-memory quantized model"]):
         print(f"\n!!! WARNING: {w} !!!\n", file=sys.stderr)
-    print(f"wrote {training['output_dir']}")
+    print(f"wrote {results['output_dir']}")
     return 0
 
 

@@ -114,7 +114,7 @@ def quantize(plan, model_args, data_args, q, training: Dict, calib_records, dev_
     n_q, _ = methods.count_params(result)
     quant_bytes = os.path.getsize(os.path.join(out, WEIGHTS_FILE))
     results = {
-        "quant_type": plan.quant_type, "method": plan.method, "bits": plan.bits,
+        "output_dir": out, "quant_type": plan.quant_type, "method": plan.method, "bits": plan.bits,
         "quantized_layers": len(result.layers),
         "calibration": {"file": plan.calibration_file, "examples": len(calib), "examples_used": used,
                         "batches": len(batches), "batch_size": bs, "seconds": round(calib_seconds, 2)},
@@ -131,7 +131,7 @@ def quantize(plan, model_args, data_args, q, training: Dict, calib_records, dev_
     _write_json(os.path.join(out, "quant_results.json"), results)
     results["size"]["quantized_folder_bytes"] = _folder_bytes(out)
     _write_json(os.path.join(out, "quant_results.json"), results)
-    return results
+    return results, model
 
 
 def _write_json(path: str, obj) -> None:
