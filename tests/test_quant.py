@@ -19,6 +19,8 @@ METHODS = {
     "ptq_wint4": (["--do_ptq", "--quant_type", "weight_only_int4", "--ptq_step", "4"], 4),
     "gptq_wint4": (["--do_gptq", "--gptq_step", "4"], 4),  # no quant_type: WINT4, PaddleNLP's GPTQ default
     "ptq_a8w8": (["--do_ptq", "--quant_type", "a8w8", "--ptq_step", "4"], 8),
+    "ptq_a8w8_shift_smooth": (["--do_ptq", "--quant_type", "A8W8", "--ptq_step", "4", "--shift", "--smooth", "--shift_all_linears",
+                               "--smooth_all_linears", "--shift_step", "4", "--smooth_step", "4"], 8),
 }
 
 
@@ -102,7 +104,7 @@ def test_round_trip_codes_and_sizes(method, quantized):
     assert {"quant_model.safetensors", "quant_config.json", "weight_scales.json", "config.json", "paddlellm_meta.json",
             "quant_results.json", "tokenizer_config.json"} <= files
     assert not files & {"model.safetensors", "model_state.pdparams"}
-    assert ("act_scales.json" in files) == (method == "ptq_a8w8")
+    assert ("act_scales.json" in files) == method.startswith("ptq_a8w8")
     meta = json.load(open(os.path.join(out, "paddlellm_meta.json")))
     assert meta["kind"] == "quantized" and meta["family"] == "llama"
 
@@ -135,7 +137,7 @@ def test_round_trip_codes_and_sizes(method, quantized):
         np.testing.assert_allclose(scales_json[f"{name}.weight_quanter"], scale * ((1 << (bits - 1)) - 1), rtol=1e-6)
         payload += q.nbytes
         assert q.nbytes == (w.size if bits == 8 else w.size // 2)
-    if method == "ptq_a8w8":
+    if method.startswith("ptq_a8w8"):
         acts = json.load(open(os.path.join(out, "act_scales.json")))
         assert sorted(acts) == sorted(f"{n}.activation_quanter" for n in cfg["layers"])
         assert all(tensors[f"{n}.act_scale"][0] == np.float32(acts[f"{n}.activation_quanter"]) for n in cfg["layers"])
@@ -156,6 +158,7 @@ def test_quality_against_the_float_model(quantized):
     assert dev["ptq_wint8"]["kl_per_token"] < 1e-4 and dev["ptq_wint8"]["top1_agreement"] >= 0.99
     assert dev["gptq_wint4"]["kl_per_token"] < 0.35 * dev["ptq_wint4"]["kl_per_token"]
     assert dev["ptq_a8w8"]["kl_per_token"] < 2e-3 and dev["ptq_a8w8"]["top1_agreement"] >= 0.97
+    assert dev["ptq_a8w8_shift_smooth"]["kl_per_token"] < 2e-3 and dev["ptq_a8w8_shift_smooth"]["top1_agreement"] >= 0.97
     for m in METHODS:
         assert abs(dev[m]["quantized"]["loss"] - dev[m]["float"]["loss"]) < 0.1
         assert 0 <= dev[m]["greedy_agreement"] <= 1 and "exact_match" in dev[m]["quantized"]
@@ -167,6 +170,49 @@ def test_plain_from_pretrained_refuses_the_folder(quantized):
     out = quantized("gptq_wint4")[0]
     with pytest.raises(Exception):
         LlamaForCausalLM.from_pretrained(out)
+
+
+def test_shift_and_smooth_keep_the_float_outputs_and_pair_after_another_model(sft, tiny_dir):
+    """Shift and Smooth re-parametrise the float model without changing its outputs, also when another model was
+    built first in this process (they pair layers by generated names; the model is built in unique_name.guard())."""
+    import paddle
+
+    from paddlellm.families import get_family
+    from paddlellm.quant import QuantArgument, methods
+    from paddlellm.quant.pipeline import load_float_model
+
+    fam = get_family("llama")
+    fam.load_model(tiny_dir("llama"))  # another model first: generated names no longer start at 0 outside the guard
+    tok = fam.load_tokenizer(sft)
+    plan = type("Plan", (), {"lora_path": None, "base": sft, "family": fam})()
+    model = load_float_model(plan)
+    before = logits(model, fam, tok)
+    from paddlellm.data import encode_records, read_split
+
+    examples, _ = encode_records(fam, tok, read_split(DATA, "train")[:64], 16, 12)
+    batches = methods.calibration_batches(fam, examples, tok.pad_token_id, 16, 4, 0)
+    q = QuantArgument(do_ptq=True, shift=True, smooth=True, shift_all_linears=True, smooth_all_linears=True, shift_step=4, smooth_step=4)
+    methods.shift_smooth(model, fam.shift_smooth_pairing, batches, q)
+    wrappers = methods.wrappers_of(model)
+    assert len(wrappers["ShiftSmoothHelpLayer"]) == 4 and len(wrappers["WOBiasHelpLayer"]) == 4
+    smoothed = dict(model.named_sublayers())["llama.layers.0.mlp.down_proj"].smooth_weight.numpy()
+    assert not np.allclose(smoothed, 1.0)  # it did re-scale
+    np.testing.assert_allclose(logits(model, fam, tok), before, atol=2e-4, rtol=1e-4)
+    del paddle
+
+
+def test_bloom_shift_smooth_round_trip(tiny_dir, tmp_path):
+    """Bloom's Linear layers have biases (paddleslim's help layer needed a workaround): quantize and reload exactly."""
+    from paddlellm.loading import load_for_inference
+
+    out = str(tmp_path / "bloom")
+    results, model = quant(tiny_dir("bloom"), out, "--do_ptq", "--ptq_step", "2", "--shift", "--smooth", "--shift_all_linears",
+                           "--smooth_all_linears", "--shift_step", "2", "--smooth_step", "2", "--do_eval", "false",
+                           "--per_device_train_batch_size", "4")
+    for runtime in ("float32", "int8"):
+        loaded, tok, fam, _ = load_for_inference(out, quant_runtime=runtime)
+        assert np.array_equal(logits(loaded, fam, tok, 4), logits(model, fam, tok, 4))
+    assert json.load(open(os.path.join(out, "quant_config.json")))["wrappers"]["ShiftSmoothHelpLayer"]
 
 
 # ------------------------------------------------------------------ all families, predict, serve
@@ -242,23 +288,25 @@ def _one_line_error(capsys, fn, argv):
 
 
 REFUSALS = [
-    (["--do_ptq", "--do_gptq"], "cannot be used together"),
-    (["--do_ptq", "--do_train"], "do_train"),
-    (["--do_ptq", "--quant_type", "int3"], "quant_type 'int3' is unknown"),
-    (["--do_gptq", "--quant_type", "A8W8"], "GPTQ quantizes weights only"),
-    (["--do_qat"], "do_qat"),
-    (["--do_ptq", "--fp16"], "needs a GPU"),
-    (["--do_ptq", "--smooth"], "not available"),
-    ([], "nothing to do"),
+    ("llama", ["--do_ptq", "--do_gptq"], "cannot be used together"),
+    ("llama", ["--do_ptq", "--do_train"], "do_train"),
+    ("llama", ["--do_ptq", "--quant_type", "int3"], "quant_type 'int3' is unknown"),
+    ("llama", ["--do_gptq", "--quant_type", "A8W8"], "GPTQ quantizes weights only"),
+    ("llama", ["--do_qat"], "do_qat"),
+    ("llama", ["--do_ptq", "--fp16"], "needs a GPU"),
+    ("llama", ["--do_gptq", "--smooth"], "use them with do_ptq"),
+    ("opt", ["--do_ptq", "--smooth"], "pairing of the opt family is not declared"),
+    ("glm", ["--do_ptq", "--shift"], "pairing of the glm family is not declared"),
+    ("llama", [], "nothing to do"),
 ]
 
 
-@pytest.mark.parametrize("argv,words", REFUSALS, ids=[w for _, w in REFUSALS])
-def test_refusals_are_one_line_before_anything_loads(argv, words, tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("family,argv,words", REFUSALS, ids=[w for _, _, w in REFUSALS])
+def test_refusals_are_one_line_before_anything_loads(family, argv, words, tiny_dir, tmp_path, capsys):
     from paddlellm.quant import run
 
     out = tmp_path / "out"
-    line = _one_line_error(capsys, run, ["--model_name_or_path", tiny_dir("llama"), "--dataset_name_or_path", DATA,
+    line = _one_line_error(capsys, run, ["--model_name_or_path", tiny_dir(family), "--dataset_name_or_path", DATA,
                                          "--output_dir", str(out), *argv])
     assert words in line and not out.exists()
 

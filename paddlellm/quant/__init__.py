@@ -41,11 +41,11 @@ class QuantArgument:
     do_qat: bool = field(default=False, metadata={"help": "Quantization-aware training: not supported (needs GPUs; PaddleNLP 2023 had not implemented it either)."})
     do_ptq: bool = field(default=False, metadata={"help": "Post-training quantization with paddle.quantization + paddleslim observers."})
     ptq_step: int = field(default=32, metadata={"help": "Calibration batches for PTQ."})
-    shift: bool = field(default=False, metadata={"help": "Shift (Outlier Suppression+) before PTQ: not available in this version (refused)."})
+    shift: bool = field(default=False, metadata={"help": "Shift (Outlier Suppression+, paddleslim) before PTQ; for families that declare their norm -> Linear pairing (llama, bloom)."})
     shift_all_linears: bool = field(default=False, metadata={"help": "Shift every Linear layer, not only those after a norm."})
     shift_sampler: str = field(default="ema", metadata={"help": "Sampler of the shift statistics: ema or none."})
     shift_step: int = field(default=32, metadata={"help": "Calibration batches for Shift."})
-    smooth: bool = field(default=False, metadata={"help": "Smooth (SmoothQuant) before PTQ: not available in this version (refused)."})
+    smooth: bool = field(default=False, metadata={"help": "Smooth (SmoothQuant-style, paddleslim) before PTQ; for families that declare their norm -> Linear pairing (llama, bloom)."})
     smooth_all_linears: bool = field(default=False, metadata={"help": "Smooth every Linear layer, not only those after a norm."})
     smooth_sampler: str = field(default="none", metadata={"help": "Sampler of the smooth statistics: none or multi_step."})
     smooth_step: int = field(default=32, metadata={"help": "Calibration batches for Smooth."})
@@ -133,9 +133,10 @@ def check_args(model_args, data_args, q: QuantArgument, training: Dict):
     quant_type, bits, a8 = QUANT_TYPES[spelled.lower()]
     if q.do_gptq and a8:
         raise UserError("quant_type A8W8 with do_gptq: GPTQ quantizes weights only; use quant_type WINT4 or WINT8")
-    if q.shift or q.smooth:
-        raise UserError("shift/smooth: Shift and Smooth are not available in this version; "
-                        "drop them (plain A8W8 PTQ or weight-only quantization runs)")
+    if (q.shift or q.smooth) and not q.do_ptq:
+        raise UserError("shift/smooth prepare activations for PTQ: use them with do_ptq (GPTQ quantizes weights only)")
+    if q.shift_sampler not in ("ema", "none") or q.smooth_sampler not in ("none", "multi_step"):
+        raise UserError(f"shift_sampler must be ema or none and smooth_sampler none or multi_step, got {q.shift_sampler!r} / {q.smooth_sampler!r}")
     if training.get("fp16") or training.get("bf16") or model_args.dtype in ("float16", "bfloat16"):
         if not _has_gpu():
             raise UserError("fp16/bf16 quantization needs a GPU (paddle's CPU build has no half-precision matmul); "
@@ -144,7 +145,8 @@ def check_args(model_args, data_args, q: QuantArgument, training: Dict):
         raise UserError("quantization runs on one process: set tensor_parallel_degree and pipeline_parallel_degree to 1 "
                         "(merge tensor-parallel shards first with merge_tp_params.py)")
     steps = q.ptq_step if q.do_ptq else q.gptq_step
-    require_at_least({"ptq_step" if q.do_ptq else "gptq_step": steps, "src_length": data_args.src_length, "tgt_length": data_args.tgt_length,
+    require_at_least({"ptq_step" if q.do_ptq else "gptq_step": steps, "shift_step": q.shift_step if q.shift else None,
+                      "smooth_step": q.smooth_step if q.smooth else None, "smooth_k_piece": q.smooth_k_piece if q.smooth else None, "src_length": data_args.src_length, "tgt_length": data_args.tgt_length,
                       **{k: training.get(k) for k in ("per_device_train_batch_size", "per_device_eval_batch_size")}})
     if q.gptq_percdamp <= 0:
         raise UserError(f"gptq_percdamp must be positive, got {q.gptq_percdamp}")
@@ -182,6 +184,9 @@ def check(model_args, data_args, q: QuantArgument, training: Dict) -> Plan:
         raise UserError(f"{prefix_path!r} is a prefix-tuning output: its prefix is not a weight of the model and can't be "
                         f"quantized; quantize its base model {base!r}")
     refuse_if_quantized(base)
+    if (q.shift or q.smooth) and family.shift_smooth_pairing is None:
+        raise UserError(f"shift/smooth: the norm -> Linear pairing of the {family.name} family is not declared "
+                        f"(paddlellm/families/, shift_smooth_pairing); drop shift/smooth for {family.name}")
     check_can_create(out, "output_dir")
     for src in (base, lora_path):
         if src and os.path.isdir(src) and os.path.abspath(src) == os.path.abspath(out):

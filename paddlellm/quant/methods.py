@@ -95,11 +95,15 @@ class Result:
             self.act_scales[f"{name}.activation_quanter"] = float(act_absmax)
 
     def full_tensors(self, model) -> Dict[str, np.ndarray]:
-        """Codes + every other tensor of the (float) model, ready for storage.install / safetensors."""
+        """Codes + every other tensor of the (float) model, ready for storage.install / safetensors.
+        Shift/Smooth's wrapper layers re-expose their inner layer's weight (and bias): those aliases are not stored."""
+        from .storage import wrapper_aliases
+
         out = dict(self.tensors)
+        aliases = wrapper_aliases(wrappers_of(model))
         for k, v in model.state_dict().items():
             owner, _, leaf = k.rpartition(".")
-            if owner in self.layers and leaf in ("weight", "bias"):
+            if (owner in self.layers and leaf in ("weight", "bias")) or k in aliases:
                 continue
             a = v.numpy()
             out[k] = a.astype(np.float32) if a.dtype.kind == "f" else a
@@ -235,3 +239,85 @@ def count_params(result: Result) -> Tuple[int, int]:
         q = result.tensors[f"{name}.qweight"]
         n += q.shape[1] * (q.shape[0] if spec["bits"] == 8 else 2 * q.shape[0])
     return n, b
+
+
+# --------------------------------------------------------------------------- Shift / Smooth
+WRAPPERS = ("ShiftSmoothHelpLayer", "WOBiasHelpLayer")  # paddleslim's helper layers Shift/Smooth insert
+
+
+@contextlib.contextmanager
+def float16_computes_in_float32(active: bool = True):
+    """Workaround, paddleslim 2.6.0: Smooth.update_weight and PieceWiseSearch.search cast activations and
+    weights to float16, whose pow/matmul kernels paddle's CPU build does not have ("kernel ... float16 ...
+    is not registered"). On CPU those casts are made float32 casts while Smooth updates its weights."""
+    import paddle
+
+    if not active:
+        yield
+        return
+    original = paddle.Tensor.cast
+
+    def cast(t, dtype):
+        return original(t, "float32" if str(dtype).replace("paddle.", "") == "float16" else dtype)
+
+    paddle.Tensor.cast = cast
+    try:
+        yield
+    finally:
+        paddle.Tensor.cast = original
+
+
+@contextlib.contextmanager
+def help_layer_keeps_linear_bias():
+    """Workaround, paddleslim 2.6.0: ShiftSmoothHelpLayer sets `self.bias` only when the wrapped Linear has no
+    bias, but Shift's convert_weight then adds to `self.bias`: AttributeError on models whose Linear layers have
+    biases (Bloom with shift_all_linears). The wrapper is given the Linear's own bias, as it does otherwise."""
+    from paddleslim.quant.advanced.utils_layers import ShiftSmoothHelpLayer
+
+    original = ShiftSmoothHelpLayer.__init__
+
+    def init(self, layer):
+        original(self, layer)
+        if "bias" not in self._parameters:
+            self.bias = layer.bias
+
+    ShiftSmoothHelpLayer.__init__ = init
+    try:
+        yield
+    finally:
+        ShiftSmoothHelpLayer.__init__ = original
+
+
+def shift_smooth(model, pairing: Dict, batches, q, on_cpu: bool = True) -> None:
+    """PaddleNLP's apply_shift / apply_smooth with paddleslim (before PTQ). Both re-parametrise the float model
+    (its outputs stay the same) so that activations quantize better. They pair each norm with the Linear layers
+    that read it by generated layer names, so the model must have been built inside unique_name.guard()."""
+    from paddleslim.quant.advanced import EMASampler, MultiStepSampler, PieceWiseSearch, Shift, Smooth
+
+    with contextlib.redirect_stdout(io.StringIO()) as printed, help_layer_keeps_linear_bias():
+        if q.shift:
+            shift = Shift(model=model, model_config=dict(pairing), shift_all_linears=q.shift_all_linears,
+                          sample_function=EMASampler() if q.shift_sampler == "ema" else None)
+            run_batches(model, batches[: q.shift_step])
+            shift.update_weight()
+        if q.smooth:
+            search = None
+            if q.smooth_piecewise_search:
+                search = PieceWiseSearch(k_piece=q.smooth_k_piece, bits_length=8, search_piece=q.smooth_search_piece,
+                                         search_alpha_min=0.2, search_alpha_max=0.8, search_scale_min=1.0, search_scale_max=5.0,
+                                         weight_quant_method="abs_max_channel_wise", act_quant_method="avg")
+            smooth = Smooth(model, dict(pairing), alpha=0.5, smooth_all_linears=q.smooth_all_linears,
+                            sample_function=MultiStepSampler() if q.smooth_sampler == "multi_step" else None, search_function=search)
+            run_batches(model, batches[: q.smooth_step])
+            with float16_computes_in_float32(on_cpu):
+                smooth.update_weight()
+    log.debug(printed.getvalue().strip())
+
+
+def wrappers_of(model) -> Dict[str, List[str]]:
+    """Where Shift/Smooth wrapped layers: {"ShiftSmoothHelpLayer": [names], "WOBiasHelpLayer": [names]}."""
+    out: Dict[str, List[str]] = {w: [] for w in WRAPPERS}
+    for name, layer in model.named_sublayers():
+        if type(layer).__name__ in WRAPPERS:
+            out[type(layer).__name__].append(name)
+    return out if any(out.values()) else {}

@@ -75,7 +75,8 @@ def quantize(plan, model_args, data_args, q, training: Dict, calib_records, dev_
     log.info(f"quant: calibration data {plan.calibration_file}"
              f"{'' if os.path.basename(plan.calibration_file).startswith('quant') else ' (no quant.json: using the training data)'}: "
              f"{used} of {len(calib)} examples in {min(plan.steps, -(-len(calib) // bs))} batches of {bs}")
-    batches = methods.calibration_batches(family, calib, tokenizer.pad_token_id, bs, plan.steps, seed)
+    extra = [q.shift_step if q.shift else 0, q.smooth_step if q.smooth else 0]
+    batches = methods.calibration_batches(family, calib, tokenizer.pad_token_id, bs, max([plan.steps] + extra), seed)
 
     model = load_float_model(plan)
     float_state_bytes = sum(int(v.numel()) * 4 for v in model.state_dict().values())
@@ -90,24 +91,30 @@ def quantize(plan, model_args, data_args, q, training: Dict, calib_records, dev_
         evaluator.measure_float(model)
 
     tick = time.time()
+    if q.shift or q.smooth:
+        done = " and ".join(n for n, on in (("Shift", q.shift), ("Smooth", q.smooth)) if on)
+        log.info(f"quant: {done} (paddleslim) before PTQ")
+        methods.shift_smooth(model, family.shift_smooth_pairing, batches, q, on_cpu=not paddle.device.is_compiled_with_cuda())
+    wrappers = methods.wrappers_of(model)
     if plan.method == "ptq":
-        with progress_bar(len(batches), f"quant: PTQ {plan.quant_type} calibration", "batch") as bar:
-            result = methods.ptq(model, batches, plan.bits, plan.a8, bar)
+        with progress_bar(min(len(batches), plan.steps), f"quant: PTQ {plan.quant_type} calibration", "batch") as bar:
+            result = methods.ptq(model, batches[: plan.steps], plan.bits, plan.a8, bar)
     else:
         n_layers = len(methods.linear_names(model))
         with progress_bar(n_layers, f"quant: GPTQ {plan.bits}-bit", "layer") as bar:
-            result = methods.gptq(model, batches, plan.bits, q.gptq_percdamp, q.gptq_actorder, bar)
+            result = methods.gptq(model, batches[: plan.steps], plan.bits, q.gptq_percdamp, q.gptq_actorder, bar)
     calib_seconds = time.time() - tick
     if not result.layers:
         raise UserError(f"{plan.base}: the model has no Linear layers to quantize")
     tensors = result.full_tensors(model)
-    install(model, tensors, result.layers, "float32")  # the in-memory quantized model, built as a reload builds it
+    install(model, tensors, result.layers, "float32", wrappers)  # the in-memory quantized model, built as a reload builds it
     model.eval()
 
     dev = evaluator.compare(model) if evaluator else None
 
     out = training["output_dir"]
-    _write_folder(out, plan, model, tensors, result, data_args, q, model_args, training, calib_seconds, len(calib), used, len(batches), bs)
+    _write_folder(out, plan, model, tensors, result, wrappers, data_args, q, model_args, training, calib_seconds, len(calib), used,
+                  min(len(batches), plan.steps), bs)
 
     probe = (evaluator.examples if evaluator else calib)[: int(training.get("per_device_eval_batch_size") or 8)]
     reload_check = _reload_check(model, out, family, tokenizer, probe)
@@ -142,7 +149,7 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _write_folder(out, plan, model, tensors, result, data_args, q, model_args, training, calib_seconds, n_calib, used, n_batches, bs):
+def _write_folder(out, plan, model, tensors, result, wrappers, data_args, q, model_args, training, calib_seconds, n_calib, used, n_batches, bs):
     """Write the quantized folder under a temporary name and move it into place (nothing half-written on failure)."""
     import paddle
     import paddleslim
@@ -177,6 +184,10 @@ def _write_folder(out, plan, model, tensors, result, data_args, q, model_args, t
                             "batch_size": bs, "src_length": data_args.src_length, "tgt_length": data_args.tgt_length,
                             "seconds": round(calib_seconds, 2)},
             "layers": result.layers,
+            "shift": bool(q.shift), "smooth": bool(q.smooth),
+            "shift_all_linears": bool(q.shift and q.shift_all_linears), "smooth_all_linears": bool(q.smooth and q.smooth_all_linears),
+            "smooth_piecewise_search": bool(q.smooth and q.smooth_piecewise_search),
+            "wrappers": wrappers,  # paddleslim wrapper layers Shift/Smooth inserted (rebuilt when loading)
             "not_quantized": "embeddings, norms and the LM head (float32), as in PaddleNLP",
             "versions": {"paddle": paddle.__version__, "paddleslim": getattr(paddleslim, "__version__", "?"),
                          "paddlenlp": __import__("paddlenlp").__version__},

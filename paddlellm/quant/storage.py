@@ -122,17 +122,43 @@ def _set_sublayer(model, name: str, layer) -> None:
     setattr(parent, last, layer)
 
 
-def install(model, tensors: Dict, layers: Dict[str, Dict], runtime: str = "float32"):
+def wrapper_aliases(wrappers: Dict) -> set:
+    """State-dict keys by which paddleslim's Shift/Smooth wrappers re-expose their inner layer's parameters."""
+    out = {f"{n}.weight" for names in (wrappers or {}).values() for n in names}
+    return out | {f"{n}.bias" for n in (wrappers or {}).get("ShiftSmoothHelpLayer", [])}
+
+
+def rebuild_wrappers(model, wrappers: Dict, layers: Dict, tensors: Dict) -> None:
+    """Give a freshly built model the structure Shift/Smooth left: paddleslim's wrapper layers where the quant
+    config lists them, and a bias on every quantized Linear that the saved tensors give one (Shift adds them)."""
+    import paddle
+
+    if wrappers:
+        from paddleslim.quant.advanced.utils_layers import ShiftSmoothHelpLayer, WOBiasHelpLayer
+
+        subs = dict(model.named_sublayers())
+        for cls in (ShiftSmoothHelpLayer, WOBiasHelpLayer):
+            for name in wrappers.get(cls.__name__, []):
+                _set_sublayer(model, name, cls(subs[name]))
+    subs = dict(model.named_sublayers())
+    for name in layers:
+        layer = subs.get(name)
+        if isinstance(layer, paddle.nn.Linear) and layer.bias is None and f"{name}.bias" in tensors:
+            layer.bias = layer.create_parameter([layer.weight.shape[1]], is_bias=True)
+
+
+def install(model, tensors: Dict, layers: Dict[str, Dict], runtime: str = "float32", wrappers: Optional[Dict] = None):
     """Put quantized weights into `model` (built from its config). `tensors`: name -> numpy array (the
     safetensors content); `layers`: linear name -> {"bits", "a8"}. runtime "float32": each Linear gets its
     dequantized weight (A8W8 also fake-quantizes its input); "int8": integer weights stay resident.
     The in-memory quantized model and a reloaded folder are built by this same function, so they agree exactly.
+    `wrappers`: where Shift/Smooth put paddleslim's wrapper layers (already in `model`).
     Raises UserError naming missing or unexpected tensors."""
     import paddle
 
     QuantLinear = _quant_linear_class()
     subs = dict(model.named_sublayers())
-    own_all, handled = set(), set()
+    own_all, handled = set(), set(wrapper_aliases(wrappers))
     for name, spec in layers.items():
         old = subs.get(name)
         if type(old) is not paddle.nn.Linear:
@@ -148,6 +174,11 @@ def install(model, tensors: Dict, layers: Dict[str, Dict], runtime: str = "float
         if runtime == "int8":
             _set_sublayer(model, name, ql)
             handled |= own
+            parent = subs.get(name.rpartition(".")[0])
+            if type(parent).__name__ == "ShiftSmoothHelpLayer":  # drop its aliases of the float weight and bias
+                for attr in ("weight", "bias"):
+                    if attr in parent._parameters:
+                        del parent._parameters[attr]
         else:
             old.weight.set_value(ql.dequantized_weight())
             handled.add(f"{name}.weight")
@@ -185,7 +216,9 @@ def load_quantized_model(family, path: str, runtime: str = "float32"):
     config = family.paddlenlp_class("config_class").from_pretrained(path)
     with paddle.utils.unique_name.guard():
         model = family.paddlenlp_class("model_class")(config)
-    install(model, load_file(weights), cfg["layers"], runtime)
+    tensors = load_file(weights)
+    rebuild_wrappers(model, cfg.get("wrappers"), cfg["layers"], tensors)
+    install(model, tensors, cfg["layers"], runtime, cfg.get("wrappers"))
     model.eval()
     log = logging.getLogger("paddlellm")
     if runtime == "int8":
