@@ -172,7 +172,8 @@ def test_plain_from_pretrained_refuses_the_folder(quantized):
         LlamaForCausalLM.from_pretrained(out)
 
 
-def test_shift_and_smooth_keep_the_float_outputs_and_pair_after_another_model(sft, tiny_dir):
+@pytest.mark.parametrize("family", ["llama", "bloom", "chatglm_v2"])
+def test_shift_and_smooth_keep_the_float_outputs_and_pair_after_another_model(family, sft, tiny_dir):
     """Shift and Smooth re-parametrise the float model without changing its outputs, also when another model was
     built first in this process (they pair layers by generated names; the model is built in unique_name.guard())."""
     import paddle
@@ -181,10 +182,11 @@ def test_shift_and_smooth_keep_the_float_outputs_and_pair_after_another_model(sf
     from paddlellm.quant import QuantArgument, methods
     from paddlellm.quant.pipeline import load_float_model
 
-    fam = get_family("llama")
-    fam.load_model(tiny_dir("llama"))  # another model first: generated names no longer start at 0 outside the guard
-    tok = fam.load_tokenizer(sft)
-    plan = type("Plan", (), {"lora_path": None, "base": sft, "family": fam})()
+    fam = get_family(family)
+    path = sft if family == "llama" else tiny_dir(family)
+    fam.load_model(path)  # another model first: generated names no longer start at 0 outside the guard
+    tok = fam.load_tokenizer(path)
+    plan = type("Plan", (), {"lora_path": None, "base": path, "family": fam})()
     model = load_float_model(plan)
     before = logits(model, fam, tok)
     from paddlellm.data import encode_records, read_split
@@ -194,19 +196,21 @@ def test_shift_and_smooth_keep_the_float_outputs_and_pair_after_another_model(sf
     q = QuantArgument(do_ptq=True, shift=True, smooth=True, shift_all_linears=True, smooth_all_linears=True, shift_step=4, smooth_step=4)
     methods.shift_smooth(model, fam.shift_smooth_pairing, batches, q)
     wrappers = methods.wrappers_of(model)
-    assert len(wrappers["ShiftSmoothHelpLayer"]) == 4 and len(wrappers["WOBiasHelpLayer"]) == 4
-    smoothed = dict(model.named_sublayers())["llama.layers.0.mlp.down_proj"].smooth_weight.numpy()
-    assert not np.allclose(smoothed, 1.0)  # it did re-scale
+    # every layer's two norms are paired (bloom's LayerNorms have biases: no wrapper needed), the rest wrapped
+    assert len(wrappers["ShiftSmoothHelpLayer"]) == 4 and len(wrappers["WOBiasHelpLayer"]) == (0 if family == "bloom" else 4)
+    subs = dict(model.named_sublayers())
+    assert not all(np.allclose(subs[n].smooth_weight.numpy(), 1.0) for n in wrappers["ShiftSmoothHelpLayer"])  # it did re-scale
     np.testing.assert_allclose(logits(model, fam, tok), before, atol=2e-4, rtol=1e-4)
     del paddle
 
 
-def test_bloom_shift_smooth_round_trip(tiny_dir, tmp_path):
-    """Bloom's Linear layers have biases (paddleslim's help layer needed a workaround): quantize and reload exactly."""
+@pytest.mark.parametrize("family", ["bloom", "chatglm_v2"])
+def test_shift_smooth_round_trip(family, tiny_dir, tmp_path):
+    """Other declared pairings (Bloom's Linear layers have biases: paddleslim's help layer needed a workaround)."""
     from paddlellm.loading import load_for_inference
 
-    out = str(tmp_path / "bloom")
-    results, model = quant(tiny_dir("bloom"), out, "--do_ptq", "--ptq_step", "2", "--shift", "--smooth", "--shift_all_linears",
+    out = str(tmp_path / family)
+    results, model = quant(tiny_dir(family), out, "--do_ptq", "--ptq_step", "2", "--shift", "--smooth", "--shift_all_linears",
                            "--smooth_all_linears", "--shift_step", "2", "--smooth_step", "2", "--do_eval", "false",
                            "--per_device_train_batch_size", "4")
     for runtime in ("float32", "int8"):
@@ -399,3 +403,12 @@ def test_paddlenlp_own_quant_files_parse(tmp_path):
         assert training["fp16"] is True and (q.do_ptq, q.do_gptq) == (name == "ptq", name == "gptq")
         if name == "ptq":
             assert q.smooth_k_piece == 3 and q.max_length == 2048 and q.smooth_all_linears
+
+
+def test_family_readmes_are_current():
+    """llm/<family>/README.md is generated from the registry (python -m paddlellm.families)."""
+    from paddlellm.families import all_families, family_readme
+
+    for fam in all_families().values():
+        with open(os.path.join(ROOT, "llm", fam.name, "README.md"), encoding="utf-8") as f:
+            assert f.read() == family_readme(fam), "run: python -m paddlellm.families"
