@@ -412,3 +412,27 @@ def test_family_readmes_are_current():
     for fam in all_families().values():
         with open(os.path.join(ROOT, "llm", fam.name, "README.md"), encoding="utf-8") as f:
             assert f.read() == family_readme(fam), "run: python -m paddlellm.families"
+
+
+def test_workarounds_are_scoped():
+    """The empty-index patch exists only while GPTQ runs and only if this paddle has the bug; the float16 cast
+    mapping only inside its block."""
+    import paddle
+
+    from paddlellm.quant.methods import empty_index_assignment_is_noop, float16_computes_in_float32
+
+    original_setitem, original_cast = paddle.Tensor.__setitem__, paddle.Tensor.cast
+    t = paddle.zeros([2])
+    try:
+        t[paddle.to_tensor([], dtype="int64")] = 1.0
+        buggy = False
+    except ValueError:
+        buggy = True
+    with empty_index_assignment_is_noop():
+        assert (paddle.Tensor.__setitem__ is not original_setitem) == buggy
+        t[paddle.to_tensor([], dtype="int64")] = 1.0  # no error inside
+        t[paddle.to_tensor([1], dtype="int64")] = 5.0  # non-empty assignments still work
+    assert paddle.Tensor.__setitem__ is original_setitem and t.numpy().tolist() == [0.0, 5.0]
+    with float16_computes_in_float32():
+        assert t.cast("float16").dtype == paddle.float32
+    assert paddle.Tensor.cast is original_cast and t.cast("float16").dtype == paddle.float16
