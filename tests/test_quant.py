@@ -18,6 +18,7 @@ METHODS = {
     "ptq_wint8": (["--do_ptq", "--quant_type", "WINT8", "--ptq_step", "4"], 8),
     "ptq_wint4": (["--do_ptq", "--quant_type", "weight_only_int4", "--ptq_step", "4"], 4),
     "gptq_wint4": (["--do_gptq", "--gptq_step", "4"], 4),  # no quant_type: WINT4, PaddleNLP's GPTQ default
+    "gptq_wint8": (["--do_gptq", "--quant_type", "weight_only_int8", "--gptq_step", "4"], 8),
     "ptq_a8w8": (["--do_ptq", "--quant_type", "a8w8", "--ptq_step", "4"], 8),
     "ptq_a8w8_shift_smooth": (["--do_ptq", "--quant_type", "A8W8", "--ptq_step", "4", "--shift", "--smooth", "--shift_all_linears",
                                "--smooth_all_linears", "--shift_step", "4", "--smooth_step", "4"], 8),
@@ -157,6 +158,7 @@ def test_quality_against_the_float_model(quantized):
     assert dev["ptq_wint8"]["float"]["accuracy"] > 0.85  # the fine-tuned model has learnt the task
     assert dev["ptq_wint8"]["kl_per_token"] < 1e-4 and dev["ptq_wint8"]["top1_agreement"] >= 0.99
     assert dev["gptq_wint4"]["kl_per_token"] < 0.35 * dev["ptq_wint4"]["kl_per_token"]
+    assert dev["gptq_wint8"]["kl_per_token"] < 1e-4 and dev["gptq_wint8"]["top1_agreement"] >= 0.99
     assert dev["ptq_a8w8"]["kl_per_token"] < 2e-3 and dev["ptq_a8w8"]["top1_agreement"] >= 0.97
     assert dev["ptq_a8w8_shift_smooth"]["kl_per_token"] < 2e-3 and dev["ptq_a8w8_shift_smooth"]["top1_agreement"] >= 0.97
     for m in METHODS:
