@@ -78,12 +78,15 @@ def main() -> None:
     work = a.work or tempfile.mkdtemp(prefix="bench_quant_")
     base, sft = os.path.join(work, "base"), os.path.join(work, "sft")
     t0 = time.time()
-    run(["-c", "import sys; from paddlellm.runtime import setup_runtime; setup_runtime(); from paddlellm.tiny import build_tiny;"
-         f"build_tiny('llama', sys.argv[1], **{MODEL!r})", base])
-    run(["finetune_generation.py", "--model_name_or_path", base, "--dataset_name_or_path", "data", "--output_dir", sft, *SHAPE,
-         "--num_train_epochs", "4", "--learning_rate", "1e-3", "--warmup_steps", "0", "--evaluation_strategy", "no",
-         "--save_strategy", "no", "--logging_steps", "50", "--disable_tqdm", "true", "--seed", "1"])
-    print(f"fine-tuned {sft} in {time.time() - t0:.0f} s")
+    if os.path.isfile(os.path.join(sft, "paddlellm_meta.json")):  # --work with a finished fine-tune: reuse it
+        print(f"reusing the fine-tuned model in {sft}")
+    else:
+        run(["-c", "import sys; from paddlellm.runtime import setup_runtime; setup_runtime(); from paddlellm.tiny import build_tiny;"
+             f"build_tiny('llama', sys.argv[1], **{MODEL!r})", base])
+        run(["finetune_generation.py", "--model_name_or_path", base, "--dataset_name_or_path", "data", "--output_dir", sft, *SHAPE,
+             "--num_train_epochs", "4", "--learning_rate", "1e-3", "--warmup_steps", "0", "--evaluation_strategy", "no",
+             "--save_strategy", "no", "--logging_steps", "50", "--disable_tqdm", "true", "--seed", "1"])
+        print(f"fine-tuned {sft} in {time.time() - t0:.0f} s")
     float_folder = folder_bytes(sft)
     rows = {}
     for name, extra in SETTINGS.items():
