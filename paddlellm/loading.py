@@ -31,9 +31,9 @@ def load_for_inference(model_name_or_path: Optional[str] = None, lora_path: Opti
 
     if is_quantized_folder(base):
         model = load_quantized_model(family, base, quant_runtime)
-    # --- end quantized folders
     else:
         model = family.load_model(base, dtype=dtype)
+    # --- end quantized folders
     if lora_path:
         from paddlenlp.peft import LoRAModel
 
