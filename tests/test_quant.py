@@ -353,6 +353,12 @@ def test_finetune_generation_hands_quantization_to_quant(tiny_dir, tmp_path):
         "error: do_ptq/do_gptq cannot run together with do_train (as in PaddleNLP): fine-tune first, then quantize its output_dir"]
     help_text = run_cmd([sys.executable, "finetune_generation.py", "--help"]).stdout
     assert "--do_gptq" in help_text and "--gptq_step" in help_text
+    out = tmp_path / "ptq"
+    proc = run_cmd([sys.executable, "finetune_generation.py", "llm/llama/ptq_argument.json", "--model_name_or_path", tiny_dir("llama"),
+                    "--output_dir", str(out), *SHAPE, "--ptq_step", "1", "--do_eval", "false"], env={"PADDLELLM_NO_PROGRESS": "1"})
+    assert "quant: A8W8 by PTQ" in proc.stdout and "logits identical" in proc.stdout
+    assert "calibration data " in proc.stderr and "data/train.json" in proc.stderr and "(no quant.json" in proc.stderr
+    assert json.load(open(out / "quant_results.json"))["calibration"]["batches"] == 1
 
 
 # ------------------------------------------------------------------ argument files
@@ -470,3 +476,15 @@ def test_grouped_gptq_equals_layer_by_layer(family, sft, tiny_dir):
     plain = methods.gptq(load_float_model(plan), batches, 4, 0.1, True, Bar(), grouped=False)
     assert list(grouped.layers) == list(plain.layers)
     assert all(np.array_equal(grouped.tensors[k], plain.tensors[k]) for k in plain.tensors)
+
+
+def test_quant_json_is_the_calibration_data_when_present(tiny_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = open(os.path.join(DATA, "train.json")).readlines()
+    (data / "train.json").write_text("".join(lines[:50]))
+    (data / "quant.json").write_text("".join(lines[50:55]))
+    results, _ = quant(tiny_dir("llama"), str(tmp_path / "q"), "--do_ptq", "--quant_type", "WINT4", "--ptq_step", "3",
+                       "--per_device_train_batch_size", "2", "--do_eval", "false", data=str(data))
+    c = results["calibration"]
+    assert c["file"].endswith("quant.json") and c["examples"] == 5 and c["examples_used"] == 5 and c["batches"] == 3
