@@ -269,6 +269,11 @@ def format_help(prog: str, description: str, groups: List[Tuple[str, List[FieldS
     return "\n".join(lines)
 
 
+# Argument groups that a command hands over to another module, listed by its --help: prog -> [(module, class, when)].
+# finetune_generation.py with do_ptq / do_gptq runs paddlellm.quant, as PaddleNLP's script ran quantization.
+HANDOFF_GROUPS = {"finetune_generation.py": [("paddlellm.quant", "QuantArgument", "used with do_ptq / do_gptq, see `paddlellm quant --help`")]}
+
+
 def parse_args(classes: Sequence[type], argv: Optional[Sequence[str]] = None, prog: str = "", description: str = "",
                training: bool = False, json_file_ok: bool = True):
     """Parse argv into one instance per dataclass in `classes` (+ a dict of TrainingArguments kwargs when
@@ -282,7 +287,11 @@ def parse_args(classes: Sequence[type], argv: Optional[Sequence[str]] = None, pr
         for s in gs:
             specs.setdefault(s.name, s)
     if "-h" in argv or "--help" in argv:
-        print(format_help(prog or os.path.basename(sys.argv[0]), description, groups))
+        import importlib
+
+        extra = [(f"{cls} ({when})", dataclass_specs(getattr(importlib.import_module(mod), cls)))
+                 for mod, cls, when in HANDOFF_GROUPS.get(prog, [])]
+        print(format_help(prog or os.path.basename(sys.argv[0]), description, groups + extra))
         sys.exit(0)
     try:
         values: Dict[str, Any] = {}

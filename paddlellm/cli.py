@@ -4,6 +4,7 @@
     paddlellm predict ...                            == python predict_generation.py ...
     paddlellm merge-lora ... / merge-tp ...          == python merge_lora_params.py / merge_tp_params.py ...
     paddlellm serve ...                              == python flask_server.py ...
+    paddlellm quant ARGS.json [--key value ...]      == python finetune_generation.py ARGS.json with do_ptq / do_gptq
     paddlellm tiny --family llama --output DIR       build a tiny random checkpoint
     paddlellm quickstart                             tiny LLaMA + LoRA on the bundled data
 """
@@ -20,6 +21,7 @@ COMMANDS = {
     "merge-tp": ("paddlellm.merge", "main_tp", "merge tensor-parallel shards into one checkpoint (merge_tp_params.py)"),
     "serve": ("paddlellm.serve", "main", "HTTP API + Gradio chat UI (flask_server.py)"),
     "export-hf": ("paddlellm.hf", "main_export", "write a model (full, merged or LoRA output) as a Hugging Face transformers folder"),
+    "quant": ("paddlellm.quant", "main", "PTQ (A8W8, WINT8, WINT4) or GPTQ into a real int8/int4 checkpoint (finetune_generation.py with do_ptq/do_gptq)"),
     "tiny": ("paddlellm.tiny", "main", "write a tiny random checkpoint with a real tokenizer"),
     "quickstart": ("paddlellm.quickstart", "main", "build a tiny LLaMA, LoRA-tune it on data/, show dev accuracy before/after"),
 }

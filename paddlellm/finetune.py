@@ -130,6 +130,9 @@ def check_ranges(model_args, data_args, gen_args, training: Dict) -> None:
         check_can_create(training["output_dir"], "output_dir")
     check_sampling(top_k=gen_args.top_k, top_p=gen_args.top_p)
     check_adapter_folders(m.lora_path, m.prefix_path)
+    from .quant.storage import refuse_if_quantized
+
+    refuse_if_quantized(m.model_name_or_path)  # integer weights can't be trained further
 
 
 def resolve_family(model_args):
@@ -257,6 +260,10 @@ def save_outputs(trainer, tokenizer, family, kind, model_args, data_args, gen_ar
 
 
 def run(argv=None) -> int:
+    from .quant import quant_requested, run as run_quant
+
+    if quant_requested(argv):  # do_ptq / do_gptq: PaddleNLP ran compression from this script too
+        return run_quant(argv, prog="finetune_generation.py")
     model_args, data_args, gen_args, training, mode = parse_with_mode(argv)
     output_dir = training["output_dir"]
     existed = os.path.exists(output_dir)

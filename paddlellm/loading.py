@@ -19,13 +19,21 @@ def read_meta(path: str) -> Dict:
 
 
 def load_for_inference(model_name_or_path: Optional[str] = None, lora_path: Optional[str] = None,
-                       prefix_path: Optional[str] = None, dtype: str = "float32", family=None):
-    """Returns (model, tokenizer, family, meta). A LoRA/prefix folder alone is enough: it records its base model."""
+                       prefix_path: Optional[str] = None, dtype: str = "float32", family=None, quant_runtime: str = "float32"):
+    """Returns (model, tokenizer, family, meta). A LoRA/prefix folder alone is enough: it records its base model.
+    quant_runtime (quantized folders only): "float32" dequantizes the weights at load, "int8" keeps them resident."""
     base, lora_path, prefix_path, family, meta = resolve_model(model_name_or_path, lora_path, prefix_path,
                                                                family.name if family is not None else None)
     adapter = lora_path or prefix_path
     tokenizer = family.load_tokenizer(adapter if adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else base)
-    model = family.load_model(base, dtype=dtype)
+    # --- quantized folders (paddlellm quant output): see paddlellm/quant/storage.py
+    from .quant.storage import is_quantized_folder, load_quantized_model
+
+    if is_quantized_folder(base):
+        model = load_quantized_model(family, base, quant_runtime)
+    else:
+        model = family.load_model(base, dtype=dtype)
+    # --- end quantized folders
     if lora_path:
         from paddlenlp.peft import LoRAModel
 
@@ -99,6 +107,10 @@ def resolve_model(model_name_or_path: Optional[str] = None, lora_path: Optional[
             raise UserError(f"the base model {base!r} recorded in {adapter!r} is not there (moved or deleted?); "
                             f"pass --model_name_or_path with its new place")
         raise UserError(f"model_name_or_path {base!r}: no such folder")
+    if adapter:  # adapters were trained on float weights (quantized folders: paddlellm/quant/storage.py)
+        from .quant.storage import refuse_if_quantized
+
+        refuse_if_quantized(base, "the base model of an adapter,")
     family = detect_family(family_name, (adapter, base), base)
     # --family vs what the folders record, adapter vs base (family and shapes): see adapter_fit.
     from .adapter_fit import check_fit

@@ -166,21 +166,9 @@ def merge_lora(model_name_or_path: Optional[str], lora_path: str, out: str, dtyp
     cfg_json = _check_lora_folder(lora_path)
     base, lora_path, _, family, meta = resolve_model(model_name_or_path, lora_path=lora_path, family_name=family_name)
     select_device(device)
-    from paddlenlp.peft import LoRAConfig, LoRAModel
-
     saved = meta.get("dtype") or cfg_json.get("dtype") or "float32"
     out_dtype = dtype or (saved if saved in DTYPES else "float32")
-    try:
-        # Merge in float32 whatever the adapters were trained in: W + A @ B * scaling is then exact to float32.
-        model = family.load_model(base, dtype="float32")
-        config = LoRAConfig.from_pretrained(lora_path)
-        config.dtype = "float32"
-        model = LoRAModel.from_pretrained(model, lora_path, lora_config=config)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f"can't load {base!r} with the LoRA adapters in {lora_path!r}: {_first_line(e)}") from None
-    model.eval()
-    model.merge()
-    inner = model.model
+    inner = merged_lora_model(base, lora_path, family)
     if out_dtype != "float32":
         inner.to(dtype=out_dtype)
     state = {k: v for k, v in inner.state_dict().items() if not k.rsplit(".", 1)[-1].startswith("lora_")}
@@ -195,6 +183,23 @@ def merge_lora(model_name_or_path: Optional[str], lora_path: str, out: str, dtyp
                                         "lora_path": os.path.abspath(lora_path)})
         _write_json(os.path.join(stage, META_FILE), merged_meta)
     return out
+
+
+def merged_lora_model(base: str, lora_path: str, family):
+    """The base model with the LoRA adapters folded in, in float32, in memory (the LoRA layers' merge)."""
+    from paddlenlp.peft import LoRAConfig, LoRAModel
+
+    try:
+        # Merge in float32 whatever the adapters were trained in: W + A @ B * scaling is then exact to float32.
+        model = family.load_model(base, dtype="float32")
+        config = LoRAConfig.from_pretrained(lora_path)
+        config.dtype = "float32"
+        model = LoRAModel.from_pretrained(model, lora_path, lora_config=config)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"can't load {base!r} with the LoRA adapters in {lora_path!r}: {_first_line(e)}") from None
+    model.eval()
+    model.merge()
+    return model.model
 
 
 # --------------------------------------------------------------------------- tensor parallel

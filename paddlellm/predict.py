@@ -56,6 +56,7 @@ class PredictArgument:
     gpt: bool = field(default=False, metadata={"help": "PaddleNLP's flag for GPT checkpoints (GPTForCausalLM). The family is read from the model folder, so this only matters when it can't be: it then means --family gpt-3."})
     family: Optional[str] = field(default=None, metadata={"help": "Model family, for a model name or folder that does not record one: llama chatglm chatglm_v2 bloom gpt-3 opt glm. A folder that records another family is refused."})
     resume: bool = field(default=False, metadata={"help": "Continue an interrupted run from <output_file>.partial instead of starting over."})
+    quant_runtime: str = field(default="float32", metadata={"help": "Quantized folders (paddlellm quant): float32 dequantizes the weights when loading; int8 keeps the integer weights resident and dequantizes each layer during the forward (less memory).", "choices": ["float32", "int8"]})
 
 
 def parse(argv=None) -> PredictArgument:
@@ -435,7 +436,7 @@ def _run(args: PredictArgument, items: List[Item], settings: Dict) -> int:
 
     try:
         model, tokenizer, family, _ = load_for_inference(settings["model"], settings["lora_path"], settings["prefix_path"],
-                                                         settings["dtype"], family=settings["family"])
+                                                         settings["dtype"], family=settings["family"], quant_runtime=args.quant_runtime)
     except UserError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as e:

@@ -113,12 +113,17 @@ Example checkpoint: `{fam.example_checkpoint}` (paddlenlp `{fam.model_class}`, t
 python finetune_generation.py {folder}/sft_argument.json    # full fine-tuning
 python finetune_generation.py {folder}/lora_argument.json   # LoRA
 python finetune_generation.py {folder}/pt_argument.json     # Prefix Tuning
+python finetune_generation.py {folder}/ptq_argument.json    # PTQ A8W8 of the SFT output (or: paddlellm quant ...)
+python finetune_generation.py {folder}/gptq_argument.json   # GPTQ WINT4 of the SFT output
 paddlellm tiny --family {fam.name} --output ./tiny-{fam.name}  # a tiny random model to try them on CPU
 ```
 
-| SFT | LoRA | Prefix Tuning | InTokens packing | tensor parallel (GPU only, not testable here) |
-|---|---|---|---|---|
-| {yes("sft")} | {yes("lora")} | {yes("prefix")} | {yes("intokens")} | {yes("tensor_parallel")} |
+| SFT | LoRA | Prefix Tuning | InTokens packing | PTQ / GPTQ | Shift / Smooth | tensor parallel (GPU only, not testable here) |
+|---|---|---|---|---|---|---|
+| {yes("sft")} | {yes("lora")} | {yes("prefix")} | {yes("intokens")} | yes | {"yes" if fam.shift_smooth_pairing else "no (norm -> Linear pairing not declared)"} | {yes("tensor_parallel")} |
+
+Quantized folders (int8, or int4 two per byte, with scales) load in `predict_generation.py` and
+`flask_server.py` like any model folder (`--quant_runtime int8` keeps the integer weights resident).
 
 ## Quirks
 

@@ -96,6 +96,9 @@ class Family:
     supports: Dict[str, bool] = field(default_factory=dict)  # pretrain sft lora prefix tensor_parallel intokens intokens_prefix (default True)
     lora_target_modules: Optional[List[str]] = None  # regexes; None = every nn.Linear of the model
     prefix_lm: bool = False  # prompt attends bidirectionally (ChatGLM v1, GLM)
+    # How paddleslim's Shift/Smooth pair each norm with the Linear layers reading it (PaddleNLP's get_ptq_model_config:
+    # fused_qkv, parallel_ffn, skip_norm_list); None: not declared, so shift/smooth are refused for the family.
+    shift_smooth_pairing: Optional[Dict[str, Any]] = None
     notes: str = ""  # quirks, shown in llm/<family>/README.md
     # Hugging Face transformers folders (paddlellm/hf.py): the transformers class of the same architecture,
     # or None with the reason in hf_refusal; tensors old transformers versions saved that are not weights.
@@ -136,7 +139,11 @@ class Family:
         )
 
     def load_model(self, path: str, dtype: str = "float32", **config_overrides):
+        from ..quant.storage import refuse_if_quantized  # float weights only: training, merging (a UserError line)
+
+        refuse_if_quantized(path)
         from .. import hf
+
 
         if hf.is_hf_folder(path):  # a transformers folder: converted in memory by paddlellm/hf.py
             return hf.load_model(self, path, dtype=dtype, **config_overrides)

@@ -102,6 +102,8 @@ FAMILY = BloomFamily(
     # intokens_prefix: ALiBi biases every key by its absolute position, so in a packed row the prefix keys sit
     # farther from the second and later examples than they would unpacked: prefix tuning + packing is inexact.
     supports=dict(pretrain=False, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True, intokens_prefix=False),
+    # input_layernorm -> fused query_key_value, post_attention_layernorm -> dense_h_to_4h
+    shift_smooth_pairing={"fused_qkv": True, "parallel_ffn": False},
     notes=(
         "No bos token: prompt and reply are concatenated as PaddleNLP's llm did; every reply ends with </s> and "
         "is supervised. Pads with <pad>. ALiBi positions need no position_ids, also when packing. Prefix tuning "

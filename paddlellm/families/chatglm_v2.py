@@ -66,6 +66,9 @@ FAMILY = ChatGLMv2Family(
     example_checkpoint="THUDM/chatglm2-6b",
     hf_refusal="transformers has no ChatGLM2-6B architecture (THUDM's checkpoints run only as trust_remote_code models) and paddlellm has no tested mapping of their weights; use a PaddleNLP-format checkpoint (e.g. THUDM/chatglm2-6b by name)",
     name_hints=("chatglm2", "chatglm_v2"),
+    # input_layernorm -> fused query_key_value, post_attention_layernorm -> dense_h_to_4h. (PaddleNLP declared
+    # fused_qkv False, which leaves input_layernorm unpaired; measured here: both keep outputs, this one pairs all.)
+    shift_smooth_pairing={"fused_qkv": True, "parallel_ffn": False},
     supports=dict(pretrain=False, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
     notes=(
         "Sequences open with [gMASK] sop; turns use the '[Round i]\\n\\n问：{q}\\n\\n答：' template. Pads with "

@@ -69,5 +69,7 @@ FAMILY = LlamaFamily(
     supports=dict(pretrain=True, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
     hf_architecture="LlamaForCausalLM",
     hf_model_type="llama",
+    # input_layernorm -> q/k/v (separate), post_attention_layernorm -> gate/up (read in parallel)
+    shift_smooth_pairing={"fused_qkv": False, "parallel_ffn": True},
     notes="Pads with <unk> (LLaMA has no pad token). Every reply ends with </s> and is supervised.",
 )

@@ -72,6 +72,7 @@ class ServeArgument:
     batch_wait_ms: float = field(default=5.0, metadata={"help": "How long the model thread waits for more compatible requests before starting a batch that is not full."})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "Largest request body accepted (larger -> 413)."})
     max_logprobs: int = field(default=20, metadata={"help": "Most alternatives a request may ask for per token (logprobs / top_logprobs; more -> 400)."})
+    quant_runtime: str = field(default="float32", metadata={"help": "Quantized folders (paddlellm quant): float32 dequantizes the weights when loading; int8 keeps the integer weights resident and dequantizes each layer during the forward (less memory).", "choices": ["float32", "int8"]})
     debug_step_delay: float = field(default=0.0, metadata={"help": "TESTING ONLY: sleep this many seconds per generated token (makes queueing deterministic in tests)."})
 
 
@@ -489,7 +490,8 @@ def load_engine(args: ServeArgument, world: int) -> Engine:
     from ..loading import load_for_inference
 
     try:
-        model, tokenizer, family, _ = load_for_inference(args.model_name_or_path, args.lora_path, args.prefix_path, args.dtype)
+        model, tokenizer, family, _ = load_for_inference(args.model_name_or_path, args.lora_path, args.prefix_path, args.dtype,
+                                                         quant_runtime=args.quant_runtime)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot load the model: {type(e).__name__}: {e}") from None
     return Engine(model, tokenizer, family, args.src_length, channel, args.debug_step_delay)
