@@ -37,8 +37,7 @@ class ChatGLMFamily(BlankInfillingFamily):
         # One string, tokenized at once, exactly as ChatGLM's chat() builds its prompt.
         return self.encode_text(tokenizer, self.dialogue_text(src, history))
 
-    def load_model(self, path: str, dtype: str = "float32", **config_overrides):
-        model = super().load_model(path, dtype=dtype, **config_overrides)
+    def adapt_model(self, model):
         return with_supervised_token_mean_loss(model)
 
     def tiny_token_ids(self, tokenizer) -> Dict:
@@ -108,6 +107,7 @@ FAMILY = ChatGLMFamily(
     ),
     example_checkpoint="THUDM/chatglm-6b",
     supports=dict(pretrain=False, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
+    pretrain_objectives=("gmask", "causal"),
     lora_target_modules=[
         r".*attention\.query_key_value",
         r".*attention\.dense",
