@@ -230,7 +230,8 @@ def _token_stream(args, files: List[str], family, tokenizer, counts: Dict) -> It
     if args.workers > 1:
         import multiprocessing
 
-        pool = multiprocessing.get_context("spawn").Pool(args.workers, _init_worker, (family.name, args.model_name_or_path))
+        # The platform's default start method: fork on Linux, where workers start without re-importing paddle.
+        pool = multiprocessing.Pool(args.workers, _init_worker, (family.name, args.model_name_or_path))
         encoded = pool.imap(_encode, texts(), chunksize=64)
     else:
         encoded = (family.encode_text(tokenizer, t) for t in texts())
