@@ -386,3 +386,58 @@ def test_two_nodes_over_loopback_equal_one_process(tiny_dir, data_of, one_proces
                 p.kill()
     assert codes == [0, 0], "".join(open(p).read()[-2000:] for p in glob.glob(str(tmp_path / "node*" / "workerlog.*")))
     _check_like_one_process(out, tmp_path, one_process_batch_8)
+
+
+PRETRAIN_FILES = sorted(glob.glob(os.path.join(ROOT, "llm", "*", "pretrain_argument.json")))
+
+
+def test_every_family_ships_a_pretrain_argument_file():
+    from paddlellm.families import names
+
+    assert PRETRAIN_FILES == sorted(os.path.join(ROOT, "llm", f, "pretrain_argument.json") for f in names())
+
+
+@pytest.mark.parametrize("path", PRETRAIN_FILES, ids=[os.path.relpath(p, ROOT) for p in PRETRAIN_FILES])
+def test_shipped_pretrain_files_parse(path):
+    from paddlellm.families import find_by_name
+    from paddlellm.pretrain import parse
+
+    model_args, data_args, extra, training = parse([path])
+    assert find_by_name(model_args.model_name_or_path).name == os.path.basename(os.path.dirname(path))
+    assert data_args.input_dir and training["max_steps"] > 0 and extra.min_learning_rate < training["learning_rate"]
+
+
+# A PaddleNLP 2023 pretraining file (llm/llama/pretrain-llama2_13b-tp4pp2sd4_stage1.json), flags written as 0/1.
+PADDLENLP_FILE = {
+    "model_name_or_path": "meta-llama/Llama-2-13b", "tokenizer_name_or_path": "meta-llama/Llama-2-13b", "input_dir": "./data",
+    "output_dir": "./checkpoints/llama2_pretrain_ckpts", "per_device_train_batch_size": 2, "gradient_accumulation_steps": 256,
+    "per_device_eval_batch_size": 64, "tensor_parallel_degree": 4, "pipeline_parallel_degree": 2,
+    "pipeline_parallel_config": "disable_partial_send_recv", "sharding_parallel_degree": -1, "sharding": "stage1", "virtual_pp_degree": 1,
+    "sequence_parallel": 1, "adam_beta1": 0.9, "adam_beta2": 0.95, "use_flash_attention": True, "use_fused_rms_norm": True,
+    "use_fused_rope": False, "max_seq_length": 2048, "learning_rate": 1e-04, "min_learning_rate": 1e-05, "warmup_steps": 2000,
+    "logging_steps": 1, "max_steps": 200000, "save_steps": 200, "eval_steps": 2000, "weight_decay": 0.1, "bf16": False, "fp16": True,
+    "fp16_opt_level": "O2", "warmup_ratio": 0.0, "max_grad_norm": 1.0, "amp_master_grad": 1, "dataloader_num_workers": 1,
+    "continue_training": 1, "do_train": True, "do_eval": True, "do_predict": True, "disable_tqdm": True, "recompute": False,
+    "distributed_dataloader": 0, "recompute_granularity": "full", "save_total_limit": 2, "model_type": "llama",
+}
+
+
+def test_paddlenlp_pretrain_file_parses_and_gpu_settings_are_refused_in_one_line(tmp_path, capsys):
+    from paddlellm.pretrain import parse
+
+    path = tmp_path / "pretrain-llama2_13b.json"
+    path.write_text(json.dumps(PADDLENLP_FILE))
+    model_args, data_args, _, training = parse([str(path), "--pipeline_parallel_degree", "1", "--output_dir", str(tmp_path / "o")])
+    assert model_args.continue_training is True and model_args.sequence_parallel is True and data_args.max_seq_length == 2048
+    assert training["amp_master_grad"] is True and training["distributed_dataloader"] is False
+    with pytest.raises(SystemExit):
+        parse([str(path), "--output_dir", str(tmp_path / "o")])
+    assert capsys.readouterr().err.strip() == "error: pipeline parallel is not supported; use data parallel (and tensor parallel on GPUs)"
+
+
+def test_family_readmes_are_generated_from_the_registry():
+    from paddlellm.families import all_families, family_readme
+
+    for fam in all_families().values():
+        with open(os.path.join(ROOT, "llm", fam.name, "README.md"), encoding="utf-8") as f:
+            assert f.read() == family_readme(fam), "run: python -m paddlellm.families"

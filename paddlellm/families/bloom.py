@@ -77,7 +77,7 @@ FAMILY = BloomFamily(
     name_hints=("bloom",),
     # intokens_prefix: ALiBi biases every key by its absolute position, so in a packed row the prefix keys sit
     # farther from the second and later examples than they would unpacked: prefix tuning + packing is inexact.
-    supports=dict(pretrain=False, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True, intokens_prefix=False),
+    supports=dict(pretrain=True, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True, intokens_prefix=False),
     notes=(
         "No bos token: prompt and reply are concatenated as PaddleNLP's llm did; every reply ends with </s> and "
         "is supervised. Pads with <pad>. ALiBi positions need no position_ids, also when packing. Prefix tuning "

@@ -106,7 +106,7 @@ FAMILY = ChatGLMFamily(
         position_encoding_2d=True,
     ),
     example_checkpoint="THUDM/chatglm-6b",
-    supports=dict(pretrain=False, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
+    supports=dict(pretrain=True, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
     pretrain_objectives=("gmask", "causal"),
     lora_target_modules=[
         r".*attention\.query_key_value",
@@ -119,6 +119,9 @@ FAMILY = ChatGLMFamily(
         "Prompt [gMASK] <sop> reply <eop>: the prompt attends bidirectionally, only the final reply is "
         "supervised; multi-turn prompts use ChatGLM's '[Round i]\\n问：...\\n答：...' format. paddlenlp 3.0's "
         "ChatGLM takes a 4-D bool mask with True = may attend (not HF's True = masked) and [batch, 2, seq] "
-        "positions (position, block position). Left-padded batched generation equals one-by-one generation."
+        "positions (position, block position). Left-padded batched generation equals one-by-one generation. "
+        "Pretraining: objective gmask (default) cuts each sample at a random point into a bidirectional context closed by "
+        "[gMASK] and one causal span, the layout the model generates with; objective causal is a plain causal LM with an "
+        "explicit lower-triangular 4-D mask and [batch, 2, seq] positions (never the model's default mask)."
     ),
 )

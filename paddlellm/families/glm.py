@@ -280,7 +280,7 @@ FAMILY = GLMFamily(
         output_dropout_prob=0.0,
     ),
     example_checkpoint="THUDM/glm-large-chinese",
-    supports=dict(pretrain=False, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
+    supports=dict(pretrain=True, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
     pretrain_objectives=("gmask", "causal"),
     lora_target_modules=[
         r".*attention\.query_key_value",
@@ -296,6 +296,9 @@ FAMILY = GLMFamily(
         "out positions for max_new_tokens (default 1024) in advance, as paddlenlp's GLM reads them by step. "
         "2-D positions [batch, 2, seq] and a 4-D mask (1 = attend) are always passed: paddlenlp's 1-D 'sep' mask "
         "path is dead code. Prefix tuning learns per-layer hidden-state memories (GLM's cache holds hidden states, not "
-        "key/values). GLMChineseTokenizer is not known to AutoTokenizer; load it through the family."
+        "key/values). GLMChineseTokenizer is not known to AutoTokenizer; load it through the family. "
+        "Pretraining: objective gmask (default) cuts each sample at a random point into a bidirectional context closed by "
+        "[gMASK] and one causal span, the layout the model generates with; objective causal is a plain causal LM with an "
+        "explicit lower-triangular 4-D mask and [batch, 2, seq] positions (never the model's default mask)."
     ),
 )
