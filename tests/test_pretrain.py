@@ -250,8 +250,11 @@ def test_continue_training_starts_from_the_weights(tiny_dir, data_of, straight_r
     out = tmp_path / "out"
     # learning rate 0: one step leaves the weights exactly as loaded
     assert pretrain(str(straight_run), data_of("llama"), out, "--continue_training", "true", "--max_steps", "1",
-                    "--learning_rate", "0", "--min_learning_rate", "0", "--warmup_steps", "0", "--do_eval", "false") == 0
+                    "--learning_rate", "0", "--min_learning_rate", "0", "--warmup_steps", "0", "--per_device_eval_batch_size", "3") == 0
     assert_weights(weights(out), weights(straight_run))
+    # the same fixed validation samples, read 3 at a time instead of 8: the same eval_loss
+    final = [r for r in history(straight_run) if "eval_loss" in r][-1]
+    assert json.load(open(out / "eval_results.json"))["eval_loss"] == pytest.approx(final["eval_loss"], abs=1e-6)
     fresh = tmp_path / "fresh"
     assert pretrain(str(straight_run), data_of("llama"), fresh, "--max_steps", "1", "--learning_rate", "0", "--min_learning_rate", "0",
                     "--warmup_steps", "0", "--do_eval", "false") == 0
@@ -441,3 +444,35 @@ def test_family_readmes_are_generated_from_the_registry():
     for fam in all_families().values():
         with open(os.path.join(ROOT, "llm", fam.name, "README.md"), encoding="utf-8") as f:
             assert f.read() == family_readme(fam), "run: python -m paddlellm.families"
+
+
+def test_blend_of_two_prefixes_and_folder_of_prefixes(tiny_dir, data_of, tmp_path):
+    import shutil
+
+    from paddlellm.pretrain_data import resolve_input_dir
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("a", "b"):
+        for ext in (".bin", ".idx", ".json"):
+            shutil.copy(data_of("llama") + ext, folder / f"{name}{ext}")
+    a, b = str(folder / "a"), str(folder / "b")
+    assert resolve_input_dir(str(folder)) == [(1.0, a), (1.0, b)]
+    assert resolve_input_dir(f"1 {a} 3 {b}.bin") == [(1.0, a), (3.0, b)]
+    out = tmp_path / "out"
+    assert pretrain(tiny_dir("llama"), f"1 {a} 3 {b}", out, "--max_steps", "3", "--eval_steps", "3") == 0
+    assert json.load(open(out / "pretrain_data_settings.json"))["input"] == [[1.0, a], [3.0, b]]
+
+
+def test_help_is_fast_and_lists_the_arguments():
+    code = ("import atexit, contextlib, sys\n"
+            "atexit.register(lambda: print('PADDLE_LOADED' if 'paddle' in sys.modules else 'PADDLE_NOT_LOADED'))\n"
+            "from paddlellm.cli import main\n"
+            "for command in ('pretrain', 'prepare-pretrain'):\n"
+            "    with contextlib.suppress(SystemExit):\n"
+            "        main([command, '--help'])\n")
+    out = run_cmd([sys.executable, "-c", code]).stdout
+    for name in ("--input_dir", "--continue_training", "--objective", "--min_learning_rate", "--eval_samples", "--max_steps",
+                 "--output_prefix", "--append_eos", "--json_key", "--workers"):
+        assert name in out
+    assert out.strip().endswith("PADDLE_NOT_LOADED")
