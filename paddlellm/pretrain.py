@@ -104,6 +104,8 @@ def parse(argv=None):
         check_can_create(training["output_dir"], "output_dir")
     except UserError as e:
         fail(str(e))
+    if training.get("do_eval") is False:  # PaddleNLP would turn evaluation back on for a "steps" strategy
+        training.setdefault("evaluation_strategy", "no")
     for k, v in TRAINING_DEFAULTS.items():
         training.setdefault(k, v)
     training.setdefault("do_eval", training["evaluation_strategy"] != "no")

@@ -476,3 +476,18 @@ def test_help_is_fast_and_lists_the_arguments():
                  "--output_prefix", "--append_eos", "--json_key", "--workers"):
         assert name in out
     assert out.strip().endswith("PADDLE_NOT_LOADED")
+
+
+def test_read_only_data_folder_keeps_the_index_in_output_dir(tiny_dir, data_of, tmp_path, monkeypatch):
+    import paddlellm.pretrain as pretrain_module
+
+    data_dir = os.path.dirname(data_of("llama"))
+    real_access = os.access
+    # as root every folder is writable: make the data folder look read-only to the writability check
+    monkeypatch.setattr(pretrain_module.os, "access", lambda p, mode: False if os.path.abspath(p) == data_dir else real_access(p, mode))
+    out = tmp_path / "out"
+    before = set(glob.glob(os.path.join(data_dir, "index-cache", "*")))
+    assert pretrain(tiny_dir("llama"), data_of("llama"), out, "--max_steps", "2", "--do_eval", "false", "--seed", "11") == 0
+    assert glob.glob(str(out / "index-cache" / "*_shuffle_idx.npy"))
+    assert not (out / "eval_results.json").exists()  # --do_eval false means no evaluation
+    assert set(glob.glob(os.path.join(data_dir, "index-cache", "*"))) == before  # nothing written next to the data
