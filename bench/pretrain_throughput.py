@@ -188,6 +188,15 @@ def flops_per_token() -> float:
     return 6 * n + 12 * L * h * (SEQ + 1) / 2
 
 
+def load_warning(arms: dict, gflops: float) -> str:
+    """A warning to keep with the figures when other processes took a noticeable share of the machine."""
+    busy = max(r["other_cpu_share"] for r in arms.values())
+    if busy <= 0.10:
+        return ""
+    return (f"other processes used up to {100 * busy:.0f}% of the machine's cores during the arms (matmul measured "
+            f"{gflops:.1f} GFLOP/s under that load): tokens/s, MFU and the ratio are distorted by the load, not figures of the code")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12)
@@ -212,6 +221,9 @@ def main() -> None:
               "model": MODEL, "max_seq_length": SEQ, "batch": BATCH, "steps": a.steps, "warmup_steps": a.warmup,
               "corpus": {k: data[k] for k in ("documents", "tokens", "dtype")}, "flops_per_token": flops_per_token(),
               "arms": arms, "paddlellm_over_plain": round(ratio, 3)}
+    report["warning"] = load_warning(arms, mm["gflops"])
+    if report["warning"]:
+        print("WARNING: " + report["warning"])
     print(f"\nmatmul {mm['gflops']:.1f} GFLOP/s; LLaMA 512x4 vocab 8000, seq {SEQ}, batch {BATCH}, {a.steps} steps ({a.warmup} warm-up)")
     print(f"{'arm':10} {'tokens/s':>9} {'MFU':>6} {'s/step':>7} {'peak RSS':>9} {'other CPU':>10}")
     for name, r in arms.items():
