@@ -399,7 +399,8 @@ def _train(family, objective, prefixes, model_args, data_args, extra, training, 
     try:
         tokenizer = family.load_tokenizer(tok_path)
     except Exception as e:  # a wrong path or name: one line, not paddlenlp's traceback
-        raise UserError(f"model_name_or_path {tok_path!r}: can't load its tokenizer ({type(e).__name__})") from None
+        which = "tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "model_name_or_path"
+        raise UserError(f"{which} {tok_path!r}: can't load its tokenizer ({type(e).__name__})") from None
     identity = tokenizer_identity(family, tokenizer, tok_path)
     for _, prefix in prefixes:
         check_tokenizer(prefix, identity, open_prefix(prefix))
