@@ -286,11 +286,23 @@ def create(args: PreprocessArgument) -> Dict:
         tokenizer = family.load_tokenizer(args.model_name_or_path)
     except Exception as e:  # a wrong path or name: one line, not paddlenlp's traceback
         raise UserError(f"--model_name_or_path {args.model_name_or_path!r}: can't load its tokenizer ({type(e).__name__})") from None
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(args.output_prefix))
+    created = folder  # the outermost folder this run creates: removed again if it fails ("nothing written")
+    while not os.path.exists(os.path.dirname(created)):
+        created = os.path.dirname(created)
+    created = None if os.path.exists(created) else created
+    os.makedirs(folder, exist_ok=True)
     counts = {"documents": 0, "tokens": 0, "empty": 0}
     side = {**tokenizer_identity(family, tokenizer, args.model_name_or_path), "append_eos": args.append_eos,
             "inputs": [os.path.abspath(p) for p in files]}
-    stats = write_mmap(args.output_prefix, _token_stream(args, files, family, tokenizer, counts), side)
+    try:
+        stats = write_mmap(args.output_prefix, _token_stream(args, files, family, tokenizer, counts), side)
+    except BaseException:
+        if created:
+            import shutil
+
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     empty = f"; {counts['empty']} empty documents left out" if counts["empty"] else ""
     print(f"wrote {args.output_prefix}.bin/.idx ({stats['dtype']}): {stats['documents']} documents, {stats['tokens']} tokens, "
           f"{stats['tokens'] / stats['documents']:.1f} tokens per document{empty}")
