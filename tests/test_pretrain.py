@@ -95,7 +95,7 @@ def test_pretraining_from_scratch_learns(family, tiny_dir, data_of, tmp_path):
     assert vocab % 128 == 0  # PaddleNLP's from-scratch rounding of the embedding
     # the first 10 steps average starts near ln(V) (a fresh model) and the end is a fraction of it
     assert train[0] > 0.75 * math.log(vocab) and evals[-1] < 0.45 * math.log(vocab), (train, evals)
-    assert train == sorted(train, reverse=True)[: len(train)] or train[-1] < 0.5 * train[0]
+    assert train[-1] < 0.5 * train[0]
     assert set(os.listdir(out)) >= {"model_state.pdparams", "config.json", "paddlellm_meta.json", "train_results.json", "eval_results.json",
                                     "log_history.json", "pretrain_data_settings.json"}
     meta = json.load(open(out / "paddlellm_meta.json"))
