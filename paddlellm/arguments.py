@@ -166,6 +166,8 @@ def convert(spec: FieldSpec, value: Any, where: str) -> Any:
         if spec.kind == "bool":
             if isinstance(value, bool):
                 return value
+            if type(value) is int and value in (0, 1):  # PaddleNLP's JSON files write flags as 0/1
+                return bool(value)
             if isinstance(value, str) and value.lower() in TRUE | FALSE:
                 return value.lower() in TRUE
             raise ValueError

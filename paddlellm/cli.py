@@ -1,6 +1,7 @@
 """`paddlellm <command> ...`: the same commands as the top-level scripts.
 
     paddlellm finetune ARGS.json [--key value ...]   == python finetune_generation.py ...
+    paddlellm prepare-pretrain ... / pretrain ...    == python create_pretraining_data.py / run_pretrain.py ...
     paddlellm predict ...                            == python predict_generation.py ...
     paddlellm merge-lora ... / merge-tp ...          == python merge_lora_params.py / merge_tp_params.py ...
     paddlellm serve ...                              == python flask_server.py ...
@@ -16,6 +17,8 @@ import sys
 # command -> (module, entry function, one-line description); modules are imported only when run.
 COMMANDS = {
     "finetune": ("paddlellm.finetune", "main", "fine-tune with SFT, LoRA or Prefix Tuning (finetune_generation.py)"),
+    "prepare-pretrain": ("paddlellm.pretrain_data", "main", "tokenize a corpus into PaddleNLP's PREFIX.bin/.idx (create_pretraining_data.py)"),
+    "pretrain": ("paddlellm.pretrain", "main", "pretrain from scratch or continue, on PREFIX.bin/.idx data (run_pretrain.py)"),
     "predict": ("paddlellm.predict", "main", "batch generation over a src/tgt JSONL file (predict_generation.py)"),
     "merge-lora": ("paddlellm.merge", "main_lora", "merge LoRA adapters into a standalone model (merge_lora_params.py)"),
     "merge-tp": ("paddlellm.merge", "main_tp", "merge tensor-parallel shards into one checkpoint (merge_tp_params.py)"),

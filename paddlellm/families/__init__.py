@@ -105,6 +105,7 @@ def family_readme(fam: Family) -> str:
     """The text of llm/<family>/README.md, made from the registry so it can't drift from the code."""
     yes = lambda k: "yes" if fam.supports.get(k) else "no"  # noqa: E731
     folder = f"llm/{fam.name}"
+    objectives = " or ".join(f"{o} (default)" if i == 0 else o for i, o in enumerate(fam.pretrain_objectives))
     return f"""# {fam.name}
 
 Example checkpoint: `{fam.example_checkpoint}` (paddlenlp `{fam.model_class}`, tokenizer `{fam.tokenizer_class}`).
@@ -118,9 +119,16 @@ python finetune_generation.py {folder}/gptq_argument.json   # GPTQ WINT4 of the 
 paddlellm tiny --family {fam.name} --output ./tiny-{fam.name}  # a tiny random model to try them on CPU
 ```
 
-| SFT | LoRA | Prefix Tuning | InTokens packing | PTQ / GPTQ | Shift / Smooth | tensor parallel (GPU only, not testable here) |
-|---|---|---|---|---|---|---|
-| {yes("sft")} | {yes("lora")} | {yes("prefix")} | {yes("intokens")} | yes | {"yes" if fam.shift_smooth_pairing else "no (norm -> Linear pairing not declared)"} | {yes("tensor_parallel")} |
+Pretraining (from scratch, or `"continue_training": true` from the weights):
+
+```bash
+python create_pretraining_data.py --model_name_or_path {fam.example_checkpoint} --input_path ./corpus --output_prefix ./data/corpus --append_eos
+python run_pretrain.py {folder}/pretrain_argument.json    # objective: {objectives}
+```
+
+| Pretrain | SFT | LoRA | Prefix Tuning | InTokens packing | PTQ / GPTQ | Shift / Smooth | tensor parallel (GPU only, not testable here) |
+|---|---|---|---|---|---|---|---|
+| {yes("pretrain")} | {yes("sft")} | {yes("lora")} | {yes("prefix")} | {yes("intokens")} | yes | {"yes" if fam.shift_smooth_pairing else "no (norm -> Linear pairing not declared)"} | {yes("tensor_parallel")} |
 
 Quantized folders (int8, or int4 two per byte, with scales) load in `predict_generation.py` and
 `flask_server.py` like any model folder (`--quant_runtime int8` keeps the integer weights resident).

@@ -99,6 +99,8 @@ class Family:
     # How paddleslim's Shift/Smooth pair each norm with the Linear layers reading it (PaddleNLP's get_ptq_model_config:
     # fused_qkv, parallel_ffn, skip_norm_list); None: not declared, so shift/smooth are refused for the family.
     shift_smooth_pairing: Optional[Dict[str, Any]] = None
+    # Pretraining objectives this family supports; the first is the default (see pretrain_inputs).
+    pretrain_objectives: Tuple[str, ...] = ("causal",)
     notes: str = ""  # quirks, shown in llm/<family>/README.md
     # Hugging Face transformers folders (paddlellm/hf.py): the transformers class of the same architecture,
     # or None with the reason in hf_refusal; tensors old transformers versions saved that are not weights.
@@ -144,10 +146,29 @@ class Family:
         refuse_if_quantized(path)
         from .. import hf
 
-
+        overrides = {**self.model_config_overrides(), **config_overrides}
         if hf.is_hf_folder(path):  # a transformers folder: converted in memory by paddlellm/hf.py
-            return hf.load_model(self, path, dtype=dtype, **config_overrides)
-        return self.paddlenlp_class("model_class").from_pretrained(path, dtype=dtype, **config_overrides)
+            return self.adapt_model(hf.load_model(self, path, dtype=dtype, **overrides))
+        model = self.paddlenlp_class("model_class").from_pretrained(path, dtype=dtype, **overrides)
+        return self.adapt_model(model)
+
+    def new_model(self, path: str, dtype: str = "float32", **config_overrides):
+        """A randomly initialised model with the config of model folder `path` (pretraining from scratch).
+        Seed paddle before calling it: the weights come from paddle's generator."""
+        overrides = {**self.model_config_overrides(), **config_overrides}
+        config = self.paddlenlp_class("config_class").from_pretrained(path, **overrides)
+        config.dtype = dtype
+        model = self.paddlenlp_class("model_class").from_config(config, dtype=dtype)
+        self.init_new_weights(model)
+        return self.adapt_model(model)
+
+    def model_config_overrides(self) -> Dict[str, Any]:
+        """Config values every loaded or new model of this family needs (hook; default: none)."""
+        return {}
+
+    def adapt_model(self, model):
+        """Workarounds every loaded or new model of this family gets (hook; default: none)."""
+        return model
 
     def init_new_weights(self, model) -> None:
         """Fix the random initialisation of a model built from a config, not loaded (hook; default: nothing)."""
@@ -339,6 +360,17 @@ class Family:
             mask[b, S - len(p) :] = 1
             pos[b, S - len(p) :] = np.arange(len(p))
         return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+
+    # ------------------------------------------------------------------ pretraining
+    def pretrain_inputs(self, tokenizer, tokens: np.ndarray, objective: str, rngs: Sequence) -> Dict[str, np.ndarray]:
+        """Model inputs of a pretraining batch (hook).
+
+        tokens: [B, S + 1] consecutive corpus tokens per row (paddlenlp's GPTDataset samples); rngs: one
+        numpy Generator per row, seeded by the sample's index (for objectives that draw something).
+        Default, the causal objective: input_ids = tokens[:, :-1] and labels = tokens[:, 1:], shifted
+        once here; no paddlenlp causal LM shifts its labels again, and it builds the causal mask itself.
+        """
+        return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
 
     # ------------------------------------------------------------------ prefix tuning
     def prefix_hooks(self):

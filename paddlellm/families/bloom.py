@@ -101,7 +101,7 @@ FAMILY = BloomFamily(
     name_hints=("bloom",),
     # intokens_prefix: ALiBi biases every key by its absolute position, so in a packed row the prefix keys sit
     # farther from the second and later examples than they would unpacked: prefix tuning + packing is inexact.
-    supports=dict(pretrain=False, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True, intokens_prefix=False),
+    supports=dict(pretrain=True, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True, intokens_prefix=False),
     # input_layernorm -> fused query_key_value, post_attention_layernorm -> dense_h_to_4h
     shift_smooth_pairing={"fused_qkv": True, "parallel_ffn": False},
     notes=(

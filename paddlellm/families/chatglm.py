@@ -37,8 +37,7 @@ class ChatGLMFamily(BlankInfillingFamily):
         # One string, tokenized at once, exactly as ChatGLM's chat() builds its prompt.
         return self.encode_text(tokenizer, self.dialogue_text(src, history))
 
-    def load_model(self, path: str, dtype: str = "float32", **config_overrides):
-        model = super().load_model(path, dtype=dtype, **config_overrides)
+    def adapt_model(self, model):
         return with_supervised_token_mean_loss(model)
 
     def tiny_token_ids(self, tokenizer) -> Dict:
@@ -108,7 +107,8 @@ FAMILY = ChatGLMFamily(
     ),
     example_checkpoint="THUDM/chatglm-6b",
     hf_refusal="transformers has no ChatGLM-6B architecture (THUDM's checkpoints run only as trust_remote_code models) and paddlellm has no tested mapping of their weights; use a PaddleNLP-format checkpoint (e.g. THUDM/chatglm-6b by name)",
-    supports=dict(pretrain=False, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
+    supports=dict(pretrain=True, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
+    pretrain_objectives=("gmask", "causal"),
     lora_target_modules=[
         r".*attention\.query_key_value",
         r".*attention\.dense",
@@ -120,6 +120,9 @@ FAMILY = ChatGLMFamily(
         "Prompt [gMASK] <sop> reply <eop>: the prompt attends bidirectionally, only the final reply is "
         "supervised; multi-turn prompts use ChatGLM's '[Round i]\\n问：...\\n答：...' format. paddlenlp 3.0's "
         "ChatGLM takes a 4-D bool mask with True = may attend (not HF's True = masked) and [batch, 2, seq] "
-        "positions (position, block position). Left-padded batched generation equals one-by-one generation."
+        "positions (position, block position). Left-padded batched generation equals one-by-one generation. "
+        "Pretraining: objective gmask (default) cuts each sample at a random point into a bidirectional context closed by "
+        "[gMASK] and one causal span, the layout the model generates with; objective causal is a plain causal LM with an "
+        "explicit lower-triangular 4-D mask and [batch, 2, seq] positions (never the model's default mask)."
     ),
 )

@@ -17,7 +17,7 @@ from typing import ClassVar, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .base import Example, Family
+from .base import IGNORE, Example, Family
 
 
 class BlankInfillingFamily(Family):
@@ -69,6 +69,37 @@ class BlankInfillingFamily(Family):
         positions = list(range(sop)) + [mask_pos] * (n - sop)
         block = [0] * sop + list(range(1, n - sop + 1))
         return Example(list(input_ids), list(labels), positions, sop, block, truncated)
+
+    # ------------------------------------------------------------------ pretraining
+    def pretrain_inputs(self, tokenizer, tokens: np.ndarray, objective: str, rngs: Sequence) -> Dict[str, np.ndarray]:
+        """Pretraining inputs; always an explicit 4-D mask and [B, 2, S] positions.
+
+        causal: a plain causal LM (labels = tokens shifted once), with a lower-triangular mask. Never
+        the model's default: ChatGLM v1 refuses to run without a mask, and GLM's default lets tokens
+        see the future (its 1-D mask branch is dead code).
+        gmask: the models' own layout. Each row is cut at a random point (drawn from its rng): the text
+        before it is a bidirectional context closed by the family's [gMASK] tokens, the text after it is
+        one span generated causally, exactly as a fine-tuning example (context labels -100). The row
+        keeps S + 1 ids, so the last few tokens of the sample (as many as the added special tokens) are
+        left out.
+        """
+        B, S1 = tokens.shape
+        S = S1 - 1
+        if objective == "causal":
+            positions = np.broadcast_to(np.arange(S, dtype="int64"), (B, S))
+            attend = np.broadcast_to(np.tril(np.ones([S, S], dtype=bool)), (B, S, S))
+            return self.model_inputs(tokens[:, :-1], tokens[:, 1:], positions, np.zeros([B, S], dtype="int64"),
+                                     attend, np.ones([B, S], dtype="int64"), False)
+        bos, close = self.bos_ids(tokenizer), self.prompt_end_ids(tokenizer)
+        room = S1 - len(bos) - len(close)  # text tokens that fit in a row
+        rows = []
+        for text, rng in zip(tokens.tolist(), rngs):
+            cut = int(rng.integers(1, room - 1))  # >= 1 context token, >= 2 span tokens
+            context = bos + text[:cut] + close
+            ids = context + text[cut:room]
+            labels = [IGNORE] * (len(context) - 1) + ids[len(context):]
+            rows.append([self.make_example(ids[:-1], labels, len(context), False)])
+        return self.build_batch(rows, tokenizer.pad_token_id, S)
 
     # ------------------------------------------------------------------ batches
     def model_inputs(self, input_ids, labels, positions, block_positions, attend, pad_mask, simple):
@@ -250,7 +281,8 @@ FAMILY = GLMFamily(
     ),
     example_checkpoint="THUDM/glm-large-chinese",
     hf_refusal="transformers has no GLM-large/10B (blank-infilling) architecture: its own 'glm' model type is GLM-4, a different causal design; use a PaddleNLP-format checkpoint (e.g. THUDM/glm-large-chinese by name)",
-    supports=dict(pretrain=False, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
+    supports=dict(pretrain=True, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
+    pretrain_objectives=("gmask", "causal"),
     lora_target_modules=[
         r".*attention\.query_key_value",
         r".*attention\.dense",
@@ -265,6 +297,9 @@ FAMILY = GLMFamily(
         "out positions for max_new_tokens (default 1024) in advance, as paddlenlp's GLM reads them by step. "
         "2-D positions [batch, 2, seq] and a 4-D mask (1 = attend) are always passed: paddlenlp's 1-D 'sep' mask "
         "path is dead code. Prefix tuning learns per-layer hidden-state memories (GLM's cache holds hidden states, not "
-        "key/values). GLMChineseTokenizer is not known to AutoTokenizer; load it through the family."
+        "key/values). GLMChineseTokenizer is not known to AutoTokenizer; load it through the family. "
+        "Pretraining: objective gmask (default) cuts each sample at a random point into a bidirectional context closed by "
+        "[gMASK] and one causal span, the layout the model generates with; objective causal is a plain causal LM with an "
+        "explicit lower-triangular 4-D mask and [batch, 2, seq] positions (never the model's default mask)."
     ),
 )

@@ -26,10 +26,11 @@ class GPTFamily(Family):
         # GPTTokenizer adds no bos (add_bos_token=False); PaddleNLP's llm fed the plain prompt.
         return []
 
-    def load_model(self, path: str, dtype: str = "float32", **config_overrides):
+    def model_config_overrides(self):
         # GPTConfig.ignore_index defaults to 0: its criterion would ignore token 0 and fail on -100 labels.
-        config_overrides.setdefault("ignore_index", IGNORE)
-        model = super().load_model(path, dtype=dtype, **config_overrides)
+        return {"ignore_index": IGNORE}
+
+    def adapt_model(self, model):
         return _keep_attention_mask_in_generation(model)
 
     # model_inputs / generation_inputs: the base conventions are GPT's. GPTModel casts the mask to int64

@@ -57,8 +57,8 @@ class OPTFamily(Family):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = "<pad>" if "<pad>" in tokenizer.get_vocab() else tokenizer.eos_token
 
-    def load_model(self, path: str, dtype: str = "float32", **config_overrides):
-        return accept_packed_masks(with_supervised_token_mean_loss(super().load_model(path, dtype=dtype, **config_overrides)))
+    def adapt_model(self, model):
+        return accept_packed_masks(with_supervised_token_mean_loss(model))
 
     def bos_ids(self, tokenizer):
         # OPT was pretrained with </s> opening every document (its tokenizer has add_bos_token=True); its
