@@ -161,3 +161,12 @@ def test_generation_evaluation_help_says_metrics_are_reported_together():
     out = run_cmd([sys.executable, os.path.join(ROOT, "finetune_generation.py"), "--help"]).stdout
     line = out.split("--eval_with_do_generation", 1)[1].splitlines()[1].strip()
     assert line == "Also evaluate by generating replies: BLEU-4 and ROUGE-1/2/L are reported together with loss/ppl/accuracy."
+
+
+def test_family_readmes_are_current():
+    """llm/<family>/README.md is generated from the registry (python -m paddlellm.families)."""
+    from paddlellm.families import all_families, family_readme
+
+    for fam in all_families().values():
+        with open(os.path.join(ROOT, "llm", fam.name, "README.md"), encoding="utf-8") as f:
+            assert f.read() == family_readme(fam), "run: python -m paddlellm.families"

@@ -438,14 +438,6 @@ def test_paddlenlp_pretrain_file_parses_and_gpu_settings_are_refused_in_one_line
     assert capsys.readouterr().err.strip() == "error: pipeline parallel is not supported; use data parallel (and tensor parallel on GPUs)"
 
 
-def test_family_readmes_are_generated_from_the_registry():
-    from paddlellm.families import all_families, family_readme
-
-    for fam in all_families().values():
-        with open(os.path.join(ROOT, "llm", fam.name, "README.md"), encoding="utf-8") as f:
-            assert f.read() == family_readme(fam), "run: python -m paddlellm.families"
-
-
 def test_blend_of_two_prefixes_and_folder_of_prefixes(tiny_dir, data_of, tmp_path):
     import shutil
 

@@ -413,15 +413,6 @@ def test_paddlenlp_own_quant_files_parse(tmp_path):
             assert q.smooth_k_piece == 3 and q.max_length == 2048 and q.smooth_all_linears
 
 
-def test_family_readmes_are_current():
-    """llm/<family>/README.md is generated from the registry (python -m paddlellm.families)."""
-    from paddlellm.families import all_families, family_readme
-
-    for fam in all_families().values():
-        with open(os.path.join(ROOT, "llm", fam.name, "README.md"), encoding="utf-8") as f:
-            assert f.read() == family_readme(fam), "run: python -m paddlellm.families"
-
-
 def test_workarounds_are_scoped():
     """The empty-index patch exists only while GPTQ runs and only if this paddle has the bug; the float16 cast
     mapping only inside its block."""
