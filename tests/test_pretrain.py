@@ -311,7 +311,7 @@ def test_refusals_are_one_line(tiny_dir, data_of, tmp_path, capsys):
     assert _error(capsys, *common, "--input_dir", str(tmp_path / "empty")).startswith(f"error: input_dir {str(tmp_path / 'empty')!r}: no PaddleNLP data files in it")
     assert _error(capsys, *common, "--input_dir", data, "--use_flash_attention", "true") == (
         "error: --use_flash_attention: needs a GPU (paddlepaddle-gpu); set it to false to train on CPU")
-    assert _error(capsys, *common, "--input_dir", data, "--bf16", "true").startswith("error: --fp16/--bf16 mixed precision needs a GPU")
+    assert _error(capsys, *common, "--input_dir", data, "--bf16", "true") == "error: --bf16: mixed precision needs a GPU here; pass --bf16 false to train in float32 on CPU"
     assert _error(capsys, *common, "--input_dir", data, "--tensor_parallel_degree", "2").startswith("error: --tensor_parallel_degree 2: tensor and sharding")
     assert _error(capsys, *common[:-4], "--input_dir", data) == (
         "error: max_steps is required (pretraining counts steps; the samples it needs are drawn from the corpus)")
