@@ -97,6 +97,7 @@ class Family:
     lora_target_modules: Optional[List[str]] = None  # regexes; None = every nn.Linear of the model
     prefix_lm: bool = False  # prompt attends bidirectionally (ChatGLM v1, GLM)
     notes: str = ""  # quirks, shown in llm/<family>/README.md
+    cpu_patches: Tuple[str, ...] = ()  # names in paddlellm.cpu_kernels.PATCHES applied to models trained on CPU
 
     # ------------------------------------------------------------------ loading
     def paddlenlp_class(self, attr: str):

@@ -35,5 +35,6 @@ FAMILY = LlamaFamily(
     example_checkpoint="meta-llama/Llama-2-7b",
     name_hints=("llama",),
     supports=dict(pretrain=True, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
+    cpu_patches=("llama_rms_norm", "llama_rotary", "llama_supervised_loss"),
     notes="Pads with <unk> (LLaMA has no pad token). Every reply ends with </s> and is supervised.",
 )
