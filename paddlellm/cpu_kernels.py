@@ -7,7 +7,8 @@ elementwise code that costs more than the matmuls around it (a profile of one LL
 cross-entropy and lm_head over every prompt and padding position). Each patch here computes the
 same values in fewer, cheaper CPU operations:
 
-  llama_rms_norm     RMSNorm as one autograd node with a hand-written backward, x*x instead of pow
+  llama_rms_norm, chatglm_v2_rms_norm
+                     RMSNorm as one autograd node with a hand-written backward, x*x instead of pow
   llama_rotary       rotary embedding without slices: q*cos + roll(q, d/2)*sin_signed, where the
                      sign of rotate_half is folded into sin (-x2*s == x2*(-s) exactly)
   llama_supervised_loss  in training with labels, the lm_head and cross-entropy run on the
@@ -127,27 +128,39 @@ def _rms_norm_layer_class():
     return RMSNormFunction
 
 
-def _patch_llama_rms_norm(model) -> int:
-    """Every LlamaRMSNorm of the model computes through RMSNormFunction (float32, unfused config only)."""
+def _patch_rms_norm(model, layer_class, eps_attr: str) -> int:
+    """Every `layer_class` RMSNorm of the model computes through RMSNormFunction (float32 only; other dtypes
+    keep the class forward, which upcasts)."""
     import paddle
-    from paddlenlp.transformers.llama.modeling import LlamaRMSNorm
 
     fn = _rms_norm_layer_class()
+
+    def make(cls_forward):
+        def forward(self, hidden_states):
+            if hidden_states.dtype != paddle.float32 or self.weight.dtype != paddle.float32:
+                return cls_forward(self, hidden_states)
+            return fn.apply(hidden_states, self.weight, getattr(self, eps_attr))
+        return forward
+
     n = 0
     for layer in model.sublayers(include_self=True):
-        if not isinstance(layer, LlamaRMSNorm) or layer.config.use_fused_rms_norm:
-            continue
-
-        def make(cls_forward):
-            def forward(self, hidden_states):
-                if hidden_states.dtype != paddle.float32 or self.weight.dtype != paddle.float32:
-                    return cls_forward(self, hidden_states)  # half precision: paddlenlp's float32 upcast path
-                return fn.apply(hidden_states, self.weight, self.variance_epsilon)
-            return forward
-
-        _replace_forward(layer, make)
-        n += 1
+        config = getattr(layer, "config", None)
+        if isinstance(layer, layer_class) and not getattr(config, "use_fused_rms_norm", False):
+            _replace_forward(layer, make)
+            n += 1
     return n
+
+
+def _patch_llama_rms_norm(model) -> int:
+    from paddlenlp.transformers.llama.modeling import LlamaRMSNorm
+
+    return _patch_rms_norm(model, LlamaRMSNorm, "variance_epsilon")
+
+
+def _patch_chatglm_v2_rms_norm(model) -> int:
+    from paddlenlp.transformers.chatglm_v2.modeling import RMSNorm
+
+    return _patch_rms_norm(model, RMSNorm, "epsilon")
 
 
 # ------------------------------------------------------------------ rotary embedding
@@ -237,6 +250,7 @@ def _patch_llama_supervised_loss(model) -> int:
 
 PATCHES: Dict[str, Callable] = {
     "llama_rms_norm": _patch_llama_rms_norm,
+    "chatglm_v2_rms_norm": _patch_chatglm_v2_rms_norm,
     "llama_rotary": _patch_llama_rotary,
     "llama_supervised_loss": _patch_llama_supervised_loss,
 }
