@@ -84,13 +84,15 @@ def _mark_active(layer) -> None:
     """
     if getattr(layer, "_paddlellm_active", False):
         return
-    current = layer.forward  # may already be an instance patch (e.g. the supervised-token loss)
+    # the function behind the current forward (it may be an instance patch), called with `self`, so that a
+    # deepcopy of the layer (MethodType rebinds to the copy) runs on the copy
+    current = getattr(layer.forward, "__func__", type(layer).forward)
 
     def forward(self, *args, **kwargs):
         before = _active()
         _state.active = True
         try:
-            return current(*args, **kwargs)
+            return current(self, *args, **kwargs)
         finally:
             _state.active = before
 

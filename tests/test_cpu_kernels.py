@@ -1,5 +1,6 @@
 """The CPU kernel patches (paddlellm.cpu_kernels) change the speed, not the results: logits, loss, gradients
 and one training step's weights match the unpatched model, unpacked and packed, for every patched family."""
+import copy
 import json
 import logging
 import os
@@ -71,6 +72,27 @@ def test_patched_logits_loss_and_gradients_match(family, tiny_dir):
         assert ga.keys() == gb.keys() and len(ga) == len(list(plain.parameters()))
         for n in ga:
             np.testing.assert_allclose(gb[n], ga[n], atol=1e-5, rtol=1e-4, err_msg=f"{family} {name} grad {n}")
+
+
+@pytest.mark.parametrize("family", PATCHED)
+def test_a_deepcopy_of_a_patched_model_runs_on_its_own_weights(family, tiny_dir):
+    import paddle
+
+    path = tiny_dir(family)
+    _, patched = _models(family, path)
+    patched.eval()
+    clone = copy.deepcopy(patched)
+    # every weight of the copy but the output head (the last one) zeroed: its logits are 0 only if the
+    # whole forward ran on the copy (a patch bound to the original's layers would give the original's)
+    head = clone.parameters()[-1]
+    assert head.shape[-1] == clone.config.vocab_size or head.shape[0] == clone.config.vocab_size
+    with paddle.no_grad():
+        for p in clone.parameters()[:-1]:
+            p.set_value(paddle.zeros_like(p))
+    inputs = {k: v for k, v in _batches(family, path)["unpacked"].items() if k != "labels"}
+    with paddle.no_grad():
+        ours, theirs = logits_of(patched(**inputs)).numpy(), logits_of(clone(**inputs)).numpy()
+    assert np.abs(theirs).max() == 0 and np.abs(ours).max() > 0
 
 
 @pytest.fixture(scope="module")
