@@ -69,11 +69,13 @@ def _active() -> bool:
 
 
 def _replace_forward(layer, make: Callable) -> None:
-    """Replace one instance's forward by make(class_forward), keeping the class forward's signature
-    (PrefixModelForCausalLM and the Trainer inspect it) and binding it to this instance only."""
-    cls_forward = type(layer).forward
-    fn = make(cls_forward)
-    fn.__signature__ = inspect.signature(cls_forward)
+    """Replace one instance's forward by make(current), where current(self, ...) is the forward it had (the
+    class's, or an earlier instance patch such as families.base.with_supervised_token_mean_loss). Keeps the
+    class forward's signature (PrefixModelForCausalLM and the Trainer inspect it); bound with MethodType,
+    so a deepcopy of the layer is bound to the copy."""
+    current = getattr(layer.forward, "__func__", type(layer).forward)
+    fn = make(current)
+    fn.__signature__ = inspect.signature(type(layer).forward)
     layer.forward = types.MethodType(fn, layer)
 
 
@@ -137,10 +139,10 @@ def _patch_rms_norm(model, layer_class, eps_attr: str) -> int:
 
     fn = _rms_norm_layer_class()
 
-    def make(cls_forward):
+    def make(previous):
         def forward(self, hidden_states):
             if hidden_states.dtype != paddle.float32 or self.weight.dtype != paddle.float32:
-                return cls_forward(self, hidden_states)
+                return previous(self, hidden_states)
             return fn.apply(hidden_states, self.weight, getattr(self, eps_attr))
         return forward
 
@@ -216,16 +218,16 @@ def _patch_llama_supervised_loss(model) -> int:
         return 0
     sig = inspect.signature(type(model).forward)
 
-    def make(cls_forward):
+    def make(previous):
         def forward(self, *args, **kwargs):
             a = sig.bind(self, *args, **kwargs).arguments
             labels = a.get("labels")
             if (labels is None or not self.training or cfg.tensor_parallel_degree > 1 or cfg.sequence_parallel
                     or cfg.use_fused_linear_cross_entropy or a.get("attn_mask_startend_row_indices") is not None):
-                return cls_forward(self, *args, **kwargs)
+                return previous(self, *args, **kwargs)
             keep = paddle.nonzero(labels.flatten() != IGNORE).flatten()
             if keep.shape[0] == 0:
-                return cls_forward(self, *args, **kwargs)
+                return previous(self, *args, **kwargs)
             return_dict = a.get("return_dict")
             return_dict = return_dict if return_dict is not None else self.config.use_return_dict
             outputs = self.llama(
