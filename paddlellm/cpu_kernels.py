@@ -11,7 +11,8 @@ same values in fewer, cheaper CPU operations:
                      RMSNorm as one autograd node with a hand-written backward, x*x instead of pow
   llama_rotary       rotary embedding without slices: q*cos + roll(q, d/2)*sin_signed, where the
                      sign of rotate_half is folded into sin (-x2*s == x2*(-s) exactly)
-  llama_supervised_loss  in training with labels, the lm_head and cross-entropy run on the
+  llama_supervised_loss, chatglm_v2_supervised_loss
+                     in training with labels, the lm_head and cross-entropy run on the
                      supervised positions only (prompt and padding positions add exactly 0 to the
                      loss and its gradient); the training forward then returns logits=None, as
                      paddlenlp's own fused-loss path does
@@ -203,53 +204,80 @@ def _patch_llama_rotary(model) -> int:
 
 
 # ------------------------------------------------------------------ loss on supervised positions only
-def _patch_llama_supervised_loss(model) -> int:
-    """In training with labels: lm_head + cross-entropy on the supervised positions only.
+def _patch_supervised_loss(model, backbone: Callable, head: Callable, output_class: str, fallback_args=(),
+                           seq_first: bool = False) -> int:
+    """In training with labels: the output head and cross-entropy on the supervised positions only.
 
-    The loss is the mean over supervised tokens (labels != -100), which is what the trainer's token
-    weighting assumes. (paddlenlp's criterion divides by the tokens whose loss is > 0, which differs
-    only when a float32 token loss rounds to exactly 0.)
+    backbone(model, arguments, return_dict) runs the model's decoder: outputs[0] = hidden [batch, seq, h],
+    or [seq, batch, h] when seq_first (ChatGLM2); head(model) is the output projection, which takes hidden
+    states in that layout. The loss is the mean over supervised tokens (labels != -100),
+    which is what the trainer's token weighting assumes. (paddlenlp's LLaMA criterion divides by the
+    tokens whose loss is > 0, which differs only when a float32 token loss rounds to exactly 0.)
+    Anything else (eval, no labels, tensor/sequence parallel, the arguments in fallback_args) runs the
+    model's own forward.
     """
     import paddle
     import paddle.nn.functional as F
+    from paddlenlp.transformers import model_outputs
 
     cfg = model.config
-    if not hasattr(model, "llama") or not hasattr(model, "lm_head"):
-        return 0
     sig = inspect.signature(type(model).forward)
+    output_cls = getattr(model_outputs, output_class)
 
     def make(previous):
         def forward(self, *args, **kwargs):
             a = sig.bind(self, *args, **kwargs).arguments
             labels = a.get("labels")
-            if (labels is None or not self.training or cfg.tensor_parallel_degree > 1 or cfg.sequence_parallel
-                    or cfg.use_fused_linear_cross_entropy or a.get("attn_mask_startend_row_indices") is not None):
+            if (labels is None or not self.training or cfg.tensor_parallel_degree > 1
+                    or getattr(cfg, "sequence_parallel", False) or getattr(cfg, "use_fused_linear_cross_entropy", False)
+                    or any(a.get(k) for k in fallback_args)):
                 return previous(self, *args, **kwargs)
-            keep = paddle.nonzero(labels.flatten() != IGNORE).flatten()
+            flat = (labels.transpose([1, 0]) if seq_first else labels).flatten()  # the order of hidden's rows
+            keep = paddle.nonzero(flat != IGNORE).flatten()
             if keep.shape[0] == 0:
                 return previous(self, *args, **kwargs)
             return_dict = a.get("return_dict")
             return_dict = return_dict if return_dict is not None else self.config.use_return_dict
-            outputs = self.llama(
-                a.get("input_ids"), position_ids=a.get("position_ids"), attention_mask=a.get("attention_mask"),
-                inputs_embeds=a.get("inputs_embeds"), use_cache=a.get("use_cache", False),
-                past_key_values=a.get("past_key_values"), output_attentions=a.get("output_attentions"),
-                output_hidden_states=a.get("output_hidden_states"), return_dict=return_dict)
+            outputs = backbone(self, a, return_dict)
             hidden = outputs[0]
             picked = paddle.gather(hidden.reshape([-1, hidden.shape[-1]]), keep)  # [supervised, hidden]
-            logits = self.lm_head(picked).astype("float32")
-            target = paddle.gather(labels.flatten(), keep).unsqueeze(-1)
+            logits = head(self)(picked.unsqueeze(1 if seq_first else 0))  # one sequence of the supervised rows
+            logits = logits.reshape([-1, logits.shape[-1]]).astype("float32")
+            target = paddle.gather(flat, keep).unsqueeze(-1)
             loss = F.cross_entropy(logits, target, reduction="sum") / keep.shape[0]
             if not return_dict:
                 return (loss, None) + tuple(outputs[1:])
-            from paddlenlp.transformers.model_outputs import CausalLMOutputWithCrossAttentions
-
-            return CausalLMOutputWithCrossAttentions(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                                     hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+            return output_cls(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                              hidden_states=outputs.hidden_states, attentions=outputs.attentions)
         return forward
 
     _replace_forward(model, make)
     return 1
+
+
+def _patch_llama_supervised_loss(model) -> int:
+    def backbone(self, a, return_dict):
+        return self.llama(
+            a.get("input_ids"), position_ids=a.get("position_ids"), attention_mask=a.get("attention_mask"),
+            inputs_embeds=a.get("inputs_embeds"), use_cache=a.get("use_cache", False),
+            past_key_values=a.get("past_key_values"), output_attentions=a.get("output_attentions"),
+            output_hidden_states=a.get("output_hidden_states"), return_dict=return_dict)
+
+    return _patch_supervised_loss(model, backbone, lambda self: self.lm_head, "CausalLMOutputWithCrossAttentions",
+                                  fallback_args=("attn_mask_startend_row_indices",))
+
+
+def _patch_chatglm_v2_supervised_loss(model) -> int:
+    def backbone(self, a, return_dict):
+        use_cache = a.get("use_cache")
+        return self.chatglm_v2(
+            input_ids=a.get("input_ids"), position_ids=a.get("position_ids"), attention_mask=a.get("attention_mask"),
+            past_key_values=a.get("past_key_values"), inputs_embeds=a.get("inputs_embeds"),
+            use_cache=use_cache if use_cache is not None else self.config.use_cache,
+            output_hidden_states=a.get("output_hidden_states"), return_dict=return_dict)
+
+    return _patch_supervised_loss(model, backbone, lambda self: self.chatglm_v2.output_layer, "CausalLMOutputWithPast",
+                                  fallback_args=("return_last_logit",), seq_first=True)
 
 
 PATCHES: Dict[str, Callable] = {
@@ -257,6 +285,7 @@ PATCHES: Dict[str, Callable] = {
     "chatglm_v2_rms_norm": _patch_chatglm_v2_rms_norm,
     "llama_rotary": _patch_llama_rotary,
     "llama_supervised_loss": _patch_llama_supervised_loss,
+    "chatglm_v2_supervised_loss": _patch_chatglm_v2_supervised_loss,
 }
 
 

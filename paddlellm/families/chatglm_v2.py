@@ -66,7 +66,7 @@ FAMILY = ChatGLMv2Family(
     example_checkpoint="THUDM/chatglm2-6b",
     name_hints=("chatglm2", "chatglm_v2"),
     supports=dict(pretrain=False, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
-    cpu_patches=("chatglm_v2_rms_norm",),
+    cpu_patches=("chatglm_v2_rms_norm", "chatglm_v2_supervised_loss"),
     notes=(
         "Sequences open with [gMASK] sop; turns use the '[Round i]\\n\\n问：{q}\\n\\n答：' template. Pads with "
         "<unk> (id 0), left padding for generation with explicit position_ids. Every reply ends with </s> and "
