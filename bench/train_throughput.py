@@ -90,11 +90,12 @@ def _parse_result(stdout: str) -> dict:
     raise RuntimeError("child printed no RESULT line")
 
 
-def _child(args, log_path: Path) -> dict:
-    """Run this file with `args` in a fresh process, its whole output into log_path; its RESULT."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+def _child(args, log_path: Path, env=None, cmd=None) -> dict:
+    """Run this file with `args` (or `cmd`) in a fresh process, its whole output into log_path; its RESULT."""
+    cmd = cmd or [sys.executable, str(Path(__file__).resolve()), *args]
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), check=False)
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), check=False,
+                              env=dict(os.environ, **(env or {})))
     text = log_path.read_text(errors="replace")
     if proc.returncode != 0:
         tail = "".join(text.splitlines(keepends=True)[-30:])
@@ -214,12 +215,16 @@ def child_train(argv) -> None:
     from paddlellm import trainer as trainer_mod
 
     batches = []  # (real tokens, slots) of every collated training batch, in the order they are fed
+    fed = []  # the batches themselves (ids, labels, row lengths), replayed by the peer arm
     orig_call = data.Collator.__call__
 
     def call(self, examples):
         batch = orig_call(self, examples)
         ids = batch["input_ids"]
         batches.append((int(batch["real_tokens"]), int(ids.shape[0] * ids.shape[1])))
+        rows = [e if isinstance(e, list) else [e] for e in examples]
+        fed.append({"input_ids": ids.numpy().tolist(), "labels": batch["labels"].numpy().tolist(),
+                    "row_lengths": [sum(len(e) for e in row) for row in rows]})
         return batch
 
     data.Collator.__call__ = call
@@ -252,6 +257,9 @@ def child_train(argv) -> None:
     from paddlellm.finetune import run
 
     rc = run(argv)
+    if os.environ.get("BENCH_BATCHES_OUT"):
+        with open(os.environ["BENCH_BATCHES_OUT"], "w") as f:
+            json.dump(fed[: holder["trainer"].state.global_step], f)
     _result({"rc": rc, "batches": batches, "steps": steps, "params": holder.get("params"),
              "real_tokens_trainer": holder["trainer"].real_tokens, "peak_rss_mb": _peak_rss_mb()})
 
@@ -306,6 +314,9 @@ def summarise(kind, packed, r, prep, warmup, log_text):
         "batch_rows": None, "timed_steps": n, "warmup_steps": warmup,
         "effective_tokens_per_s": round(tps, 1),
         "effective_tokens_per_s_median_step": round(med * real / slots, 1),
+        # real tokens per second of this process's CPU time: with --threads 1 close to the work a step takes,
+        # and far less disturbed by other processes than wall time
+        "effective_tokens_per_cpu_s": round(real / max(cpu[last] - cpu[warmup], 1e-9), 1),
         "slots_per_s": round(slots / secs, 1),
         "step_s": round(secs / n, 3),
         "real_tokens_per_step": round(real / n, 1),
@@ -328,7 +339,7 @@ def summarise(kind, packed, r, prep, warmup, log_text):
 def run_arm(kind, packed, name, argv, prep, plan, work, usable_cores) -> dict:
     """One fine-tuning run in a fresh process; its figures and how much CPU other processes took meanwhile."""
     t0, busy0, ours0 = time.perf_counter(), _busy_cpu_s(), _children_cpu_s()
-    r = _child(["--child", "train", *argv], work / f"{name}.log")
+    r = _child(["--child", "train", *argv], work / f"{name}.log", env={"BENCH_BATCHES_OUT": str(work / f"{name}.batches.json")})
     s = summarise(kind, packed, r, prep, plan["warmup"], (work / f"{name}.log").read_text())
     s["wall_s"] = round(time.perf_counter() - t0, 1)
     # CPU time other processes took during this run, as a share of the machine's cores.
@@ -338,15 +349,39 @@ def run_arm(kind, packed, name, argv, prep, plan, work, usable_cores) -> dict:
     return s
 
 
+def peer_python_default():
+    """This interpreter when it has torch, transformers and peft (the peer arm is then run), else None."""
+    import importlib.util
+
+    return sys.executable if all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft")) else None
+
+
+def run_peer(kind, name, plan, work, usable_cores, peer_python) -> dict:
+    """The peer arm: transformers (+PEFT) on torch replays the batches our arm `name` was fed."""
+    t0, busy0, ours0 = time.perf_counter(), _busy_cpu_s(), _children_cpu_s()
+    cmd = [peer_python, str(REPO / "bench" / "peer_torch.py"), "--batches", str(work / f"{name}.batches.json"),
+           "--model", json.dumps(MODEL), "--kind", kind, "--lora_rank", str(LORA_RANK),
+           "--lr", "3e-4" if kind == "lora" else "1e-4", "--warmup", str(plan["warmup"]),
+           "--threads", os.environ.get("OMP_NUM_THREADS") or str(usable_cores)]
+    r = _child([], work / f"peer_{name}.log", cmd=cmd)
+    r["wall_s"] = round(time.perf_counter() - t0, 1)
+    others = (_busy_cpu_s() - busy0) - (_children_cpu_s() - ours0)
+    r["other_processes_cpu_share"] = round(max(others, 0.0) / (r["wall_s"] * usable_cores), 3)
+    return r
+
+
 def table(results) -> str:
     head = (f"{'arm':14s} {'rows/step':>9s} {'slots/step':>10s} {'eff tok/s':>9s} {'(median)':>8s} {'padding':>8s} "
-            f"{'peak RSS':>9s} {'MFU':>6s} {'s/step':>7s}")
+            f"{'peak RSS':>9s} {'MFU':>6s} {'s/step':>7s} {'tok/CPU-s':>9s} {'peer tok/s':>10s} {'peer/CPU-s':>10s} {'ours/peer':>9s}")
     lines = [head, "-" * len(head)]
     for r in results:
         name = f"{r['method']} {'intokens' if r['intokens'] else 'unpacked'}"
         lines.append(f"{name:14s} {r['batch_rows']:9d} {r['slots_per_step']:10.0f} {r['effective_tokens_per_s']:9.1f} "
                      f"{r['effective_tokens_per_s_median_step']:8.1f} {100 * r['padding_fraction']:7.1f}% "
-                     f"{r['peak_rss_mb']:7.0f}MB {100 * r['mfu']:5.1f}% {r['step_s']:7.2f}")
+                     f"{r['peak_rss_mb']:7.0f}MB {100 * r['mfu']:5.1f}% {r['step_s']:7.2f}"
+                     + f" {r['effective_tokens_per_cpu_s']:9.1f}"
+                     + (f" {r['peer']['effective_tokens_per_s']:10.1f} {r['peer']['effective_tokens_per_cpu_s']:10.1f} "
+                        f"{r['ratio_to_peer']:8.2f}x" if r.get("peer") else ""))
     return "\n".join(lines)
 
 
@@ -369,6 +404,15 @@ def main() -> None:
                          f"{100 * DISTURBED:.0f}%% of the CPU during it (default 2; 0 with --quick)")
     ap.add_argument("--budget", type=float, default=480, help="no re-run starts after this many seconds (keeps the run near 10 min)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed first steps per arm (default 3; 1 with --quick)")
+    ap.add_argument("--arms", default=",".join(f"{k}_{'intokens' if p else 'unpacked'}" for k, p in ARMS),
+                    help="comma-separated arms to run (default: all four)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="OMP/MKL threads of our arms and torch threads of the peer (default: the usable cores). On a "
+                         "machine shared with other jobs, --threads 1 and the tokens-per-CPU-second column compare the "
+                         "work of each arm fairly")
+    ap.add_argument("--peer_python", default=peer_python_default(),
+                    help="a Python with torch, transformers and peft: each arm's batches are replayed there by "
+                         "bench/peer_torch.py (the peer arm; default: this Python if it has them, else no peer arm)")
     args = ap.parse_args()
     plan = dict(PLANS["quick" if args.quick else "full"])
     if args.retries is None:
@@ -382,6 +426,8 @@ def main() -> None:
     from paddlellm.cpu_runtime import usable_cpu_count
 
     usable_cores = usable_cpu_count()
+    if args.threads:  # children inherit it; paddlellm's CPU runtime keeps thread counts the user set
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="paddlellm_train_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -398,6 +444,8 @@ def main() -> None:
         results = []
         for kind, packed in ARMS:
             name = f"{kind}_{'intokens' if packed else 'unpacked'}"
+            if name not in args.arms.split(","):
+                continue
             argv = train_args(kind, packed, prep, str(work / name), plan["steps"], plan["warmup"], batch_packed)
             attempts = []
             for attempt in range(1 + args.retries):
@@ -413,6 +461,17 @@ def main() -> None:
                 print(f"  {'':14s} disturbed by other processes: running it again", flush=True)
             best = min(attempts, key=lambda a: a["other_processes_cpu_share"])
             best["attempts"] = [{k: a[k] for k in ("effective_tokens_per_s", "other_processes_cpu_share", "wall_s")} for a in attempts]
+            if args.peer_python:
+                peer = run_peer(kind, name, plan, work, usable_cores, args.peer_python)
+                fpt = model_flops_per_token(kind, prep["mean_context"], peer["params"])
+                peer["achieved_gflops"] = round(fpt * peer["effective_tokens_per_s"] / 1e9, 2)
+                best["peer"] = peer
+                best["ratio_to_peer"] = round(best["effective_tokens_per_s"] / peer["effective_tokens_per_s"], 3)
+                best["ratio_to_peer_cpu_time"] = round(best["effective_tokens_per_cpu_s"] / peer["effective_tokens_per_cpu_s"], 3)
+                print(f"  {'peer ' + name:14s} {peer['effective_tokens_per_s']:8.1f} real tok/s  (transformers {peer['versions']['transformers']} "
+                      f"torch {peer['versions']['torch']}{', plain concatenation' if packed else ''}; {peer['wall_s']} s; other processes "
+                      f"used {100 * peer['other_processes_cpu_share']:.0f}% of the CPU)  -> paddlellm/peer {best['ratio_to_peer']:.2f}x "
+                      f"(per CPU-second: {best['ratio_to_peer_cpu_time']:.2f}x)", flush=True)
             results.append(best)
         # The matmul reference again after the runs; the best of the two is the least disturbed by other processes.
         mm2 = _child(["--child", "matmul", "5" if args.quick else "20"], work / "matmul2.log")
@@ -420,16 +479,20 @@ def main() -> None:
         print(f"measured float32 matmul again: {mm2['gflops']:.1f} GFLOP/s; reference {gflops:.1f}", flush=True)
         for s in results:
             s["mfu"] = round(s["achieved_gflops"] / gflops, 4)
+            if s.get("peer"):
+                s["peer"]["mfu"] = round(s["peer"]["achieved_gflops"] / gflops, 4)
         by = {(r["method"], r["intokens"]): r for r in results}
 
+        both = [k for k in ("sft", "lora") if (k, True) in by and (k, False) in by]  # --arms may leave some out
+
         def ratio(key):
-            return {k: round(by[(k, True)][key] / by[(k, False)][key], 2) for k in ("sft", "lora")}
+            return {k: round(by[(k, True)][key] / by[(k, False)][key], 2) for k in both}
 
         speedup = ratio("effective_tokens_per_s")
         speedup_med = ratio("effective_tokens_per_s_median_step")
         target = {k: {"padding_under_3pct": by[(k, True)]["padding_fraction"] < 0.03, "speedup_at_least_1.5x": speedup[k] >= 1.5}
-                  for k in ("sft", "lora")}
-        cmd = "python bench/train_throughput.py" + (" --quick" if args.quick else "")
+                  for k in both}
+        cmd = "python bench/train_throughput.py" + (" --quick" if args.quick else "") + (f" --arms {args.arms}" if len(results) < len(ARMS) else "")
         report = {
             "command": cmd,
             "date": datetime.date.today().isoformat(),
@@ -443,6 +506,13 @@ def main() -> None:
                       "unpacked_batch": BATCH_UNPACKED, "intokens_batch": batch_packed, "lora_rank": LORA_RANK, **plan,
                       "retries": args.retries},
             "results": results,
+            "threads": os.environ.get("OMP_NUM_THREADS"),
+            "peer": {"python": args.peer_python,
+                     "ratio_to_peer": {f"{r['method']}_{'intokens' if r['intokens'] else 'unpacked'}": r.get("ratio_to_peer") for r in results},
+                     "ratio_to_peer_cpu_time": {f"{r['method']}_{'intokens' if r['intokens'] else 'unpacked'}": r.get("ratio_to_peer_cpu_time")
+                                                for r in results}} if args.peer_python else None,
+            "cpu_kernels": os.environ.get("PADDLELLM_CPU_KERNELS", "on"),
+            "load_average_at_end": os.getloadavg(),
             "speedup_intokens": speedup,
             "speedup_intokens_median_step": speedup_med,
             "target_met": target,
@@ -451,9 +521,10 @@ def main() -> None:
         out = save_report(args.out, report)
         print()
         print(table(results))
-        print(f"\nintokens speed-up (effective tokens/s): SFT {speedup['sft']}x, LoRA {speedup['lora']}x; target "
-              f"(padding < 3%, >= 1.5x): " + ", ".join(f"{k} {'met' if all(v.values()) else 'NOT met'}" for k, v in target.items()))
-        print(f"from the median step rate (less sensitive to other processes): SFT {speedup_med['sft']}x, LoRA {speedup_med['lora']}x")
+        if both:
+            print(f"\nintokens speed-up (effective tokens/s): " + ", ".join(f"{k} {v}x" for k, v in speedup.items()) + "; target "
+                  f"(padding < 3%, >= 1.5x): " + ", ".join(f"{k} {'met' if all(v.values()) else 'NOT met'}" for k, v in target.items()))
+            print(f"from the median step rate (less sensitive to other processes): " + ", ".join(f"{k} {v}x" for k, v in speedup_med.items()))
         busy = max(r["other_processes_cpu_share"] for r in results)
         if busy > DISTURBED:
             print(f"WARNING: other processes used up to {100 * busy:.0f}% of the CPU during an arm: its wall-clock figures "

@@ -183,6 +183,8 @@ def build_model(family, model_args, training_args, tokenizer):
     if tp > 1:
         extra = dict(tensor_parallel_degree=tp, tensor_parallel_rank=training_args.tensor_parallel_rank)
     model = family.load_model(model_args.model_name_or_path, dtype=model_args.dtype, **extra)
+    from .cpu_kernels import apply as apply_cpu_kernels
+    model = apply_cpu_kernels(family, model)  # cheaper CPU formulations of the same maths (not on GPUs)
     kind = "full"
     if model_args.lora or model_args.lora_path:
         from paddlenlp.peft import LoRAConfig, LoRAModel

@@ -110,6 +110,7 @@ class Family:
     hf_buffers: Tuple[str, ...] = (r"\.rotary_emb\.inv_freq$",)
     # (head, embeddings) transformers names of an LM head paddlenlp keeps untied: exported tied when equal.
     hf_tied_head: Optional[Tuple[str, str]] = None
+    cpu_patches: Tuple[str, ...] = ()  # names in paddlellm.cpu_kernels.PATCHES applied to models trained on CPU
 
     # ------------------------------------------------------------------ loading
     def paddlenlp_class(self, attr: str):

@@ -1,0 +1,293 @@
+"""Cheaper CPU formulations of paddlenlp model pieces, as small named patches of a model instance.
+
+paddlenlp's models are written for GPUs, where RMSNorm, rotary embeddings and the loss run as fused
+kernels. Paddle registers none of those for CPU, so there the models fall back to generic
+elementwise code that costs more than the matmuls around it (a profile of one LLaMA training step:
+`pow` and its backward in RMSNorm ~7%, the slice backward of `rotate_half` ~5%, the vocabulary
+cross-entropy and lm_head over every prompt and padding position). Each patch here computes the
+same values in fewer, cheaper CPU operations:
+
+  llama_rms_norm, chatglm_v2_rms_norm
+                     RMSNorm as one autograd node with a hand-written backward, x*x instead of pow
+  llama_rotary       rotary embedding without slices: q*cos + roll(q, d/2)*sin_signed, where the
+                     sign of rotate_half is folded into sin (-x2*s == x2*(-s) exactly)
+  llama_supervised_loss, chatglm_v2_supervised_loss
+                     in training with labels, the lm_head and cross-entropy run on the
+                     supervised positions only (prompt and padding positions add exactly 0 to the
+                     loss and its gradient); the training forward then returns logits=None, as
+                     paddlenlp's own fused-loss path does
+
+A family lists the patches it takes in `Family.cpu_patches`; `apply(family, model)` patches a model
+built for training. Patches are on only when paddle runs on the CPU (GPU users keep paddlenlp's
+fused kernels), and PADDLELLM_CPU_KERNELS=0 turns them off. Patched models give the same logits,
+loss and gradients within float rounding (tests/test_cpu_kernels.py).
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import threading
+import types
+from typing import Callable, Dict, List
+
+DISABLE_VAR = "PADDLELLM_CPU_KERNELS"
+_OFF_VALUES = {"0", "false", "off", "no"}
+IGNORE = -100
+
+log = logging.getLogger("paddlellm")
+_state = threading.local()  # .active: a patched model's forward is running in this thread
+
+
+def wanted() -> bool:
+    """True when the patches should be applied: paddle runs on the CPU and they are not switched off."""
+    if os.environ.get(DISABLE_VAR, "").strip().lower() in _OFF_VALUES:
+        return False
+    import paddle
+
+    return paddle.device.get_device() == "cpu"
+
+
+def apply(family, model, force: bool = False):
+    """Apply `family.cpu_patches` to `model` (before LoRA/prefix wrapping) when `wanted()`, logging one line.
+
+    force=True applies them whatever the device and switch (tests compare patched and unpatched models).
+    Returns the model (patched in place).
+    """
+    names = list(getattr(family, "cpu_patches", ()) or ())
+    if not names or not (force or wanted()):
+        return model
+    done = [name for name in names if PATCHES[name](model)]
+    if done and not force:
+        log.info(f"CPU kernels on for {family.name}: {', '.join(done)} (same results, cheaper on CPU); "
+                 f"set {DISABLE_VAR}=0 to turn them off")
+    return model
+
+
+# ------------------------------------------------------------------ helpers
+def _active() -> bool:
+    return getattr(_state, "active", False)
+
+
+def _replace_forward(layer, make: Callable) -> None:
+    """Replace one instance's forward by make(current), where current(self, ...) is the forward it had (the
+    class's, or an earlier instance patch such as families.base.with_supervised_token_mean_loss). Keeps the
+    class forward's signature (PrefixModelForCausalLM and the Trainer inspect it); bound with MethodType,
+    so a deepcopy of the layer is bound to the copy."""
+    current = getattr(layer.forward, "__func__", type(layer).forward)
+    fn = make(current)
+    fn.__signature__ = inspect.signature(type(layer).forward)
+    layer.forward = types.MethodType(fn, layer)
+
+
+def _mark_active(layer) -> None:
+    """While `layer`'s forward runs, module-level patches (rotary) take their patched path.
+
+    Module-level functions cannot tell which model calls them; the flag limits them to patched models.
+    """
+    if getattr(layer, "_paddlellm_active", False):
+        return
+    # the function behind the current forward (it may be an instance patch), called with `self`, so that a
+    # deepcopy of the layer (MethodType rebinds to the copy) runs on the copy
+    current = getattr(layer.forward, "__func__", type(layer).forward)
+
+    def forward(self, *args, **kwargs):
+        before = _active()
+        _state.active = True
+        try:
+            return current(self, *args, **kwargs)
+        finally:
+            _state.active = before
+
+    forward.__signature__ = inspect.signature(type(layer).forward)
+    layer.forward = types.MethodType(forward, layer)
+    layer._paddlellm_active = True
+
+
+# ------------------------------------------------------------------ RMSNorm
+def _rms_norm_layer_class():
+    import paddle
+    from paddle.autograd import PyLayer
+
+    class RMSNormFunction(PyLayer):
+        """y = x * rsqrt(mean(x*x) + eps) * w over the last axis, with the backward written out:
+        dx = r * (g*w - xr * mean(g*w*xr)), dw = sum over rows of g * xr (r = rsqrt(..), xr = x*r).
+        Autograd of the same expression runs pow, broadcast-multiply backwards and their reductions."""
+
+        @staticmethod
+        def forward(ctx, x, w, eps):
+            r = paddle.rsqrt((x * x).mean(-1, keepdim=True) + eps)
+            xr = x * r
+            ctx.save_for_backward(w, r, xr)
+            ctx.w_grad = not w.stop_gradient
+            return xr * w
+
+        @staticmethod
+        def backward(ctx, dy):
+            w, r, xr = ctx.saved_tensor()
+            gw = dy * w
+            dx = r * (gw - xr * (gw * xr).mean(-1, keepdim=True))
+            dw = (dy * xr).reshape([-1, xr.shape[-1]]).sum(0) if ctx.w_grad else None
+            return dx, dw
+
+    return RMSNormFunction
+
+
+def _patch_rms_norm(model, layer_class, eps_attr: str) -> int:
+    """Every `layer_class` RMSNorm of the model computes through RMSNormFunction (float32 only; other dtypes
+    keep the class forward, which upcasts)."""
+    import paddle
+
+    fn = _rms_norm_layer_class()
+
+    def make(previous):
+        def forward(self, hidden_states):
+            if hidden_states.dtype != paddle.float32 or self.weight.dtype != paddle.float32:
+                return previous(self, hidden_states)
+            return fn.apply(hidden_states, self.weight, getattr(self, eps_attr))
+        return forward
+
+    n = 0
+    for layer in model.sublayers(include_self=True):
+        config = getattr(layer, "config", None)
+        if isinstance(layer, layer_class) and not getattr(config, "use_fused_rms_norm", False):
+            _replace_forward(layer, make)
+            n += 1
+    return n
+
+
+def _patch_llama_rms_norm(model) -> int:
+    from paddlenlp.transformers.llama.modeling import LlamaRMSNorm
+
+    return _patch_rms_norm(model, LlamaRMSNorm, "variance_epsilon")
+
+
+def _patch_chatglm_v2_rms_norm(model) -> int:
+    from paddlenlp.transformers.chatglm_v2.modeling import RMSNorm
+
+    return _patch_rms_norm(model, RMSNorm, "epsilon")
+
+
+# ------------------------------------------------------------------ rotary embedding
+_original_llama_rotary = None
+
+
+def _llama_rotary(q, k, cos, sin, position_ids):
+    """paddlenlp's apply_rotary_pos_emb, with rotate_half(x) * sin computed as roll(x, d/2) * sin_signed."""
+    import paddle
+
+    if not _active() or position_ids is None:
+        return _original_llama_rotary(q, k, cos, sin, position_ids)
+    d = q.shape[-1]
+    half = d // 2
+    # rotate_half(x) = [-x2, x1] = roll(x, d/2) * [-1.., +1..]: fold the signs into the [seq, d] sin table.
+    sign = paddle.concat([paddle.full([half], -1.0, sin.dtype), paddle.full([d - half], 1.0, sin.dtype)])
+    cos = cos.squeeze(axis=[0, 2])[position_ids].unsqueeze(2)  # [bs, seq_len, 1, d]
+    sin = (sin.squeeze(axis=[0, 2]) * sign)[position_ids].unsqueeze(2)
+    q_embed = q * cos + paddle.roll(q, half, axis=-1) * sin
+    k_embed = k * cos + paddle.roll(k, half, axis=-1) * sin
+    return q_embed, k_embed
+
+
+def _patch_llama_rotary(model) -> int:
+    global _original_llama_rotary
+    from paddlenlp.transformers.llama import modeling
+
+    inner = getattr(model, "llama", None)
+    if inner is None or not getattr(model.config, "rope", True):
+        return 0
+    if _original_llama_rotary is None:
+        _original_llama_rotary = modeling.apply_rotary_pos_emb
+        modeling.apply_rotary_pos_emb = _llama_rotary  # looked up by LlamaAttention.forward at call time
+    _mark_active(inner)
+    return 1
+
+
+# ------------------------------------------------------------------ loss on supervised positions only
+def _patch_supervised_loss(model, backbone: Callable, head: Callable, output_class: str, fallback_args=(),
+                           seq_first: bool = False) -> int:
+    """In training with labels: the output head and cross-entropy on the supervised positions only.
+
+    backbone(model, arguments, return_dict) runs the model's decoder: outputs[0] = hidden [batch, seq, h],
+    or [seq, batch, h] when seq_first (ChatGLM2); head(model) is the output projection, which takes hidden
+    states in that layout. The loss is the mean over supervised tokens (labels != -100),
+    which is what the trainer's token weighting assumes. (paddlenlp's LLaMA criterion divides by the
+    tokens whose loss is > 0, which differs only when a float32 token loss rounds to exactly 0.)
+    Anything else (eval, no labels, tensor/sequence parallel, the arguments in fallback_args) runs the
+    model's own forward.
+    """
+    import paddle
+    import paddle.nn.functional as F
+    from paddlenlp.transformers import model_outputs
+
+    cfg = model.config
+    sig = inspect.signature(type(model).forward)
+    output_cls = getattr(model_outputs, output_class)
+
+    def make(previous):
+        def forward(self, *args, **kwargs):
+            a = sig.bind(self, *args, **kwargs).arguments
+            labels = a.get("labels")
+            if (labels is None or not self.training or cfg.tensor_parallel_degree > 1
+                    or getattr(cfg, "sequence_parallel", False) or getattr(cfg, "use_fused_linear_cross_entropy", False)
+                    or any(a.get(k) for k in fallback_args)):
+                return previous(self, *args, **kwargs)
+            flat = (labels.transpose([1, 0]) if seq_first else labels).flatten()  # the order of hidden's rows
+            keep = paddle.nonzero(flat != IGNORE).flatten()
+            if keep.shape[0] == 0:
+                return previous(self, *args, **kwargs)
+            return_dict = a.get("return_dict")
+            return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+            outputs = backbone(self, a, return_dict)
+            hidden = outputs[0]
+            picked = paddle.gather(hidden.reshape([-1, hidden.shape[-1]]), keep)  # [supervised, hidden]
+            logits = head(self)(picked.unsqueeze(1 if seq_first else 0))  # one sequence of the supervised rows
+            logits = logits.reshape([-1, logits.shape[-1]]).astype("float32")
+            target = paddle.gather(flat, keep).unsqueeze(-1)
+            loss = F.cross_entropy(logits, target, reduction="sum") / keep.shape[0]
+            if not return_dict:
+                return (loss, None) + tuple(outputs[1:])
+            return output_cls(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                              hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        return forward
+
+    _replace_forward(model, make)
+    return 1
+
+
+def _patch_llama_supervised_loss(model) -> int:
+    def backbone(self, a, return_dict):
+        return self.llama(
+            a.get("input_ids"), position_ids=a.get("position_ids"), attention_mask=a.get("attention_mask"),
+            inputs_embeds=a.get("inputs_embeds"), use_cache=a.get("use_cache", False),
+            past_key_values=a.get("past_key_values"), output_attentions=a.get("output_attentions"),
+            output_hidden_states=a.get("output_hidden_states"), return_dict=return_dict)
+
+    return _patch_supervised_loss(model, backbone, lambda self: self.lm_head, "CausalLMOutputWithCrossAttentions",
+                                  fallback_args=("attn_mask_startend_row_indices",))
+
+
+def _patch_chatglm_v2_supervised_loss(model) -> int:
+    def backbone(self, a, return_dict):
+        use_cache = a.get("use_cache")
+        return self.chatglm_v2(
+            input_ids=a.get("input_ids"), position_ids=a.get("position_ids"), attention_mask=a.get("attention_mask"),
+            past_key_values=a.get("past_key_values"), inputs_embeds=a.get("inputs_embeds"),
+            use_cache=use_cache if use_cache is not None else self.config.use_cache,
+            output_hidden_states=a.get("output_hidden_states"), return_dict=return_dict)
+
+    return _patch_supervised_loss(model, backbone, lambda self: self.chatglm_v2.output_layer, "CausalLMOutputWithPast",
+                                  fallback_args=("return_last_logit",), seq_first=True)
+
+
+PATCHES: Dict[str, Callable] = {
+    "llama_rms_norm": _patch_llama_rms_norm,
+    "chatglm_v2_rms_norm": _patch_chatglm_v2_rms_norm,
+    "llama_rotary": _patch_llama_rotary,
+    "llama_supervised_loss": _patch_llama_supervised_loss,
+    "chatglm_v2_supervised_loss": _patch_chatglm_v2_supervised_loss,
+}
+
+
+def names() -> List[str]:
+    return list(PATCHES)

@@ -1,0 +1,165 @@
+"""The CPU kernel patches (paddlellm.cpu_kernels) change the speed, not the results: logits, loss, gradients
+and one training step's weights match the unpatched model, unpacked and packed, for every patched family."""
+import copy
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from conftest import FAMILIES
+from paddlellm import cpu_kernels
+from paddlellm.families import get_family, logits_of
+from test_packing import EXAMPLES, ONE_STEP, STEP_DATA
+
+PATCHED = [f for f in FAMILIES if get_family(f).cpu_patches]
+
+
+def test_every_declared_patch_exists_and_some_family_uses_each():
+    declared = {p for f in FAMILIES for p in get_family(f).cpu_patches}
+    assert declared <= set(cpu_kernels.PATCHES)
+    assert declared == set(cpu_kernels.PATCHES)  # no patch left unused
+    assert "llama" in PATCHED
+
+
+def _models(family, path):
+    """(unpatched, patched) copies of the tiny model, same weights."""
+    fam = get_family(family)
+    plain, patched = fam.load_model(path), fam.load_model(path)
+    cpu_kernels.apply(fam, patched, force=True)
+    return plain, patched
+
+
+def _batches(family, path):
+    import paddle
+
+    fam = get_family(family)
+    tok = fam.load_tokenizer(path)
+    exs = [fam.encode(tok, s, t, 64, 32) for s, t in EXAMPLES]
+    unpacked = fam.build_batch([[e] for e in exs], tok.pad_token_id)  # padded rows
+    packed = fam.build_batch([exs[:2], exs[2:]], tok.pad_token_id)  # block-diagonal masks
+    return {name: {k: paddle.to_tensor(v) for k, v in b.items()} for name, b in (("unpacked", unpacked), ("packed", packed))}
+
+
+@pytest.mark.parametrize("family", PATCHED)
+def test_patched_logits_loss_and_gradients_match(family, tiny_dir):
+    import paddle
+
+    path = tiny_dir(family)
+    plain, patched = _models(family, path)
+    # the patches really replaced something: at least one sublayer (or the model) has an instance forward
+    assert any("forward" in vars(layer) for layer in patched.sublayers(include_self=True))
+    assert not any("forward" in vars(layer) for layer in plain.sublayers(include_self=True)
+                   if type(layer).__module__.startswith("paddlenlp"))
+    for name, batch in _batches(family, path).items():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        plain.eval(), patched.eval()
+        with paddle.no_grad():
+            a, b = (logits_of(m(**inputs)).numpy() for m in (plain, patched))
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5, err_msg=f"{family} {name} logits")
+        # training forward with labels: same loss and same gradient of every weight
+        grads = []
+        for m in (plain, patched):
+            m.train()
+            out = m(**batch)
+            loss = out.loss if hasattr(out, "loss") else out[0]
+            loss.backward()
+            grads.append((float(loss), {n: p.grad.numpy().copy() for n, p in m.named_parameters() if p.grad is not None}))
+            m.clear_gradients()
+        (loss_a, ga), (loss_b, gb) = grads
+        assert loss_b == pytest.approx(loss_a, rel=1e-5), name
+        assert ga.keys() == gb.keys() and len(ga) == len(list(plain.parameters()))
+        for n in ga:
+            np.testing.assert_allclose(gb[n], ga[n], atol=1e-5, rtol=1e-4, err_msg=f"{family} {name} grad {n}")
+
+
+@pytest.mark.parametrize("family", PATCHED)
+def test_a_deepcopy_of_a_patched_model_runs_on_its_own_weights(family, tiny_dir):
+    import paddle
+
+    path = tiny_dir(family)
+    _, patched = _models(family, path)
+    patched.eval()
+    clone = copy.deepcopy(patched)
+    # every weight of the copy but the output head (the last one) zeroed: its logits are 0 only if the
+    # whole forward ran on the copy (a patch bound to the original's layers would give the original's)
+    head = clone.parameters()[-1]
+    assert head.shape[-1] == clone.config.vocab_size or head.shape[0] == clone.config.vocab_size
+    with paddle.no_grad():
+        for p in clone.parameters()[:-1]:
+            p.set_value(paddle.zeros_like(p))
+    inputs = {k: v for k, v in _batches(family, path)["unpacked"].items() if k != "labels"}
+    with paddle.no_grad():
+        ours, theirs = logits_of(patched(**inputs)).numpy(), logits_of(clone(**inputs)).numpy()
+    assert np.abs(theirs).max() == 0 and np.abs(ours).max() > 0
+
+
+@pytest.fixture(scope="module")
+def step_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stepdata")
+    for name in ("train.json", "dev.json"):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in STEP_DATA))
+    return str(d)
+
+
+def _one_step(family, tiny_dir, step_data, out, extra, kernels_on, monkeypatch, caplog):
+    import paddle
+
+    from paddlellm import finetune as ft
+
+    monkeypatch.setenv(cpu_kernels.DISABLE_VAR, "1" if kernels_on else "0")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="paddlellm"):
+        assert ft.run(["--model_name_or_path", tiny_dir(family), "--dataset_name_or_path", step_data, "--output_dir", out,
+                       *ONE_STEP, "--per_device_train_batch_size", "4", *extra]) == 0
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("CPU kernels on")]
+    assert len(said) == (1 if kernels_on else 0), said
+    if kernels_on:
+        assert said[0].startswith(f"CPU kernels on for {family}: {', '.join(get_family(family).cpu_patches)}")
+        assert said[0].endswith("set PADDLELLM_CPU_KERNELS=0 to turn them off")
+    with open(os.path.join(out, "log_history.json")) as f:
+        loss = next(r["loss"] for r in json.load(f) if "loss" in r)
+    weights_file = "lora_model_state.pdparams" if "--lora" in extra else "model_state.pdparams"
+    return loss, {k: v.numpy() for k, v in paddle.load(os.path.join(out, weights_file)).items()}
+
+
+@pytest.mark.parametrize("family", PATCHED)
+def test_one_training_step_same_weights_with_kernels_on_and_off(family, tiny_dir, step_data, tmp_path, monkeypatch, caplog):
+    """Through the real fine-tuning command: SFT and LoRA, and a packed step with the patches on equals an
+    unpacked step without them (packing stays exact)."""
+    from safetensors.numpy import load_file
+
+    def step(name, extra, on):
+        return _one_step(family, tiny_dir, step_data, str(tmp_path / name), extra, on, monkeypatch, caplog)
+
+    lora = ["--lora", "true", "--lora_rank", "4"]
+    sft_off = step("sft_off", [], False)
+    pairs = {
+        "sft": (sft_off, step("sft_on", [], True)),
+        "lora": (step("lora_off", lora, False), step("lora_on", lora, True)),
+        "packed": (sft_off, step("packed_on", ["--intokens", "true", "--intokens_max_length", "64"], True)),
+    }
+    for name, ((loss_off, w_off), (loss_on, w_on)) in pairs.items():
+        assert loss_on == pytest.approx(loss_off, rel=1e-5), name
+        assert w_on.keys() == w_off.keys() and w_on
+        for k in w_off:
+            np.testing.assert_allclose(w_on[k], w_off[k], atol=1e-5, rtol=0, err_msg=f"{family} {name}: {k}")
+    base = load_file(os.path.join(tiny_dir(family), "model.safetensors"))
+    w = sft_off[1]
+    assert max(float(np.abs(w[k] - base[k]).max()) for k in w if k in base) > 1e-3  # the step moved the weights
+    assert max(float(np.abs(v).max()) for k, v in pairs["lora"][0][1].items() if "lora_B" in k) > 1e-3
+
+
+def test_switched_off_or_gpu_leaves_the_model_alone(tiny_dir, monkeypatch):
+    fam = get_family("llama")
+    monkeypatch.setenv(cpu_kernels.DISABLE_VAR, "0")
+    assert not cpu_kernels.wanted()
+    model = cpu_kernels.apply(fam, fam.load_model(tiny_dir("llama")))
+    assert not any("forward" in vars(layer) for layer in model.sublayers(include_self=True))
+    monkeypatch.delenv(cpu_kernels.DISABLE_VAR)
+    assert cpu_kernels.wanted()  # tests run on CPU
+    import paddle
+
+    monkeypatch.setattr(paddle.device, "get_device", lambda: "gpu:0")
+    assert not cpu_kernels.wanted()
