@@ -120,8 +120,11 @@ def _one_step(family, tiny_dir, step_data, out, extra, kernels_on, monkeypatch, 
         assert said[0].endswith("set PADDLELLM_CPU_KERNELS=0 to turn them off")
     with open(os.path.join(out, "log_history.json")) as f:
         loss = next(r["loss"] for r in json.load(f) if "loss" in r)
-    weights_file = "lora_model_state.pdparams" if "--lora" in extra else "model_state.pdparams"
-    return loss, {k: v.numpy() for k, v in paddle.load(os.path.join(out, weights_file)).items()}
+    if "--lora" in extra:
+        return loss, {k: v.numpy() for k, v in paddle.load(os.path.join(out, "lora_model_state.pdparams")).items()}
+    from safetensors.numpy import load_file
+
+    return loss, load_file(os.path.join(out, "model.safetensors"))  # a full fine-tune's final weights
 
 
 @pytest.mark.parametrize("family", PATCHED)
