@@ -1,7 +1,8 @@
 """merge_lora_params.py and merge_tp_params.py on tiny models of every family.
 
 LoRA: the merged model read back from disk gives the logits of base + adapters (float32, max abs diff
-< 1e-5) and the same greedy generations. Tensor parallel: a model split with PaddleNLP's own split
+< 1e-5 of the largest logit: (W + BA)x and Wx + B(Ax) round differently, and MKL's summation order can
+change with the threads it gets) and the same greedy generations. Tensor parallel: a model split with PaddleNLP's own split
 mappings into 2 and 4 shards, written as the Trainer writes them, merges back bit-identically.
 """
 import copy
@@ -61,7 +62,7 @@ def test_merged_lora_equals_base_plus_adapters(family, tiny_dir, tmp_path):
     merged, tok2, _, _ = load_for_inference(out)  # a standalone folder, read back from disk
     plain, _, _, _ = load_for_inference(base)
     a, b, c = logits_of(adapted, tok, fam), logits_of(merged, tok2, fam), logits_of(plain, tok, fam)
-    assert np.abs(a - b).max() < 1e-5
+    assert np.abs(a - b).max() < 1e-5 * max(1.0, float(np.abs(a).max()))
     assert np.abs(a - c).max() > 1e-2  # the adapters matter: the comparison is not vacuous
     assert greedy(adapted, tok, fam) == greedy(merged, tok2, fam)
     assert not any("lora" in k for k in read_weights(out))
