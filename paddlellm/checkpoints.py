@@ -10,7 +10,8 @@ resuming from it (trainer state, optimizer state, the weights of the kind being 
 is passed over with a warning, or named in one line when no usable one is left.
 
 Also here: replacing_weights, which every command that saves weights into a folder goes through, so a
-folder never keeps an older weight file that loaders would read instead of the new one.
+folder never keeps an older weight file that loaders would read instead of the new one; and
+training_output, around a whole training run, which decides what a failed run leaves behind.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 from typing import List, Optional, Tuple
 
 MARKER = "paddlellm_checkpoint_complete.json"
@@ -115,6 +117,42 @@ def replacing_weights(folder: str, enabled: bool = True):
     stale = [name for name in names if not os.path.exists(os.path.join(folder, name))]
     if stale:
         log.info(f"{folder}: removed {', '.join(stale)} left by an earlier save (replaced by the weights just saved)")
+
+
+@contextlib.contextmanager
+def training_output(output_dir: str):
+    """Around a training run (finetune, pretrain) that writes `output_dir`: a UserError ends in one
+    `error:` line (exit 2), Ctrl-C in `error: interrupted` (exit 130), anything else propagates; in every
+    failure case cleanup_after_failure decides what stays in the folder."""
+    from .arguments import UserError, fail
+
+    existed = os.path.exists(output_dir)
+    try:
+        yield
+    except UserError as e:
+        cleanup_after_failure(output_dir, existed)
+        fail(str(e))
+    except KeyboardInterrupt:
+        cleanup_after_failure(output_dir, existed)
+        fail("interrupted", status=130)
+    except BaseException:
+        cleanup_after_failure(output_dir, existed)
+        raise
+
+
+def cleanup_after_failure(output_dir: str, existed: bool) -> None:
+    """After a failure: keep the folder if it holds a complete checkpoint (hours of training are not thrown
+    away; rerunning the same command resumes from it), else remove a folder this run created, so that a
+    failed run leaves nothing half-written."""
+    from .families import META_FILE
+
+    kept = [c for c in complete_checkpoints(output_dir) if checkpoint_problem(c) is None]
+    if kept:
+        print(f"paddlellm: kept {kept[-1]}; rerun the same command to resume from it", file=sys.stderr)
+    elif os.path.isfile(os.path.join(output_dir, META_FILE)):
+        pass  # the trained model was saved before the failure (e.g. in the final evaluation): never remove it
+    elif not existed and os.path.isdir(output_dir):
+        shutil.rmtree(output_dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- resuming

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -268,8 +266,9 @@ def run(argv=None) -> int:
         return run_quant(argv, prog="finetune_generation.py")
     model_args, data_args, gen_args, training, mode = parse_with_mode(argv)
     output_dir = training["output_dir"]
-    existed = os.path.exists(output_dir)
-    try:
+    from .checkpoints import training_output
+
+    with training_output(output_dir):
         # Validate the data before anything heavy loads or anything is written.
         from .data import read_split
 
@@ -289,31 +288,6 @@ def run(argv=None) -> int:
             if mode == "eval_only":
                 return _evaluate_only(family, model_args, data_args, gen_args, training, dev_records)
             return _train(family, model_args, data_args, gen_args, training, train_records, dev_records, mode)
-    except UserError as e:
-        _cleanup(output_dir, existed)
-        fail(str(e))
-    except KeyboardInterrupt:
-        _cleanup(output_dir, existed)
-        fail("interrupted", status=130)
-    except BaseException:
-        _cleanup(output_dir, existed)
-        raise
-
-
-def _cleanup(output_dir: str, existed: bool) -> None:
-    """After a failure: keep the folder if it holds a complete checkpoint (hours of training are not thrown
-    away; rerunning the same command resumes from it), else remove a folder this run created, so that a
-    failed run leaves nothing half-written."""
-    from .checkpoints import checkpoint_problem, complete_checkpoints
-    from .families import META_FILE
-
-    kept = [c for c in complete_checkpoints(output_dir) if checkpoint_problem(c) is None]
-    if kept:
-        print(f"paddlellm: kept {kept[-1]}; rerun the same command to resume from it", file=sys.stderr)
-    elif os.path.isfile(os.path.join(output_dir, META_FILE)):
-        pass  # the trained model was saved before the failure (e.g. in the final evaluation): never remove it
-    elif not existed and os.path.isdir(output_dir):
-        shutil.rmtree(output_dir, ignore_errors=True)
 
 
 def _pack(family, data_args, train_examples, dev_examples, prefix: bool = False):

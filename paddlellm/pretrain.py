@@ -348,10 +348,9 @@ def make_scheduler(args, extra):
 def run(argv=None) -> int:
     model_args, data_args, extra, training = parse(argv)
     output_dir = training["output_dir"]
-    existed = os.path.exists(output_dir)
-    from .finetune import _cleanup
+    from .checkpoints import training_output
 
-    try:
+    with training_output(output_dir):
         from .families import detect_family
         from .pretrain_data import resolve_input_dir
 
@@ -369,15 +368,6 @@ def run(argv=None) -> int:
 
         with paddle.utils.unique_name.guard():
             return _train(family, objective, prefixes, model_args, data_args, extra, training, gpu)
-    except UserError as e:
-        _cleanup(output_dir, existed)
-        fail(str(e))
-    except KeyboardInterrupt:
-        _cleanup(output_dir, existed)
-        fail("interrupted", status=130)
-    except BaseException:
-        _cleanup(output_dir, existed)
-        raise
 
 
 def _train(family, objective, prefixes, model_args, data_args, extra, training, gpu) -> int:
