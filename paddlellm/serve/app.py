@@ -244,6 +244,41 @@ def create_app(state: ServerState):
     def stream_response(gen):
         return Response(gen, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    def stream_events(group, sock, prompts: List[int], chunk, opening=(), logprobs_of=None, prompt_chunk=None):
+        """The server-sent events of a streamed call, the same for /v1/chat/completions and /v1/completions,
+        which differ only in how a chunk is made. `chunk(i, text, finish=None, logprobs=None, **extra)`
+        makes choice i's chunk (text None: the closing chunk, which carries no text); `opening` the
+        chunks sent before any token; `logprobs_of(i, records)` the logprobs of tokens whose text goes out
+        (None: not asked for); `prompt_chunk(i, rows)` the chunk of the prompt's logprobs (echo)."""
+        reqs = group.reqs
+        infos: Dict[int, Dict] = {}
+        pending: List[List] = [[] for _ in reqs]  # logprobs of tokens whose text has not gone out yet
+
+        def take(i: int):
+            if logprobs_of is None:
+                return None
+            recs, pending[i] = pending[i], []
+            return logprobs_of(i, recs)
+
+        try:
+            yield from opening
+            for i, kind, value in group.events_until_done(lambda: _client_gone(sock), state.scheduler.cancel):
+                if kind == "prompt_logprobs" and prompt_chunk is not None:
+                    yield prompt_chunk(i, value)
+                elif kind == "logprobs":
+                    pending[i] += value
+                elif kind == "piece":
+                    yield chunk(i, value, logprobs=take(i))
+                elif kind == "done":
+                    infos[i] = value
+                    last = {"usage": responses.usage(list(infos.values()), prompts)} if len(infos) == len(reqs) else {}
+                    yield chunk(i, None, responses.finish_reason(value), logprobs=take(i), **last)
+                else:
+                    yield sse(error_body(*value))
+            yield "data: [DONE]\n\n"
+        finally:
+            group.cancel(state.scheduler.cancel)
+
     @app.post("/v1/chat/completions")
     def chat_completions():
         chat_req = parse_openai(body(), state.defaults, state.args.max_length, state.args.max_logprobs)
@@ -258,40 +293,17 @@ def create_app(state: ServerState):
                        for i, (r, info) in enumerate(zip(reqs, infos))]
             return jsonify({**head, "object": "chat.completion", "choices": choices, "usage": responses.usage(infos, prompts)})
 
-        def chunk(i: int, delta: Dict, finish: Optional[str] = None, logprobs=None, **extra) -> str:
+        def delta_chunk(i: int, delta: Dict, finish: Optional[str] = None, logprobs=None, **extra) -> str:
             choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             return sse({**head, "object": "chat.completion.chunk", "choices": [choice], **extra})
 
-        def events():
-            infos: Dict[int, Dict] = {}
-            lps = [responses.Logprobs(state.engine, r.prompt) for r in reqs]
-            pending: List[List] = [[] for _ in reqs]  # logprobs of tokens whose text has not gone out yet
+        def chunk(i: int, text: Optional[str], finish: Optional[str] = None, logprobs=None, **extra) -> str:
+            return delta_chunk(i, {} if text is None else {"content": text}, finish, logprobs, **extra)
 
-            def take(i: int):
-                if chat_req.logprobs is None:
-                    return None
-                recs, pending[i] = pending[i], []
-                return lps[i].chat(recs)
-
-            try:
-                for i in range(len(reqs)):
-                    yield chunk(i, {"role": "assistant", "content": ""})
-                for i, kind, value in group.events_until_done(lambda: _client_gone(sock), state.scheduler.cancel):
-                    if kind == "logprobs":
-                        pending[i] += value
-                    elif kind == "piece":
-                        yield chunk(i, {"content": value}, logprobs=take(i))
-                    elif kind == "done":
-                        infos[i] = value
-                        last = {"usage": responses.usage(list(infos.values()), prompts)} if len(infos) == len(reqs) else {}
-                        yield chunk(i, {}, responses.finish_reason(value), logprobs=take(i), **last)
-                    else:
-                        yield sse(error_body(*value))
-                yield "data: [DONE]\n\n"
-            finally:
-                group.cancel(state.scheduler.cancel)
-
-        return stream_response(events())
+        lps = [responses.Logprobs(state.engine, r.prompt) for r in reqs]
+        opening = (delta_chunk(i, {"role": "assistant", "content": ""}) for i in range(len(reqs)))
+        logprobs_of = None if chat_req.logprobs is None else (lambda i, recs: lps[i].chat(recs))
+        return stream_response(stream_events(group, sock, prompts, chunk, opening, logprobs_of))
 
     @app.post("/v1/completions")
     def completions():
@@ -308,43 +320,20 @@ def create_app(state: ServerState):
                         "finish_reason": responses.finish_reason(info)} for i, (r, info, echo) in enumerate(zip(reqs, infos, echoes))]
             return jsonify({**head, "object": "text_completion", "choices": choices, "usage": responses.usage(infos, prompts)})
 
-        def chunk(i: int, text: str, finish: Optional[str] = None, logprobs=None, **extra) -> str:
-            return sse({**head, "object": "text_completion", "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}], **extra})
+        def chunk(i: int, text: Optional[str], finish: Optional[str] = None, logprobs=None, **extra) -> str:
+            choice = {"index": i, "text": "" if text is None else text, "logprobs": logprobs, "finish_reason": finish}
+            return sse({**head, "object": "text_completion", "choices": [choice], **extra})
 
-        def events():
-            infos: Dict[int, Dict] = {}
-            want = chats[0].logprobs is not None
-            lps = [responses.Logprobs(engine, [] if r.prompt_logprobs is not None else r.prompt) for r in reqs]
-            pending: List[List] = [[] for _ in reqs]  # logprobs of tokens whose text has not gone out yet
+        want = chats[0].logprobs is not None
+        lps = [responses.Logprobs(engine, [] if r.prompt_logprobs is not None else r.prompt) for r in reqs]
+        # with logprobs, the echo goes out with the prompt's logprobs (a prompt_logprobs event)
+        opening = (chunk(i, echo) for i, echo in enumerate(echoes) if echo and not want)
+        logprobs_of = (lambda i, recs: lps[i].completion(responses.generated_rows(recs))) if want else None
 
-            def take(i: int):
-                if not want:
-                    return None
-                recs, pending[i] = pending[i], []
-                return lps[i].completion(responses.generated_rows(recs))
+        def prompt_chunk(i: int, rows: List) -> str:
+            return chunk(i, echoes[i], logprobs=lps[i].completion(responses.prompt_rows(reqs[i].prompt, rows)))
 
-            try:
-                for i, echo in enumerate(echoes):
-                    if echo and not want:  # with logprobs, the echo goes out with the prompt's logprobs
-                        yield chunk(i, echo)
-                for i, kind, value in group.events_until_done(lambda: _client_gone(sock), state.scheduler.cancel):
-                    if kind == "prompt_logprobs":
-                        yield chunk(i, echoes[i], logprobs=lps[i].completion(responses.prompt_rows(reqs[i].prompt, value)))
-                    elif kind == "logprobs":
-                        pending[i] += value
-                    elif kind == "piece":
-                        yield chunk(i, value, logprobs=take(i))
-                    elif kind == "done":
-                        infos[i] = value
-                        last = {"usage": responses.usage(list(infos.values()), prompts)} if len(infos) == len(reqs) else {}
-                        yield chunk(i, "", responses.finish_reason(value), logprobs=take(i), **last)
-                    else:
-                        yield sse(error_body(*value))
-                yield "data: [DONE]\n\n"
-            finally:
-                group.cancel(state.scheduler.cancel)
-
-        return stream_response(events())
+        return stream_response(stream_events(group, sock, prompts, chunk, opening, logprobs_of, prompt_chunk))
 
     @app.get("/tokenizer_info")
     def tokenizer_info():
