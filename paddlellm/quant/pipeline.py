@@ -10,6 +10,7 @@ from typing import Dict, List
 import numpy as np
 
 from ..arguments import UserError, dump_args
+from ..finetune import write_json  # the atomic JSON writer the training commands use too
 from . import methods
 from .storage import CONFIG_FILE, WEIGHTS_FILE, install
 
@@ -135,18 +136,10 @@ def quantize(plan, model_args, data_args, q, training: Dict, calib_records, dev_
     from .report import warnings_for
 
     results["warnings"] = warnings_for(dev)
-    _write_json(os.path.join(out, "quant_results.json"), results)
+    write_json(os.path.join(out, "quant_results.json"), results)
     results["size"]["quantized_folder_bytes"] = _folder_bytes(out)
-    _write_json(os.path.join(out, "quant_results.json"), results)
+    write_json(os.path.join(out, "quant_results.json"), results)
     return results, model
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _write_folder(out, plan, model, tensors, result, wrappers, data_args, q, model_args, training, calib_seconds, n_calib, used, n_batches, bs):
@@ -172,9 +165,9 @@ def _write_folder(out, plan, model, tensors, result, wrappers, data_args, q, mod
         gen_cfg = os.path.join(plan.base, "generation_config.json")
         if os.path.isfile(gen_cfg):
             with open(gen_cfg, encoding="utf-8") as f:
-                _write_json(os.path.join(stage, "generation_config.json"), json.load(f))
+                write_json(os.path.join(stage, "generation_config.json"), json.load(f))
         save_tokenizer(family, [plan.lora_path, plan.base], stage)
-        _write_json(os.path.join(stage, CONFIG_FILE), {
+        write_json(os.path.join(stage, CONFIG_FILE), {
             "quant_type": plan.quant_type, "method": plan.method, "bits": plan.bits, "group_size": -1, "symmetric": True,
             "activations": "int8, per-tensor abs-max (AVGObserver), simulated on CPU" if plan.a8 else "float32 (weight-only)",
             "layout": "paddle Linear weight [in, out]; qweight int8 [in, out] or (4 bits) uint8 [ceil(in/2), out] with the even "
@@ -192,9 +185,9 @@ def _write_folder(out, plan, model, tensors, result, wrappers, data_args, q, mod
             "versions": {"paddle": paddle.__version__, "paddleslim": getattr(paddleslim, "__version__", "?"),
                          "paddlenlp": __import__("paddlenlp").__version__},
         })
-        _write_json(os.path.join(stage, "weight_scales.json"), result.weight_scales)
+        write_json(os.path.join(stage, "weight_scales.json"), result.weight_scales)
         if plan.a8:
-            _write_json(os.path.join(stage, "act_scales.json"), result.act_scales)
+            write_json(os.path.join(stage, "act_scales.json"), result.act_scales)
         meta = {k: v for k, v in plan.meta.items() if k in ("chat_format",)}
         meta.update(family=family.name, kind="quantized", quant_type=plan.quant_type, method=plan.method, dtype="float32",
                     src_length=plan.meta.get("src_length") or data_args.src_length,
@@ -202,8 +195,8 @@ def _write_folder(out, plan, model, tensors, result, wrappers, data_args, q, mod
                     base_model=os.path.abspath(plan.base) if os.path.isdir(plan.base) else plan.base)
         if plan.lora_path:
             meta["lora_path"] = os.path.abspath(plan.lora_path)
-        _write_json(os.path.join(stage, META_FILE), meta)
-        _write_json(os.path.join(stage, "quant_args.json"), dump_args(model_args, data_args, q, training))
+        write_json(os.path.join(stage, META_FILE), meta)
+        write_json(os.path.join(stage, "quant_args.json"), dump_args(model_args, data_args, q, training))
 
 
 def _logits(model, family, examples, pad_id) -> np.ndarray:
