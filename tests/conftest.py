@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models are built once per test session (one per family, on demand)."""
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +31,29 @@ def tiny_dir(tmp_path_factory):
         return cache[family]
 
     return get
+
+
+# One training step on four examples of mixed lengths (test_packing, test_cpu_kernels compare its weights).
+STEP_DATA = [
+    {"src": "spell: 1", "tgt": "one two three four five six seven eight nine"},
+    {"src": "spell: 2 3 4 5 6", "tgt": "two"},
+    {"src": ["hello", "spell: 7 8"], "tgt": ["hi", "seven eight"]},
+    {"src": "spell: 9 0", "tgt": "nine zero nine zero"},
+]
+# Adam's first step is lr * g / (|g| + eps): with eps=1 the update depends on the gradient's scale, so a
+# wrong normalisation shows up in the weights; no clipping, no warm-up, no shuffling effects (one step).
+ONE_STEP = ["--max_steps", "1", "--learning_rate", "0.5", "--adam_epsilon", "1.0", "--max_grad_norm", "0",
+            "--logging_steps", "1", "--evaluation_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "true",
+            "--src_length", "32", "--tgt_length", "16", "--seed", "3", "--warmup_steps", "0"]
+
+
+@pytest.fixture(scope="session")
+def step_data(tmp_path_factory):
+    """A dataset folder (train.json = dev.json = STEP_DATA) for one-step fine-tuning comparisons."""
+    d = tmp_path_factory.mktemp("stepdata")
+    for name in ("train.json", "dev.json"):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in STEP_DATA))
+    return str(d)
 
 
 def run_cmd(args, cwd=ROOT, env=None, timeout=600, check=True):

@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from conftest import FAMILIES
+from conftest import FAMILIES, ONE_STEP
 from paddlellm import cpu_kernels
 from paddlellm.families import get_family, logits_of
-from test_packing import EXAMPLES, ONE_STEP, STEP_DATA
+from test_packing import EXAMPLES
 
 PATCHED = [f for f in FAMILIES if get_family(f).cpu_patches]
 
@@ -93,14 +93,6 @@ def test_a_deepcopy_of_a_patched_model_runs_on_its_own_weights(family, tiny_dir)
     with paddle.no_grad():
         ours, theirs = logits_of(patched(**inputs)).numpy(), logits_of(clone(**inputs)).numpy()
     assert np.abs(theirs).max() == 0 and np.abs(ours).max() > 0
-
-
-@pytest.fixture(scope="module")
-def step_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("stepdata")
-    for name in ("train.json", "dev.json"):
-        (d / name).write_text("".join(json.dumps(r) + "\n" for r in STEP_DATA))
-    return str(d)
 
 
 def _one_step(family, tiny_dir, step_data, out, extra, kernels_on, monkeypatch, caplog):

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import FAMILIES, ROOT, run_cmd
+from conftest import FAMILIES, ONE_STEP, ROOT, run_cmd
 from paddlellm.data import DataError, pack_examples
 from paddlellm.families import Example, get_family, logits_of
 
@@ -66,27 +66,6 @@ def test_packed_logits_and_loss_equal_separate(family, tiny_dir):
         off += n
     packed_total = float(packed_ce[0][packed_ce[0] != 0].sum())
     assert packed_total == pytest.approx(total_sep, rel=1e-5)
-
-
-STEP_DATA = [
-    {"src": "spell: 1", "tgt": "one two three four five six seven eight nine"},
-    {"src": "spell: 2 3 4 5 6", "tgt": "two"},
-    {"src": ["hello", "spell: 7 8"], "tgt": ["hi", "seven eight"]},
-    {"src": "spell: 9 0", "tgt": "nine zero nine zero"},
-]
-# Adam's first step is lr * g / (|g| + eps): with eps=1 the update depends on the gradient's scale, so a
-# wrong normalisation shows up in the weights; no clipping, no warm-up, no shuffling effects (one step).
-ONE_STEP = ["--max_steps", "1", "--learning_rate", "0.5", "--adam_epsilon", "1.0", "--max_grad_norm", "0",
-            "--logging_steps", "1", "--evaluation_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "true",
-            "--src_length", "32", "--tgt_length", "16", "--seed", "3", "--warmup_steps", "0"]
-
-
-@pytest.fixture(scope="module")
-def step_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("stepdata")
-    for name in ("train.json", "dev.json"):
-        (d / name).write_text("".join(json.dumps(r) + "\n" for r in STEP_DATA))
-    return str(d)
 
 
 def _weights(out):
