@@ -33,6 +33,12 @@ def tiny_dir(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def llama(tiny_dir):
+    """The tiny LLaMA's folder (the model the server tests serve)."""
+    return tiny_dir("llama")
+
+
 # One training step on four examples of mixed lengths (test_packing, test_cpu_kernels compare its weights).
 STEP_DATA = [
     {"src": "spell: 1", "tgt": "one two three four five six seven eight nine"},

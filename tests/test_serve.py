@@ -295,15 +295,16 @@ class Server:
                 self.proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def llama(tiny_dir):
-    return tiny_dir("llama")
+def api_server(model, log_path, max_length, *extra, **kw) -> Server:
+    """A server of `model` without the UI, prompts of up to 64 tokens, replies of up to `max_length`: the
+    setting of every API test module (`extra`: more server arguments; `kw`: Server's)."""
+    return Server(["--model_name_or_path", model, "--ui", "false", "--max_length", str(max_length), "--src_length", "64", *extra],
+                  log_path, **kw)
 
 
 @pytest.fixture(scope="module")
 def server(llama, tmp_path_factory):
-    srv = Server(["--model_name_or_path", llama, "--ui", "false", "--max_length", str(MAX_LENGTH), "--src_length", "64",
-                  "--max_batch_size", "8", "--batch_wait_ms", "50"], tmp_path_factory.mktemp("serve") / "server.log")
+    srv = api_server(llama, tmp_path_factory.mktemp("serve") / "server.log", MAX_LENGTH, "--max_batch_size", "8", "--batch_wait_ms", "50")
     yield srv
     srv.stop()
 
@@ -577,8 +578,7 @@ def test_two_ranks_under_distributed_launch(llama, reference, tmp_path):
     """rank 0 serves HTTP and broadcasts each batch; rank 1 runs the same generation (gloo on CPU)."""
     logs = str(tmp_path / "logs")
     launcher = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", logs]
-    srv = Server(["--model_name_or_path", llama, "--ui", "false", "--max_length", str(MAX_LENGTH), "--src_length", "64"],
-                 tmp_path / "launch.log", launcher=launcher)
+    srv = api_server(llama, tmp_path / "launch.log", MAX_LENGTH, launcher=launcher)
     try:
         with ThreadPoolExecutor(3) as pool:
             got = list(pool.map(lambda p: srv.post("/api/chat", {"context": p, "max_length": 20}).json()["result"]["response"]["utterance"],

@@ -13,22 +13,16 @@ import pytest
 import requests
 
 from conftest import ROOT, run_cmd
-from test_serve import Server, sse_events
+from test_serve import api_server, sse_events
 
 MAX_LENGTH = 24
 MAX_LOGPROBS = 5
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_dir):
-    return tiny_dir("llama")
-
-
-@pytest.fixture(scope="module")
 def server(llama, tmp_path_factory):
-    srv = Server(["--model_name_or_path", llama, "--ui", "false", "--max_length", str(MAX_LENGTH), "--src_length", "64",
-                  "--max_logprobs", str(MAX_LOGPROBS), "--batch_wait_ms", "20", "--model_name", "tiny"],
-                 tmp_path_factory.mktemp("serve_openai") / "server.log")
+    srv = api_server(llama, tmp_path_factory.mktemp("serve_openai") / "server.log", MAX_LENGTH,
+                     "--max_logprobs", str(MAX_LOGPROBS), "--batch_wait_ms", "20", "--model_name", "tiny")
     yield srv
     srv.stop()
 
