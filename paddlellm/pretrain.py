@@ -446,7 +446,7 @@ def save_outputs(trainer, tokenizer, family, objective, model_args, data_args, e
     from .finetune import write_json
 
     out = args.output_dir
-    trainer.save_model(out)
+    trainer.save_final_model(out, "full")  # model.safetensors, like every other command's output
     if not args.should_save:
         return
     tokenizer.save_pretrained(out)

@@ -68,13 +68,26 @@ def history(out):
 
 
 def weights(folder):
+    """The weights of a pretraining output folder (model.safetensors) or of a checkpoint (the Trainer's format)."""
+    path = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(path):
+        from safetensors.numpy import load_file
+
+        return load_file(path)
     import paddle
 
     return {k: v.numpy() for k, v in paddle.load(os.path.join(folder, "model_state.pdparams")).items()}
 
 
-def assert_weights(got, expected, atol=None):
-    """Bitwise equal weights, or within atol."""
+# MKL picks alignment-dependent code paths, so the same sums over tensors at other addresses (a resumed
+# run's freshly loaded weights) can round differently in the last bit (seen once under load: 1 ulp of
+# 0.08). Equal within a few ulps is what "the same weights" can mean here; an off-by-one sample or a
+# replayed batch moves weights by orders of magnitude more.
+SAME = 1e-6
+
+
+def assert_weights(got, expected, atol=SAME):
+    """Equal weights within atol (default: a few float32 ulps)."""
     assert got.keys() == expected.keys()
     for k in expected:
         if atol is None:
@@ -96,7 +109,7 @@ def test_pretraining_from_scratch_learns(family, tiny_dir, data_of, tmp_path):
     # the first 10 steps average starts near ln(V) (a fresh model) and the end is a fraction of it
     assert train[0] > 0.75 * math.log(vocab) and evals[-1] < 0.45 * math.log(vocab), (train, evals)
     assert train[-1] < 0.5 * train[0]
-    assert set(os.listdir(out)) >= {"model_state.pdparams", "config.json", "paddlellm_meta.json", "train_results.json", "eval_results.json",
+    assert set(os.listdir(out)) >= {"model.safetensors", "config.json", "paddlellm_meta.json", "train_results.json", "eval_results.json",
                                     "log_history.json", "pretrain_data_settings.json"}
     meta = json.load(open(out / "paddlellm_meta.json"))
     assert (meta["family"], meta["kind"], meta["pretrain"]["objective"]) == (family, "full", get_family(family).pretrain_objectives[0])
