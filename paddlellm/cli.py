@@ -4,6 +4,7 @@
     paddlellm predict ...                            == python predict_generation.py ...
     paddlellm merge-lora ... / merge-tp ...          == python merge_lora_params.py / merge_tp_params.py ...
     paddlellm serve ...                              == python flask_server.py ...
+    paddlellm export ...                             == python export_model.py ...
     paddlellm tiny --family llama --output DIR       build a tiny random checkpoint
     paddlellm quickstart                             tiny LLaMA + LoRA on the bundled data
 """
@@ -18,6 +19,7 @@ COMMANDS = {
     "predict": ("paddlellm.predict", "main", "batch generation over a src/tgt JSONL file (predict_generation.py)"),
     "merge-lora": ("paddlellm.merge", "main_lora", "merge LoRA adapters into a standalone model (merge_lora_params.py)"),
     "merge-tp": ("paddlellm.merge", "main_tp", "merge tensor-parallel shards into one checkpoint (merge_tp_params.py)"),
+    "export": ("paddlellm.export", "main", "export a static-graph step program for --mode static (export_model.py)"),
     "serve": ("paddlellm.serve", "main", "HTTP API + Gradio chat UI (flask_server.py)"),
     "tiny": ("paddlellm.tiny", "main", "write a tiny random checkpoint with a real tokenizer"),
     "quickstart": ("paddlellm.quickstart", "main", "build a tiny LLaMA, LoRA-tune it on data/, show dev accuracy before/after"),
