@@ -52,11 +52,16 @@ class PredictArgument:
     gpt: bool = field(default=False, metadata={"help": "PaddleNLP's flag for GPT checkpoints (GPTForCausalLM). The family is read from the model folder, so this only matters when it can't be: it then means --family gpt-3."})
     family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the model folder: llama chatglm chatglm_v2 bloom gpt-3 opt glm."})
     resume: bool = field(default=False, metadata={"help": "Continue an interrupted run from <output_file>.partial instead of starting over."})
+    mode: Optional[str] = field(default=None, metadata={"help": "dynamic (the default), or static: run a folder written by export_model.py with paddle.inference (chosen by itself for such a folder).", "choices": ["dynamic", "static"]})
+    inference_model: bool = field(default=False, metadata={"help": "PaddleNLP's fused InferenceModel classes: refused (they need the GPU-only paddlenlp_ops); use --mode static."})
 
 
 def parse(argv=None) -> PredictArgument:
     (args,) = parse_args([PredictArgument], argv, prog="predict_generation.py",
                          description="Generate a reply for every line of a src/tgt JSONL file with a base, merged, LoRA or prefix-tuned model.")
+    if args.inference_model:
+        fail("--inference_model: PaddleNLP's fused InferenceModel classes need paddlenlp_ops (GPU-only custom ops); "
+             "export with export_model.py and use --mode static instead")
     if not args.data_file:
         fail("data_file is required: a JSONL file of {\"src\": ..., \"tgt\": ...} lines")
     if not args.output_file:
@@ -392,7 +397,7 @@ def _run(args: PredictArgument, items: List[Item], settings: Dict) -> int:
 
     try:
         model, tokenizer, family, _ = load_for_inference(settings["model"], settings["lora_path"], settings["prefix_path"],
-                                                         settings["dtype"], family=settings["family"])
+                                                         settings["dtype"], family=settings["family"], mode=args.mode)
     except UserError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as e:

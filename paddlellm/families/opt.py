@@ -85,6 +85,10 @@ class OPTFamily(Family):
         # trace fails in check_fn_need_transform), and they only matter for training's packed 4-D masks.
         return Family.load_model(self, path, dtype=dtype)
 
+    def static_export_refusal(self):
+        return ("paddle 3.3's PIR program builder fails on paddlenlp's OPT decoder even with the export patches below "
+                "(\"can only get name of Value from DataOp...\"); use the dynamic mode")
+
     @contextlib.contextmanager
     def static_export_patch(self):
         """Workaround (paddle 3.3 dy2static + paddlenlp 3.0.0b4): OPTForCausalLM.__getattr__ answers unknown names

@@ -65,6 +65,7 @@ class ServeArgument:
     max_queue: int = field(default=64, metadata={"help": "Most requests waiting for the model; more are answered 429."})
     batch_wait_ms: float = field(default=5.0, metadata={"help": "How long the model thread waits for more compatible requests before starting a batch that is not full."})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "Largest request body accepted (larger -> 413)."})
+    mode: Optional[str] = field(default=None, metadata={"help": "dynamic (the default), or static: serve a folder written by export_model.py with paddle.inference (chosen by itself for such a folder).", "choices": ["dynamic", "static"]})
     debug_step_delay: float = field(default=0.0, metadata={"help": "TESTING ONLY: sleep this many seconds per generated token (makes queueing deterministic in tests)."})
 
 
@@ -354,7 +355,7 @@ def load_engine(args: ServeArgument, world: int) -> Engine:
     from ..loading import load_for_inference
 
     try:
-        model, tokenizer, family, _ = load_for_inference(args.model_name_or_path, args.lora_path, args.prefix_path, args.dtype)
+        model, tokenizer, family, _ = load_for_inference(args.model_name_or_path, args.lora_path, args.prefix_path, args.dtype, mode=args.mode)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot load the model: {type(e).__name__}: {e}") from None
     return Engine(model, tokenizer, family, args.src_length, channel, args.debug_step_delay)
