@@ -9,6 +9,11 @@ KV cache) at batch 1, 8 and 32, with batches formed
   bucketed -- prompts of similar length together (what predict_generation.py does).
 Greedy decoding makes both produce the same replies, so tokens/s compares like with like.
 
+Static arm: the same model exported with export_model.py (one step program run by paddle.inference behind
+paddlenlp's generate(), `--mode static`) generates the same bucketed batches in the same process, and
+must give the same replies. Peak memory (RSS) of each mode is measured in a fresh process per mode
+(load + the batch-8 run), since a process's peak can only grow.
+
     python bench/generate_throughput.py [--prompts 64] [--new_tokens 32] [--out bench/results/generate_throughput.json]
 """
 from __future__ import annotations
@@ -76,20 +81,65 @@ def run_plan(model, tokenizer, family, prompts, batch_size, bucket, new_tokens):
             "padding_fraction": round(1 - sum(lengths) / padded, 3)}, replies
 
 
+def export_static(model, tokenizer, tmp: str) -> str:
+    """Save the model as a model folder, export it with export_model.py's code; returns the export folder."""
+    from paddlellm.export import main as export_main
+
+    folder, out = os.path.join(tmp, "model"), os.path.join(tmp, "static")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert export_main(["--model_name_or_path", folder, "--output_path", out]) == 0
+    return out
+
+
+def peak_rss_child(path: str, prompts_file: str, new_tokens: int) -> None:
+    """(Run in a fresh process.) Load `path` in its mode, generate the batch-8 plan, print the peak RSS in MB."""
+    import json
+    import resource
+
+    from paddlellm.loading import load_for_inference
+    from paddlellm.runtime import setup_runtime
+
+    setup_runtime(quiet=True)
+    with open(prompts_file) as f:
+        prompts = json.load(f)
+    model, tokenizer, family, _ = load_for_inference(path)
+    run_plan(model, tokenizer, family, prompts, 8, True, new_tokens)
+    print(f"PEAK_RSS_MB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}")
+
+
+def peak_rss(path: str, prompts, new_tokens: int, tmp: str) -> float:
+    import json
+    import subprocess
+
+    prompts_file = os.path.join(tmp, "prompts.json")
+    with open(prompts_file, "w") as f:
+        json.dump(prompts, f)
+    out = subprocess.run([sys.executable, __file__, "--peak_rss_of", path, "--prompts_file", prompts_file, "--new_tokens", str(new_tokens)],
+                         capture_output=True, text=True, check=True).stdout
+    return float(out.split("PEAK_RSS_MB")[-1].split()[0])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "generate_throughput.json"))
+    parser.add_argument("--peak_rss_of", help=argparse.SUPPRESS)  # internal: the per-mode memory child
+    parser.add_argument("--prompts_file", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peak_rss_of:
+        peak_rss_child(args.peak_rss_of, args.prompts_file, args.new_tokens)
+        return 0
 
     from paddlellm.runtime import setup_runtime
 
     setup_runtime(quiet=True)
     import numpy as np
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer, family = build(tmp)
+    tmpdir = tempfile.TemporaryDirectory()
+    tmp = tmpdir.name
+    model, tokenizer, family = build(tmp)
     lengths = prompt_lengths(args.prompts, MODEL["max_position_embeddings"] - args.new_tokens)
     rng = np.random.default_rng(1)
     low = max(tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id) + 1
@@ -98,6 +148,7 @@ def main() -> int:
 
     load_before = os.getloadavg()[0]  # other work on the machine skews timings: recorded with the figures
     results = []
+    dynamic_rows = {}
     for batch in BATCHES:
         modes = (("in order", False), ("bucketed", True)) if batch > 1 else (("in order", False),)
         replies = {}
@@ -111,6 +162,27 @@ def main() -> int:
         if len(replies) == 2:
             same = sum(a == b for a, b in zip(*replies.values()))
             print(f"           same replies in both orders: {same}/{len(prompts)}")
+        dynamic_rows[batch] = (results[-1], replies[modes[-1][0]])
+
+    # Static arm: the exported step program, same prompts, same bucketed batches, same process.
+    from paddlellm.static_runtime import load_static
+
+    static_dir = export_static(model, tokenizer, tmp)
+    static_model, _ = load_static(static_dir, family)
+    run_plan(static_model, tokenizer, family, prompts[:4], 4, True, 4)  # warm-up
+    static_rows = []
+    for batch in BATCHES:
+        row, replies = run_plan(static_model, tokenizer, family, prompts, batch, True, args.new_tokens)
+        dyn, dyn_replies = dynamic_rows[batch]
+        row.update(batch_size=batch, batching="bucketed" if batch > 1 else "any (batch 1)", mode="static",
+                   same_replies_as_dynamic=sum(a == b for a, b in zip(replies, dyn_replies)),
+                   speedup_vs_dynamic=round(row["tokens_per_second"] / dyn["tokens_per_second"], 2))
+        static_rows.append(row)
+        print(f"batch {batch:>2}  static         {row['tokens_per_second']:>7.1f} tokens/s  ({row['speedup_vs_dynamic']:.2f}x dynamic; "
+              f"same replies {row['same_replies_as_dynamic']}/{len(prompts)})", flush=True)
+    memory = {"dynamic": peak_rss(os.path.join(tmp, "model"), prompts, args.new_tokens, tmp),
+              "static": peak_rss(static_dir, prompts, args.new_tokens, tmp)}
+    print(f"peak RSS (fresh process, load + batch-8 run): dynamic {memory['dynamic']:.0f} MB, static {memory['static']:.0f} MB")
     out = {
         "benchmark": "generate_throughput",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -124,7 +196,10 @@ def main() -> int:
         "new_tokens": args.new_tokens,
         "decoding": "greedy, KV cache, left padding + attention mask",
         "results": results,
+        "static": {"what": "export_model.py step program via paddle.inference behind generate(), bucketed batches",
+                   "results": static_rows, "peak_rss_mb": memory},
     }
+    tmpdir.cleanup()
     from benchlib import save_report
 
     save_report(args.out, out)

@@ -10,7 +10,8 @@ Two measured pitfalls of paddle.inference on CPU (paddle 3.3.1) are handled here
 - oneDNN, on by default, gives wrong values for a residual add + RMSNorm when a sequence dim is fixed to 1:
   oneDNN is turned off (it is also slower here) and every batch/sequence dim is dynamic in the export;
 - predictor.run ignores the strides of sliced tensors (generate() feeds input_ids[:, -1:] views): every
-  input is made contiguous first.
+  input is made contiguous first;
+- the tensors predictor.run returns may live in memory it reuses on the next run: they are copied.
 """
 from __future__ import annotations
 
@@ -186,7 +187,9 @@ class StaticForward:
         if len(flat) != len(self.cache_shapes):
             raise ValueError(f"static forward: {len(flat)} cache tensors given, the program takes {len(self.cache_shapes)}")
         outputs = self.predictor.run(feeds + [t.contiguous() for t in flat])
-        return rebuild(self.output_template, outputs)
+        # clone(): the tensors run() returns can share memory the predictor reuses on its next run, and the
+        # cache returned now is fed back in then (seen with OPT: its next step read an overwritten cache).
+        return rebuild(self.output_template, [t.clone() for t in outputs])
 
 
 def build_shell(family, path: str, meta: Dict):

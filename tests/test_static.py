@@ -130,6 +130,12 @@ def test_step_logits_equal_dynamic(family, tiny_dir, exported):
             for g, w in zip(got[1:], want[1:]):  # the new cache, tensor by tensor
                 np.testing.assert_allclose(g.numpy(), w.numpy(), atol=1e-5, rtol=0)
     assert kinds == {False, True} and strided  # prefill and decode were compared; generate() passed strided views
+    # What a run returned survives the next run (predictor.run's outputs can live in memory it reuses).
+    with paddle.no_grad():
+        kept = forward(**calls[1]["kwargs"])
+        first = [t.numpy().copy() for t in flatten(kept)]
+        forward(**calls[0]["kwargs"])
+    assert all(np.array_equal(a, t.numpy()) for a, t in zip(first, flatten(kept)))
 
     # Token ids too (a tiny model's text can decode to ""): seeded sampling with every option, then greedy.
     from paddlellm.generation import generate_ids
@@ -230,3 +236,33 @@ def test_refusals(tiny_dir, exported, tmp_path, capsys):
     for family in REFUSED:
         msg = one_line_error(capsys, export, "--model_name_or_path", tiny_dir(family), "--output_path", str(tmp_path / "x"))
         assert f"the {family} family can't be exported" in msg
+
+
+# ------------------------------------------------------------------ serving a static folder
+def test_serve_static_folder_equals_dynamic(exported, tiny_dir, tmp_path):
+    from paddlellm.generation import decode, generate_ids
+    from paddlellm.loading import load_for_inference
+    from test_serve import Server, sse_events
+
+    model, tok, fam, _ = load_for_inference(tiny_dir("llama"))  # the dynamic model, for the expected replies
+
+    def want(users, bots, max_new):
+        return decode(tok, generate_ids(model, tok, fam, [fam.generation_prompt(tok, users, bots, 64)], max_new)[0])
+
+    srv = Server(["--model_name_or_path", exported("llama"), "--ui", "false", "--max_length", "24", "--src_length", "64"], tmp_path / "server.log")
+    try:
+        r = srv.post("/api/chat", {"context": "spell: 4 5", "history": ["hello", "hi"], "max_length": 16, "top_k": 1})
+        assert r.status_code == 200, r.text
+        expected = want(["hello", "spell: 4 5"], ["hi"], 16)
+        assert expected and r.json()["result"]["response"]["utterance"] == expected
+        msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "spell: 6 7 8"}]
+        with srv.post("/v1/chat/completions", {"messages": msgs, "max_tokens": 20, "temperature": 0, "stream": True}, stream=True) as r:
+            assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+            events = list(sse_events(r))
+        assert events[-1] == "[DONE]"
+        pieces = [json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1]]
+        expected = want(["hello", "spell: 6 7 8"], ["hi"], 20)
+        assert len([p for p in pieces if p]) > 1 and "".join(pieces) == expected
+        assert "(llama, 1 process)" in srv.log()
+    finally:
+        srv.stop()

@@ -58,6 +58,28 @@ def _traceable_decoder_mask(neg: float):
     return prepare
 
 
+def _traceable_decoder_forward(layer, tgt, memory, tgt_mask=None, memory_mask=None, use_cache=False, cache=None,
+                               output_attentions=False, output_hidden_states=False, return_dict=False):
+    """paddlenlp's TransformerDecoder.forward for generation (no attentions or hidden states returned), without
+    `self.checkpoints.append(output.name)`: recompute bookkeeping for training that fails on a traced value."""
+    from paddlenlp.transformers.model_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+    output, new_caches = tgt, []
+    for i, mod in enumerate(layer.layers):
+        outputs = mod(output, memory, tgt_mask=tgt_mask, use_cache=use_cache, cache=cache[i] if cache is not None else cache,
+                      output_attentions=False)
+        output = outputs[0] if use_cache else outputs
+        if use_cache:
+            new_caches.append(outputs[-1])
+    if layer.final_layer_norm:
+        output = layer.final_layer_norm(output)
+    if layer.project_out:
+        output = layer.project_out(output)
+    if return_dict:
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=output, past_key_values=new_caches if use_cache else None)
+    return (output, new_caches) if use_cache else output
+
+
 def opt_postprocess_past_key_value(past_key_values):
     """[batch, prefix_len, 2 * layers, heads, head_dim] -> one MultiHeadAttention.Cache(k, v) per layer.
 
@@ -85,10 +107,6 @@ class OPTFamily(Family):
         # trace fails in check_fn_need_transform), and they only matter for training's packed 4-D masks.
         return Family.load_model(self, path, dtype=dtype)
 
-    def static_export_refusal(self):
-        return ("paddle 3.3's PIR program builder fails on paddlenlp's OPT decoder even with the export patches below "
-                "(\"can only get name of Value from DataOp...\"); use the dynamic mode")
-
     @contextlib.contextmanager
     def static_export_patch(self):
         """Workaround (paddle 3.3 dy2static + paddlenlp 3.0.0b4): OPTForCausalLM.__getattr__ answers unknown names
@@ -96,6 +114,7 @@ class OPTFamily(Family):
         and fail ("'NoneType' object has no attribute 'need_transform'"). While tracing, dunder names raise."""
         import paddle
         from paddlenlp.transformers import OPTForCausalLM, OPTModel
+        from paddlenlp.transformers.opt import modeling
 
         own = OPTForCausalLM.__getattr__
 
@@ -105,13 +124,15 @@ class OPTFamily(Family):
             return own(layer, name)
 
         OPTForCausalLM.__getattr__ = getattr_
-        own_mask = OPTModel._prepare_decoder_attention_mask
+        own_mask, own_decoder = OPTModel._prepare_decoder_attention_mask, modeling.TransformerDecoder.forward
         OPTModel._prepare_decoder_attention_mask = _traceable_decoder_mask(float(paddle.finfo(paddle.get_default_dtype()).min))
+        modeling.TransformerDecoder.forward = _traceable_decoder_forward
         try:
             yield
         finally:
             OPTForCausalLM.__getattr__ = own
             OPTModel._prepare_decoder_attention_mask = own_mask
+            modeling.TransformerDecoder.forward = own_decoder
 
     def bos_ids(self, tokenizer):
         # OPT was pretrained with </s> opening every document (its tokenizer has add_bos_token=True); its
