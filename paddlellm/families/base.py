@@ -324,7 +324,7 @@ class Family:
         The host never runs a layer (the step program does), so it keeps the config's positions, special ids
         and generation settings, but no layers and a tiny width.
         """
-        return {"num_hidden_layers": 0}
+        return {"num_hidden_layers": 0, "hidden_size": 2 * (getattr(config, "num_attention_heads", None) or 1)}
 
     # ------------------------------------------------------------------ prefix tuning
     def prefix_hooks(self):

@@ -49,6 +49,9 @@ class BloomFamily(Family):
         finally:
             modeling.BloomModel._prepare_attn_mask = own
 
+    def static_shell_overrides(self, config):
+        return {"n_layer": 0, "hidden_size": 2 * config.n_head}  # BloomConfig's own names
+
     def bos_ids(self, tokenizer):
         # BloomTokenizer adds no bos (add_bos_token=False); PaddleNLP's llm fed the plain prompt.
         return []

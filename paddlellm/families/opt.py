@@ -107,6 +107,10 @@ class OPTFamily(Family):
         # trace fails in check_fn_need_transform), and they only matter for training's packed 4-D masks.
         return Family.load_model(self, path, dtype=dtype)
 
+    def static_shell_overrides(self, config):
+        overrides = super().static_shell_overrides(config)
+        return dict(overrides, word_embed_proj_dim=overrides["hidden_size"])  # OPT's embeddings have their own width
+
     @contextlib.contextmanager
     def static_export_patch(self):
         """Workaround (paddle 3.3 dy2static + paddlenlp 3.0.0b4): OPTForCausalLM.__getattr__ answers unknown names
