@@ -266,3 +266,19 @@ def test_serve_static_folder_equals_dynamic(exported, tiny_dir, tmp_path):
         assert "(llama, 1 process)" in srv.log()
     finally:
         srv.stop()
+
+
+def test_export_help_is_fast_and_lists_arguments():
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, run_cmd
+
+    start = time.time()
+    out = run_cmd([sys.executable, os.path.join(ROOT, "export_model.py"), "--help"]).stdout
+    assert time.time() - start < 10  # answered before paddle is imported
+    for name in ("--model_name_or_path", "--lora_path", "--output_path", "--model_prefix", "--src_length", "--tgt_length", "--max_length", "--inference_model"):
+        assert name in out
+    proc = subprocess.run([sys.executable, "-m", "paddlellm.cli", "export", "--output_path", "x"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == "error: model_name_or_path is required (a model folder or a PaddleNLP model name)"
