@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from .arguments import UserError, check_can_create, fail, parse_args, require_at_least
-from .static_runtime import FORMAT_VERSION, META_NAME, container_classes, flatten, rebuild, template_of
+from .static_runtime import FORMAT_VERSION, META_NAME, PREFIX_DIR, container_classes, flatten, rebuild, template_of
 
 DTYPES = ["float32", "float16", "bfloat16"]
 CACHE_KEYS = ("past_key_values", "cache")
@@ -33,7 +33,7 @@ CACHE_KEYS = ("past_key_values", "cache")
 class ExportArgument:
     model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Model folder (base, full fine-tune or merged) or PaddleNLP model name. Optional when lora_path records its base model."})
     lora_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapters, merged into the weights before export (with merge_lora_params.py's code)."})
-    prefix_path: Optional[str] = field(default=None, metadata={"help": "Prefix-tuning parameters. Not exportable yet: the export refuses it (see README)."})
+    prefix_path: Optional[str] = field(default=None, metadata={"help": "Prefix-tuning parameters: stored beside the program (prefix/), they become the initial cache at every prompt."})
     output_path: Optional[str] = field(default=None, metadata={"help": "Folder to write the static model into (required)."})
     model_prefix: str = field(default="model", metadata={"help": "File name of the program and weights: <model_prefix>.json and <model_prefix>.pdiparams."})
     dtype: Optional[str] = field(default=None, metadata={"help": "Weight dtype (default: float32). float16/bfloat16 need a GPU.", "choices": DTYPES})
@@ -75,25 +75,20 @@ def main(argv=None) -> int:
         from .loading import resolve_model
         from .static_runtime import is_static_folder
 
-        if args.prefix_path:
-            raise UserError("--prefix_path: prefix-tuned models can't be exported yet (the prefix would have to become "
-                            "the initial cache, which is not implemented); use the dynamic mode for them")
-        base, lora_path, prefix_path, family, meta = resolve_model(args.model_name_or_path, args.lora_path, None, args.family)
-        if prefix_path:
-            raise UserError(f"{prefix_path!r} is a prefix-tuning output: prefix-tuned models can't be exported yet; use the dynamic mode")
+        base, lora_path, prefix_path, family, meta = resolve_model(args.model_name_or_path, args.lora_path, args.prefix_path, args.family)
         if is_static_folder(base):
             raise UserError(f"{base!r} is already a static export; export from the dynamic model folder")
         reason = family.static_export_refusal()
         if reason:
             raise UserError(f"the {family.name} family can't be exported to a static graph: {reason}")
-        for src in (base, lora_path):
+        for src in (base, lora_path, prefix_path):
             if src and os.path.isdir(src) and os.path.abspath(src) == os.path.abspath(args.output_path):
                 raise UserError("output_path must differ from the input folders")
         check_can_create(args.output_path, "output_path")
         from .runtime import setup_runtime
 
         setup_runtime()
-        export(args, base, lora_path, family, meta)
+        export(args, base, lora_path, prefix_path, family, meta)
     except UserError as e:
         fail(str(e))
     print(f"export: wrote a static {family.name} model to {args.output_path}", file=sys.stderr)
@@ -254,7 +249,7 @@ def save_program(model, family, desc: Dict, dtype: str, prefix: str) -> None:
 
 
 # --------------------------------------------------------------------------- the command
-def export(args: ExportArgument, base: str, lora_path: Optional[str], family, meta: Dict) -> None:
+def export(args: ExportArgument, base: str, lora_path: Optional[str], prefix_path: Optional[str], family, meta: Dict) -> None:
     import paddle
 
     from .merge import Staging, merge_lora, save_tokenizer
@@ -270,22 +265,30 @@ def export(args: ExportArgument, base: str, lora_path: Optional[str], family, me
     try:
         model = family.static_export_model(source, dtype=dtype)
         model.eval()
-        tokenizer = family.load_tokenizer(source if os.path.isfile(os.path.join(source, "tokenizer_config.json")) else base)
+        tok_from = [f for f in (prefix_path, source) if f and os.path.isfile(os.path.join(f, "tokenizer_config.json"))]
+        tokenizer = family.load_tokenizer(tok_from[0] if tok_from else base)
         desc = describe(probe(model, tokenizer, family))
         with Staging(args.output_path) as stage:
             save_program(model, family, desc, dtype, os.path.join(stage, args.model_prefix))
             model.config.save_pretrained(stage)
             if os.path.isfile(os.path.join(source, "generation_config.json")):
                 shutil.copy(os.path.join(source, "generation_config.json"), stage)
-            save_tokenizer(family, [source, base], stage)
+            save_tokenizer(family, [prefix_path, source, base], stage)
+            if prefix_path:  # the prefix encoder's parameters, beside the program: they give the initial cache
+                os.makedirs(os.path.join(stage, PREFIX_DIR))
+                for name in os.listdir(prefix_path):
+                    if name == "prefix_config.json" or name.startswith(("prefix_model_state", "peft_model")):
+                        shutil.copy(os.path.join(prefix_path, name), os.path.join(stage, PREFIX_DIR))
             static_meta = {
                 "format_version": FORMAT_VERSION, "family": family.name, "model_prefix": args.model_prefix, "dtype": dtype,
                 "paddle_version": paddle.__version__, "paddle_commit": getattr(paddle.version, "commit", None),
                 "input_names": desc["input_names"], "input_dtypes": desc["input_dtypes"], "input_specs": desc["input_specs"],
                 "cache_key": desc["cache_key"], "cache_template": desc["cache_template"], "cache_shapes": desc["cache_shapes"],
                 "output_template": desc["output_template"], "constants": desc["constants"],
+                "prefix": PREFIX_DIR if prefix_path else None,
                 "source": {"model": os.path.abspath(base) if os.path.isdir(base) else base,
-                           "lora_path": os.path.abspath(lora_path) if lora_path else None},
+                           "lora_path": os.path.abspath(lora_path) if lora_path else None,
+                           "prefix_path": os.path.abspath(prefix_path) if prefix_path else None},
             }
             _write_json(os.path.join(stage, META_NAME), static_meta)
             own = {k: v for k, v in meta.items() if k in ("src_length", "tgt_length", "chat_format")}
@@ -295,6 +298,11 @@ def export(args: ExportArgument, base: str, lora_path: Optional[str], family, me
 
             _write_json(os.path.join(stage, META_FILE), own)
             if args.verify_tokens:
+                if prefix_path:
+                    from paddlenlp.peft import PrefixModelForCausalLM
+
+                    model = PrefixModelForCausalLM.from_pretrained(model, prefix_path, *family.prefix_hooks())
+                    model.eval()
                 verify(model, tokenizer, family, stage, args.verify_tokens)
     finally:
         if tmp:

@@ -24,6 +24,7 @@ from .arguments import UserError
 
 FORMAT_VERSION = 1
 META_NAME = "static_meta.json"
+PREFIX_DIR = "prefix"  # prefix-tuning parameters of an export, beside the program
 
 
 # --------------------------------------------------------------------------- nested containers <-> flat lists
@@ -211,8 +212,17 @@ def load_static(path: str, family, tokenizer_path: Optional[str] = None):
     """(shell model with the static forward, tokenizer) of an export folder."""
     meta = read_static_meta(path)
     predictor, config = create_predictor(path, meta)
-    model = build_shell(family, path, meta)
+    shell = build_shell(family, path, meta)
+    model = shell
+    if meta.get("prefix"):
+        # paddlenlp's own prefix wrapper: at the prompt it hands the prefix cache to the forward as the past
+        # (the step program takes a past of any length) and prefixes the mask. Wrapped before the forward is
+        # swapped: it reads the class forward's signature to name the cache argument.
+        from paddlenlp.peft import PrefixModelForCausalLM
+
+        model = PrefixModelForCausalLM.from_pretrained(shell, os.path.join(path, meta["prefix"]), *family.prefix_hooks())
+        model.eval()
     # object.__setattr__: paddle's Layer.__setattr__ would otherwise wrap or refuse a plain callable.
-    object.__setattr__(model, "forward", StaticForward(predictor, config, meta))
+    object.__setattr__(shell, "forward", StaticForward(predictor, config, meta))
     tokenizer = family.load_tokenizer(tokenizer_path or path)
     return model, tokenizer

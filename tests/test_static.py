@@ -12,7 +12,7 @@ import pytest
 
 from conftest import FAMILIES
 from paddlellm.families import get_family
-from test_predict import DATA, make_lora, predict, read_jsonl, write_jsonl
+from test_predict import DATA, make_lora, make_prefix, predict, read_jsonl, write_jsonl
 
 os.environ["PADDLELLM_NO_PROGRESS"] = "1"
 
@@ -211,20 +211,51 @@ def test_export_with_lora_equals_export_after_merge(tiny_dir, tmp_path):
     assert json.load(open(tmp_path / "st_lora" / "paddlellm_meta.json"))["tgt_length"] == 5  # saved settings carried over
 
 
+# ------------------------------------------------------------------ prefix tuning: the prefix becomes the initial cache
+@pytest.mark.parametrize("family", ["llama", "glm"])  # a key/value cache and GLM's hidden-state memories
+def test_export_with_prefix_equals_dynamic_prefix(family, tiny_dir, tmp_path):
+    from paddlellm.static_runtime import flatten, load_static
+
+    prefix = make_prefix(tiny_dir(family), str(tmp_path / "prefix"), family, src_length=40, tgt_length=5)
+    folder = str(tmp_path / "static")
+    assert export("--prefix_path", prefix, "--output_path", folder) == 0
+    assert sorted(os.listdir(os.path.join(folder, "prefix"))) == ["prefix_config.json", "prefix_model_state.pdparams"]
+    data = write_jsonl(tmp_path / "data.json", DATA)
+    for name, extra in (("greedy", []), ("sampling", SAMPLING)):
+        outs = []
+        for where in (["--prefix_path", prefix], ["--model_name_or_path", folder]):
+            outs.append(str(tmp_path / f"{name}-{len(outs)}.json"))
+            assert predict(*where, "--data_file", data, "--output_file", outs[-1], "--batch_size", "4", *extra) == 0
+        with open(outs[0], "rb") as a, open(outs[1], "rb") as b:
+            assert a.read() == b.read(), name
+    # The prefix reaches the step program as the past of the prompt step (4 prefix tokens).
+    from paddlellm.generation import generate_ids
+
+    model, tok = load_static(folder, get_family(family))
+    shell, pasts = model.model, []
+    forward = shell.forward
+    object.__setattr__(shell, "forward", lambda **kw: pasts.append(kw.get(forward.cache_key)) or forward(**kw))
+    generate_ids(model, tok, get_family(family), [[5, 6, 7]], 2)
+    first = flatten(pasts[0])
+    assert first and all(t.shape[forward.cache_shapes[0].index("seq")] == 4 for t in first)
+
+
 # ------------------------------------------------------------------ one-line refusals
 def test_refusals(tiny_dir, exported, tmp_path, capsys):
     base, folder = tiny_dir("llama"), exported("llama")
+    capsys.readouterr()
     data = write_jsonl(tmp_path / "data.json", DATA[:1])
     out = str(tmp_path / "o.json")
     assert "paddlenlp_ops" in one_line_error(capsys, export, "--model_name_or_path", base, "--output_path", str(tmp_path / "x"), "--inference_model", "true")
     assert "paddlenlp_ops" in one_line_error(capsys, predict, "--model_name_or_path", base, "--data_file", data, "--output_file", out, "--inference_model", "true")
     assert "float16" in one_line_error(capsys, export, "--model_name_or_path", base, "--output_path", str(tmp_path / "x"), "--dtype", "float16")
     lora = make_lora(base, str(tmp_path / "lora"), "llama")
+    capsys.readouterr()
     msg = one_line_error(capsys, predict, "--model_name_or_path", folder, "--lora_path", lora, "--data_file", data, "--output_file", out)
     assert "--lora_path can't be applied to the static export" in msg
     assert "is not a static export" in one_line_error(capsys, predict, "--model_name_or_path", base, "--mode", "static", "--data_file", data, "--output_file", out)
     assert "only with --mode static" in one_line_error(capsys, predict, "--model_name_or_path", folder, "--mode", "dynamic", "--data_file", data, "--output_file", out)
-    assert "prefix" in one_line_error(capsys, export, "--prefix_path", str(tmp_path), "--output_path", str(tmp_path / "x"))
+    assert "prefix_config.json" in one_line_error(capsys, export, "--prefix_path", str(tmp_path), "--output_path", str(tmp_path / "x"))
     # an export of another format version: re-export
     old = str(tmp_path / "old")
     shutil.copytree(folder, old)
