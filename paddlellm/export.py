@@ -262,14 +262,25 @@ def export(args: ExportArgument, base: str, lora_path: Optional[str], prefix_pat
     if lora_path:  # merged first, with merge_lora_params.py's code, into a scratch folder
         tmp = tempfile.mkdtemp(prefix="paddlellm-export-")
         source = merge_lora(base, lora_path, os.path.join(tmp, "merged"), dtype=dtype, device=args.device, family_name=family.name)
+    from .runtime import progress_bar
+
+    bar = progress_bar(4, "export", "step")  # load + probe, trace + save, write the folder, verify
     try:
-        model = family.static_export_model(source, dtype=dtype)
+        try:
+            model = family.static_export_model(source, dtype=dtype)
+            tok_from = [f for f in (prefix_path, source) if f and os.path.isfile(os.path.join(f, "tokenizer_config.json"))]
+            tokenizer = family.load_tokenizer(tok_from[0] if tok_from else base)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"can't load model {source!r}: {_cause(e)}") from None
         model.eval()
-        tok_from = [f for f in (prefix_path, source) if f and os.path.isfile(os.path.join(f, "tokenizer_config.json"))]
-        tokenizer = family.load_tokenizer(tok_from[0] if tok_from else base)
         desc = describe(probe(model, tokenizer, family))
+        bar.update()
         with Staging(args.output_path) as stage:
-            save_program(model, family, desc, dtype, os.path.join(stage, args.model_prefix))
+            try:
+                save_program(model, family, desc, dtype, os.path.join(stage, args.model_prefix))
+            except Exception as e:  # dy2static's errors are long tracebacks of library code: name the cause in one line
+                raise UserError(f"export: paddle could not turn the {family.name} forward into a static program: {_cause(e)}") from None
+            bar.update()
             model.config.save_pretrained(stage)
             if os.path.isfile(os.path.join(source, "generation_config.json")):
                 shutil.copy(os.path.join(source, "generation_config.json"), stage)
@@ -297,6 +308,7 @@ def export(args: ExportArgument, base: str, lora_path: Optional[str], prefix_pat
             from .families import META_FILE
 
             _write_json(os.path.join(stage, META_FILE), own)
+            bar.update()
             if args.verify_tokens:
                 if prefix_path:
                     from paddlenlp.peft import PrefixModelForCausalLM
@@ -304,7 +316,9 @@ def export(args: ExportArgument, base: str, lora_path: Optional[str], prefix_pat
                     model = PrefixModelForCausalLM.from_pretrained(model, prefix_path, *family.prefix_hooks())
                     model.eval()
                 verify(model, tokenizer, family, stage, args.verify_tokens)
+            bar.update()
     finally:
+        bar.close()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -321,6 +335,12 @@ def verify(model, tokenizer, family, folder: str, new_tokens: int) -> None:
     if got != want:
         raise UserError(f"export: the exported program generates {got} where the dynamic model generates {want}; "
                         f"nothing was written (please report this with the model's config.json)")
+
+
+def _cause(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else ""  # dy2static puts the cause last
+    return last if last.startswith(type(e).__name__) else f"{type(e).__name__}: {last}"
 
 
 def _write_json(path: str, obj) -> None:
