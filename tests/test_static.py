@@ -190,6 +190,25 @@ def test_static_resume_continues_a_journal(exported, tmp_path, monkeypatch):
     assert len(calls) == 2 and read_jsonl(out) == read_jsonl(full)
 
 
+# ------------------------------------------------------------------ data parallel
+def test_static_data_parallel_equals_one_process(exported, tmp_path):
+    import sys
+
+    from conftest import ROOT, run_cmd
+
+    folder = exported("llama")
+    data = write_jsonl(tmp_path / "data.json", [{"src": f"spell: {i} {i + 1}"} for i in range(7)])
+    single, out = str(tmp_path / "single.json"), str(tmp_path / "dist.json")
+    common = ["--model_name_or_path", folder, "--data_file", data, "--batch_size", "2", "--tgt_length", "4"]
+    assert predict(*common, "--output_file", single) == 0
+    logs = str(tmp_path / "logs")
+    run_cmd([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", logs,
+             os.path.join(ROOT, "predict_generation.py"), *common, "--output_file", out, "--device", "cpu"],
+            env={"PADDLELLM_NO_PROGRESS": "1"}, timeout=300)
+    assert read_jsonl(out) == read_jsonl(single)
+    assert "predict: wrote 7 lines" in open(os.path.join(logs, "workerlog.0")).read()
+
+
 # ------------------------------------------------------------------ LoRA: merged at export == merged first
 def test_export_with_lora_equals_export_after_merge(tiny_dir, tmp_path):
     from paddlellm.merge import main_lora
