@@ -15,10 +15,9 @@ Two measured pitfalls of paddle.inference on CPU (paddle 3.3.1) are handled here
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from .arguments import UserError
 
