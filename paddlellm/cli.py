@@ -6,6 +6,7 @@
     paddlellm merge-lora ... / merge-tp ...          == python merge_lora_params.py / merge_tp_params.py ...
     paddlellm serve ...                              == python flask_server.py ...
     paddlellm quant ARGS.json [--key value ...]      == python finetune_generation.py ARGS.json with do_ptq / do_gptq
+    paddlellm export ...                             == python export_model.py ...
     paddlellm tiny --family llama --output DIR       build a tiny random checkpoint
     paddlellm quickstart                             tiny LLaMA + LoRA on the bundled data
 """
@@ -22,6 +23,7 @@ COMMANDS = {
     "predict": ("paddlellm.predict", "main", "batch generation over a src/tgt JSONL file (predict_generation.py)"),
     "merge-lora": ("paddlellm.merge", "main_lora", "merge LoRA adapters into a standalone model (merge_lora_params.py)"),
     "merge-tp": ("paddlellm.merge", "main_tp", "merge tensor-parallel shards into one checkpoint (merge_tp_params.py)"),
+    "export": ("paddlellm.export", "main", "export a static-graph step program for --mode static (export_model.py)"),
     "serve": ("paddlellm.serve", "main", "HTTP API + Gradio chat UI (flask_server.py)"),
     "export-hf": ("paddlellm.hf", "main_export", "write a model (full, merged or LoRA output) as a Hugging Face transformers folder"),
     "quant": ("paddlellm.quant", "main", "PTQ (A8W8, WINT8, WINT4) or GPTQ into a real int8/int4 checkpoint (finetune_generation.py with do_ptq/do_gptq)"),

@@ -57,11 +57,16 @@ class PredictArgument:
     family: Optional[str] = field(default=None, metadata={"help": "Model family, for a model name or folder that does not record one: llama chatglm chatglm_v2 bloom gpt-3 opt glm. A folder that records another family is refused."})
     resume: bool = field(default=False, metadata={"help": "Continue an interrupted run from <output_file>.partial instead of starting over."})
     quant_runtime: str = field(default="float32", metadata={"help": "Quantized folders (paddlellm quant): float32 dequantizes the weights when loading; int8 keeps the integer weights resident and dequantizes each layer during the forward (less memory).", "choices": ["float32", "int8"]})
+    mode: Optional[str] = field(default=None, metadata={"help": "dynamic (the default), or static: run a folder written by export_model.py with paddle.inference (chosen by itself for such a folder).", "choices": ["dynamic", "static"]})
+    inference_model: bool = field(default=False, metadata={"help": "PaddleNLP's fused InferenceModel classes: refused (they need the GPU-only paddlenlp_ops); use --mode static."})
 
 
 def parse(argv=None) -> PredictArgument:
     (args,) = parse_args([PredictArgument], argv, prog="predict_generation.py",
                          description="Generate a reply for every line of a src/tgt JSONL file with a base, merged, LoRA or prefix-tuned model.")
+    if args.inference_model:
+        fail("--inference_model: PaddleNLP's fused InferenceModel classes need paddlenlp_ops (GPU-only custom ops); "
+             "export with export_model.py and use --mode static instead")
     if not args.data_file:
         fail("data_file is required: a JSONL file of {\"src\": ..., \"tgt\": ...} lines")
     if not args.output_file:
@@ -436,7 +441,8 @@ def _run(args: PredictArgument, items: List[Item], settings: Dict) -> int:
 
     try:
         model, tokenizer, family, _ = load_for_inference(settings["model"], settings["lora_path"], settings["prefix_path"],
-                                                         settings["dtype"], family=settings["family"], quant_runtime=args.quant_runtime)
+                                                         settings["dtype"], family=settings["family"], mode=args.mode,
+                                                         quant_runtime=args.quant_runtime)
     except UserError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as e:

@@ -373,6 +373,35 @@ class Family:
         """
         return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
 
+    # ------------------------------------------------------------------ static-graph export (export_model.py)
+    def static_export_refusal(self) -> Optional[str]:
+        """Why this family's step program can't be exported, or None when it can (hook)."""
+        return None
+
+    def static_export_model(self, path: str, dtype: str = "float32"):
+        """The model whose forward is exported (hook: families whose load_model patches instance methods that
+        dy2static can't convert return the plain paddlenlp model when the patches don't matter for generation)."""
+        return self.load_model(path, dtype=dtype)
+
+    def static_export_patch(self):
+        """A context manager active while the step program is traced (hook: library code that dy2static can't
+        convert as is gets an equivalent version). Default: nothing."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def static_shell_patch(self, shell):
+        """Apply to the generate() host of a static export the generation-time patches load_model applies (hook)."""
+        return shell
+
+    def static_shell_overrides(self, config) -> Dict[str, Any]:
+        """Config changes that make the generate() host of a static export almost weightless (hook).
+
+        The host never runs a layer (the step program does), so it keeps the config's positions, special ids
+        and generation settings, but no layers and a tiny width.
+        """
+        return {"num_hidden_layers": 0, "hidden_size": 2 * (getattr(config, "num_attention_heads", None) or 1)}
+
     # ------------------------------------------------------------------ prefix tuning
     def prefix_hooks(self):
         """(postprocess_past_key_value, pad_attention_mask) for paddlenlp's PrefixModelForCausalLM.

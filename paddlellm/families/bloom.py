@@ -1,4 +1,6 @@
 """BLOOM / BLOOMZ: causal decoder with ALiBi attention biases, byte-level BPE tokenizer, no bos token."""
+import contextlib
+
 from .base import Family
 
 
@@ -18,6 +20,37 @@ class BloomFamily(Family):
                 layer.weight.set_value(paddle.normal(0.0, std, layer.weight.shape).astype(layer.weight.dtype))
                 if layer.bias is not None:
                     layer.bias.set_value(paddle.zeros_like(layer.bias))
+
+    @contextlib.contextmanager
+    def static_export_patch(self):
+        """BloomModel._prepare_attn_mask for the 2-D padding masks of generation, in a form dy2static can trace:
+        paddlenlp's builds the causal mask only when more than one token comes (`combined = None; if len > 1:`,
+        a variable set in one branch, which fails the trace). Here it is always built: for one new token it
+        allows every key, so the result is the same mask."""
+        import paddle
+        from paddlenlp.transformers.bloom import modeling
+
+        own = modeling.BloomModel._prepare_attn_mask
+
+        def prepare(layer, attention_mask, input_shape, past_key_values_length, num_heads):
+            causal = modeling._make_causal_mask(input_shape, past_key_values_length=past_key_values_length)
+            mask = modeling._expand_2d_mask(attention_mask, tgt_length=input_shape[1]).astype("bool") & causal
+            shape = mask.shape
+            mask = mask.expand([shape[0], num_heads, shape[2], shape[3]])
+            zero = paddle.zeros(mask.shape, dtype=paddle.float32)
+            neg_inf = paddle.full(mask.shape, paddle.finfo(paddle.float32).min, dtype=paddle.float32)
+            mask = paddle.where(mask, zero, neg_inf)
+            batch_size, heads, queries, keys = mask.shape
+            return mask.reshape([batch_size * heads, queries, keys])
+
+        modeling.BloomModel._prepare_attn_mask = prepare
+        try:
+            yield
+        finally:
+            modeling.BloomModel._prepare_attn_mask = own
+
+    def static_shell_overrides(self, config):
+        return {"n_layer": 0, "hidden_size": 2 * config.n_head}  # BloomConfig's own names
 
     def bos_ids(self, tokenizer):
         # BloomTokenizer adds no bos (add_bos_token=False); PaddleNLP's llm fed the plain prompt.

@@ -5,10 +5,11 @@ Multi-turn prompts follow ChatGLM's own chat(): a single turn is the bare query;
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import ClassVar, Dict, List
 
-from .base import with_supervised_token_mean_loss
+from .base import Family, with_supervised_token_mean_loss
 from .glm import BlankInfillingFamily, pad_attention_mask_ones
 
 
@@ -39,6 +40,40 @@ class ChatGLMFamily(BlankInfillingFamily):
 
     def adapt_model(self, model):
         return with_supervised_token_mean_loss(model)
+
+    def static_export_model(self, path: str, dtype: str = "float32"):
+        # The plain paddlenlp model: the loss fix load_model adds is for training and is an instance forward.
+        return Family.load_model(self, path, dtype=dtype)
+
+    @contextlib.contextmanager
+    def static_export_patch(self):
+        """RotaryEmbeddings.forward in a form dy2static can trace: paddlenlp's grows a cos/sin table in Python
+        (`if self.max_seq_len_cached < 0 or seq_len > self.max_seq_len_cached`) and slices it. Here the table
+        is built for the positions asked every time: entry (i, j) is cos/sin of the same float32 product
+        t_i * inv_freq_j whatever the table's length, so the values are the same."""
+        import paddle
+        from paddlenlp.transformers.chatglm import modeling
+
+        own = modeling.RotaryEmbeddings.forward
+
+        def forward(layer, position_ids):
+            seq_len = position_ids.max() + 1
+            t = paddle.arange(start=0, end=seq_len, dtype="float32")
+            freqs = paddle.einsum("i,j->ij", t, layer.inv_freq)
+            emb = paddle.concat([freqs, freqs], axis=-1)
+            cos = emb.cos().unsqueeze(1).cast(layer.default_dtype)
+            sin = emb.sin().unsqueeze(1).cast(layer.default_dtype)
+            if layer.position_encoding_2d:
+                block = layer.get_rotary_embeds(cos, sin, position_ids[:, 1, :].transpose([1, 0]))
+                position = layer.get_rotary_embeds(cos, sin, position_ids[:, 0, :].transpose([1, 0]))
+                return paddle.stack([position, block], axis=0)
+            return layer.get_rotary_embeds(cos, sin, position_ids.transpose([1, 0]))
+
+        modeling.RotaryEmbeddings.forward = forward
+        try:
+            yield
+        finally:
+            modeling.RotaryEmbeddings.forward = own
 
     def tiny_token_ids(self, tokenizer) -> Dict:
         # The model itself locates [MASK]/[gMASK]/<sop> by these config ids (prepare_inputs_for_generation).

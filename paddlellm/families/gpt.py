@@ -33,6 +33,9 @@ class GPTFamily(Family):
     def adapt_model(self, model):
         return _keep_attention_mask_in_generation(model)
 
+    def static_shell_patch(self, shell):
+        return _keep_attention_mask_in_generation(shell)
+
     # model_inputs / generation_inputs: the base conventions are GPT's. GPTModel casts the mask to int64
     # and ANDs it with its causal mask (2-D padding mask, or 4-D with 1 = may attend), and takes
     # [batch, seq] position_ids (needed for left-padded prompts; generate() extends them by +1 per step).

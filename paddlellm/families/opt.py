@@ -1,4 +1,5 @@
 """OPT: causal decoder with learned positions derived from the attention mask; GPT-2 byte-level BPE tokenizer."""
+import contextlib
 import types
 
 from .base import Family, with_supervised_token_mean_loss
@@ -38,6 +39,47 @@ def accept_packed_masks(model):
     return model
 
 
+def _traceable_decoder_mask(neg: float):
+    """OPTModel._prepare_decoder_attention_mask for a 2-D padding mask, in a form dy2static can trace: paddlenlp's
+    builds the causal part only when more than one token comes (`combined = None; if len > 1: ...`, a variable
+    defined in one branch) and calls float() on a constant, which dy2static turns into a cast of nothing.
+    Here the causal part is always built (for one new token it allows every key, i.e. adds only zeros), so the
+    values are those of paddlenlp's code: 0 where a query may attend, finfo.min (or twice that) where not."""
+    import paddle
+
+    def prepare(self, attention_mask, input_shape, past_key_values_length):
+        dtype = paddle.get_default_dtype()
+        keys = paddle.shape(attention_mask)[-1]
+        queries = paddle.arange(input_shape[-1], dtype="int64").unsqueeze(-1) + (keys - input_shape[-1])
+        causal = (1.0 - (paddle.arange(keys, dtype="int64").unsqueeze(0) <= queries).astype(dtype)) * neg
+        padding = (1.0 - attention_mask.astype(dtype))[:, None, None, :] * neg
+        return causal + padding
+
+    return prepare
+
+
+def _traceable_decoder_forward(layer, tgt, memory, tgt_mask=None, memory_mask=None, use_cache=False, cache=None,
+                               output_attentions=False, output_hidden_states=False, return_dict=False):
+    """paddlenlp's TransformerDecoder.forward for generation (no attentions or hidden states returned), without
+    `self.checkpoints.append(output.name)`: recompute bookkeeping for training that fails on a traced value."""
+    from paddlenlp.transformers.model_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+    output, new_caches = tgt, []
+    for i, mod in enumerate(layer.layers):
+        outputs = mod(output, memory, tgt_mask=tgt_mask, use_cache=use_cache, cache=cache[i] if cache is not None else cache,
+                      output_attentions=False)
+        output = outputs[0] if use_cache else outputs
+        if use_cache:
+            new_caches.append(outputs[-1])
+    if layer.final_layer_norm:
+        output = layer.final_layer_norm(output)
+    if layer.project_out:
+        output = layer.project_out(output)
+    if return_dict:
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=output, past_key_values=new_caches if use_cache else None)
+    return (output, new_caches) if use_cache else output
+
+
 def opt_postprocess_past_key_value(past_key_values):
     """[batch, prefix_len, 2 * layers, heads, head_dim] -> one MultiHeadAttention.Cache(k, v) per layer.
 
@@ -59,6 +101,42 @@ class OPTFamily(Family):
 
     def adapt_model(self, model):
         return accept_packed_masks(with_supervised_token_mean_loss(model))
+
+    def static_export_model(self, path: str, dtype: str = "float32"):
+        # The plain paddlenlp model: dy2static can't convert the instance methods load_model patches in (the
+        # trace fails in check_fn_need_transform), and they only matter for training's packed 4-D masks.
+        return Family.load_model(self, path, dtype=dtype)
+
+    def static_shell_overrides(self, config):
+        overrides = super().static_shell_overrides(config)
+        return dict(overrides, word_embed_proj_dim=overrides["hidden_size"])  # OPT's embeddings have their own width
+
+    @contextlib.contextmanager
+    def static_export_patch(self):
+        """Workaround (paddle 3.3 dy2static + paddlenlp 3.0.0b4): OPTForCausalLM.__getattr__ answers unknown names
+        from its config with None, so dy2static's probes of the layer (its transform options, __code__) find None
+        and fail ("'NoneType' object has no attribute 'need_transform'"). While tracing, dunder names raise."""
+        import paddle
+        from paddlenlp.transformers import OPTForCausalLM, OPTModel
+        from paddlenlp.transformers.opt import modeling
+
+        own = OPTForCausalLM.__getattr__
+
+        def getattr_(layer, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return own(layer, name)
+
+        OPTForCausalLM.__getattr__ = getattr_
+        own_mask, own_decoder = OPTModel._prepare_decoder_attention_mask, modeling.TransformerDecoder.forward
+        OPTModel._prepare_decoder_attention_mask = _traceable_decoder_mask(float(paddle.finfo(paddle.get_default_dtype()).min))
+        modeling.TransformerDecoder.forward = _traceable_decoder_forward
+        try:
+            yield
+        finally:
+            OPTForCausalLM.__getattr__ = own
+            OPTModel._prepare_decoder_attention_mask = own_mask
+            modeling.TransformerDecoder.forward = own_decoder
 
     def bos_ids(self, tokenizer):
         # OPT was pretrained with </s> opening every document (its tokenizer has add_bos_token=True); its

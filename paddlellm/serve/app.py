@@ -73,6 +73,7 @@ class ServeArgument:
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "Largest request body accepted (larger -> 413)."})
     max_logprobs: int = field(default=20, metadata={"help": "Most alternatives a request may ask for per token (logprobs / top_logprobs; more -> 400)."})
     quant_runtime: str = field(default="float32", metadata={"help": "Quantized folders (paddlellm quant): float32 dequantizes the weights when loading; int8 keeps the integer weights resident and dequantizes each layer during the forward (less memory).", "choices": ["float32", "int8"]})
+    mode: Optional[str] = field(default=None, metadata={"help": "dynamic (the default), or static: serve a folder written by export_model.py with paddle.inference (chosen by itself for such a folder).", "choices": ["dynamic", "static"]})
     debug_step_delay: float = field(default=0.0, metadata={"help": "TESTING ONLY: sleep this many seconds per generated token (makes queueing deterministic in tests)."})
 
 
@@ -480,7 +481,7 @@ def load_engine(args: ServeArgument, world: int) -> Engine:
 
     try:
         model, tokenizer, family, _ = load_for_inference(args.model_name_or_path, args.lora_path, args.prefix_path, args.dtype,
-                                                         quant_runtime=args.quant_runtime)
+                                                         mode=args.mode, quant_runtime=args.quant_runtime)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot load the model: {type(e).__name__}: {e}") from None
     return Engine(model, tokenizer, family, args.src_length, channel, args.debug_step_delay)

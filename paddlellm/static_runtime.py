@@ -1,0 +1,227 @@
+"""Run a static-graph export (export_model.py) behind paddlenlp's generate().
+
+The export folder holds ONE "step" program: the model forward taking input ids, mask, positions and a past
+cache of any length (prefill = a step with a zero-length past). Generation stays in paddlenlp's generate()
+on a 0-layer "shell" of the family's model class (a few MB: config, generation config, the class's
+prepare/update hooks), whose forward is answered by a paddle.inference predictor. Everything above the
+forward (bucketing, left padding, sampling, stop tokens, streaming) is therefore exactly dynamic mode's.
+
+Two measured pitfalls of paddle.inference on CPU (paddle 3.3.1) are handled here:
+- oneDNN, on by default, gives wrong values for a residual add + RMSNorm when a sequence dim is fixed to 1:
+  oneDNN is turned off (it is also slower here) and every batch/sequence dim is dynamic in the export;
+- predictor.run ignores the strides of sliced tensors (generate() feeds input_ids[:, -1:] views): every
+  input is made contiguous first;
+- the tensors predictor.run returns may live in memory it reuses on the next run: they are copied.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional
+
+from .arguments import UserError
+
+FORMAT_VERSION = 1
+META_NAME = "static_meta.json"
+PREFIX_DIR = "prefix"  # prefix-tuning parameters of an export, beside the program
+
+
+# --------------------------------------------------------------------------- nested containers <-> flat lists
+def flatten(obj, out: Optional[List] = None) -> List:
+    """The tensors of a nested tuple/list/namedtuple, depth first, in order."""
+    out = [] if out is None else out
+    if isinstance(obj, (tuple, list)):
+        for x in obj:
+            flatten(x, out)
+    else:
+        out.append(obj)
+    return out
+
+
+def template_of(obj, counter: Optional[List[int]] = None):
+    """A JSON description of a nested container: leaves become their index in flatten(obj)."""
+    counter = [0] if counter is None else counter
+    if isinstance(obj, (tuple, list)):
+        kind = type(obj)
+        name = kind.__name__ if kind in (tuple, list) else f"{kind.__module__}:{kind.__qualname__}"
+        return {"type": name, "items": [template_of(x, counter) for x in obj]}
+    counter[0] += 1
+    return counter[0] - 1
+
+
+def rebuild(template, flat: List, classes: Optional[Dict[str, type]] = None):
+    """Inverse of template_of: the nested container of `template` holding the tensors of `flat`.
+
+    Other container types (OPT's MultiHeadAttention.Cache namedtuple) are rebuilt from `classes` when given
+    (while tracing, where the model checks them), else as plain tuples (generate() only hands them back)."""
+    if isinstance(template, int):
+        return flat[template]
+    items = [rebuild(t, flat, classes) for t in template["items"]]
+    name = template["type"]
+    if name == "list":
+        return items
+    if classes and name in classes:
+        return classes[name](*items)
+    return tuple(items)
+
+
+def container_classes(obj, out: Optional[Dict[str, type]] = None) -> Dict[str, type]:
+    """template_of's type names -> the container classes found in `obj`."""
+    out = {} if out is None else out
+    if isinstance(obj, (tuple, list)):
+        kind = type(obj)
+        if kind not in (tuple, list):
+            out[f"{kind.__module__}:{kind.__qualname__}"] = kind
+        for x in obj:
+            container_classes(x, out)
+    return out
+
+
+# --------------------------------------------------------------------------- folder checks
+def is_static_folder(path: Optional[str]) -> bool:
+    """Whether `path` is a folder written by export_model.py (cheap: reads paddlellm_meta.json only)."""
+    from .loading import read_meta
+
+    return bool(path) and os.path.isdir(path) and read_meta(path).get("kind") == "static"
+
+
+def read_static_meta(path: str) -> Dict:
+    """static_meta.json of an export, or a UserError saying to re-export when it is missing or of another version."""
+    meta_path = os.path.join(path, META_NAME)
+    if not os.path.isfile(meta_path):
+        raise UserError(f"{path!r}: no {META_NAME} (not a complete static export); re-export it with export_model.py")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{meta_path}: static export format {meta.get('format_version')!r}, this paddlellm reads format "
+                        f"{FORMAT_VERSION}; re-export it with this version's export_model.py")
+    import paddle
+
+    saved_major = str(meta.get("paddle_version", "")).split(".")[0]
+    if saved_major != paddle.__version__.split(".")[0]:
+        raise UserError(f"{meta_path}: exported with paddle {meta.get('paddle_version')}, running paddle {paddle.__version__}; "
+                        f"re-export it with export_model.py")
+    return meta
+
+
+def check_static_request(path: str, mode: Optional[str], lora_path: Optional[str], prefix_path: Optional[str]) -> bool:
+    """Whether to load `path` in static mode; UserError for the combinations that cannot work."""
+    static = is_static_folder(path)
+    if mode == "static" and not static:
+        raise UserError(f"--mode static: {path!r} is not a static export; export it first: "
+                        f"python export_model.py --model_name_or_path {path} --output_path OUT")
+    if not static:
+        return False
+    if mode == "dynamic":
+        raise UserError(f"{path!r} is a static-graph export: it runs only with --mode static (or no --mode)")
+    if lora_path or prefix_path:
+        flag = "lora_path" if lora_path else "prefix_path"
+        raise UserError(f"--{flag} can't be applied to the static export {path!r}; export with --{flag} instead "
+                        f"(python export_model.py --model_name_or_path BASE --{flag} ... --output_path OUT)")
+    return True
+
+
+# --------------------------------------------------------------------------- the forward answered by the predictor
+def cpu_threads() -> int:
+    """The math-thread count our CPU runtime chose (a paddle.inference Config defaults to 1)."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS") or 1))
+    except ValueError:
+        return 1
+
+
+def create_predictor(path: str, meta: Dict):
+    """A paddle.inference predictor of the step program, oneDNN off (see the module docstring), our thread count."""
+    import paddle
+    import paddle.inference as paddle_infer
+
+    config = paddle_infer.Config(os.path.join(path, meta["model_prefix"] + ".json"), os.path.join(path, meta["model_prefix"] + ".pdiparams"))
+    device = paddle.get_device()
+    if device.startswith("gpu"):  # not exercised on the CPU machines this project is tested on
+        config.enable_use_gpu(256, int(device.split(":")[1]) if ":" in device else 0)
+    else:
+        config.disable_gpu()
+        config.disable_mkldnn()
+        config.set_cpu_math_library_num_threads(cpu_threads())
+    config.switch_ir_optim(True)
+    config.disable_glog_info()
+    predictor = paddle_infer.create_predictor(config)
+    names = list(predictor.get_input_names())
+    want = list(meta["input_names"]) + [f"cache_{i}" for i in range(len(meta["cache_shapes"]))]
+    if names != want:
+        raise UserError(f"{path!r}: the program's inputs {names} differ from {META_NAME}; re-export it with export_model.py")
+    return predictor, config
+
+
+class StaticForward:
+    """A model forward answered by the step program: same keyword arguments, same (logits, cache) output."""
+
+    def __init__(self, predictor, config, meta: Dict):
+        self.predictor = predictor
+        self.config = config  # the paddle.inference Config (oneDNN off on CPU)
+        self.names = meta["input_names"]
+        self.dtypes = meta["input_dtypes"]
+        self.cache_key = meta["cache_key"]
+        self.cache_shapes = meta["cache_shapes"]  # per cache tensor: shape with "batch" / "seq" for the dynamic axes
+        self.cache_dtype = meta["dtype"]
+        self.output_template = meta["output_template"]
+
+    def empty_cache(self, batch: int) -> List:
+        import paddle
+
+        return [paddle.zeros([batch if d == "batch" else 0 if d == "seq" else d for d in shape], dtype=self.cache_dtype)
+                for shape in self.cache_shapes]
+
+    def __call__(self, *args, **kwargs):
+        if args:
+            kwargs = dict(zip(["input_ids"], args), **kwargs)
+        feeds = []
+        for name, dtype in zip(self.names, self.dtypes):
+            value = kwargs.get(name)
+            if value is None:
+                raise ValueError(f"static forward: input {name!r} missing")
+            # contiguous(): predictor.run reads the raw buffer of a strided view (only row 0 would be right).
+            feeds.append(value.astype(dtype).contiguous())
+        cache = kwargs.get(self.cache_key)
+        flat = flatten(cache) if cache is not None else self.empty_cache(feeds[0].shape[0])
+        if len(flat) != len(self.cache_shapes):
+            raise ValueError(f"static forward: {len(flat)} cache tensors given, the program takes {len(self.cache_shapes)}")
+        outputs = self.predictor.run(feeds + [t.contiguous() for t in flat])
+        # clone(): the tensors run() returns can share memory the predictor reuses on its next run, and the
+        # cache returned now is fed back in then (seen with OPT: its next step read an overwritten cache).
+        return rebuild(self.output_template, [t.clone() for t in outputs])
+
+
+def build_shell(family, path: str, meta: Dict):
+    """A 0-layer model of the family's class: hosts generate() (config, generation config, hooks), no weights to speak of."""
+    from paddlenlp.generation import GenerationConfig
+
+    config_class = family.paddlenlp_class("config_class")
+    config = config_class.from_pretrained(path)
+    for key, value in family.static_shell_overrides(config).items():
+        setattr(config, key, value)
+    model = family.static_shell_patch(family.paddlenlp_class("model_class")._from_config(config, dtype=meta["dtype"]))
+    if os.path.isfile(os.path.join(path, "generation_config.json")):
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.eval()
+    return model
+
+
+def load_static(path: str, family, tokenizer_path: Optional[str] = None):
+    """(shell model with the static forward, tokenizer) of an export folder."""
+    meta = read_static_meta(path)
+    predictor, config = create_predictor(path, meta)
+    shell = build_shell(family, path, meta)
+    model = shell
+    if meta.get("prefix"):
+        # paddlenlp's own prefix wrapper: at the prompt it hands the prefix cache to the forward as the past
+        # (the step program takes a past of any length) and prefixes the mask. Wrapped before the forward is
+        # swapped: it reads the class forward's signature to name the cache argument.
+        from paddlenlp.peft import PrefixModelForCausalLM
+
+        model = PrefixModelForCausalLM.from_pretrained(shell, os.path.join(path, meta["prefix"]), *family.prefix_hooks())
+        model.eval()
+    # object.__setattr__: paddle's Layer.__setattr__ would otherwise wrap or refuse a plain callable.
+    object.__setattr__(shell, "forward", StaticForward(predictor, config, meta))
+    tokenizer = family.load_tokenizer(tokenizer_path or path)
+    return model, tokenizer
