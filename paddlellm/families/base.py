@@ -141,7 +141,8 @@ class Family:
             eos_token_id=tokenizer.eos_token_id,
         )
 
-    def load_model(self, path: str, dtype: str = "float32", **config_overrides):
+    def load_model(self, path: str, dtype: str = "float32", adapt: bool = True, **config_overrides):
+        """The model of folder `path`; adapt=False skips the family's adapt_model workarounds (static export)."""
         from ..quant.storage import refuse_if_quantized  # float weights only: training, merging (a UserError line)
 
         refuse_if_quantized(path)
@@ -149,9 +150,10 @@ class Family:
 
         overrides = {**self.model_config_overrides(), **config_overrides}
         if hf.is_hf_folder(path):  # a transformers folder: converted in memory by paddlellm/hf.py
-            return self.adapt_model(hf.load_model(self, path, dtype=dtype, **overrides))
-        model = self.paddlenlp_class("model_class").from_pretrained(path, dtype=dtype, **overrides)
-        return self.adapt_model(model)
+            model = hf.load_model(self, path, dtype=dtype, **overrides)
+        else:
+            model = self.paddlenlp_class("model_class").from_pretrained(path, dtype=dtype, **overrides)
+        return self.adapt_model(model) if adapt else model
 
     def new_model(self, path: str, dtype: str = "float32", **config_overrides):
         """A randomly initialised model with the config of model folder `path` (pretraining from scratch).

@@ -9,7 +9,7 @@ import contextlib
 import os
 from typing import ClassVar, Dict, List
 
-from .base import Family, with_supervised_token_mean_loss
+from .base import with_supervised_token_mean_loss
 from .glm import BlankInfillingFamily, pad_attention_mask_ones
 
 
@@ -43,7 +43,7 @@ class ChatGLMFamily(BlankInfillingFamily):
 
     def static_export_model(self, path: str, dtype: str = "float32"):
         # The plain paddlenlp model: the loss fix load_model adds is for training and is an instance forward.
-        return Family.load_model(self, path, dtype=dtype)
+        return self.load_model(path, dtype=dtype, adapt=False)
 
     @contextlib.contextmanager
     def static_export_patch(self):

@@ -105,7 +105,7 @@ class OPTFamily(Family):
     def static_export_model(self, path: str, dtype: str = "float32"):
         # The plain paddlenlp model: dy2static can't convert the instance methods load_model patches in (the
         # trace fails in check_fn_need_transform), and they only matter for training's packed 4-D masks.
-        return Family.load_model(self, path, dtype=dtype)
+        return self.load_model(path, dtype=dtype, adapt=False)
 
     def static_shell_overrides(self, config):
         overrides = super().static_shell_overrides(config)
