@@ -97,6 +97,9 @@ class Family:
     lora_target_modules: Optional[List[str]] = None  # regexes; None = every nn.Linear of the model
     prefix_lm: bool = False  # prompt attends bidirectionally (ChatGLM v1, GLM)
     notes: str = ""  # quirks, shown in llm/<family>/README.md
+    # paddlellm.decode_loop reproduces paddlenlp's generate() token for token for this family (tested per
+    # family in tests/test_decode_loop.py); False keeps generate() for predict and serve.
+    own_decode_loop: bool = True
 
     # ------------------------------------------------------------------ loading
     def paddlenlp_class(self, attr: str):
