@@ -38,6 +38,8 @@ def uses_own_loop(model, family, sampling: bool) -> bool:
 
     if not family.own_decode_loop:
         return False
+    if sampling and getattr(getattr(model, "config", None), "tensor_parallel_degree", 1) > 1:
+        return False  # sample() broadcasts each step's tokens from one rank; the loop does not
     cls = type(model)
     strategy = "sample" if sampling else "greedy_search"
     return all(getattr(cls, name, getattr(GenerationMixin, name)) is getattr(GenerationMixin, name)
