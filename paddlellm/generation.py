@@ -5,17 +5,19 @@ from typing import Dict, List, Optional
 
 
 def generate_ids(model, tokenizer, family, prompts: List[List[int]], max_new_tokens: int, top_k: int = 1,
-                 top_p: float = 1.0, temperature: float = 1.0, repetition_penalty: float = 1.0) -> List[List[int]]:
+                 top_p: float = 1.0, temperature: float = 1.0, repetition_penalty: float = 1.0,
+                 own_loop: Optional[bool] = None) -> List[List[int]]:
     """Generate a reply for every prompt (token ids, left-padded together); returns the reply ids, cut at the stop token.
 
     top_k=1 is greedy decoding (deterministic); otherwise sampling with top_k/top_p/temperature.
+    own_loop: see generate_batch (None: the decode loop wherever it is exact, else paddlenlp's generate()).
     """
     import paddle
 
     inputs = {k: paddle.to_tensor(v) for k, v in _generation_inputs(family, tokenizer, prompts, max_new_tokens).items()}
     stop = family.stop_token_id(tokenizer)
     ids = generate_batch(model, family, inputs, max_new_tokens, stop, tokenizer.pad_token_id, top_k=top_k, top_p=top_p,
-                         temperature=temperature, repetition_penalty=repetition_penalty)
+                         temperature=temperature, repetition_penalty=repetition_penalty, own_loop=own_loop)
     replies = []
     for row in ids.numpy().tolist():
         reply = []
