@@ -73,14 +73,27 @@ def _first(value, fallback):
     return value if value is not None else fallback
 
 
+def _with_custom(builtin, custom):
+    """The processor list generate() runs: its built-in processors, except those whose type the caller also
+    gives (the caller's instance replaces it), then the caller's, in the caller's order."""
+    from paddlenlp.generation import LogitsProcessorList
+
+    if custom is None:
+        return builtin
+    custom = list(custom._processors.values()) if hasattr(custom, "_processors") else list(custom)
+    given = {type(p) for p in custom}
+    return LogitsProcessorList([p for p in builtin._processors.values() if type(p) not in given] + custom)
+
+
 def decode_ids(model, inputs, max_new_tokens: int, eos_token_id: int, pad_token_id: Optional[int], top_k: int = 1,
                top_p: float = 1.0, temperature: float = 1.0, repetition_penalty: float = 1.0,
                logits_processors=None, streamer=None):
     """Generate up to max_new_tokens for a left-padded batch; returns the [batch, steps] tensor of new ids.
 
     The same result as ``model.generate(**inputs, max_new_tokens=..., decode_strategy=greedy_search|sampling,
-    ...)[0]`` with these settings (top_k=1 is greedy). logits_processors run after paddlenlp's own ones and
-    get (input_ids so far, logits); streamer gets put([batch, 1] tokens) every step and end() at the end.
+    ...)[0]`` with these settings (top_k=1 is greedy). logits_processors (a paddlenlp LogitsProcessorList or a
+    list, each called (input_ids so far, logits) -> logits) combine with paddlenlp's own ones as in
+    generate(); streamer gets put([batch, 1] tokens) every step and end() at the end.
     """
     import paddle
     import paddle.nn.functional as F
@@ -100,7 +113,7 @@ def decode_ids(model, inputs, max_new_tokens: int, eos_token_id: int, pad_token_
     # generate() falls back to the model's generation settings for these; mirror it so a checkpoint's
     # min_length / forced tokens / n-gram rule act the same here.
     min_new = gc.min_new_tokens or (gc.min_length if gc.min_length else 0)
-    processors = model.get_logits_processor(
+    builtin = model.get_logits_processor(
         min_length=origin_len + min_new if min_new > 0 else None,
         max_length=origin_len + max_new_tokens,
         eos_token_id=eos_token_id,
@@ -109,6 +122,7 @@ def decode_ids(model, inputs, max_new_tokens: int, eos_token_id: int, pad_token_
         num_beams=1, num_beam_groups=1, diversity_rate=0.0, repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=_first(gc.no_repeat_ngram_size, getattr(config, "no_repeat_ngram_size", None)),
     )
+    processors = _with_custom(builtin, logits_processors)
     sampling = top_k != 1
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     unfinished = paddle.full([batch, 1], True, dtype="bool")
@@ -121,8 +135,6 @@ def decode_ids(model, inputs, max_new_tokens: int, eos_token_id: int, pad_token_
         outputs = model(**model_inputs)
         logits = model.adjust_logits_during_generation(logits_of(outputs)[:, -1, :])
         logits = processors(input_ids, logits)
-        if logits_processors is not None:
-            logits = logits_processors(input_ids, logits)
         if sampling:
             if temperature is not None and temperature != 1.0:
                 logits = logits / temperature

@@ -84,6 +84,31 @@ def generate_batch(model, family, inputs, max_new_tokens: int, eos_token_id: int
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+# generate() keyword -> generate_batch keyword, for the settings generate_with translates
+_GENERATE_KWARGS = {"max_new_tokens": "max_new_tokens", "eos_token_id": "eos_token_id", "pad_token_id": "pad_token_id",
+                    "repetition_penalty": "repetition_penalty", "top_k": "top_k", "top_p": "top_p", "temperature": "temperature",
+                    "logits_processors": "logits_processors", "streamer": "streamer"}
+
+
+def generate_with(model, family, inputs, kwargs: Dict):
+    """``model.generate(**inputs, **kwargs)[0]`` for callers that hold generate()'s keyword arguments (serving):
+    run through generate_batch's decode loop when every setting is one it reproduces, else generate() itself."""
+    kw = {k: v for k, v in kwargs.items() if k not in ("max_length", "use_cache", "decode_strategy")}
+    strategy = kwargs.get("decode_strategy", "greedy_search")
+    plain = (strategy in ("greedy_search", "sampling") and set(kw) <= set(_GENERATE_KWARGS) and kwargs.get("use_cache", True)
+             and kwargs.get("max_length", kwargs.get("max_new_tokens")) == kwargs.get("max_new_tokens"))
+    if plain:
+        kw = {_GENERATE_KWARGS[k]: v for k, v in kw.items()}
+        if strategy == "greedy_search":
+            kw["top_k"] = 1
+        elif kw.get("top_k", 0) == 1:  # sampling from the top 1 is greedy for generate_batch; keep generate()
+            plain = False
+    if plain and uses_own_loop(model, family, strategy == "sampling"):
+        return generate_batch(model, family, inputs, own_loop=True, **kw)
+    out = model.generate(**inputs, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def _generation_inputs(family, tokenizer, prompts: List[List[int]], max_new_tokens: int):
     """family.generation_inputs, telling families that lay out positions in advance (GLM) how many tokens will come."""
     import inspect

@@ -70,10 +70,13 @@ def test_loop_matches_generate(loaded, name):
 
 
 def test_streamer_and_processors(loaded):
-    """What serving relies on: put() gets each step's [batch, 1] tokens, end() once, and a logits processor
-    sees input_ids growing by one column per step and can force tokens (as the engine's row control does)."""
+    """What serving relies on (generation.generate_with, given generate()'s keyword arguments): put() gets each
+    step's [batch, 1] tokens and end() once; caller processors see input_ids growing by one column per step,
+    can force tokens, and replace paddlenlp's own processor of the same type (as in generate())."""
     import paddle
+    from paddlenlp.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
+    from paddlellm.generation import _generation_inputs, generate_with
     from paddlellm.serve.engine import _processor_list  # the LogitsProcessorList generate() accepts
 
     model, tok, fam = loaded("llama")
@@ -97,12 +100,25 @@ def test_streamer_and_processors(loaded):
         mask[1, 7] = False
         return paddle.where(paddle.to_tensor(mask), paddle.full_like(logits, -1e9), logits)
 
+    prompts = [fam.generation_prompt(tok, [t], [], 32) for t in TEXTS]
+    inputs = {k: paddle.to_tensor(v) for k, v in _generation_inputs(fam, tok, prompts, NEW).items()}
     outs = []
     for own in (False, True):
         streamer = Streamer()
         seen.clear()
-        outs.append(run(model, tok, fam, own_loop=own, logits_processors=_processor_list([force_seven_in_row_one]),
-                        streamer=streamer))
+        kwargs = dict(max_new_tokens=NEW, max_length=NEW, eos_token_id=fam.stop_token_id(tok), pad_token_id=tok.pad_token_id,
+                      use_cache=True, repetition_penalty=1.5, decode_strategy="greedy_search", streamer=streamer,
+                      logits_processors=_processor_list([force_seven_in_row_one, RepetitionPenaltyLogitsProcessor(1.5)]))
+        with paddle.no_grad():
+            if own:
+                model.generate = None  # generate_with must not fall back to generate() here
+                try:
+                    out = generate_with(model, fam, inputs, kwargs)
+                finally:
+                    del model.generate
+            else:
+                out = model.generate(**inputs, **kwargs)[0]
+        outs.append(out.numpy())
         assert streamer.ended == 1
         np.testing.assert_array_equal(np.concatenate(streamer.steps, axis=1), outs[-1])
         assert np.diff(seen).tolist() == [1] * (NEW - 1)

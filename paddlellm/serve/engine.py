@@ -15,7 +15,6 @@ import traceback
 from collections import deque
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .. import generation
 from .requests import ApiError, ChatRequest, Sampling
 
 log = logging.getLogger("paddlellm.serve")
@@ -444,23 +443,30 @@ class Engine:
         each step's tokens to the sink (rank 0) and ending rows early through _RowControl."""
         import paddle
 
+        from .. import generation
+
         prompts, max_new = job["prompts"], job["max_new"]
         s = Sampling(**job["sampling"])
         extra = {"max_new_tokens": max(max_new)} if self._inputs_take_length else {}
         inputs = {k: paddle.to_tensor(v) for k, v in self.family.generation_inputs(self.tokenizer, prompts, **extra).items()}
         origin_len = inputs["input_ids"].shape[1]
-        sampling = {} if s.greedy else dict(top_k=max(s.top_k, 0), top_p=s.top_p, temperature=s.temperature)
-        if not s.greedy:
+        # max_length too: paddlenlp replaces a max_new_tokens equal to its default (20) by the model's max_length.
+        kwargs: Dict[str, Any] = dict(max_new_tokens=max(max_new), max_length=max(max_new), eos_token_id=self.stop_id,
+                                      pad_token_id=self.tokenizer.pad_token_id, use_cache=True, repetition_penalty=s.repetition_penalty)
+        if s.greedy:
+            kwargs["decode_strategy"] = "greedy_search"
+            strategy = "greedy_search"
+        else:
             paddle.seed(job["seed"])
-        # The decode loop of predict (generation.generate_batch) takes a streamer; generate() only for models
-        # whose strategy method lacks one.
-        own = generation.uses_own_loop(self.model, self.family, not s.greedy)
-        streams = own or _accepts_streamer(self.model, "greedy_search" if s.greedy else "sample")
-        processors = _processor_list([_RowControl(self, origin_len, max_new, sink, feed_sink=not streams)])
-        out = generation.generate_batch(self.model, self.family, inputs, max(max_new), self.stop_id, self.tokenizer.pad_token_id,
-                                        repetition_penalty=s.repetition_penalty, logits_processors=processors,
-                                        streamer=sink if streams and sink is not None else None, **sampling)
-        ids = out.numpy()
+            kwargs.update(decode_strategy="sampling", top_k=max(s.top_k, 0), top_p=s.top_p, temperature=s.temperature)
+            strategy = "sample"
+        streams = generation.uses_own_loop(self.model, self.family, strategy == "sample") or _accepts_streamer(self.model, strategy)
+        kwargs["logits_processors"] = _processor_list([_RowControl(self, origin_len, max_new, sink, feed_sink=not streams)])
+        if streams and sink is not None:
+            kwargs["streamer"] = sink
+        with paddle.no_grad():
+            out = generation.generate_with(self.model, self.family, inputs, kwargs)  # the decode loop where it is exact
+        ids = (out[0] if isinstance(out, (tuple, list)) else out).numpy()
         self.last_steps = ids.shape[1]
         if sink is not None:
             if ids.shape[1] > sink.seen:
