@@ -40,6 +40,8 @@ def uses_own_loop(model, family, sampling: bool) -> bool:
 
     if not family.own_decode_loop:
         return False
+    if not all(hasattr(model, name) for name in ("prepare_inputs_for_generation", "update_model_kwargs_for_generation", "get_logits_processor")):
+        return False  # not a paddlenlp generation model (or a wrapper that hides its methods)
     if sampling and getattr(getattr(model, "config", None), "tensor_parallel_degree", 1) > 1:
         return False  # sample() broadcasts each step's tokens from one rank; the loop does not
     cls = type(model)
