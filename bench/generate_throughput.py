@@ -15,7 +15,7 @@ load change on the shared machine hits every arm alike (the load average is reco
   loop     -- paddlellm.decode_loop (what predict and serve run now)
 With --peer_python (a Python with torch + transformers, e.g. /work/venv-gen/bin/python), the same weights,
 prompts and batches also run through transformers' generate() (bench/peer_transformers.py, a subprocess
-per round) and each row gets its ratio to it.
+per setting, right after our arms) and each row gets its ratio to it.
 
     python bench/generate_throughput.py [--prompts 64] [--new_tokens 32] [--rounds 2] [--peer_python PY] [--out ...]
 """
@@ -183,16 +183,15 @@ def main() -> int:
                     best[key] = dict(row, arm=arm, batch_size=b, batching=label)
                 print(f"round {r + 1}  {arm:<9} batch {b:>2}  {label:<14} {row['tokens_per_second']:>7.1f} tokens/s "
                       f"({row['generated_tokens']} tokens in {row['seconds']:.1f} s, padding {100 * row['padding_fraction']:.0f}%)", flush=True)
-        if args.peer_python:
-            got = peer_round(args.peer_python, model, tokenizer, prompts, plans, args.new_tokens, tmp)
-            for name, row in got["plans"].items():
-                print(f"round {r + 1}  {'peer':<9} {name:<22} {row['tokens_per_second']:>7.1f} tokens/s", flush=True)
-            if peer is None:
-                peer = got
-            else:
-                for name, row in got["plans"].items():
-                    if row["tokens_per_second"] > peer["plans"][name]["tokens_per_second"]:
-                        peer["plans"][name] = row
+            if args.peer_python:  # right after our arms on the same setting, so it sees about the same load
+                name = f"{b}/{label}"
+                got = peer_round(args.peer_python, model, tokenizer, prompts, {name: plans[name]}, args.new_tokens, tmp)
+                row = got["plans"][name]
+                print(f"round {r + 1}  {'peer':<9} batch {b:>2}  {label:<14} {row['tokens_per_second']:>7.1f} tokens/s", flush=True)
+                if peer is None:
+                    peer = {"versions": got["versions"], "threads": got["threads"], "plans": {}, "replies": {}}
+                if name not in peer["plans"] or row["tokens_per_second"] > peer["plans"][name]["tokens_per_second"]:
+                    peer["plans"][name], peer["replies"][name] = row, got["replies"][name]
         loads.append(round(os.getloadavg()[0], 2))
     tmp_ctx.cleanup()
 
