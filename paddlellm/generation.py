@@ -1,30 +1,23 @@
 """Generation shared by fine-tuning evaluation, batch prediction and serving."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 
 def generate_ids(model, tokenizer, family, prompts: List[List[int]], max_new_tokens: int, top_k: int = 1,
-                 top_p: float = 1.0, temperature: float = 1.0, repetition_penalty: float = 1.0) -> List[List[int]]:
+                 top_p: float = 1.0, temperature: float = 1.0, repetition_penalty: float = 1.0,
+                 own_loop: Optional[bool] = None) -> List[List[int]]:
     """Generate a reply for every prompt (token ids, left-padded together); returns the reply ids, cut at the stop token.
 
     top_k=1 is greedy decoding (deterministic); otherwise sampling with top_k/top_p/temperature.
+    own_loop: see generate_batch (None: the decode loop wherever it is exact, else paddlenlp's generate()).
     """
     import paddle
 
     inputs = {k: paddle.to_tensor(v) for k, v in _generation_inputs(family, tokenizer, prompts, max_new_tokens).items()}
     stop = family.stop_token_id(tokenizer)
-    # paddlenlp 3.0.0b4 replaces max_new_tokens == 20 (its default) by the model's generation_config
-    # max_length, so a 20-token request could run for thousands: pass max_length (= new tokens) too.
-    kwargs: Dict = dict(max_new_tokens=max_new_tokens, max_length=max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
-                        use_cache=True, repetition_penalty=repetition_penalty)
-    if top_k == 1:
-        kwargs["decode_strategy"] = "greedy_search"
-    else:
-        kwargs.update(decode_strategy="sampling", top_k=max(top_k, 0), top_p=top_p, temperature=temperature)
-    with paddle.no_grad():
-        out = model.generate(**inputs, **kwargs)
-    ids = out[0] if isinstance(out, (tuple, list)) else out
+    ids = generate_batch(model, family, inputs, max_new_tokens, stop, tokenizer.pad_token_id, top_k=top_k, top_p=top_p,
+                         temperature=temperature, repetition_penalty=repetition_penalty, own_loop=own_loop)
     replies = []
     for row in ids.numpy().tolist():
         reply = []
@@ -34,6 +27,88 @@ def generate_ids(model, tokenizer, family, prompts: List[List[int]], max_new_tok
             reply.append(t)
         replies.append(reply)
     return replies
+
+
+def uses_own_loop(model, family, sampling: bool) -> bool:
+    """Whether generate_batch runs paddlellm.decode_loop (else paddlenlp's generate()).
+
+    The loop reproduces GenerationMixin.generate + greedy_search/sample; a model class (or wrapper, e.g.
+    paddlenlp's PrefixModelForCausalLM, which injects its prefix cache in generate) that overrides one of
+    them keeps generate(), and so does a family whose registry entry says the loop is not exact for it.
+    """
+    from paddlenlp.generation import GenerationMixin
+
+    if not family.own_decode_loop:
+        return False
+    if not all(hasattr(model, name) for name in ("prepare_inputs_for_generation", "update_model_kwargs_for_generation", "get_logits_processor")):
+        return False  # not a paddlenlp generation model (or a wrapper that hides its methods)
+    if sampling and getattr(getattr(model, "config", None), "tensor_parallel_degree", 1) > 1:
+        return False  # sample() broadcasts each step's tokens from one rank; the loop does not
+    cls = type(model)
+    strategy = "sample" if sampling else "greedy_search"
+    return all(getattr(cls, name, getattr(GenerationMixin, name)) is getattr(GenerationMixin, name)
+               for name in ("generate", strategy))
+
+
+def generate_batch(model, family, inputs, max_new_tokens: int, eos_token_id: int, pad_token_id, top_k: int = 1,
+                   top_p: float = 1.0, temperature: float = 1.0, repetition_penalty: float = 1.0,
+                   logits_processors=None, streamer=None, own_loop: Optional[bool] = None):
+    """[batch, steps] tensor of new token ids for the family's generation inputs (paddle tensors).
+
+    Runs the lean decode loop where it gives exactly what generate() gives (uses_own_loop), else
+    generate(). top_k=1 is greedy. logits_processors: a paddlenlp LogitsProcessorList (run after the
+    built-in ones); streamer: gets put([batch, 1]) per step and end(). own_loop: force one path (tests and
+    the benchmark compare both); None chooses.
+    """
+    import paddle
+
+    sampling = top_k != 1
+    with paddle.no_grad():
+        if own_loop if own_loop is not None else uses_own_loop(model, family, sampling):
+            from .decode_loop import decode_ids
+
+            return decode_ids(model, inputs, max_new_tokens, eos_token_id, pad_token_id, top_k=max(top_k, 0) if sampling else 1,
+                              top_p=top_p, temperature=temperature, repetition_penalty=repetition_penalty,
+                              logits_processors=logits_processors, streamer=streamer)
+        # paddlenlp 3.0.0b4 replaces max_new_tokens == 20 (its default) by the model's generation_config
+        # max_length, so a 20-token request could run for thousands: pass max_length (= new tokens) too.
+        kwargs: Dict = dict(max_new_tokens=max_new_tokens, max_length=max_new_tokens, eos_token_id=eos_token_id,
+                            pad_token_id=pad_token_id, use_cache=True, repetition_penalty=repetition_penalty)
+        if sampling:
+            kwargs.update(decode_strategy="sampling", top_k=max(top_k, 0), top_p=top_p, temperature=temperature)
+        else:
+            kwargs["decode_strategy"] = "greedy_search"
+        if logits_processors is not None:
+            kwargs["logits_processors"] = logits_processors
+        if streamer is not None:
+            kwargs["streamer"] = streamer
+        out = model.generate(**inputs, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+# generate() keyword -> generate_batch keyword, for the settings generate_with translates
+_GENERATE_KWARGS = {"max_new_tokens": "max_new_tokens", "eos_token_id": "eos_token_id", "pad_token_id": "pad_token_id",
+                    "repetition_penalty": "repetition_penalty", "top_k": "top_k", "top_p": "top_p", "temperature": "temperature",
+                    "logits_processors": "logits_processors", "streamer": "streamer"}
+
+
+def generate_with(model, family, inputs, kwargs: Dict):
+    """``model.generate(**inputs, **kwargs)[0]`` for callers that hold generate()'s keyword arguments (serving):
+    run through generate_batch's decode loop when every setting is one it reproduces, else generate() itself."""
+    kw = {k: v for k, v in kwargs.items() if k not in ("max_length", "use_cache", "decode_strategy")}
+    strategy = kwargs.get("decode_strategy", "greedy_search")
+    plain = (strategy in ("greedy_search", "sampling") and set(kw) <= set(_GENERATE_KWARGS) and kwargs.get("use_cache", True)
+             and kwargs.get("max_length", kwargs.get("max_new_tokens")) == kwargs.get("max_new_tokens"))
+    if plain:
+        kw = {_GENERATE_KWARGS[k]: v for k, v in kw.items()}
+        if strategy == "greedy_search":
+            kw["top_k"] = 1
+        elif kw.get("top_k", 0) == 1:  # sampling from the top 1 is greedy for generate_batch; keep generate()
+            plain = False
+    if plain and uses_own_loop(model, family, strategy == "sampling"):
+        return generate_batch(model, family, inputs, own_loop=True, **kw)
+    out = model.generate(**inputs, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _generation_inputs(family, tokenizer, prompts: List[List[int]], max_new_tokens: int):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from test_serve import Server, free_port, llama, reference  # noqa: F401  (fixtures)
+from test_serve import Server, free_port, reference  # noqa: F401  (fixtures; llama comes from conftest)
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing (apt-get install -y chromium)")

@@ -111,6 +111,9 @@ class Family:
     # (head, embeddings) transformers names of an LM head paddlenlp keeps untied: exported tied when equal.
     hf_tied_head: Optional[Tuple[str, str]] = None
     cpu_patches: Tuple[str, ...] = ()  # names in paddlellm.cpu_kernels.PATCHES applied to models trained on CPU
+    # paddlellm.decode_loop reproduces paddlenlp's generate() token for token for this family (tested per
+    # family in tests/test_decode_loop.py); False keeps generate() for predict and serve.
+    own_decode_loop: bool = True
 
     # ------------------------------------------------------------------ loading
     def paddlenlp_class(self, attr: str):

@@ -403,6 +403,8 @@ class Engine:
         each step's tokens to the sink (rank 0) and ending rows early through _RowControl."""
         import paddle
 
+        from .. import generation
+
         prompts, max_new = job["prompts"], job["max_new"]
         # Prompt log-probabilities first (every rank runs the same forward: collectives stay in step).
         wanted = job.get("prompt_logprobs") or [None] * len(prompts)
@@ -433,7 +435,7 @@ class Engine:
             paddle.seed(job["seed"])
             kwargs.update(decode_strategy="sampling", top_k=max(s.top_k, 0), top_p=s.top_p, temperature=s.temperature)
             strategy = "sample"
-        streams = _accepts_streamer(self.model, strategy)
+        streams = generation.uses_own_loop(self.model, self.family, strategy == "sample") or _accepts_streamer(self.model, strategy)
         processors = [_RowControl(self, origin_len, max_new, sink, feed_sink=not streams)]
         if s.repetition_penalty != 1.0:  # given here so it runs after _RowControl, which must see the raw logits
             from paddlenlp.generation.logits_process import RepetitionPenaltyLogitsProcessor
@@ -443,7 +445,7 @@ class Engine:
         if streams and sink is not None:
             kwargs["streamer"] = sink
         with paddle.no_grad():
-            out = self.model.generate(**inputs, **kwargs)
+            out = generation.generate_with(self.model, self.family, inputs, kwargs)  # the decode loop where it is exact
         ids = (out[0] if isinstance(out, (tuple, list)) else out).numpy()
         self.last_steps = ids.shape[1]
         if sink is not None:
