@@ -80,14 +80,14 @@ def weights(folder):
 
 
 # MKL picks alignment-dependent code paths, so the same sums over tensors at other addresses (a resumed
-# run's freshly loaded weights) can round differently in the last bit (seen once under load: 1 ulp of
-# 0.08). Equal within a few ulps is what "the same weights" can mean here; an off-by-one sample or a
-# replayed batch moves weights by orders of magnitude more.
-SAME = 1e-6
+# run's freshly loaded weights) can round differently in the last bit, and a few Adam steps can grow that
+# to ~4e-6 where a weight's second moment is tiny (seen in a full suite run: 2 of 8192 elements). Run alone
+# the runs are bitwise equal. An off-by-one sample or a replayed batch moves weights by 1e-3 and more.
+SAME = 1e-5
 
 
 def assert_weights(got, expected, atol=SAME):
-    """Equal weights within atol (default: a few float32 ulps)."""
+    """Equal weights within atol (default: float rounding noise, see SAME)."""
     assert got.keys() == expected.keys()
     for k in expected:
         if atol is None:
