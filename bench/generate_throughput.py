@@ -13,11 +13,16 @@ Arms (--arms): each setting runs once per arm per round, arms interleaved, best 
 load change on the shared machine hits every arm alike (the load average is recorded):
   generate -- paddlenlp's generate() (the code path before the decode loop; glibc's default malloc thresholds)
   loop     -- paddlellm.decode_loop (what predict and serve run now)
+  static   -- the same model exported with export_model.py's code (one step program run by paddle.inference),
+              loaded with load_static and driven as predict drives it (generate_ids choosing its path: the
+              decode loop, since the 0-layer host is a plain paddlenlp model class); export + load untimed
+With the static arm, each mode's peak memory (VmHWM: load + the batch-8 bucketed run) is measured in a fresh
+process per mode, dynamic vs static, since a process's peak can only grow.
 With --peer_python (a Python with torch + transformers, e.g. /work/venv-gen/bin/python), the same weights,
 prompts and batches also run through transformers' generate() (bench/peer_transformers.py, a subprocess
 per setting, right after our arms) and each row gets its ratio to it.
 
-    python bench/generate_throughput.py [--prompts 64] [--new_tokens 32] [--rounds 2] [--peer_python PY] [--out ...]
+    python bench/generate_throughput.py [--arms generate,loop,static] [--prompts 64] [--new_tokens 32] [--rounds 2] [--peer_python PY] [--out ...]
 """
 from __future__ import annotations
 
@@ -83,8 +88,63 @@ def arm_loop(model, tokenizer, family, prompts, new_tokens):
     return generate_ids(model, tokenizer, family, prompts, new_tokens, own_loop=True)
 
 
+STATIC = {}  # "model": the static host, set by main before the static arm runs
+
+
+def arm_static(model, tokenizer, family, prompts, new_tokens):
+    """export_model.py's static export of the same model (load_static), through generate_ids as predict calls it."""
+    from paddlellm.decode_loop import set_malloc_thresholds
+    from paddlellm.generation import generate_ids
+
+    set_malloc_thresholds(1 << 30)  # what the decode loop sets in predict (keep_freed_memory)
+    return generate_ids(STATIC["model"], tokenizer, family, prompts, new_tokens)  # own_loop chosen as in predict
+
+
 # name -> function(model, tokenizer, family, prompts of one batch, new_tokens) -> reply ids; other arms add entries.
-ARMS = {"generate": arm_generate, "loop": arm_loop}
+ARMS = {"generate": arm_generate, "loop": arm_loop, "static": arm_static}
+
+
+def export_static(model, tokenizer, tmp: str) -> str:
+    """Save the model as a model folder, export it with export_model.py's code; returns the export folder."""
+    from paddlellm.export import main as export_main
+
+    folder, out = os.path.join(tmp, "model"), os.path.join(tmp, "static")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert export_main(["--model_name_or_path", folder, "--output_path", out]) == 0
+    return out
+
+
+def peak_rss_child(path: str, prompts_file: str, new_tokens: int) -> None:
+    """(Run in a fresh process.) Load `path` as predict does, generate the batch-8 bucketed plan, print VmHWM in MB."""
+    import json
+
+    from paddlellm.loading import load_for_inference
+    from paddlellm.runtime import setup_runtime
+
+    setup_runtime(quiet=True)
+    with open(prompts_file) as f:
+        prompts = json.load(f)
+    model, tokenizer, family, _ = load_for_inference(path)
+    STATIC["model"] = model
+    run_plan(model, tokenizer, family, prompts, 8, True, new_tokens, arm_static)  # predict's path for either mode
+    # VmHWM, not getrusage's ru_maxrss: Linux carries the parent's peak into a forked child's ru_maxrss.
+    with open("/proc/self/status") as f:
+        hwm_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    print(f"PEAK_RSS_MB {hwm_kb / 1024:.1f}")
+
+
+def peak_rss(path: str, prompts, new_tokens: int, tmp: str) -> float:
+    """Peak RSS (MB) of a fresh process loading `path` and running the batch-8 plan (peak_rss_child)."""
+    import json
+    import subprocess
+
+    prompts_file = os.path.join(tmp, "prompts.json")
+    with open(prompts_file, "w") as f:
+        json.dump(prompts, f)
+    out = subprocess.run([sys.executable, __file__, "--peak_rss_of", path, "--prompts_file", prompts_file, "--new_tokens", str(new_tokens)],
+                         capture_output=True, text=True, check=True).stdout
+    return float(out.split("PEAK_RSS_MB")[-1].split()[0])
 
 
 def run_plan(model, tokenizer, family, prompts, batch_size, bucket, new_tokens, arm=arm_loop):
@@ -141,7 +201,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best of them is kept")
     parser.add_argument("--peer_python", default=None, help="a Python with torch + transformers: adds their generate() as a peer")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "generate_throughput.json"))
+    parser.add_argument("--peak_rss_of", help=argparse.SUPPRESS)  # internal: the per-mode memory child
+    parser.add_argument("--prompts_file", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peak_rss_of:
+        peak_rss_child(args.peak_rss_of, args.prompts_file, args.new_tokens)
+        return 0
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
@@ -161,6 +226,14 @@ def main() -> int:
     rng = np.random.default_rng(1)
     low = max(tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id) + 1
     prompts = [[tokenizer.bos_token_id] + rng.integers(low, len(tokenizer), n - 1).tolist() for n in lengths]
+    if "static" in arms:
+        from paddlellm.generation import uses_own_loop
+        from paddlellm.static_runtime import load_static
+
+        static_dir = export_static(model, tokenizer, tmp)
+        STATIC["model"] = load_static(static_dir, family)[0]
+        static_path = "decode loop" if uses_own_loop(STATIC["model"], family, sampling=False) else "paddlenlp generate()"
+        print(f"static arm: generate_ids drives the static host with the {static_path}", flush=True)
     for arm in arms:
         run_plan(model, tokenizer, family, prompts[:4], 4, True, 4, ARMS[arm])  # warm-up
 
@@ -193,6 +266,11 @@ def main() -> int:
                 if name not in peer["plans"] or row["tokens_per_second"] > peer["plans"][name]["tokens_per_second"]:
                     peer["plans"][name], peer["replies"][name] = row, got["replies"][name]
         loads.append(round(os.getloadavg()[0], 2))
+    memory = None
+    if "static" in arms:
+        memory = {"dynamic": peak_rss(os.path.join(tmp, "model"), prompts, args.new_tokens, tmp),
+                  "static": peak_rss(static_dir, prompts, args.new_tokens, tmp)}
+        print(f"peak RSS (fresh process, load + batch-8 bucketed run): dynamic {memory['dynamic']:.0f} MB, static {memory['static']:.0f} MB")
     tmp_ctx.cleanup()
 
     results = []
@@ -200,6 +278,9 @@ def main() -> int:
         name = f"{b}/{label}"
         if "generate" in arms and arm != "generate":
             row["speedup_vs_generate"] = round(row["tokens_per_second"] / best[("generate", b, label)]["tokens_per_second"], 2)
+        if arm == "static" and "loop" in arms:  # static vs the dynamic decode loop predict runs on a model folder
+            row["speedup_vs_loop"] = round(row["tokens_per_second"] / best[("loop", b, label)]["tokens_per_second"], 2)
+            row["same_replies_as_loop"] = sum(x == y for x, y in zip(replies[(arm, b, label)], replies[("loop", b, label)]))
         if peer is not None:
             p = peer["plans"][name]
             row["ratio_to_transformers"] = round(row["tokens_per_second"] / p["tokens_per_second"], 2)
@@ -226,6 +307,9 @@ def main() -> int:
         "rounds": args.rounds,
         "results": results,
     }
+    if memory is not None:
+        out["static"] = {"driven_by": static_path, "peak_rss_mb": memory,
+                         "peak_rss_what": "VmHWM of a fresh process per mode: load_for_inference + the batch-8 bucketed run"}
     if peer is not None:
         out["peer"] = {"what": "transformers generate(), same weights/prompts/batches, greedy", "versions": peer["versions"],
                        "threads": peer["threads"], "results": peer["plans"]}
