@@ -102,16 +102,35 @@ def test_txt_documents_and_unread_files_are_named(tiny_dir, tmp_path, capsys):
     (folder / "a.txt").write_text("first doc\nstill first\n\n\nsecond doc\n", encoding="utf-8")
     (folder / "sub" / "b.jsonl").write_text('{"text": "third doc"}\n\n', encoding="utf-8")
     (folder / "notes.md").write_text("x")
-    (folder / "c.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
     assert prepare(tiny_dir("llama"), folder, tmp_path / "c") == 0
     err = capsys.readouterr().err
-    assert f"not read (2): {folder / 'c.jsonl.zst'} (pip install zstandard to read .zst); {folder / 'notes.md'} (not .jsonl, .jsonl.zst or .txt)" in err
+    assert f"not read (1): {folder / 'notes.md'} (not .jsonl, .jsonl.zst or .txt)" in err
     from paddlellm.families import get_family
 
     tok = get_family("llama").load_tokenizer(tiny_dir("llama"))
     data = open_prefix(str(tmp_path / "c"))
     assert [data[i].tolist() for i in range(3)] == [tok(t, add_special_tokens=False)["input_ids"]
                                                      for t in ("first doc\nstill first", "second doc", "third doc")]
+
+
+def test_zst_is_read_like_jsonl_and_named_without_a_reader(tiny_dir, tmp_path, capsys, monkeypatch):
+    import zstandard
+
+    text = "".join(json.dumps({"text": f"doc {i}: spell {i} {i + 1}"}) + "\n" for i in range(20)).encode()
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "a.jsonl").write_bytes(text)
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "packed" / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(text))
+    assert prepare(tiny_dir("llama"), tmp_path / "plain", tmp_path / "p") == 0
+    assert prepare(tiny_dir("llama"), tmp_path / "packed", tmp_path / "z") == 0
+    for ext in (".bin", ".idx"):
+        assert read_bytes(f"{tmp_path / 'z'}{ext}") == read_bytes(f"{tmp_path / 'p'}{ext}")
+    # without a zstd reader the .zst file is named as not read; the rest is still prepared
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    capsys.readouterr()
+    (tmp_path / "packed" / "b.jsonl").write_bytes(text)
+    assert prepare(tiny_dir("llama"), tmp_path / "packed", tmp_path / "z2") == 0
+    assert f"not read (1): {tmp_path / 'packed' / 'a.jsonl.zst'} (pip install zstandard to read .zst)" in capsys.readouterr().err
 
 
 BAD = {
