@@ -134,15 +134,10 @@ def check_ranges(model_args, data_args, gen_args, training: Dict) -> None:
 
 
 def resolve_family(model_args):
-    from .adapter_fit import check_fit
-    from .families import detect_family
-    from .hf import refuse_unreadable
+    from .loading import checked_family
 
     m = model_args
-    family = detect_family(m.family, (m.lora_path, m.prefix_path, m.model_name_or_path), m.model_name_or_path)
-    check_fit(m.family, m.model_name_or_path, m.lora_path, m.prefix_path)  # the adapter to continue must fit the base
-    refuse_unreadable(family, m.model_name_or_path)  # a transformers folder this family can't read: one line, now
-    return family
+    return checked_family(m.family, m.model_name_or_path, m.lora_path, m.prefix_path)
 
 
 def check_device(training: Dict, dtype: str = "float32") -> None:

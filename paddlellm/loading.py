@@ -89,8 +89,6 @@ def resolve_model(model_name_or_path: Optional[str] = None, lora_path: Optional[
     Raises UserError with a one-line reason (missing or unknown model, wrong adapter folder, unknown family,
     an adapter that does not fit the base, a --family that contradicts a folder).
     """
-    from .families import detect_family
-
     check_adapter_folders(lora_path, prefix_path)
     adapter = lora_path or prefix_path
     meta = read_meta(adapter) if adapter else {}
@@ -121,12 +119,21 @@ def resolve_model(model_name_or_path: Optional[str] = None, lora_path: Optional[
         from .quant.storage import refuse_if_quantized
 
         refuse_if_quantized(base, "the base model of an adapter,")
-    family = detect_family(family_name, (adapter, base), base)
-    # --family vs what the folders record, adapter vs base (family and shapes): see adapter_fit.
-    from .adapter_fit import check_fit
-
-    check_fit(family_name, base, lora_path, prefix_path)
-    from .hf import refuse_unreadable  # a transformers-format folder the family can't read: one line, now
-
-    refuse_unreadable(family, base)
+    family = checked_family(family_name, base, lora_path, prefix_path)
     return base, lora_path, prefix_path, family, meta
+
+
+def checked_family(family_name: Optional[str], base: str, lora_path: Optional[str] = None,
+                   prefix_path: Optional[str] = None):
+    """The family of a run (--family, else the adapter's or the base's folder, else the model name), after
+    the checks every command shares, each one line: --family against what the folders record and the
+    adapter against its base (family and shapes, see adapter_fit), and a transformers folder the family
+    can't read (see hf). Used by resolve_model and by fine-tuning, which resolves its folders itself."""
+    from .adapter_fit import check_fit
+    from .families import detect_family
+    from .hf import refuse_unreadable
+
+    family = detect_family(family_name, (lora_path or prefix_path, base), base)
+    check_fit(family_name, base, lora_path, prefix_path)
+    refuse_unreadable(family, base)
+    return family
