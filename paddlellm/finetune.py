@@ -129,8 +129,10 @@ def check_ranges(model_args, data_args, gen_args, training: Dict) -> None:
     check_sampling(top_k=gen_args.top_k, top_p=gen_args.top_p)
     check_adapter_folders(m.lora_path, m.prefix_path)
     from .quant.storage import refuse_if_quantized
+    from .static_runtime import refuse_if_static
 
     refuse_if_quantized(m.model_name_or_path)  # integer weights can't be trained further
+    refuse_if_static(m.model_name_or_path)  # a program without trainable weights
 
 
 def resolve_family(model_args):

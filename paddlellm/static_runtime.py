@@ -85,6 +85,14 @@ def is_static_folder(path: Optional[str]) -> bool:
     return bool(path) and os.path.isdir(path) and read_meta(path).get("kind") == "static"
 
 
+def refuse_if_static(path: Optional[str]) -> None:
+    """UserError for a static export where a model with weights is loaded (training, merging, quantizing):
+    the export holds a program, which only predict and serve run."""
+    if is_static_folder(path):
+        raise UserError(f"model_name_or_path {path!r} is a static-graph export (export_model.py): only predict and serve "
+                        f"run it (--mode static); fine-tune, merge or quantize its dynamic source model instead")
+
+
 def read_static_meta(path: str) -> Dict:
     """static_meta.json of an export, or a UserError saying to re-export when it is missing or of another version."""
     meta_path = os.path.join(path, META_NAME)

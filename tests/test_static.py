@@ -287,6 +287,25 @@ def test_refusals(tiny_dir, exported, tmp_path, capsys):
         msg = one_line_error(capsys, export, "--model_name_or_path", tiny_dir(family), "--output_path", str(tmp_path / "x"))
         assert f"the {family} family can't be exported" in msg
 
+    # a static export where weights are needed (fine-tuning, merging): one line, nothing written
+    from paddlellm.finetune import main as finetune_main
+    from paddlellm.merge import main_lora as merge_main
+
+    finetune = lambda *argv: finetune_main(list(argv))  # noqa: E731
+    main_lora = lambda *argv: merge_main(list(argv))  # noqa: E731
+    train_dir = tmp_path / "train_data"
+    train_dir.mkdir()
+    write_jsonl(train_dir / "train.json", DATA[:2])
+    static_refusal = f"model_name_or_path {folder!r} is a static-graph export (export_model.py): only predict and serve run it"
+    msg = one_line_error(capsys, finetune, "--model_name_or_path", folder, "--dataset_name_or_path", str(train_dir),
+                         "--output_dir", str(tmp_path / "ft"), "--max_steps", "1")
+    assert msg.startswith(f"error: {static_refusal}")
+    lora = make_lora(base, str(tmp_path / "lora2"), "llama")
+    capsys.readouterr()
+    msg = one_line_error(capsys, main_lora, "--model_name_or_path", folder, "--lora_path", lora, "--merge_model_path", str(tmp_path / "m"))
+    assert static_refusal in msg
+    assert not os.path.exists(tmp_path / "ft") and not os.path.exists(tmp_path / "m")
+
 
 # ------------------------------------------------------------------ serving a static folder
 def test_serve_static_folder_equals_dynamic(exported, tiny_dir, tmp_path):

@@ -147,8 +147,10 @@ class Family:
     def load_model(self, path: str, dtype: str = "float32", adapt: bool = True, **config_overrides):
         """The model of folder `path`; adapt=False skips the family's adapt_model workarounds (static export)."""
         from ..quant.storage import refuse_if_quantized  # float weights only: training, merging (a UserError line)
+        from ..static_runtime import refuse_if_static
 
         refuse_if_quantized(path)
+        refuse_if_static(path)
         from .. import hf
 
         overrides = {**self.model_config_overrides(), **config_overrides}
