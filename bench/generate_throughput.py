@@ -67,6 +67,9 @@ def build(tmp: str):
                          eos_token_id=tokenizer.eos_token_id)
     model = LlamaForCausalLM(config)
     model.eval()
+    from paddlellm.cpu_kernels import apply
+
+    apply(family, model)  # as load_for_inference does for predict and serve (CPU formulations of the same maths)
     return model, tokenizer, family
 
 

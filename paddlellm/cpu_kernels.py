@@ -16,14 +16,24 @@ same values in fewer, cheaper CPU operations:
                      supervised positions only (prompt and padding positions add exactly 0 to the
                      loss and its gradient); the training forward then returns logits=None, as
                      paddlenlp's own fused-loss path does
+  llama_last_logits  while generating (inside `generating()`), the lm_head runs on the last position
+                     only: generation reads nothing else, and over a long prompt the [prompt, vocab]
+                     product was a quarter of the prefill's work (ChatGLM2 does this itself with
+                     return_last_logit)
+
+One more switch is not a patch but a paddle flag, for every family (`dense_views`): while a training
+step, an evaluation forward or a generation runs on the CPU, paddle's stride kernels are off, so a
+transpose or slice yields a dense tensor made by its own kernel instead of a strided view that the next
+matmul or reshape copies element by element (paddle's CPU strided copy is slow).
 
 A family lists the patches it takes in `Family.cpu_patches`; `apply(family, model)` patches a model
-built for training. Patches are on only when paddle runs on the CPU (GPU users keep paddlenlp's
+built for training (finetune) or loaded for inference (loading.load_for_inference: predict, serve, evaluation). Patches are on only when paddle runs on the CPU (GPU users keep paddlenlp's
 fused kernels), and PADDLELLM_CPU_KERNELS=0 turns them off. Patched models give the same logits,
 loss and gradients within float rounding (tests/test_cpu_kernels.py).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -62,6 +72,55 @@ def apply(family, model, force: bool = False):
         log.info(f"CPU kernels on for {family.name}: {', '.join(done)} (same results, cheaper on CPU); "
                  f"set {DISABLE_VAR}=0 to turn them off")
     return model
+
+
+STRIDE_FLAG = "FLAGS_use_stride_kernel"
+_views_logged = False
+
+
+@contextlib.contextmanager
+def generating():
+    """The context of a generation loop: `dense_views()`, and patched models (llama_last_logits) return the
+    logits of the last position only (what greedy search, sampling and the decode loop read)."""
+    before = getattr(_state, "last_only", False)
+    _state.last_only = True
+    try:
+        with dense_views():
+            yield
+    finally:
+        _state.last_only = before
+
+
+@contextlib.contextmanager
+def dense_views():
+    """Run the block with paddle's stride kernels off when `wanted()` (the flag is restored afterwards).
+
+    Workaround (paddle 3.3 CPU): with stride kernels on, `transpose`/`slice` return strided views and the
+    op that consumes one (matmul, reshape, concat) first makes it contiguous through paddle's generic
+    strided-copy kernel, which on CPU is far slower than the dense transpose kernel. paddlenlp's attention
+    transposes q, k, v and the KV cache every layer, so on the 2-core machine a LLaMA decode step at
+    batch 32 x 300 cached tokens took ~190 ms with views and ~65 ms without, batch 8 ~19 ms against ~9 ms,
+    and a training step 15-25% less (bench/README_generate.md, bench/README_train.md). The values are the
+    same either way: only where the data sit changes. Not process-wide, because some readers need the
+    strided kernels (safetensors' paddle reader goes through `view_dtype`, registered only for strided
+    tensors); scoped to the model's forward/backward and generation loops.
+    """
+    if not wanted():
+        yield
+        return
+    import paddle
+
+    global _views_logged
+    if not _views_logged:
+        _views_logged = True
+        log.info(f"CPU: paddle's stride kernels off while the model runs (same values, cheaper on CPU); "
+                 f"set {DISABLE_VAR}=0 to keep them")
+    before = paddle.get_flags([STRIDE_FLAG])[STRIDE_FLAG]
+    paddle.set_flags({STRIDE_FLAG: False})
+    try:
+        yield
+    finally:
+        paddle.set_flags({STRIDE_FLAG: before})
 
 
 # ------------------------------------------------------------------ helpers
@@ -256,14 +315,7 @@ def _patch_supervised_loss(model, backbone: Callable, head: Callable, output_cla
 
 
 def _patch_llama_supervised_loss(model) -> int:
-    def backbone(self, a, return_dict):
-        return self.llama(
-            a.get("input_ids"), position_ids=a.get("position_ids"), attention_mask=a.get("attention_mask"),
-            inputs_embeds=a.get("inputs_embeds"), use_cache=a.get("use_cache", False),
-            past_key_values=a.get("past_key_values"), output_attentions=a.get("output_attentions"),
-            output_hidden_states=a.get("output_hidden_states"), return_dict=return_dict)
-
-    return _patch_supervised_loss(model, backbone, lambda self: self.lm_head, "CausalLMOutputWithCrossAttentions",
+    return _patch_supervised_loss(model, _llama_backbone, lambda self: self.lm_head, "CausalLMOutputWithCrossAttentions",
                                   fallback_args=("attn_mask_startend_row_indices",))
 
 
@@ -280,11 +332,56 @@ def _patch_chatglm_v2_supervised_loss(model) -> int:
                                   fallback_args=("return_last_logit",), seq_first=True)
 
 
+def _patch_last_logits(model, backbone: Callable, head: Callable, output_class: str) -> int:
+    """Inside `generating()`, in eval mode without labels: the head on the last position only ([batch, 1, vocab]
+    logits). backbone/head as in _patch_supervised_loss (batch-first hidden states). Anything else runs the
+    model's own forward."""
+    from paddlenlp.transformers import model_outputs
+
+    cfg = model.config
+    sig = inspect.signature(type(model).forward)
+    output_cls = getattr(model_outputs, output_class)
+
+    def make(previous):
+        def forward(self, *args, **kwargs):
+            if (not getattr(_state, "last_only", False) or self.training or cfg.tensor_parallel_degree > 1
+                    or getattr(cfg, "sequence_parallel", False)):
+                return previous(self, *args, **kwargs)
+            a = sig.bind(self, *args, **kwargs).arguments
+            if a.get("labels") is not None or a.get("attn_mask_startend_row_indices") is not None:
+                return previous(self, *args, **kwargs)
+            return_dict = a.get("return_dict")
+            return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+            outputs = backbone(self, a, return_dict)
+            logits = head(self)(outputs[0][:, -1:])
+            if not return_dict:
+                return (logits,) + tuple(outputs[1:])
+            return output_cls(loss=None, logits=logits, past_key_values=outputs.past_key_values,
+                              hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        return forward
+
+    _replace_forward(model, make)
+    return 1
+
+
+def _llama_backbone(self, a, return_dict):
+    return self.llama(
+        a.get("input_ids"), position_ids=a.get("position_ids"), attention_mask=a.get("attention_mask"),
+        inputs_embeds=a.get("inputs_embeds"), use_cache=a.get("use_cache", False),
+        past_key_values=a.get("past_key_values"), output_attentions=a.get("output_attentions"),
+        output_hidden_states=a.get("output_hidden_states"), return_dict=return_dict)
+
+
+def _patch_llama_last_logits(model) -> int:
+    return _patch_last_logits(model, _llama_backbone, lambda self: self.lm_head, "CausalLMOutputWithCrossAttentions")
+
+
 PATCHES: Dict[str, Callable] = {
     "llama_rms_norm": _patch_llama_rms_norm,
     "chatglm_v2_rms_norm": _patch_chatglm_v2_rms_norm,
     "llama_rotary": _patch_llama_rotary,
     "llama_supervised_loss": _patch_llama_supervised_loss,
+    "llama_last_logits": _patch_llama_last_logits,
     "chatglm_v2_supervised_loss": _patch_chatglm_v2_supervised_loss,
 }
 

@@ -62,8 +62,10 @@ def generate_batch(model, family, inputs, max_new_tokens: int, eos_token_id: int
     """
     import paddle
 
+    from .cpu_kernels import generating
+
     sampling = top_k != 1
-    with paddle.no_grad():
+    with paddle.no_grad(), generating():
         if own_loop if own_loop is not None else uses_own_loop(model, family, sampling):
             from .decode_loop import decode_ids
 
@@ -107,7 +109,10 @@ def generate_with(model, family, inputs, kwargs: Dict):
             plain = False
     if plain and uses_own_loop(model, family, strategy == "sampling"):
         return generate_batch(model, family, inputs, own_loop=True, **kw)
-    out = model.generate(**inputs, **kwargs)
+    from .cpu_kernels import generating
+
+    with generating():
+        out = model.generate(**inputs, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 

@@ -44,6 +44,9 @@ def load_for_inference(model_name_or_path: Optional[str] = None, lora_path: Opti
     else:
         model = family.load_model(base, dtype=dtype)
     # --- end quantized folders
+    from .cpu_kernels import apply as apply_cpu_kernels
+
+    model = apply_cpu_kernels(family, model)  # cheaper CPU formulations of the same maths (before adapters wrap it)
     if lora_path:
         from paddlenlp.peft import LoRAModel
 

@@ -158,3 +158,81 @@ def test_switched_off_or_gpu_leaves_the_model_alone(tiny_dir, monkeypatch):
 
     monkeypatch.setattr(paddle.device, "get_device", lambda: "gpu:0")
     assert not cpu_kernels.wanted()
+
+
+@pytest.mark.parametrize("family", PATCHED)
+def test_generation_same_tokens_with_kernels_on_and_off(family, tiny_dir, monkeypatch):
+    """Greedy and seeded-sampling replies, through the decode loop and through paddlenlp's generate(), are
+    token for token those of the unpatched model run with everything off (PADDLELLM_CPU_KERNELS=0)."""
+    import paddle
+
+    from paddlellm.generation import _generation_inputs, generate_batch
+
+    path = tiny_dir(family)
+    plain, patched = _models(family, path)
+    plain.eval(), patched.eval()
+    fam = get_family(family)
+    tok = fam.load_tokenizer(path)
+    texts = ["hello there", "spell: 1 2 3 4 5 6 and more words here", "x y z"]
+    prompts = [fam.generation_prompt(tok, [t], [], 32) for t in texts]
+    inputs = {k: paddle.to_tensor(v) for k, v in _generation_inputs(fam, tok, prompts, 8).items()}
+
+    def gen(model, own_loop, seed=None, **settings):
+        if seed is not None:
+            paddle.seed(seed)
+        return generate_batch(model, fam, dict(inputs), 8, fam.stop_token_id(tok), tok.pad_token_id, own_loop=own_loop,
+                              **settings).numpy()
+
+    sampling = dict(seed=7, top_k=0, top_p=0.9, temperature=0.8)
+    for own_loop in (True, False):
+        monkeypatch.setenv(cpu_kernels.DISABLE_VAR, "0")
+        before = [gen(plain, own_loop), gen(plain, own_loop, **sampling)]
+        monkeypatch.delenv(cpu_kernels.DISABLE_VAR)
+        after = [gen(patched, own_loop), gen(patched, own_loop, **sampling)]
+        for a, b, what in zip(before, after, ("greedy", "sampling")):
+            assert a.shape == (len(texts), 8)
+            np.testing.assert_array_equal(b, a, err_msg=f"{family} {what} own_loop={own_loop}")
+
+
+def test_last_logits_only_while_generating(tiny_dir):
+    """Inside generating(), a patched LLaMA returns the last position's logits (those of the full forward within
+    1e-5); outside it, the full [batch, seq, vocab] logits as before."""
+    import paddle
+
+    path = tiny_dir("llama")
+    plain, patched = _models("llama", path)
+    plain.eval(), patched.eval()
+    inputs = {k: v for k, v in _batches("llama", path)["unpacked"].items() if k != "labels"}
+    with paddle.no_grad():
+        full = logits_of(plain(**inputs)).numpy()
+        assert logits_of(patched(**inputs)).shape == list(full.shape)
+        with cpu_kernels.generating():
+            out = patched(**inputs, use_cache=True)
+            plain_inside = logits_of(plain(**inputs)).numpy()
+    last = logits_of(out).numpy()
+    assert last.shape == (full.shape[0], 1, full.shape[2])
+    np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
+    cache = out[1] if isinstance(out, tuple) else out.past_key_values
+    assert cache is not None and len(cache) == plain.config.num_hidden_layers
+    np.testing.assert_array_equal(plain_inside, full)  # an unpatched model is untouched by the context
+
+
+def test_dense_views_turns_stride_kernels_off_and_restores_them(monkeypatch):
+    import paddle
+
+    flag = cpu_kernels.STRIDE_FLAG
+    start = paddle.get_flags([flag])[flag]
+    assert start is True  # paddle's default
+    with cpu_kernels.dense_views():
+        assert paddle.get_flags([flag])[flag] is False
+        x = paddle.arange(24, dtype="float32").reshape([2, 3, 4])
+        np.testing.assert_array_equal(paddle.matmul(x.transpose([0, 2, 1]), x).numpy(),
+                                      np.matmul(x.numpy().transpose(0, 2, 1), x.numpy()))
+    assert paddle.get_flags([flag])[flag] is True
+    with pytest.raises(ValueError):
+        with cpu_kernels.generating():
+            raise ValueError("a failing step")
+    assert paddle.get_flags([flag])[flag] is True
+    monkeypatch.setenv(cpu_kernels.DISABLE_VAR, "0")
+    with cpu_kernels.dense_views():
+        assert paddle.get_flags([flag])[flag] is True  # switched off: paddle's default kept

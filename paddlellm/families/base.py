@@ -110,7 +110,7 @@ class Family:
     hf_buffers: Tuple[str, ...] = (r"\.rotary_emb\.inv_freq$",)
     # (head, embeddings) transformers names of an LM head paddlenlp keeps untied: exported tied when equal.
     hf_tied_head: Optional[Tuple[str, str]] = None
-    cpu_patches: Tuple[str, ...] = ()  # names in paddlellm.cpu_kernels.PATCHES applied to models trained on CPU
+    cpu_patches: Tuple[str, ...] = ()  # names in paddlellm.cpu_kernels.PATCHES applied to models trained or run on CPU
     # paddlellm.decode_loop reproduces paddlenlp's generate() token for token for this family (tested per
     # family in tests/test_decode_loop.py); False keeps generate() for predict and serve.
     own_decode_loop: bool = True

@@ -316,11 +316,12 @@ class Engine:
         import paddle
         import paddle.nn.functional as F
 
+        from ..cpu_kernels import dense_views
         from ..families.base import logits_of
 
         batch = self.family.build_batch([[self.family.make_example(list(p), list(p), 0, False)] for p in prompts], self.tokenizer.pad_token_id)
         batch.pop("labels", None)
-        with paddle.no_grad():
+        with paddle.no_grad(), dense_views():
             logits = logits_of(self.model(**{key: paddle.to_tensor(v) for key, v in batch.items()}))
             lsm = F.log_softmax(logits.astype("float32")[:, :-1], axis=-1)  # [B, S-1, V]: position i predicts token i+1
             nxt = paddle.to_tensor(batch["input_ids"][:, 1:]).unsqueeze(-1)
