@@ -87,13 +87,14 @@ def _with_custom(builtin, custom):
 
 def decode_ids(model, inputs, max_new_tokens: int, eos_token_id: int, pad_token_id: Optional[int], top_k: int = 1,
                top_p: float = 1.0, temperature: float = 1.0, repetition_penalty: float = 1.0,
-               logits_processors=None, streamer=None):
+               logits_processors=None, streamer=None, runner=None):
     """Generate up to max_new_tokens for a left-padded batch; returns the [batch, steps] tensor of new ids.
 
     The same result as ``model.generate(**inputs, max_new_tokens=..., decode_strategy=greedy_search|sampling,
     ...)[0]`` with these settings (top_k=1 is greedy). logits_processors (a paddlenlp LogitsProcessorList or a
     list, each called (input_ids so far, logits) -> logits) combine with paddlenlp's own ones as in
-    generate(); streamer gets put([batch, 1] tokens) every step and end() at the end.
+    generate(); streamer gets put([batch, 1] tokens) every step and end() at the end. runner (a family's
+    decode_runner, e.g. LLaMA's in-place KV cache) computes each step's logits instead of the model's forward.
     """
     import paddle
     import paddle.nn.functional as F
@@ -127,13 +128,18 @@ def decode_ids(model, inputs, max_new_tokens: int, eos_token_id: int, pad_token_
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     unfinished = paddle.full([batch, 1], True, dtype="bool")
     pads = paddle.full([batch, 1], pad_token_id, dtype=input_ids.dtype)
+    next_tokens = None
     for step in range(max_new_tokens):
-        model_inputs = model.prepare_inputs_for_generation(input_ids, **model_kwargs)
-        if sampling:  # as sample(): drop the old cache reference before the step
-            model_kwargs["cache"] = None
-            model_kwargs["past_key_values"] = None
-        outputs = model(**model_inputs)
-        logits = model.adjust_logits_during_generation(logits_of(outputs)[:, -1, :])
+        if runner is not None:
+            last = runner.prefill(inputs, origin_len + max_new_tokens) if step == 0 else runner.step(next_tokens)
+        else:
+            model_inputs = model.prepare_inputs_for_generation(input_ids, **model_kwargs)
+            if sampling:  # as sample(): drop the old cache reference before the step
+                model_kwargs["cache"] = None
+                model_kwargs["past_key_values"] = None
+            outputs = model(**model_inputs)
+            last = logits_of(outputs)[:, -1, :]
+        logits = model.adjust_logits_during_generation(last)
         logits = processors(input_ids, logits)
         if sampling:
             if temperature is not None and temperature != 1.0:
@@ -153,7 +159,8 @@ def decode_ids(model, inputs, max_new_tokens: int, eos_token_id: int, pad_token_
         unfinished = paddle.logical_and(unfinished, next_tokens != eos_token_id)
         if step + 1 == max_new_tokens or not bool(unfinished.any()):
             break
-        model_kwargs = model.update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=encoder_decoder)
+        if runner is None:
+            model_kwargs = model.update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=encoder_decoder)
     if streamer is not None:
         streamer.end()
     return input_ids[:, origin_len:]

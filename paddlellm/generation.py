@@ -62,16 +62,18 @@ def generate_batch(model, family, inputs, max_new_tokens: int, eos_token_id: int
     """
     import paddle
 
-    from .cpu_kernels import generating
+    from .cpu_kernels import generating, wanted
 
     sampling = top_k != 1
     with paddle.no_grad(), generating():
         if own_loop if own_loop is not None else uses_own_loop(model, family, sampling):
             from .decode_loop import decode_ids
 
+            # on CPU, a family's runner (LLaMA: KV cache written in place) replaces the model's forward
+            runner = family.decode_runner(model) if wanted() else None
             return decode_ids(model, inputs, max_new_tokens, eos_token_id, pad_token_id, top_k=max(top_k, 0) if sampling else 1,
                               top_p=top_p, temperature=temperature, repetition_penalty=repetition_penalty,
-                              logits_processors=logits_processors, streamer=streamer)
+                              logits_processors=logits_processors, streamer=streamer, runner=runner)
         # paddlenlp 3.0.0b4 replaces max_new_tokens == 20 (its default) by the model's generation_config
         # max_length, so a 20-token request could run for thousands: pass max_length (= new tokens) too.
         kwargs: Dict = dict(max_new_tokens=max_new_tokens, max_length=max_new_tokens, eos_token_id=eos_token_id,

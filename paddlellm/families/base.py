@@ -353,6 +353,14 @@ class Family:
             attend[b, pads, pads] = True
         return attend
 
+    def decode_runner(self, model):
+        """What drives `model` in the decode loop instead of its own forward, or None (hook; CPU only, see
+        generation.generate_batch): an object with prefill(inputs, capacity) -> [batch, vocab] logits of the
+        prompt's last position (inputs as generate() receives them; capacity = prompt + new tokens) and
+        step(tokens [batch, 1]) -> the next [batch, vocab] logits, giving the model's own logits within float
+        rounding. LLaMA's keeps its KV cache in place (families/llama_decode.py)."""
+        return None
+
     def generation_inputs(self, tokenizer, prompts: List[List[int]], max_new_tokens: Optional[int] = None) -> Dict[str, np.ndarray]:
         """Left-padded inputs for generate() (hook: families with 2-D positions or special masks override).
 

@@ -41,6 +41,11 @@ class LlamaFamily(Family):
     def hf_tokenizer_config(self, tokenizer):
         return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False}
 
+    def decode_runner(self, model):
+        from .llama_decode import LlamaDecoder
+
+        return LlamaDecoder.for_model(model)
+
     def prefix_hooks(self):
         from paddlenlp.peft.prefix import llama_postprocess_past_key_value
 

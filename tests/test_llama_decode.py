@@ -1,0 +1,126 @@
+"""LLaMA's decode runner (families/llama_decode.py: KV cache written in place, prompts prefilled in chunks of
+rows of similar length) gives the model's own logits at every step and generate()'s tokens."""
+import numpy as np
+import pytest
+
+from paddlellm import cpu_kernels
+from paddlellm.families import get_family
+from paddlellm.families import llama_decode
+
+LLAMA = get_family("llama")
+# 11 prompts of scattered lengths (more than one prefill chunk of PREFILL_ROWS rows, not sorted by length)
+TEXTS = ["hi", "spell: 1 2 3 4 5 6 7 8 and more words here to make it long", "x y", "one two three four five",
+         "a", "spell: 9 8 7", "hello there how are you today my friend", "z", "one two", "spell: 4 4 4 4 4 4 4", "q w e r t y"]
+
+
+@pytest.fixture(scope="module")
+def loaded(llama):
+    from paddlellm.loading import load_for_inference
+
+    model, tok, fam, _ = load_for_inference(llama)
+    return model, tok
+
+
+def _inputs(tok, texts, new):
+    import paddle
+
+    from paddlellm.generation import _generation_inputs
+
+    prompts = [LLAMA.generation_prompt(tok, [t], [], 64) for t in texts]
+    assert len(texts) > llama_decode.PREFILL_ROWS
+    return {k: paddle.to_tensor(v) for k, v in _generation_inputs(LLAMA, tok, prompts, new).items()}
+
+
+def test_runner_is_used_where_exact_and_declines_the_rest(loaded, llama):
+    import paddle
+    from paddlenlp.peft import LoRAConfig, LoRAModel
+
+    model, _ = loaded
+    assert LLAMA.decode_runner(model) is not None
+    lora = LoRAModel(LLAMA.load_model(llama), LoRAConfig(target_modules=[".*q_proj.*", ".*v_proj.*"], r=4))
+    lora.eval()
+    assert LLAMA.decode_runner(lora) is not None  # LoRA layers are the model's own sublayers: driven as they are
+    gqa = LLAMA.new_model(llama, num_key_value_heads=2)
+    gqa.eval()
+    assert llama_decode.unsupported(gqa) == "grouped-query attention"
+    assert LLAMA.decode_runner(gqa) is None
+    fused = LLAMA.new_model(llama, fuse_attention_qkv=True)
+    fused.eval()
+    assert "fuse_attention_qkv" in llama_decode.unsupported(fused)
+    model.train()
+    try:
+        assert llama_decode.unsupported(model) == "training mode"
+    finally:
+        model.eval()
+    assert get_family("gpt-3").decode_runner(model) is None  # the registry's default: the model's own forward
+    with paddle.no_grad():
+        runner = LLAMA.decode_runner(model)
+        runner.prefill({"input_ids": paddle.to_tensor([[5, 6, 7]])}, capacity=4)
+        runner.step(paddle.to_tensor([[8]]))
+        with pytest.raises(ValueError, match="holds 4 tokens"):
+            runner.step(paddle.to_tensor([[9]]))
+
+
+def test_every_step_gives_the_models_own_logits(loaded):
+    """Prefill and 6 steps against the model's full forward over everything so far (no cache), row by row."""
+    import paddle
+
+    from paddlellm.families import logits_of
+
+    model, tok = loaded
+    inputs = _inputs(tok, TEXTS, 6)
+    ids, mask, pos = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
+    rng = np.random.default_rng(0)
+    with paddle.no_grad():
+        runner = LLAMA.decode_runner(model)
+        got = runner.prefill(inputs, ids.shape[1] + 6)
+        for step in range(7):
+            want = logits_of(model(input_ids=ids, attention_mask=mask, position_ids=pos))[:, -1, :]
+            assert got.shape == want.shape == [len(TEXTS), model.config.vocab_size]
+            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5, rtol=1e-5, err_msg=f"step {step}")
+            if step == 6:
+                break
+            nxt = paddle.to_tensor(rng.integers(3, model.config.vocab_size, size=[len(TEXTS), 1]))
+            ids = paddle.concat([ids, nxt], axis=1)
+            mask = paddle.concat([mask, paddle.ones_like(nxt)], axis=1)
+            pos = paddle.concat([pos, pos[:, -1:] + 1], axis=1)
+            got = runner.step(nxt)
+
+
+@pytest.mark.parametrize("settings", [{}, {"top_k": 0, "top_p": 0.9, "temperature": 0.7, "seed": 3},
+                                      {"repetition_penalty": 1.3}], ids=["greedy", "sampling", "penalty"])
+def test_same_tokens_as_the_model_forward_and_generate(loaded, settings, monkeypatch):
+    import paddle
+
+    from paddlellm import decode_loop
+    from paddlellm.generation import generate_batch
+
+    model, tok = loaded
+    settings = dict(settings)
+    seed = settings.pop("seed", None)
+    inputs = _inputs(tok, TEXTS, 12)
+    used = []
+    real_decode = decode_loop.decode_ids
+
+    def spy(*a, **kw):
+        used.append(kw.get("runner"))
+        return real_decode(*a, **kw)
+
+    monkeypatch.setattr(decode_loop, "decode_ids", spy)
+
+    def run(own_loop):
+        if seed is not None:
+            paddle.seed(seed)
+        return generate_batch(model, LLAMA, dict(inputs), 12, LLAMA.stop_token_id(tok), tok.pad_token_id, own_loop=own_loop,
+                              **settings).numpy()
+
+    with_runner = run(True)
+    assert isinstance(used[-1], llama_decode.LlamaDecoder)
+    monkeypatch.setenv(cpu_kernels.DISABLE_VAR, "0")  # CPU kernels off: no runner, the model's own forward
+    forward = run(True)
+    assert used[-1] is None
+    reference = run(False)  # paddlenlp's generate()
+    assert with_runner.shape == (len(TEXTS), 12)
+    np.testing.assert_array_equal(with_runner, forward)
+    np.testing.assert_array_equal(with_runner, reference)
+    assert len({tuple(r) for r in with_runner.tolist()}) > 3  # the rows really differ
