@@ -16,6 +16,12 @@ same values in fewer, cheaper CPU operations:
                      supervised positions only (prompt and padding positions add exactly 0 to the
                      loss and its gradient); the training forward then returns logits=None, as
                      paddlenlp's own fused-loss path does
+  llama_segment_attention
+                     attention computed per block of the mask instead of over the whole [seq, seq]
+                     square: a packed row of 512 tokens holding seven examples attends within each
+                     example (causal blocks), padding tails attend their fixed key range, and positions
+                     that attend only themselves take their value row as it is (softmax of one score is
+                     exactly 1); the masked entries the full product computes add exactly 0
   llama_last_logits  while generating (inside `generating()`), the lm_head runs on the last position
                      only: generation reads nothing else, and over a long prompt the [prompt, vocab]
                      product was a quarter of the prefill's work (ChatGLM2 does this itself with
@@ -332,6 +338,126 @@ def _patch_chatglm_v2_supervised_loss(model) -> int:
                                   fallback_args=("return_last_logit",), seq_first=True)
 
 
+# ------------------------------------------------------------------ attention per mask block
+_MAX_GROUPS = 96  # more query groups than this in a row (an unusual mask): the full masked product is cheaper
+
+
+def _query_groups(mask) -> "Optional[list]":
+    """Per row of a [B, 1, S, S] additive mask (0 = attend, finfo.min = not): a list of query groups
+    (q0, q1, k0, k1, kind) that reproduce it, kind "causal" (queries q0..q1-1 attend keys q0..q), "rect" (every
+    query attends keys k0..k1-1) or "self" (each query attends only itself); None when the mask is not of
+    that shape (or its values are not just 0 and finfo.min)."""
+    import numpy as np
+    import paddle
+
+    m = mask.numpy()
+    if m.ndim != 4 or m.shape[1] != 1 or m.shape[2] != m.shape[3]:
+        return None
+    m = m[:, 0]
+    attend = m == 0
+    if not (attend | (m == float(paddle.finfo(paddle.float32).min))).all() or not attend.any(-1).all():
+        return None
+    S = m.shape[-1]
+    idx = np.arange(S)
+    first = attend.argmax(-1)
+    last = S - 1 - attend[:, :, ::-1].argmax(-1)
+    if not (attend.sum(-1) == last - first + 1).all():  # every query attends one contiguous key range
+        return None
+    rows = []
+    for f, l in zip(first, last):
+        groups, i = [], 0
+        while i < S:
+            j = i + 1
+            if f[i] == i and l[i] == i:  # a causal block starts here (or a position attending only itself)
+                while j < S and f[j] == i and l[j] == j:
+                    j += 1
+                if j - i == 1:
+                    while j < S and f[j] == j and l[j] == j and (j + 1 >= S or f[j + 1] != j):
+                        j += 1
+                    groups.append((i, j, i, j, "self"))
+                else:
+                    groups.append((i, j, i, j, "causal"))
+            else:
+                while j < S and f[j] == f[i] and l[j] == l[i]:
+                    j += 1
+                groups.append((i, j, int(f[i]), int(l[i]) + 1, "rect"))
+            i = j
+        if len(groups) > _MAX_GROUPS:
+            return None
+        rows.append(groups)
+    return rows
+
+
+_original_llama_attention = None
+
+
+def _llama_segment_attention(query_states, config, key_states, value_states, attention_mask, output_attentions,
+                             alibi=None, attn_mask_startend_row_indices=None, sequence_parallel=False,
+                             reshard_layer=None, npu_is_casual=False, skip_recompute=False):
+    """paddlenlp's LLaMA scaled_dot_product_attention (same signature), computed per query group of the mask."""
+    import math
+
+    import paddle
+    import paddle.nn.functional as F
+
+    def original():
+        return _original_llama_attention(query_states, config, key_states, value_states, attention_mask, output_attentions,
+                                         alibi=alibi, attn_mask_startend_row_indices=attn_mask_startend_row_indices,
+                                         sequence_parallel=sequence_parallel, reshard_layer=reshard_layer,
+                                         npu_is_casual=npu_is_casual, skip_recompute=skip_recompute)
+
+    bsz, q_len, heads, head_dim = query_states.shape
+    if (output_attentions or alibi is not None or attn_mask_startend_row_indices is not None or sequence_parallel
+            or reshard_layer is not None or getattr(config, "use_flash_attention", False) or attention_mask is None
+            or query_states.dtype != paddle.float32 or key_states.shape[1] != q_len or len(attention_mask.shape) != 4):
+        return original()
+    cached = getattr(_state, "groups", None)  # the layers of one forward share its mask: analyse it once
+    if cached is None or cached[0] is not attention_mask:
+        cached = (attention_mask, _query_groups(attention_mask))
+        _state.groups = cached
+    groups = cached[1]
+    if groups is None:
+        return original()
+    scale = 1 / math.sqrt(head_dim)
+    causal = {}
+    rows = []
+    for b, row_groups in enumerate(groups):
+        parts = []
+        for q0, q1, k0, k1, kind in row_groups:
+            v = value_states[b:b + 1, k0:k1]
+            if kind == "self":  # softmax over one score is exactly 1: the output is the value row
+                parts.append(v)
+                continue
+            q = query_states[b:b + 1, q0:q1].transpose([0, 2, 1, 3])
+            k = key_states[b:b + 1, k0:k1].transpose([0, 2, 1, 3])
+            weights = paddle.matmul(q * scale, k, transpose_y=True)
+            if kind == "causal":
+                n = q1 - q0
+                if n not in causal:
+                    causal[n] = paddle.where(paddle.tril(paddle.ones([n, n], dtype="bool")), paddle.zeros([1]),
+                                             paddle.full([1], paddle.finfo(paddle.float32).min))
+                weights = weights + causal[n]
+            out = paddle.matmul(F.softmax(weights, axis=-1), v.transpose([0, 2, 1, 3]))
+            parts.append(out.transpose([0, 2, 1, 3]))
+        rows.append(paddle.concat(parts, axis=1) if len(parts) > 1 else parts[0])
+    out = paddle.concat(rows, axis=0) if len(rows) > 1 else rows[0]
+    return out.reshape([bsz, q_len, heads * head_dim])
+
+
+def _patch_llama_segment_attention(model) -> int:
+    global _original_llama_attention
+    from paddlenlp.transformers.llama import modeling
+
+    if _original_llama_attention is None:
+        _original_llama_attention = modeling.scaled_dot_product_attention
+    n = 0
+    for layer in model.sublayers(include_self=True):
+        if isinstance(layer, modeling.LlamaAttention) and getattr(layer, "attn_func", None) is _original_llama_attention:
+            layer.attn_func = _llama_segment_attention
+            n += 1
+    return 1 if n else 0
+
+
 def _patch_last_logits(model, backbone: Callable, head: Callable, output_class: str) -> int:
     """Inside `generating()`, in eval mode without labels: the head on the last position only ([batch, 1, vocab]
     logits). backbone/head as in _patch_supervised_loss (batch-first hidden states). Anything else runs the
@@ -382,6 +508,7 @@ PATCHES: Dict[str, Callable] = {
     "llama_rotary": _patch_llama_rotary,
     "llama_supervised_loss": _patch_llama_supervised_loss,
     "llama_last_logits": _patch_llama_last_logits,
+    "llama_segment_attention": _patch_llama_segment_attention,
     "chatglm_v2_supervised_loss": _patch_chatglm_v2_supervised_loss,
 }
 

@@ -19,44 +19,14 @@ criteria objects and rebuilds per-step bookkeeping. This loop keeps only what de
 The other per-step cost this removes is not Python: the KV cache grows by concatenation inside the model
 (one new [batch, heads, length, head_dim] tensor per layer, key and value, per step) and glibc returns each
 such block (above its mmap threshold) to the system when freed, so every step page-faults fresh memory
-in; see keep_freed_memory.
+in; see cpu_runtime.keep_freed_memory (set for every command by runtime.setup_runtime, and here again for
+callers that did not go through it). A family's decode_runner (LLaMA's) avoids the concatenation itself.
 """
 from __future__ import annotations
 
 from typing import Optional
 
-_MEMORY_KEPT = False
-
-
-def keep_freed_memory() -> None:
-    """Make glibc keep freed large blocks for reuse instead of unmapping them (once per process).
-
-    Workaround (paddle CPU allocator + glibc defaults): a tensor above glibc's mmap threshold (128 KiB, raised
-    dynamically up to 32 MiB) gets its own mmap, and its free returns the pages to the kernel. The decode
-    step allocates a larger KV cache block per layer every step, so each one is fresh memory that
-    page-faults in: measured on the 2-core machine, concatenating a [32, 8, 300, 64] cache took ~37 ms
-    instead of ~2-3 ms with the blocks kept. Raising the mmap and trim thresholds keeps freed blocks in the
-    heap. Only the process's peak memory stays reserved; no result changes. No-op where glibc is absent.
-    """
-    global _MEMORY_KEPT
-    if _MEMORY_KEPT:
-        return
-    _MEMORY_KEPT = True
-    set_malloc_thresholds(1 << 30)
-
-
-def set_malloc_thresholds(nbytes: int) -> bool:
-    """glibc mallopt M_MMAP_THRESHOLD and M_TRIM_THRESHOLD (bench/generate_throughput.py resets them for the
-    'before' arm); False where it is unavailable."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, nbytes)) and bool(libc.mallopt(m_trim_threshold, nbytes))
-    except (OSError, AttributeError):
-        return False
+from .cpu_runtime import keep_freed_memory, set_malloc_thresholds  # noqa: F401  (bench/ resets them per arm)
 
 
 def _generation_settings(model):

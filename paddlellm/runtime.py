@@ -40,6 +40,7 @@ def setup_runtime(quiet: bool = False) -> None:
     from . import cpu_runtime
 
     cpu_runtime.configure()
+    cpu_runtime.keep_freed_memory()  # freed tensors stay in the heap: no page faults on every new activation
     warnings.filterwarnings("ignore", message=".*ccache.*")
     warnings.filterwarnings("ignore", message=".*Setuptools is replacing distutils.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)

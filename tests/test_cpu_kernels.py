@@ -236,3 +236,65 @@ def test_dense_views_turns_stride_kernels_off_and_restores_them(monkeypatch):
     monkeypatch.setenv(cpu_kernels.DISABLE_VAR, "0")
     with cpu_kernels.dense_views():
         assert paddle.get_flags([flag])[flag] is True  # switched off: paddle's default kept
+
+
+def _additive(attend):
+    """A bool [B, 1, S, S] may-attend mask as paddlenlp's LLaMA turns it into an additive one (0 / finfo.min)."""
+    import paddle
+
+    return paddle.where(paddle.to_tensor(attend), paddle.zeros([1]), paddle.full([1], paddle.finfo(paddle.float32).min))
+
+
+def test_query_groups_of_packed_padded_and_other_masks(tiny_dir):
+    """The mask analysis behind llama_segment_attention: packed rows give one causal block per example and a
+    'self' run for the padding, right-padded rows a causal block and a rectangle; anything else gives None."""
+    fam = get_family("llama")
+    tok = fam.load_tokenizer(tiny_dir("llama"))
+    exs = [fam.encode(tok, s, t, 64, 32) for s, t in EXAMPLES]
+    n = [len(e) for e in exs]
+    packed = fam.build_batch([exs[:2], exs[2:]], tok.pad_token_id)["attention_mask"]
+    S = packed.shape[-1]
+    groups = cpu_kernels._query_groups(_additive(packed))
+    for row, lengths in zip(groups, ([n[0], n[1]], [n[2]])):
+        want, at = [], 0
+        for k in lengths:
+            want.append((at, at + k, at, at + k, "causal"))
+            at += k
+        if at < S:
+            want.append((at, S, at, S, "self"))  # the padding tail: each position attends only itself
+        assert row == want
+    assert any(g[4] == "self" for row in groups for g in row)
+
+    # a 2-D right-padded mask as LlamaModel expands it (causal & keys of the row): causal block + padding rectangle
+    L, used = 9, 6
+    causal = np.tril(np.ones([L, L], bool))
+    keys = np.arange(L) < used
+    assert cpu_kernels._query_groups(_additive((causal & keys)[None, None])) == [[(0, used, 0, used, "causal"), (used, L, 0, used, "rect")]]
+    # a query attending keys {0, 2} (not one contiguous range), or a bias that is not 0/min: the full product
+    holes = causal.copy()
+    holes[2, 1] = False
+    assert cpu_kernels._query_groups(_additive(holes[None, None])) is None
+    import paddle
+
+    assert cpu_kernels._query_groups(_additive(causal[None, None]) + paddle.full([1], 0.5)) is None
+
+
+def test_segment_attention_runs_on_packed_and_padded_batches(tiny_dir, monkeypatch):
+    """The patched attention takes the per-block path (not its fallback) on both batch kinds the trainer makes,
+    with the same logits as the unpatched model (the test above compares loss and gradients too)."""
+    import paddle
+
+    path = tiny_dir("llama")
+    plain, patched = _models("llama", path)
+    plain.eval(), patched.eval()
+    seen = []
+    real = cpu_kernels._query_groups
+    monkeypatch.setattr(cpu_kernels, "_query_groups", lambda m: seen.append(real(m)) or seen[-1])
+    for name, batch in _batches("llama", path).items():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with paddle.no_grad():
+            a, b = (logits_of(m(**inputs)).numpy() for m in (plain, patched))
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5, err_msg=name)
+        assert seen and seen[-1] is not None, name
+        assert {g[4] for row in seen[-1] for g in row} >= ({"causal", "self"} if name == "packed" else {"causal"})
+    assert len(seen) == 2  # analysed once per forward, not once per layer

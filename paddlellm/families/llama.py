@@ -76,6 +76,7 @@ FAMILY = LlamaFamily(
     hf_model_type="llama",
     # input_layernorm -> q/k/v (separate), post_attention_layernorm -> gate/up (read in parallel)
     shift_smooth_pairing={"fused_qkv": False, "parallel_ffn": True},
-    cpu_patches=("llama_rms_norm", "llama_rotary", "llama_supervised_loss", "llama_last_logits"),
+    cpu_patches=("llama_rms_norm", "llama_rotary", "llama_supervised_loss", "llama_last_logits",
+                 "llama_segment_attention"),
     notes="Pads with <unk> (LLaMA has no pad token). Every reply ends with </s> and is supervised.",
 )
