@@ -238,19 +238,33 @@ _original_llama_rotary = None
 
 
 def _llama_rotary(q, k, cos, sin, position_ids):
-    """paddlenlp's apply_rotary_pos_emb, with rotate_half(x) * sin computed as roll(x, d/2) * sin_signed."""
+    """paddlenlp's apply_rotary_pos_emb, with rotate_half(x) * sin computed as roll(x, d/2) * sin_signed, and the
+    cos/sin tables gathered at the positions and tiled over the heads once per forward (every layer gets the
+    same position_ids tensor): paddle's CPU multiply is several times slower when it broadcasts [.., 1, d]
+    over the heads than on same-shape operands, forward and backward."""
     import paddle
 
     if not _active() or position_ids is None:
         return _original_llama_rotary(q, k, cos, sin, position_ids)
-    d = q.shape[-1]
-    half = d // 2
-    # rotate_half(x) = [-x2, x1] = roll(x, d/2) * [-1.., +1..]: fold the signs into the [seq, d] sin table.
-    sign = paddle.concat([paddle.full([half], -1.0, sin.dtype), paddle.full([d - half], 1.0, sin.dtype)])
-    cos = cos.squeeze(axis=[0, 2])[position_ids].unsqueeze(2)  # [bs, seq_len, 1, d]
-    sin = (sin.squeeze(axis=[0, 2]) * sign)[position_ids].unsqueeze(2)
-    q_embed = q * cos + paddle.roll(q, half, axis=-1) * sin
-    k_embed = k * cos + paddle.roll(k, half, axis=-1) * sin
+    cached = getattr(_state, "rotary", None)
+    if cached is None or cached[0] is not position_ids or cached[1] != (q.shape, k.shape):
+        d = q.shape[-1]
+        half = d // 2
+        # rotate_half(x) = [-x2, x1] = roll(x, d/2) * [-1.., +1..]: fold the signs into the [seq, d] sin table.
+        sign = paddle.concat([paddle.full([half], -1.0, sin.dtype), paddle.full([d - half], 1.0, sin.dtype)])
+        c = cos.squeeze(axis=[0, 2])[position_ids].unsqueeze(2)  # [bs, seq_len, 1, d]
+        s = (sin.squeeze(axis=[0, 2]) * sign)[position_ids].unsqueeze(2)
+        tables = {}
+        for heads in {q.shape[2], k.shape[2]}:
+            tables[heads] = (paddle.tile(c, [1, 1, heads, 1]), paddle.tile(s, [1, 1, heads, 1]))
+        cached = (position_ids, (q.shape, k.shape), tables)
+        _state.rotary = cached
+    tables = cached[2]
+    half = q.shape[-1] // 2
+    qc, qs = tables[q.shape[2]]
+    kc, ks = tables[k.shape[2]]
+    q_embed = q * qc + paddle.roll(q, half, axis=-1) * qs
+    k_embed = k * kc + paddle.roll(k, half, axis=-1) * ks
     return q_embed, k_embed
 
 
