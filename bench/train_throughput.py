@@ -191,6 +191,7 @@ def child_prepare(work: str) -> None:
     slots = np.array([BATCH_UNPACKED * s.max() for s in sims])
     real = np.array([s.sum() for s in sims])
     ctx = float(((lens + 1) / 2 * lens).sum() / lens.sum())  # mean causal context per real token
+    supervised = sum(sum(1 for t in e.labels if t != -100) for e in examples) / float(lens.sum())
     _result({
         "model_dir": model_dir, "data_dir": data_dir, "tokenizer_vocab": len(tok), "words": len(words),
         "examples": len(examples), "truncated": int(truncated), "real_tokens": int(lens.sum()),
@@ -198,6 +199,7 @@ def child_prepare(work: str) -> None:
                    "p90": float(np.percentile(lens, 90)), "p99": float(np.percentile(lens, 99)), "max": int(lens.max()),
                    "share_30_150": float(((lens >= 30) & (lens <= 150)).mean())},
         "mean_context": ctx,
+        "supervised_fraction": supervised,
         "packed_rows": len(rows), "packed_padding": 1 - eff,
         "unpacked_slots_per_step": float(slots.mean()), "unpacked_padding": float(1 - real.sum() / slots.sum()),
     })
@@ -265,9 +267,13 @@ def child_train(argv) -> None:
 
 
 # ------------------------------------------------------------------ parent
-def model_flops_per_token(kind: str, ctx: float, params: dict) -> float:
+def model_flops_per_token(kind: str, ctx: float, params: dict, supervised: float = 1.0) -> float:
+    """Model FLOPs per real token: the decoder's matmuls for every token, the output head for the supervised
+    share of tokens only (the loss needs no logits at prompt positions), attention over the mean causal context.
+    (Counting the head for every token, as before, put our packed MFU above 100% once the head ran on the
+    supervised positions only.)"""
     h, L, i, V = (MODEL[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"))
-    n_matmul = L * (4 * h * h + 3 * h * i) + h * V
+    n_matmul = L * (4 * h * h + 3 * h * i) + h * V * supervised
     attn = 12 * L * h * ctx
     if kind == "sft":
         return 6 * n_matmul + attn
@@ -302,7 +308,7 @@ def summarise(kind, packed, r, prep, warmup, log_text):
     slots = sum(b[1] for b in timed)
     secs = wall[last] - wall[warmup]
     tps = real / secs
-    fpt = model_flops_per_token(kind, prep["mean_context"], r["params"])
+    fpt = model_flops_per_token(kind, prep["mean_context"], r["params"], prep.get("supervised_fraction", 1.0))
     m = re.search(r"packing efficiency ([\d.]+)%", log_text)
     per_step = [{"step": st, "s": round(w - wall[st - 1], 3), "real": b[0], "slots": b[1]}
                 for (st, w, _), b in zip(steps[1:], r["batches"])]
@@ -463,7 +469,7 @@ def main() -> None:
             best["attempts"] = [{k: a[k] for k in ("effective_tokens_per_s", "other_processes_cpu_share", "wall_s")} for a in attempts]
             if args.peer_python:
                 peer = run_peer(kind, name, plan, work, usable_cores, args.peer_python)
-                fpt = model_flops_per_token(kind, prep["mean_context"], peer["params"])
+                fpt = model_flops_per_token(kind, prep["mean_context"], peer["params"], prep.get("supervised_fraction", 1.0))
                 peer["achieved_gflops"] = round(fpt * peer["effective_tokens_per_s"] / 1e9, 2)
                 best["peer"] = peer
                 best["ratio_to_peer"] = round(best["effective_tokens_per_s"] / peer["effective_tokens_per_s"], 3)

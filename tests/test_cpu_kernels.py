@@ -298,3 +298,35 @@ def test_segment_attention_runs_on_packed_and_padded_batches(tiny_dir, monkeypat
         assert seen and seen[-1] is not None, name
         assert {g[4] for row in seen[-1] for g in row} >= ({"causal", "self"} if name == "packed" else {"causal"})
     assert len(seen) == 2  # analysed once per forward, not once per layer
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_views_same_logits_and_gradients_for_every_family(family, tiny_dir):
+    """dense_views() is on for every family (training steps, evaluation, generation): the same forward and
+    backward with paddle's stride kernels on and off give the same logits, loss and gradients."""
+    import paddle
+
+    path = tiny_dir(family)
+    model = get_family(family).load_model(path)
+    model.train()
+    batches = _batches(family, path)
+
+    def run():
+        out = {}
+        for name, batch in batches.items():
+            model.clear_gradients()
+            res = model(**batch)
+            loss = res[0] if isinstance(res, (tuple, list)) else res.loss
+            loss.backward()
+            out[name] = (float(loss), {p.name: p.grad.numpy().copy() for p in model.parameters() if p.grad is not None})
+        return out
+
+    plain = run()
+    with cpu_kernels.dense_views():
+        dense = run()
+    for name in batches:
+        assert dense[name][0] == pytest.approx(plain[name][0], rel=1e-6, abs=1e-6), name
+        grads_a, grads_b = plain[name][1], dense[name][1]
+        assert grads_a.keys() == grads_b.keys() and grads_a
+        for k in grads_a:
+            np.testing.assert_allclose(grads_b[k], grads_a[k], atol=1e-6, rtol=1e-5, err_msg=f"{family} {name}: {k}")
