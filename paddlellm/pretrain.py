@@ -409,6 +409,9 @@ def _train(family, objective, prefixes, model_args, data_args, extra, training, 
 
     set_seed(args.seed)  # before the model is built: a fresh model's weights come from this seed
     model = build_model(family, model_args, args, tokenizer, gpu)
+    from .cpu_kernels import apply as apply_cpu_kernels
+
+    model = apply_cpu_kernels(family, model)  # cheaper CPU formulations of the same maths (not on GPUs)
     params = sum(int(p.numel()) for p in model.parameters())
     log.info(f"pretraining {family.name} ({params:,} parameters, {'continued' if model_args.continue_training else 'from scratch'}, "
              f"objective {objective}) on {len(train_ds)} samples of {data_args.max_seq_length} tokens")

@@ -124,3 +124,9 @@ def test_same_tokens_as_the_model_forward_and_generate(loaded, settings, monkeyp
     np.testing.assert_array_equal(with_runner, forward)
     np.testing.assert_array_equal(with_runner, reference)
     assert len({tuple(r) for r in with_runner.tolist()}) > 3  # the rows really differ
+
+
+def test_prefill_chunks_group_rows_of_similar_length():
+    chunks = [c.tolist() for c in llama_decode.prefill_chunks([100, 280, 150, 200, 120, 110, 100, 100])]
+    assert chunks == [[1], [3, 2], [4, 5, 0, 6, 7]]  # each row >= 3/4 of its chunk's longest; longest first
+    assert [len(c) for c in llama_decode.prefill_chunks([7] * 20)] == [8, 8, 4]  # at most PREFILL_ROWS rows

@@ -26,7 +26,8 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional
 
-PREFILL_ROWS = 8  # rows per prefill chunk: rows are grouped by prompt length, each chunk runs over its own longest
+PREFILL_ROWS = 8  # most rows per prefill chunk: rows are grouped by prompt length, each chunk runs over its own longest
+PREFILL_FILL = 0.75  # a row joins the current chunk only if it is at least this share of the chunk's longest prompt
 
 
 def _inner(model):
@@ -77,6 +78,21 @@ def unsupported(model) -> Optional[str]:
     if inner.llama.embed_tokens.weight.dtype != paddle.float32:
         return "weights not float32"
     return None
+
+
+def prefill_chunks(lengths) -> list:
+    """Row indices grouped for the prefill, longest prompts first: a chunk takes at most PREFILL_ROWS rows,
+    each at least PREFILL_FILL of its first (longest) row's length, so little padding is computed."""
+    import numpy as np
+
+    lengths = np.asarray(lengths)
+    chunks: list = []
+    for row in np.argsort(-lengths, kind="stable"):
+        if chunks and len(chunks[-1]) < PREFILL_ROWS and lengths[row] >= PREFILL_FILL * lengths[chunks[-1][0]]:
+            chunks[-1].append(row)
+        else:
+            chunks.append([row])
+    return [np.array(c) for c in chunks]
 
 
 class LlamaDecoder:
@@ -168,8 +184,7 @@ class LlamaDecoder:
 
         real = mask.numpy().astype(bool)
         first = np.where(real.any(1), real.argmax(1), length)  # first attended column per row (left padding)
-        order = np.argsort(first, kind="stable")  # longest prompts first
-        chunks = [order[i:i + PREFILL_ROWS] for i in range(0, batch, PREFILL_ROWS)]
+        chunks = prefill_chunks(length - first)
         cos_all, sin_all = self._rotary(positions, length)
         caches: List[List] = [[] for _ in self.layers]
         logits = []
