@@ -434,16 +434,20 @@ def _llama_segment_attention(query_states, config, key_states, value_states, att
         return original()
     scale = 1 / math.sqrt(head_dim)
     causal = {}
+    # one split per tensor (its backward is one concat) instead of a slice per block (each slice's backward
+    # writes into a zero tensor of the whole input's size)
+    q_rows, k_rows, v_rows = ((paddle.split(t, bsz, axis=0) if bsz > 1 else [t]) for t in (query_states, key_states, value_states))
     rows = []
     for b, row_groups in enumerate(groups):
+        q_parts = _split_seq(q_rows[b], [(q0, q1) for q0, q1, _, _, _ in row_groups], q_len)
+        k_parts = _split_seq(k_rows[b], [(k0, k1) for _, _, k0, k1, _ in row_groups], q_len)
+        v_parts = _split_seq(v_rows[b], [(k0, k1) for _, _, k0, k1, _ in row_groups], q_len)
         parts = []
-        for q0, q1, k0, k1, kind in row_groups:
-            v = value_states[b:b + 1, k0:k1]
+        for (q0, q1, k0, k1, kind), q, k, v in zip(row_groups, q_parts, k_parts, v_parts):
             if kind == "self":  # softmax over one score is exactly 1: the output is the value row
                 parts.append(v)
                 continue
-            q = query_states[b:b + 1, q0:q1].transpose([0, 2, 1, 3])
-            k = key_states[b:b + 1, k0:k1].transpose([0, 2, 1, 3])
+            q, k = q.transpose([0, 2, 1, 3]), k.transpose([0, 2, 1, 3])
             weights = paddle.matmul(q * scale, k, transpose_y=True)
             if kind == "causal":
                 n = q1 - q0
@@ -456,6 +460,16 @@ def _llama_segment_attention(query_states, config, key_states, value_states, att
         rows.append(paddle.concat(parts, axis=1) if len(parts) > 1 else parts[0])
     out = paddle.concat(rows, axis=0) if len(rows) > 1 else rows[0]
     return out.reshape([bsz, q_len, heads * head_dim])
+
+
+def _split_seq(t, spans, length):
+    """The [1, span, ...] pieces of t [1, length, ...] for each (start, end) in spans: one split over the
+    sequence when the spans tile it in order (query groups always do), else a slice per span."""
+    import paddle
+
+    if spans[0][0] == 0 and spans[-1][1] == length and all(a[1] == b[0] for a, b in zip(spans, spans[1:])):
+        return paddle.split(t, [e - s for s, e in spans], axis=1) if len(spans) > 1 else [t]
+    return [t[:, s:e] for s, e in spans]
 
 
 def _patch_llama_segment_attention(model) -> int:
