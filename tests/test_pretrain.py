@@ -256,7 +256,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tiny_dir, data_of, stra
     assert seen[:4] == [list(range(i, i + 4)) for i in range(16, 32, 4)]
     assert_weights(weights(killed_run), weights(straight_run))
     ev = lambda out: [r["eval_loss"] for r in history(out) if "eval_loss" in r][-1]  # noqa: E731
-    assert ev(killed_run) == ev(straight_run)
+    assert ev(killed_run) == pytest.approx(ev(straight_run), rel=1e-6)  # float rounding: see assert_weights
 
 
 def test_continue_training_starts_from_the_weights(tiny_dir, data_of, straight_run, tmp_path):

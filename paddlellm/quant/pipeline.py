@@ -31,6 +31,10 @@ def load_float_model(plan):
             _plain_linears(model)
         else:
             model = plan.family.load_model(plan.base, dtype="float32")
+    from ..cpu_kernels import apply as apply_cpu_kernels
+
+    # as load_for_inference runs the saved folder (the reload check compares the two bit for bit)
+    model = apply_cpu_kernels(plan.family, model)
     model.eval()
     return model
 
