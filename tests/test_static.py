@@ -351,3 +351,21 @@ def test_export_help_is_fast_and_lists_arguments():
         assert name in out
     proc = subprocess.run([sys.executable, "-m", "paddlellm.cli", "export", "--output_path", "x"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == "error: model_name_or_path is required (a model folder or a PaddleNLP model name)"
+
+
+def test_static_forward_gives_the_math_threads_back(exported, monkeypatch):
+    """A paddle.inference run leaves the calling thread's math library on one thread; every static forward sets
+    our runtime's count back (else the decode loop's own ops, and any dynamic model in the process, run on one)."""
+    import paddle
+
+    from paddlellm import static_runtime
+    from paddlellm.generation import generate_ids
+
+    shell, tok = static_runtime.load_static(exported("llama"), get_family("llama"))
+    calls = []
+    real = paddle.base.core.set_num_threads
+    monkeypatch.setattr(paddle.base.core, "set_num_threads", lambda n: calls.append(n) or real(n))
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    replies = generate_ids(shell, tok, get_family("llama"), [[5, 6, 7], [8, 9]], 3)
+    assert len(replies) == 2
+    assert calls and set(calls) == {2} and len(calls) >= 3  # after every step's run
