@@ -85,9 +85,11 @@ def main() -> int:
             plain, tok, _, _ = load_for_inference(folder)
             os.environ.pop(OFF)
             patched, _, _, _ = load_for_inference(folder)
+            # prompts as predict builds them (the family's template and special tokens: ChatGLM needs its gMASK),
+            # from n random words each
             rng = np.random.default_rng(0)
-            low = max(tok.all_special_ids or [0]) + 1
-            prompts = [[int(t) for t in rng.integers(low, len(tok), size=n)] for n in lengths]
+            words = "one two three four five six seven eight nine ten spell hello there words more and".split()
+            prompts = [family.generation_prompt(tok, [" ".join(rng.choice(words, size=n))], [], 1024) for n in lengths]
             best = {"off": 0.0, "on": 0.0}
             same = True
             for r in range(args.rounds):
@@ -99,7 +101,8 @@ def main() -> int:
                 best = {"off": max(best["off"], off), "on": max(best["on"], on)}
                 print(f"round {r + 1}  {name:10s}  off {off:7.1f}  on {on:7.1f} tokens/s  same replies: {replies_on == replies_off}", flush=True)
             runner = family.decode_runner(patched) is not None
-            results[name] = {"off_tokens_per_s": round(best["off"], 1), "on_tokens_per_s": round(best["on"], 1),
+            results[name] = {"prompt_tokens": sum(len(p) for p in prompts),
+                             "off_tokens_per_s": round(best["off"], 1), "on_tokens_per_s": round(best["on"], 1),
                              "on_over_off": round(best["on"] / best["off"], 2), "same_replies": same,
                              "decode_runner": runner, "cpu_patches": list(family.cpu_patches)}
             del plain, patched
