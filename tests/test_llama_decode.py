@@ -61,12 +61,16 @@ def test_runner_is_used_where_exact_and_declines_the_rest(loaded, llama):
             runner.step(paddle.to_tensor([[9]]))
 
 
-def test_every_step_gives_the_models_own_logits(loaded):
-    """Prefill and 6 steps against the model's full forward over everything so far (no cache), row by row."""
+@pytest.mark.parametrize("grow", [None, 2], ids=["cache-allocated-once", "cache-grows-every-2-steps"])
+def test_every_step_gives_the_models_own_logits(loaded, grow, monkeypatch):
+    """Prefill and 6 steps against the model's full forward over everything so far (no cache), row by row; also
+    with a cache that starts small and grows (copied into a larger one) on the way."""
     import paddle
 
     from paddlellm.families import logits_of
 
+    if grow:
+        monkeypatch.setattr(llama_decode, "KV_GROW", grow)
     model, tok = loaded
     inputs = _inputs(tok, TEXTS, 6)
     ids, mask, pos = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
@@ -74,6 +78,7 @@ def test_every_step_gives_the_models_own_logits(loaded):
     with paddle.no_grad():
         runner = LLAMA.decode_runner(model)
         got = runner.prefill(inputs, ids.shape[1] + 6)
+        first = runner.capacity
         for step in range(7):
             want = logits_of(model(input_ids=ids, attention_mask=mask, position_ids=pos))[:, -1, :]
             assert got.shape == want.shape == [len(TEXTS), model.config.vocab_size]
@@ -85,6 +90,9 @@ def test_every_step_gives_the_models_own_logits(loaded):
             mask = paddle.concat([mask, paddle.ones_like(nxt)], axis=1)
             pos = paddle.concat([pos, pos[:, -1:] + 1], axis=1)
             got = runner.step(nxt)
+        if grow:
+            prompt = inputs["input_ids"].shape[1]
+            assert first == prompt + 2 and runner.capacity == runner.max_capacity == prompt + 6  # it grew, to the cap
 
 
 @pytest.mark.parametrize("settings", [{}, {"top_k": 0, "top_p": 0.9, "temperature": 0.7, "seed": 3},
@@ -130,3 +138,19 @@ def test_prefill_chunks_group_rows_of_similar_length():
     chunks = [c.tolist() for c in llama_decode.prefill_chunks([100, 280, 150, 200, 120, 110, 100, 100])]
     assert chunks == [[1], [3, 2], [4, 5, 0, 6, 7]]  # each row >= 3/4 of its chunk's longest; longest first
     assert [len(c) for c in llama_decode.prefill_chunks([7] * 20)] == [8, 8, 4]  # at most PREFILL_ROWS rows
+
+
+def test_a_growing_cache_gives_the_same_tokens(loaded, monkeypatch):
+    """A cache that starts with 3 free slots and grows several times on the way: generate()'s greedy tokens."""
+    import paddle
+
+    from paddlellm.generation import generate_batch
+
+    model, tok = loaded
+    inputs = _inputs(tok, TEXTS, 12)
+    args = (model, LLAMA, dict(inputs), 12, LLAMA.stop_token_id(tok), tok.pad_token_id)
+    reference = generate_batch(*args, own_loop=False).numpy()
+    monkeypatch.setattr(llama_decode, "KV_GROW", 3)
+    grown = generate_batch(*args, own_loop=True).numpy()
+    np.testing.assert_array_equal(grown, reference)
+    del paddle

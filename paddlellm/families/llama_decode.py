@@ -12,6 +12,8 @@ capacity, head_dim] and each new key/value written into its slot:
   v) over the whole capacity: slots not written yet are masked like padding, so their weight is exactly 0;
 - positions, masks and rotary tables follow paddlenlp's generation rules (left padding, position_ids from
   the inputs then +1 per step, every row's mask extended by one each step, the rotary module's own cos/sin);
+- the cache holds the prompt plus KV_GROW slots at first and grows (one copy) when they are used up, up to the
+  capacity asked for, so a batch that stops early never holds a cache for max_new_tokens;
 - the prompt is run in chunks of rows of similar length, each over its own longest prompt only, so the
   padding of a mixed-length batch is not computed (only the last position's logits are kept).
 
@@ -28,6 +30,7 @@ from typing import Dict, List, Optional
 
 PREFILL_ROWS = 8  # most rows per prefill chunk: rows are grouped by prompt length, each chunk runs over its own longest
 PREFILL_FILL = 0.75  # a row joins the current chunk only if it is at least this share of the chunk's longest prompt
+KV_GROW = 64  # the cache starts at prompt + this many slots (at most the capacity asked) and grows by at least as many
 
 
 def _inner(model):
@@ -175,6 +178,8 @@ class LlamaDecoder:
             positions = paddle.arange(length).expand((batch, length))
         keep = mask.astype("bool")
         minimum = paddle.finfo(paddle.float32).min
+        self.max_capacity = capacity
+        capacity = min(capacity, length + KV_GROW)
         # additive [B, capacity] mask: 0 where attended, finfo.min at padding and at slots not written yet
         self.mask = paddle.full([batch, capacity], minimum, dtype="float32")
         self.mask[:, :length] = paddle.where(keep, paddle.zeros([batch, length]), paddle.full([batch, length], minimum))
@@ -218,13 +223,26 @@ class LlamaDecoder:
             self.cache = [list(layer_chunks[0]) for layer_chunks in caches]
             return logits[0]
 
+    def _grow(self, capacity: int) -> None:
+        """Copy the cache and mask into room for `capacity` tokens (new slots masked like padding)."""
+        import paddle
+
+        extra = capacity - self.capacity
+        batch = self.mask.shape[0]
+        self.mask = paddle.concat([self.mask, paddle.full([batch, extra], paddle.finfo(paddle.float32).min, dtype="float32")], axis=1)
+        zeros = paddle.zeros([batch, self.heads, extra, self.head_dim])
+        self.cache = [[paddle.concat([t, zeros], axis=2) for t in kv] for kv in self.cache]
+        self.capacity = capacity
+
     def step(self, tokens):
         """Feed one token per row ([B, 1] ids); returns the next logits [B, vocab]."""
         import paddle
 
         slot = self.next_slot
         if slot >= self.capacity:
-            raise ValueError(f"the KV cache holds {self.capacity} tokens; more were fed")
+            if self.capacity >= self.max_capacity:
+                raise ValueError(f"the KV cache holds {self.max_capacity} tokens; more were fed")
+            self._grow(min(self.max_capacity, self.capacity + max(KV_GROW, self.capacity // 2)))
         self.next_slot += 1
         self.positions = self.positions + 1
         self.mask[:, slot] = 0.0  # generate() extends every row's mask by one each step
