@@ -142,8 +142,6 @@ def test_prefill_chunks_group_rows_of_similar_length():
 
 def test_a_growing_cache_gives_the_same_tokens(loaded, monkeypatch):
     """A cache that starts with 3 free slots and grows several times on the way: generate()'s greedy tokens."""
-    import paddle
-
     from paddlellm.generation import generate_batch
 
     model, tok = loaded
@@ -153,4 +151,3 @@ def test_a_growing_cache_gives_the_same_tokens(loaded, monkeypatch):
     monkeypatch.setattr(llama_decode, "KV_GROW", 3)
     grown = generate_batch(*args, own_loop=True).numpy()
     np.testing.assert_array_equal(grown, reference)
-    del paddle
