@@ -42,8 +42,11 @@ def test_runner_is_used_where_exact_and_declines_the_rest(loaded, llama):
     assert LLAMA.decode_runner(lora) is not None  # LoRA layers are the model's own sublayers: driven as they are
     gqa = LLAMA.new_model(llama, num_key_value_heads=2)
     gqa.eval()
-    assert llama_decode.unsupported(gqa) == "grouped-query attention"
-    assert LLAMA.decode_runner(gqa) is None
+    assert llama_decode.unsupported(gqa) is None  # grouped-query attention: driven (logits tested below)
+    odd = LLAMA.new_model(llama, num_key_value_heads=3)
+    odd.eval()
+    assert llama_decode.unsupported(odd) == "query heads not a multiple of key/value heads"
+    assert LLAMA.decode_runner(odd) is None
     fused = LLAMA.new_model(llama, fuse_attention_qkv=True)
     fused.eval()
     assert "fuse_attention_qkv" in llama_decode.unsupported(fused)
@@ -65,13 +68,31 @@ def test_runner_is_used_where_exact_and_declines_the_rest(loaded, llama):
 def test_every_step_gives_the_models_own_logits(loaded, grow, monkeypatch):
     """Prefill and 6 steps against the model's full forward over everything so far (no cache), row by row; also
     with a cache that starts small and grows (copied into a larger one) on the way."""
+    if grow:
+        monkeypatch.setattr(llama_decode, "KV_GROW", grow)
+    model, tok = loaded
+    _check_steps(model, tok, grow)
+
+
+def test_grouped_query_attention_gives_the_models_own_logits(loaded, llama):
+    """num_key_value_heads 2 of 4 heads (repeat_kv in paddlenlp): the runner attends per group, same logits."""
+    _, tok = loaded
+    gqa = LLAMA.new_model(llama, num_key_value_heads=2)
+    gqa.eval()
+    runner = LLAMA.decode_runner(gqa)
+    assert runner.kv_heads == 2 and runner.groups == 2
+    _check_steps(gqa, tok, None)
+    from paddlellm.generation import generate_batch
+
+    args = (gqa, LLAMA, _inputs(tok, TEXTS, 8), 8, LLAMA.stop_token_id(tok), tok.pad_token_id)
+    np.testing.assert_array_equal(generate_batch(*args, own_loop=True).numpy(), generate_batch(*args, own_loop=False).numpy())
+
+
+def _check_steps(model, tok, grow):
     import paddle
 
     from paddlellm.families import logits_of
 
-    if grow:
-        monkeypatch.setattr(llama_decode, "KV_GROW", grow)
-    model, tok = loaded
     inputs = _inputs(tok, TEXTS, 6)
     ids, mask, pos = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
     rng = np.random.default_rng(0)

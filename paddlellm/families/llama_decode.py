@@ -19,7 +19,7 @@ capacity, head_dim] and each new key/value written into its slot:
 
 The tokens are those of paddlenlp's generate() (tests/test_decode_loop.py: greedy and seeded sampling, every
 family); logits agree within float rounding (tests/test_llama_decode.py). Configurations it does not
-reproduce (fused qkv, grouped-query attention, alibi, tensor/sequence/context parallel, flash attention,
+reproduce (fused qkv, alibi, tensor/sequence/context parallel, flash attention,
 fused rope, long-sequence strategies, non-float32 weights, a static-graph shell) get None from for_model,
 and the decode loop drives the model through its own forward instead.
 """
@@ -65,7 +65,7 @@ def unsupported(model) -> Optional[str]:
         "alibi": getattr(cfg, "alibi", False),
         "no rope": not getattr(cfg, "rope", True),
         "use_long_sequence_strategies": getattr(cfg, "use_long_sequence_strategies", False),
-        "grouped-query attention": (cfg.num_key_value_heads or cfg.num_attention_heads) != cfg.num_attention_heads,
+        "query heads not a multiple of key/value heads": cfg.num_attention_heads % (cfg.num_key_value_heads or cfg.num_attention_heads) != 0,
         "causal-mask environment switch": get_use_casual_mask(),
         "training mode": inner.training,
     }
@@ -107,6 +107,8 @@ class LlamaDecoder:
         self.model = inner
         self.layers = list(inner.llama.layers)
         self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
+        self.groups = self.heads // self.kv_heads  # query heads per key/value head (grouped-query attention)
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.scale = 1 / math.sqrt(self.head_dim)
         self.rotary = self.layers[0].self_attn.rotary_emb  # every layer's is the same module type and table
@@ -133,24 +135,30 @@ class LlamaDecoder:
         import paddle
 
         attn = layer.self_attn
-        shape = [0, 0, self.heads, self.head_dim]
-        q = attn.q_proj(x).reshape(shape)
-        k = attn.k_proj(x).reshape(shape)
-        v = attn.v_proj(x).reshape(shape)
+        q = attn.q_proj(x).reshape([0, 0, self.heads, self.head_dim])
+        k = attn.k_proj(x).reshape([0, 0, self.kv_heads, self.head_dim])
+        v = attn.v_proj(x).reshape([0, 0, self.kv_heads, self.head_dim])
         half = self.head_dim // 2
         q = q * cos + paddle.roll(q, half, axis=-1) * sin
         k = k * cos + paddle.roll(k, half, axis=-1) * sin
         return (t.transpose([0, 2, 1, 3]) for t in (q, k, v))
 
     def _attend(self, layer, residual, q, k, v, mask):
-        """The rest of a decoder layer after q/k/v: attention over k/v [B, H, K, D] with the additive mask
-        [B, 1, Lq, K], o_proj, residual, post-attention norm, MLP, residual."""
+        """The rest of a decoder layer after q/k/v: attention of q [B, H, Lq, D] over k/v [B, KV, K, D] with the
+        additive mask [B, 1, Lq, K], o_proj, residual, post-attention norm, MLP, residual. With grouped-query
+        attention the G = H / KV query heads of a key/value head (consecutive ones, as paddlenlp's repeat_kv
+        pairs them) attend as one [G * Lq] block instead of repeating the cache G times."""
         import paddle
         import paddle.nn.functional as F
 
+        b, _, lq, _ = q.shape
+        if self.groups > 1:
+            q = q.reshape([b, self.kv_heads, self.groups * lq, self.head_dim])
+            mask = mask.tile([1, 1, self.groups, 1])
         weights = paddle.matmul(q * self.scale, k, transpose_y=True) + mask
-        out = paddle.matmul(F.softmax(weights, axis=-1), v)  # [B, H, Lq, D]
-        b, _, lq, _ = out.shape
+        out = paddle.matmul(F.softmax(weights, axis=-1), v)  # [B, KV, G * Lq, D]
+        if self.groups > 1:
+            out = out.reshape([b, self.heads, lq, self.head_dim])
         out = out.transpose([0, 2, 1, 3]).reshape([b, lq, self.heads * self.head_dim])
         hidden = residual + layer.self_attn.o_proj(out)
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
@@ -210,8 +218,8 @@ class LlamaDecoder:
                     q, k, v = self._qkv(layer, layer.input_layernorm(hidden), cos, sin)
                     hidden = self._attend(layer, hidden, q, k, v, chunk_mask)
                     pad = capacity - span - start
-                    kv = [paddle.concat([paddle.zeros([n, self.heads, start, self.head_dim]), t,
-                                         paddle.zeros([n, self.heads, pad, self.head_dim])], axis=2) if start or pad else t
+                    kv = [paddle.concat([paddle.zeros([n, self.kv_heads, start, self.head_dim]), t,
+                                         paddle.zeros([n, self.kv_heads, pad, self.head_dim])], axis=2) if start or pad else t
                           for t in (k, v)]
                     caches[i].append(kv)
                 logits.append(self._logits(hidden[:, -1:]))
@@ -230,7 +238,7 @@ class LlamaDecoder:
         extra = capacity - self.capacity
         batch = self.mask.shape[0]
         self.mask = paddle.concat([self.mask, paddle.full([batch, extra], paddle.finfo(paddle.float32).min, dtype="float32")], axis=1)
-        zeros = paddle.zeros([batch, self.heads, extra, self.head_dim])
+        zeros = paddle.zeros([batch, self.kv_heads, extra, self.head_dim])
         self.cache = [[paddle.concat([t, zeros], axis=2) for t in kv] for kv in self.cache]
         self.capacity = capacity
 
