@@ -22,6 +22,11 @@ same values in fewer, cheaper CPU operations:
                      example (causal blocks), padding tails attend their fixed key range, and positions
                      that attend only themselves take their value row as it is (softmax of one score is
                      exactly 1); the masked entries the full product computes add exactly 0
+  chatglm_generation_inputs
+                     ChatGLM v1's prepare_inputs_for_generation scans every row for [MASK]/[gMASK] with
+                     Python-level `in` on a tensor at every decode step (45% of a step), only to build
+                     positions that are not used when position_ids are given, as they always are here;
+                     with position_ids it returns the same inputs without the scan
   llama_last_logits  while generating (inside `generating()`), the lm_head runs on the last position
                      only: generation reads nothing else, and over a long prompt the [prompt, vocab]
                      product was a quarter of the prefill's work (ChatGLM2 does this itself with
@@ -530,6 +535,26 @@ def _patch_llama_last_logits(model) -> int:
     return _patch_last_logits(model, _llama_backbone, lambda self: self.lm_head, "CausalLMOutputWithCrossAttentions")
 
 
+def _patch_chatglm_generation_inputs(model) -> int:
+    """ChatGLM v1: prepare_inputs_for_generation without the per-row mask-token scans when position_ids are
+    given (the scans' results only build position_ids when none are); anything else runs the original."""
+    cls = type(model)
+    original = cls.prepare_inputs_for_generation
+
+    def prepare(self, input_ids, position_ids=None, attention_mask=None, past_key_values=None, cache=None, **kwargs):
+        if position_ids is None:
+            return original(self, input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                            past_key_values=past_key_values, cache=cache, **kwargs)
+        if cache is not None or past_key_values is not None:  # a decode step: the last token, position and mask row
+            return {"input_ids": input_ids[:, -1].unsqueeze(-1), "cache": (cache if cache is not None else past_key_values)[-1],
+                    "position_ids": position_ids[..., -1:], "use_cache": True, "attention_mask": attention_mask[:, :, -1:]}
+        return {"input_ids": input_ids, "cache": cache, "position_ids": position_ids, "use_cache": True,
+                "attention_mask": attention_mask}
+
+    model.prepare_inputs_for_generation = types.MethodType(prepare, model)
+    return 1
+
+
 PATCHES: Dict[str, Callable] = {
     "llama_rms_norm": _patch_llama_rms_norm,
     "chatglm_v2_rms_norm": _patch_chatglm_v2_rms_norm,
@@ -537,6 +562,7 @@ PATCHES: Dict[str, Callable] = {
     "llama_supervised_loss": _patch_llama_supervised_loss,
     "llama_last_logits": _patch_llama_last_logits,
     "llama_segment_attention": _patch_llama_segment_attention,
+    "chatglm_generation_inputs": _patch_chatglm_generation_inputs,
     "chatglm_v2_supervised_loss": _patch_chatglm_v2_supervised_loss,
 }
 

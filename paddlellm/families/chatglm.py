@@ -118,6 +118,7 @@ FAMILY = ChatGLMFamily(
     model_types=("chatglm",),
     config_class="ChatGLMConfig",
     model_class="ChatGLMForCausalLM",
+    cpu_patches=("chatglm_generation_inputs",),
     tokenizer_class="ChatGLMTokenizer",
     tokenizer_kind="sentencepiece",
     tokenizer_files={"vocab_file": "ice_text.model"},
