@@ -153,7 +153,8 @@ def _replace_forward(layer, make: Callable) -> None:
 def _mark_active(layer) -> None:
     """While `layer`'s forward runs, module-level patches (rotary) take their patched path.
 
-    Module-level functions cannot tell which model calls them; the flag limits them to patched models.
+    Module-level functions cannot tell which model calls them; the flag limits them to patched models. When
+    the forward ends, the tables its layers shared (rotary, the attention mask's blocks) are dropped.
     """
     if getattr(layer, "_paddlellm_active", False):
         return
@@ -168,6 +169,8 @@ def _mark_active(layer) -> None:
             return current(self, *args, **kwargs)
         finally:
             _state.active = before
+            if not before:  # the outermost patched forward ends: drop what its layers shared
+                _state.rotary = _state.groups = None
 
     forward.__signature__ = inspect.signature(type(layer).forward)
     layer.forward = types.MethodType(forward, layer)
@@ -246,31 +249,41 @@ def _llama_rotary(q, k, cos, sin, position_ids):
     """paddlenlp's apply_rotary_pos_emb, with rotate_half(x) * sin computed as roll(x, d/2) * sin_signed, and the
     cos/sin tables gathered at the positions and tiled over the heads once per forward (every layer gets the
     same position_ids tensor): paddle's CPU multiply is several times slower when it broadcasts [.., 1, d]
-    over the heads than on same-shape operands, forward and backward."""
+    over the heads than on same-shape operands, forward and backward. The tables are kept for the layers of
+    one forward only, so another model (another rotary base) never reads them."""
     import paddle
 
     if not _active() or position_ids is None:
         return _original_llama_rotary(q, k, cos, sin, position_ids)
-    cached = getattr(_state, "rotary", None)
+    cached = getattr(_state, "rotary", None)  # per forward: _mark_active clears it
     if cached is None or cached[0] is not position_ids or cached[1] != (q.shape, k.shape):
-        d = q.shape[-1]
-        half = d // 2
-        # rotate_half(x) = [-x2, x1] = roll(x, d/2) * [-1.., +1..]: fold the signs into the [seq, d] sin table.
-        sign = paddle.concat([paddle.full([half], -1.0, sin.dtype), paddle.full([d - half], 1.0, sin.dtype)])
-        c = cos.squeeze(axis=[0, 2])[position_ids].unsqueeze(2)  # [bs, seq_len, 1, d]
-        s = (sin.squeeze(axis=[0, 2]) * sign)[position_ids].unsqueeze(2)
-        tables = {}
-        for heads in {q.shape[2], k.shape[2]}:
-            tables[heads] = (paddle.tile(c, [1, 1, heads, 1]), paddle.tile(s, [1, 1, heads, 1]))
+        c, s = rotary_tables(cos, sin, position_ids)
+        tables = {heads: (paddle.tile(c, [1, 1, heads, 1]), paddle.tile(s, [1, 1, heads, 1])) for heads in {q.shape[2], k.shape[2]}}
         cached = (position_ids, (q.shape, k.shape), tables)
         _state.rotary = cached
     tables = cached[2]
-    half = q.shape[-1] // 2
-    qc, qs = tables[q.shape[2]]
-    kc, ks = tables[k.shape[2]]
-    q_embed = q * qc + paddle.roll(q, half, axis=-1) * qs
-    k_embed = k * kc + paddle.roll(k, half, axis=-1) * ks
-    return q_embed, k_embed
+    return rotate(q, *tables[q.shape[2]]), rotate(k, *tables[k.shape[2]])
+
+
+def rotary_tables(cos, sin, position_ids):
+    """LLaMA's [1, seq, 1, d] cos/sin tables gathered at position_ids [bs, seq_len] -> [bs, seq_len, 1, d] each, with
+    the sign of rotate_half folded into sin: rotate_half(x) = [-x2, x1] = roll(x, d/2) * [-1.., +1..], and
+    -x2*s == x2*(-s) exactly. (Also the LLaMA decode runner's.)"""
+    import paddle
+
+    d = sin.shape[-1]
+    half = d // 2
+    sign = paddle.concat([paddle.full([half], -1.0, sin.dtype), paddle.full([d - half], 1.0, sin.dtype)])
+    c = cos.squeeze(axis=[0, 2])[position_ids].unsqueeze(2)
+    s = (sin.squeeze(axis=[0, 2]) * sign)[position_ids].unsqueeze(2)
+    return c, s
+
+
+def rotate(x, cos, sin):
+    """x * cos + rotate_half(x) * sin, with sin from rotary_tables (sign folded in)."""
+    import paddle
+
+    return x * cos + paddle.roll(x, x.shape[-1] // 2, axis=-1) * sin
 
 
 def _patch_llama_rotary(model) -> int:
@@ -285,6 +298,15 @@ def _patch_llama_rotary(model) -> int:
         modeling.apply_rotary_pos_emb = _llama_rotary  # looked up by LlamaAttention.forward at call time
     _mark_active(inner)
     return 1
+
+
+def _lm_output(output_cls, return_dict: bool, outputs, loss, logits):
+    """A causal LM's output from its decoder's `outputs`, as paddlenlp's forwards build it: output_cls(...), or
+    without return_dict the tuple (loss, logits, *rest), loss left out when there is none."""
+    if not return_dict:
+        return ((loss, logits) if loss is not None else (logits,)) + tuple(outputs[1:])
+    return output_cls(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
 # ------------------------------------------------------------------ loss on supervised positions only
@@ -329,10 +351,7 @@ def _patch_supervised_loss(model, backbone: Callable, head: Callable, output_cla
             logits = logits.reshape([-1, logits.shape[-1]]).astype("float32")
             target = paddle.gather(flat, keep).unsqueeze(-1)
             loss = F.cross_entropy(logits, target, reduction="sum") / keep.shape[0]
-            if not return_dict:
-                return (loss, None) + tuple(outputs[1:])
-            return output_cls(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                              hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+            return _lm_output(output_cls, return_dict, outputs, loss, None)
         return forward
 
     _replace_forward(model, make)
@@ -512,11 +531,7 @@ def _patch_last_logits(model, backbone: Callable, head: Callable, output_class: 
             return_dict = a.get("return_dict")
             return_dict = return_dict if return_dict is not None else self.config.use_return_dict
             outputs = backbone(self, a, return_dict)
-            logits = head(self)(outputs[0][:, -1:])
-            if not return_dict:
-                return (logits,) + tuple(outputs[1:])
-            return output_cls(loss=None, logits=logits, past_key_values=outputs.past_key_values,
-                              hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+            return _lm_output(output_cls, return_dict, outputs, None, head(self)(outputs[0][:, -1:]))
         return forward
 
     _replace_forward(model, make)

@@ -335,3 +335,21 @@ def test_dense_views_same_logits_and_gradients_for_every_family(family, tiny_dir
         assert grads_a.keys() == grads_b.keys() and grads_a
         for k in grads_a:
             np.testing.assert_allclose(grads_b[k], grads_a[k], atol=1e-6, rtol=1e-5, err_msg=f"{family} {name}: {k}")
+
+
+def test_rotary_tables_are_not_shared_between_models(tiny_dir):
+    """Two patched LLaMAs with different rotary bases fed the very same position_ids tensor one after the other:
+    each gives its own unpatched twin's logits (the tiled tables live for one forward only)."""
+    import paddle
+
+    fam = get_family("llama")
+    path = tiny_dir("llama")
+    inputs = {k: v for k, v in _batches("llama", path)["unpacked"].items() if k != "labels"}
+    for theta in (10000.0, 500.0):
+        plain = fam.load_model(path, rope_theta=theta)
+        patched = cpu_kernels.apply(fam, fam.load_model(path, rope_theta=theta), force=True)
+        plain.eval(), patched.eval()
+        with paddle.no_grad():
+            want, got = (logits_of(m(**inputs)).numpy() for m in (plain, patched))
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f"rope_theta {theta}")
+    assert getattr(cpu_kernels._state, "rotary", None) is None  # nothing kept after the forward

@@ -51,7 +51,7 @@ def unsupported(model) -> Optional[str]:
         return f"not a LlamaForCausalLM ({type(inner).__name__})"
     cfg = inner.config
     layers = getattr(inner.llama, "layers", None)
-    if not layers or "forward" in vars(inner) and not hasattr(vars(inner)["forward"], "__func__"):
+    if not layers:
         return "no decoder layers (a static-graph shell)"
     checks = {
         "tensor_parallel_degree > 1": cfg.tensor_parallel_degree > 1,
@@ -119,28 +119,21 @@ class LlamaDecoder:
 
     # ------------------------------------------------------------------ pieces
     def _rotary(self, positions, length: int):
-        """cos and sign-folded sin for positions [B, L] -> [B, L, 1, D]: rotate_half(x)*sin == roll(x, D/2)*sin_signed."""
-        import paddle
+        """cos and sign-folded sin for positions [B, L] -> [B, L, 1, D] (cpu_kernels.rotary_tables)."""
+        from ..cpu_kernels import rotary_tables
 
-        d, half = self.head_dim, self.head_dim // 2
         # the module's own [1, length, 1, D] tables (its first argument is read for its dtype only)
         cos, sin = self.rotary(self.model.llama.embed_tokens.weight, seq_len=length)
-        sign = paddle.concat([paddle.full([half], -1.0, sin.dtype), paddle.full([d - half], 1.0, sin.dtype)])
-        cos = cos.squeeze(axis=[0, 2])[positions].unsqueeze(2)
-        sin = (sin.squeeze(axis=[0, 2]) * sign)[positions].unsqueeze(2)
-        return cos, sin
+        return rotary_tables(cos, sin, positions)
 
     def _qkv(self, layer, x, cos, sin):
-        """q, k, v of layer for hidden x [B, L, h]: [B, H, L, D] each, rotary applied to q and k."""
-        import paddle
+        """q, k, v of layer for hidden x [B, L, h]: [B, H or KV, L, D] each, rotary applied to q and k."""
+        from ..cpu_kernels import rotate
 
         attn = layer.self_attn
-        q = attn.q_proj(x).reshape([0, 0, self.heads, self.head_dim])
-        k = attn.k_proj(x).reshape([0, 0, self.kv_heads, self.head_dim])
+        q = rotate(attn.q_proj(x).reshape([0, 0, self.heads, self.head_dim]), cos, sin)
+        k = rotate(attn.k_proj(x).reshape([0, 0, self.kv_heads, self.head_dim]), cos, sin)
         v = attn.v_proj(x).reshape([0, 0, self.kv_heads, self.head_dim])
-        half = self.head_dim // 2
-        q = q * cos + paddle.roll(q, half, axis=-1) * sin
-        k = k * cos + paddle.roll(k, half, axis=-1) * sin
         return (t.transpose([0, 2, 1, 3]) for t in (q, k, v))
 
     def _attend(self, layer, residual, q, k, v, mask):
@@ -198,13 +191,13 @@ class LlamaDecoder:
         real = mask.numpy().astype(bool)
         first = np.where(real.any(1), real.argmax(1), length)  # first attended column per row (left padding)
         chunks = prefill_chunks(length - first)
+        pad = capacity - length  # free slots after the prompt, zero in every chunk's cache
         cos_all, sin_all = self._rotary(positions, length)
         caches: List[List] = [[] for _ in self.layers]
         logits = []
         with paddle.no_grad():
             for rows in chunks:
-                start = int(first[rows].min()) if len(rows) else 0
-                start = min(start, length - 1)  # every row has its last column (left padding)
+                start = min(int(first[rows].min()), length - 1)  # every row has its last column (left padding)
                 sel = paddle.to_tensor(rows) if len(chunks) > 1 else None
                 pick = (lambda t: paddle.gather(t, sel)) if sel is not None else (lambda t: t)
                 cols = slice(start, length)
@@ -217,7 +210,6 @@ class LlamaDecoder:
                 for i, layer in enumerate(self.layers):
                     q, k, v = self._qkv(layer, layer.input_layernorm(hidden), cos, sin)
                     hidden = self._attend(layer, hidden, q, k, v, chunk_mask)
-                    pad = capacity - span - start
                     kv = [paddle.concat([paddle.zeros([n, self.kv_heads, start, self.head_dim]), t,
                                          paddle.zeros([n, self.kv_heads, pad, self.head_dim])], axis=2) if start or pad else t
                           for t in (k, v)]
@@ -257,8 +249,8 @@ class LlamaDecoder:
         batch = tokens.shape[0]
         mask = self.mask.reshape([batch, 1, 1, self.capacity])
         cos, sin = self._rotary(self.positions, slot + 1)
-        hidden = self.model.llama.embed_tokens(tokens)
         with paddle.no_grad():
+            hidden = self.model.llama.embed_tokens(tokens)
             for layer, (k_cache, v_cache) in zip(self.layers, self.cache):
                 q, k, v = self._qkv(layer, layer.input_layernorm(hidden), cos, sin)
                 k_cache[:, :, slot:slot + 1, :] = k
