@@ -34,7 +34,8 @@ setup(
         # playwright drives Debian's chromium (no browser download); openai (the official client) and
         # lm-evaluation-harness (its API models need no torch) drive the server's OpenAI-compatible API.
         "test": ["pytest>=7", "requests", "playwright", "openai>=1", "lm_eval[api]>=0.4.13",
-                 "zstandard"],  # create_pretraining_data.py reads .jsonl.zst when zstandard is installed: tested
+                 "zstandard",  # create_pretraining_data.py reads .jsonl.zst when zstandard is installed: tested
+                 "import-linter>=2.1,<3"],  # tests/test_layers.py: the import layers of setup.cfg
     },
     entry_points={"console_scripts": ["paddlellm=paddlellm.cli:main"]},
 )

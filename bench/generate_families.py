@@ -39,7 +39,7 @@ OFF = "PADDLELLM_CPU_KERNELS"
 
 def build(family, tmp: str) -> str:
     """A bench-sized random model folder of the family (its tiny tokenizer, seeded weights)."""
-    from paddlellm.tiny import build_tiny
+    from paddlellm.commands.tiny import build_tiny
 
     return build_tiny(family.name, os.path.join(tmp, "model"), **SHAPES[family.name])
 

@@ -3,7 +3,7 @@
 A mid-size LLaMA (hidden 512, 4 layers, 8 heads, vocab 8000; random weights) generates greedy replies
 for prompts whose lengths follow a long-tailed (log-normal) spread, as real instruction data does: most
 prompts are short, a few are long. Each setting runs the code path of predict_generation.py
-(`paddlellm.predict.plan_batches` + `paddlellm.generation.generate_ids`: left padding, attention mask,
+(`paddlellm.commands.predict.plan_batches` + `paddlellm.generation.generate_ids`: left padding, attention mask,
 KV cache) at batch 1, 8 and 32, with batches formed
   in order -- consecutive prompts, as PaddleNLP's predict_generation.py batches them;
   bucketed -- prompts of similar length together (what predict_generation.py does).
@@ -58,7 +58,7 @@ def build(tmp: str):
     from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
 
     from paddlellm.families import get_family
-    from paddlellm.tiny import build_tokenizer
+    from paddlellm.commands.tiny import build_tokenizer
 
     family = get_family("llama")
     tokenizer = build_tokenizer(family, tmp, 600)
@@ -155,7 +155,7 @@ def peak_rss(path: str, prompts, new_tokens: int, tmp: str) -> float:
 
 
 def run_plan(model, tokenizer, family, prompts, batch_size, bucket, new_tokens, arm=arm_loop):
-    from paddlellm.predict import plan_batches
+    from paddlellm.commands.predict import plan_batches
 
     lengths = [len(p) for p in prompts]
     plan = plan_batches(lengths, batch_size, bucket=bucket)
@@ -224,7 +224,7 @@ def main() -> int:
     setup_runtime(quiet=True)
     import numpy as np
 
-    from paddlellm.predict import plan_batches
+    from paddlellm.commands.predict import plan_batches
 
     tmp_ctx = tempfile.TemporaryDirectory()
     tmp = tmp_ctx.name
@@ -235,7 +235,7 @@ def main() -> int:
     prompts = [[tokenizer.bos_token_id] + rng.integers(low, len(tokenizer), n - 1).tolist() for n in lengths]
     if "static" in arms:
         from paddlellm.generation import uses_own_loop
-        from paddlellm.static_runtime import load_static
+        from paddlellm.formats.static import load_static
 
         static_dir = export_static(model, tokenizer, tmp)
         STATIC["model"] = load_static(static_dir, family)[0]

@@ -5,7 +5,7 @@ benches use) is pretrained from scratch with max_seq_length 512 and batch 4 on a
 (PREFIX.bin/.idx written by paddlellm's create_pretraining_data machinery). Two arms, each in a fresh
 subprocess (CPU runtime set before paddle loads; peak memory per arm):
 
-  paddlellm  paddlellm.pretrain.run(argv): the code path of `python run_pretrain.py ...`
+  paddlellm  paddlellm.commands.pretrain.run(argv): the code path of `python run_pretrain.py ...`
   plain      PaddleNLP's run_pretrain.py recipe written out: paddlenlp Trainer, paddlenlp's causal_dataset
              on the same files, DistributedBatchSampler(shuffle=False), input_ids/labels collate,
              CosineAnnealingWithWarmupDecay. Same model config, seed, data, batch and CPU runtime settings.
@@ -78,7 +78,7 @@ def child_prepare(work: str) -> None:
 
     from paddlellm.families import META_FILE, get_family
     from paddlellm.pretrain_data import tokenizer_identity, write_mmap
-    from paddlellm.tiny import build_tokenizer
+    from paddlellm.commands.tiny import build_tokenizer
 
     family = get_family("llama")
     model_dir = os.path.join(work, "model")
@@ -123,7 +123,7 @@ def child_arm(arm: str, model_dir: str, prefix: str, steps: int, out: str) -> No
     times = []
     busy0, cpu0, t0 = _busy_cpu_s(), _cpu_s(), time.perf_counter()
     if arm == "paddlellm":
-        from paddlellm import pretrain
+        from paddlellm.commands import pretrain
 
         make = pretrain.make_trainer_class
 

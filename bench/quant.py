@@ -54,10 +54,10 @@ def folder_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
 
 
-PEAK = ("import resource, sys, json; sys.argv = ['predict_generation.py'] + json.loads(sys.argv[1]); from paddlellm.predict import main;"
+PEAK = ("import resource, sys, json; sys.argv = ['predict_generation.py'] + json.loads(sys.argv[1]); from paddlellm.commands.predict import main;"
         "code = main(); print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(code)")
 HELD = ("import sys; from paddlellm.runtime import setup_runtime; setup_runtime(); from paddlellm.loading import load_for_inference;"
-        "from paddlellm.quant.storage import resident_bytes; m = load_for_inference(sys.argv[1], quant_runtime=sys.argv[2])[0];"
+        "from paddlellm.formats.quantized import resident_bytes; m = load_for_inference(sys.argv[1], quant_runtime=sys.argv[2])[0];"
         "print('HELD', resident_bytes(m))")
 
 
@@ -81,7 +81,7 @@ def main() -> None:
     if os.path.isfile(os.path.join(sft, "paddlellm_meta.json")):  # --work with a finished fine-tune: reuse it
         print(f"reusing the fine-tuned model in {sft}")
     else:
-        run(["-c", "import sys; from paddlellm.runtime import setup_runtime; setup_runtime(); from paddlellm.tiny import build_tiny;"
+        run(["-c", "import sys; from paddlellm.runtime import setup_runtime; setup_runtime(); from paddlellm.commands.tiny import build_tiny;"
              f"build_tiny('llama', sys.argv[1], **{MODEL!r})", base])
         run(["finetune_generation.py", "--model_name_or_path", base, "--dataset_name_or_path", "data", "--output_dir", sft, *SHAPE,
              "--num_train_epochs", "4", "--learning_rate", "1e-3", "--warmup_steps", "0", "--evaluation_strategy", "no",

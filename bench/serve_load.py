@@ -188,7 +188,7 @@ def stop_server(proc) -> None:
 
 def build_model(args: LoadArgument, folder: str) -> str:
     code = ("from paddlellm.runtime import setup_runtime; setup_runtime()\n"
-            "from paddlellm.tiny import build_tiny\n"
+            "from paddlellm.commands.tiny import build_tiny\n"
             f"build_tiny('llama', {folder!r}, hidden_size={args.hidden_size}, num_hidden_layers={args.num_hidden_layers}, "
             f"intermediate_size={args.hidden_size * 8 // 3 // 64 * 64 or 64}, num_attention_heads={max(args.hidden_size // 64, 1)})\n")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True)

@@ -10,7 +10,7 @@ log-normal (most 30-150 tokens, a tail up to ~500). Four arms: {SFT, LoRA} x {un
                                                 # 5 unpacked batches are a small sample of the length spread)
 
 Every arm runs in a fresh subprocess (so paddlellm's CPU runtime settings apply before paddle loads
-and peak memory is per run) that calls paddlellm.finetune.run(argv) -- the same code path as
+and peak memory is per run) that calls paddlellm.commands.finetune.run(argv) -- the same code path as
 `python finetune_generation.py ...` -- with a thin instrumentation layer around it that changes
 nothing in the run:
   * the data collator is wrapped to record, for every batch actually fed to the model, the real
@@ -151,7 +151,7 @@ def child_prepare(work: str) -> None:
 
     from paddlellm.data import pack_examples, read_split
     from paddlellm.families import META_FILE, get_family
-    from paddlellm.tiny import build_tokenizer
+    from paddlellm.commands.tiny import build_tokenizer
 
     family = get_family("llama")
     model_dir, data_dir = os.path.join(work, "model"), os.path.join(work, "data")
@@ -207,7 +207,7 @@ def child_prepare(work: str) -> None:
 
 # ------------------------------------------------------------------ child: one fine-tuning arm
 def child_train(argv) -> None:
-    """paddlellm.finetune.run(argv), with batches and step times recorded."""
+    """paddlellm.commands.finetune.run(argv), with batches and step times recorded."""
     from paddlellm import cpu_runtime
 
     cpu_runtime.configure()  # what run() does first; here it must precede our own paddle imports
@@ -256,7 +256,7 @@ def child_train(argv) -> None:
         return t
 
     trainer_mod.build_trainer = build
-    from paddlellm.finetune import run
+    from paddlellm.commands.finetune import run
 
     rc = run(argv)
     if os.environ.get("BENCH_BATCHES_OUT"):

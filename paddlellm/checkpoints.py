@@ -144,7 +144,7 @@ def cleanup_after_failure(output_dir: str, existed: bool) -> None:
     """After a failure: keep the folder if it holds a complete checkpoint (hours of training are not thrown
     away; rerunning the same command resumes from it), else remove a folder this run created, so that a
     failed run leaves nothing half-written."""
-    from .families import META_FILE
+    from .files import META_FILE
 
     kept = [c for c in complete_checkpoints(output_dir) if checkpoint_problem(c) is None]
     if kept:
@@ -292,3 +292,37 @@ def prepare_resume(training_args, kind: Optional[str] = None) -> Tuple[Optional[
         relocate_state(last, out)
         log.info(f"resuming from {last} (pass --overwrite_output_dir to start over)")
     return last, unusable
+
+
+class Staging:
+    """Build an output folder under a temporary name next to `target`; move it into place on success,
+    delete it on failure (so an error leaves no half-written model behind)."""
+
+    def __init__(self, target: str):
+        self.target = os.path.abspath(target)
+        parent = os.path.dirname(self.target)
+        self.path = os.path.join(parent, f".{os.path.basename(self.target)}.merging-{os.getpid()}")
+
+    def __enter__(self) -> str:
+        from .arguments import make_dir
+
+        make_dir(os.path.dirname(self.target), "the folder of merge_model_path")
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.makedirs(self.path)
+        return self.path
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return False
+        if os.path.isdir(self.target) and os.listdir(self.target):
+            # An earlier output: replace its weights (stale shards would shadow the new file) and files we write.
+            remove_weight_files(self.target, configs=True)
+            for name in os.listdir(self.path):
+                os.replace(os.path.join(self.path, name), os.path.join(self.target, name))
+            os.rmdir(self.path)
+        else:
+            if os.path.isdir(self.target):
+                os.rmdir(self.target)
+            os.replace(self.path, self.target)
+        return False

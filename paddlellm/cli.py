@@ -12,22 +12,23 @@
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 
 # command -> (module, entry function, one-line description); modules are imported only when run.
 COMMANDS = {
-    "finetune": ("paddlellm.finetune", "main", "fine-tune with SFT, LoRA or Prefix Tuning (finetune_generation.py)"),
-    "prepare-pretrain": ("paddlellm.pretrain_data", "main", "tokenize a corpus into PaddleNLP's PREFIX.bin/.idx (create_pretraining_data.py)"),
-    "pretrain": ("paddlellm.pretrain", "main", "pretrain from scratch or continue, on PREFIX.bin/.idx data (run_pretrain.py)"),
-    "predict": ("paddlellm.predict", "main", "batch generation over a src/tgt JSONL file (predict_generation.py)"),
-    "merge-lora": ("paddlellm.merge", "main_lora", "merge LoRA adapters into a standalone model (merge_lora_params.py)"),
-    "merge-tp": ("paddlellm.merge", "main_tp", "merge tensor-parallel shards into one checkpoint (merge_tp_params.py)"),
-    "export": ("paddlellm.export", "main", "export a static-graph step program for --mode static (export_model.py)"),
+    "finetune": ("paddlellm.commands.finetune", "main", "fine-tune with SFT, LoRA or Prefix Tuning (finetune_generation.py)"),
+    "prepare-pretrain": ("paddlellm.commands.prepare_pretrain", "main", "tokenize a corpus into PaddleNLP's PREFIX.bin/.idx (create_pretraining_data.py)"),
+    "pretrain": ("paddlellm.commands.pretrain", "main", "pretrain from scratch or continue, on PREFIX.bin/.idx data (run_pretrain.py)"),
+    "predict": ("paddlellm.commands.predict", "main", "batch generation over a src/tgt JSONL file (predict_generation.py)"),
+    "merge-lora": ("paddlellm.commands.merge", "main_lora", "merge LoRA adapters into a standalone model (merge_lora_params.py)"),
+    "merge-tp": ("paddlellm.commands.merge", "main_tp", "merge tensor-parallel shards into one checkpoint (merge_tp_params.py)"),
+    "export": ("paddlellm.commands.export", "main", "export a static-graph step program for --mode static (export_model.py)"),
     "serve": ("paddlellm.serve", "main", "HTTP API + Gradio chat UI (flask_server.py)"),
-    "export-hf": ("paddlellm.hf", "main_export", "write a model (full, merged or LoRA output) as a Hugging Face transformers folder"),
-    "quant": ("paddlellm.quant", "main", "PTQ (A8W8, WINT8, WINT4) or GPTQ into a real int8/int4 checkpoint (finetune_generation.py with do_ptq/do_gptq)"),
-    "tiny": ("paddlellm.tiny", "main", "write a tiny random checkpoint with a real tokenizer"),
+    "export-hf": ("paddlellm.commands.export_hf", "main", "write a model (full, merged or LoRA output) as a Hugging Face transformers folder"),
+    "quant": ("paddlellm.commands.quant", "main", "PTQ (A8W8, WINT8, WINT4) or GPTQ into a real int8/int4 checkpoint (finetune_generation.py with do_ptq/do_gptq)"),
+    "tiny": ("paddlellm.commands.tiny", "main", "write a tiny random checkpoint with a real tokenizer"),
     "quickstart": ("paddlellm.quickstart", "main", "build a tiny LLaMA, LoRA-tune it on data/, show dev accuracy before/after"),
 }
 
@@ -40,7 +41,13 @@ def usage() -> str:
 
 def run_command(name: str, argv) -> int:
     module, func, _ = COMMANDS[name]
-    code = getattr(importlib.import_module(module), func)(list(argv)) or 0
+    entry = getattr(importlib.import_module(module), func)
+    if name == "finetune":
+        from .commands import quant
+
+        if quant.quant_requested(argv):  # do_ptq / do_gptq: PaddleNLP ran compression from finetune_generation.py too
+            entry = functools.partial(quant.run, prog="finetune_generation.py")
+    code = entry(list(argv)) or 0
     _leave_process_group(code)
     return code
 

@@ -167,3 +167,13 @@ def _bleu_percent(bleu) -> float:
     if bleu.bp_c == 0 or any(bleu.match_ngram[n] == 0 for n in range(bleu.n_size)):
         return 0.0
     return 100 * bleu.score()
+
+
+def generate_replies(model, tokenizer, family, records, src_length: int, max_new_tokens: int, batch_size: int = 8, **sampling):
+    """Replies (text) to the final src turn of each record, batched by prompt length, in input order."""
+    prompts = [family.generation_prompt(tokenizer, r.src, r.tgt[: len(r.src) - 1], src_length) for r in records]
+    out = [None] * len(records)
+    for idx in length_buckets([len(p) for p in prompts], batch_size):
+        for i, ids in zip(idx, generate_ids(model, tokenizer, family, [prompts[i] for i in idx], max_new_tokens, **sampling)):
+            out[i] = decode(tokenizer, ids)
+    return out

@@ -3,19 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional
+from typing import Optional
 
 from .arguments import UserError
+from .files import read_meta
 
 
-def read_meta(path: str) -> Dict:
-    from .families import META_FILE
-
-    meta_path = os.path.join(path, META_FILE)
-    if os.path.isfile(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            return json.load(f)
-    return {}
 
 
 def load_for_inference(model_name_or_path: Optional[str] = None, lora_path: Optional[str] = None,
@@ -28,7 +21,7 @@ def load_for_inference(model_name_or_path: Optional[str] = None, lora_path: Opti
     base, lora_path, prefix_path, family, meta = resolve_model(model_name_or_path, lora_path, prefix_path,
                                                                family.name if family is not None else None)
     # --- static-graph exports (export_model.py): a 0-layer generate() host answered by paddle.inference ---
-    from .static_runtime import check_static_request, load_static
+    from .formats.static import check_static_request, load_static
 
     if check_static_request(base, mode, lora_path, prefix_path):
         model, tokenizer = load_static(base, family)
@@ -36,8 +29,8 @@ def load_for_inference(model_name_or_path: Optional[str] = None, lora_path: Opti
     # --- end static-graph exports ---
     adapter = lora_path or prefix_path
     tokenizer = family.load_tokenizer(adapter if adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else base)
-    # --- quantized folders (paddlellm quant output): see paddlellm/quant/storage.py
-    from .quant.storage import is_quantized_folder, load_quantized_model
+    # --- quantized folders (paddlellm quant output): see paddlellm/formats/quantized.py
+    from .formats.quantized import is_quantized_folder, load_quantized_model
 
     if is_quantized_folder(base):
         model = load_quantized_model(family, base, quant_runtime)
@@ -58,18 +51,6 @@ def load_for_inference(model_name_or_path: Optional[str] = None, lora_path: Opti
         model = PrefixModelForCausalLM.from_pretrained(model, prefix_path, postprocess, pad_mask)
     model.eval()
     return model, tokenizer, family, meta
-
-
-def generate_replies(model, tokenizer, family, records, src_length: int, max_new_tokens: int, batch_size: int = 8, **sampling):
-    """Replies (text) to the final src turn of each record, batched by prompt length, in input order."""
-    from .generation import decode, generate_ids, length_buckets
-
-    prompts = [family.generation_prompt(tokenizer, r.src, r.tgt[: len(r.src) - 1], src_length) for r in records]
-    out = [None] * len(records)
-    for idx in length_buckets([len(p) for p in prompts], batch_size):
-        for i, ids in zip(idx, generate_ids(model, tokenizer, family, [prompts[i] for i in idx], max_new_tokens, **sampling)):
-            out[i] = decode(tokenizer, ids)
-    return out
 
 
 def check_adapter_folders(lora_path: Optional[str], prefix_path: Optional[str]) -> None:
@@ -118,8 +99,8 @@ def resolve_model(model_name_or_path: Optional[str] = None, lora_path: Optional[
             raise UserError(f"the base model {base!r} recorded in {adapter!r} is not there (moved or deleted?); "
                             f"pass --model_name_or_path with its new place")
         raise UserError(f"model_name_or_path {base!r}: no such folder")
-    if adapter:  # adapters were trained on float weights (quantized folders: paddlellm/quant/storage.py)
-        from .quant.storage import refuse_if_quantized
+    if adapter:  # adapters were trained on float weights (quantized folders: paddlellm/formats/quantized.py)
+        from .formats.quantized import refuse_if_quantized
 
         refuse_if_quantized(base, "the base model of an adapter,")
     family = checked_family(family_name, base, lora_path, prefix_path)
@@ -134,7 +115,7 @@ def checked_family(family_name: Optional[str], base: str, lora_path: Optional[st
     can't read (see hf). Used by resolve_model and by fine-tuning, which resolves its folders itself."""
     from .adapter_fit import check_fit
     from .families import detect_family
-    from .hf import refuse_unreadable
+    from .formats.hf import refuse_unreadable
 
     family = detect_family(family_name, (lora_path or prefix_path, base), base)
     check_fit(family_name, base, lora_path, prefix_path)

@@ -14,74 +14,16 @@ import json
 import os
 import re
 import shutil
-import sys
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .arguments import UserError, check_can_create, fail, make_dir, parse_args
+from .arguments import UserError
+from .checkpoints import Staging
+from .files import META_FILE, read_json as _read_json, write_json as _write_json
 
 DTYPES = ["float32", "float16", "bfloat16"]
 
 
 # --------------------------------------------------------------------------- shared helpers
-def _write_json(path: str, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
-
-def _read_json(path: str) -> Dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-class Staging:
-    """Build an output folder under a temporary name next to `target`; move it into place on success,
-    delete it on failure (so an error leaves no half-written model behind)."""
-
-    def __init__(self, target: str):
-        self.target = os.path.abspath(target)
-        parent = os.path.dirname(self.target)
-        self.path = os.path.join(parent, f".{os.path.basename(self.target)}.merging-{os.getpid()}")
-
-    def __enter__(self) -> str:
-        make_dir(os.path.dirname(self.target), "the folder of merge_model_path")
-        shutil.rmtree(self.path, ignore_errors=True)
-        os.makedirs(self.path)
-        return self.path
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            return False
-        if os.path.isdir(self.target) and os.listdir(self.target):
-            # An earlier output: replace its weights (stale shards would shadow the new file) and files we write.
-            from .checkpoints import remove_weight_files
-
-            remove_weight_files(self.target, configs=True)
-            for name in os.listdir(self.path):
-                os.replace(os.path.join(self.path, name), os.path.join(self.target, name))
-            os.rmdir(self.path)
-        else:
-            if os.path.isdir(self.target):
-                os.rmdir(self.target)
-            os.replace(self.path, self.target)
-        return False
-
-
-def _check_output(out: Optional[str], flag: str, *inputs: Optional[str]) -> str:
-    if not out:
-        fail(f"{flag} is required: the folder to write the merged model into")
-    try:
-        check_can_create(out, flag)
-    except UserError as e:
-        fail(str(e))
-    for src in inputs:
-        if src and os.path.isdir(src) and os.path.abspath(src) == os.path.abspath(out):
-            fail(f"{flag} must differ from the input folder {src!r}")
-    return out
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
@@ -103,46 +45,6 @@ def save_tokenizer(family, sources: List[str], out: str, required: bool = True) 
 
 
 # --------------------------------------------------------------------------- LoRA
-@dataclass
-class MergeLoraArgument:
-    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Base model (folder or PaddleNLP name). Optional: the LoRA folder records its base model."})
-    lora_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapters: an output folder of finetune_generation.py --lora (required)."})
-    merge_model_path: Optional[str] = field(default=None, metadata={"help": "Folder to write the merged, standalone model into (required)."})
-    merge_lora_model_path: Optional[str] = field(default=None, metadata={"help": "Same as merge_model_path (the name later PaddleNLP releases use)."})
-    device: Optional[str] = field(default=None, metadata={"help": "cpu or gpu (default: gpu when available, else cpu). The merge itself is done in float32 on either."})
-    dtype: Optional[str] = field(default=None, metadata={"help": "dtype of the saved weights (default: the dtype the adapters were trained in).", "choices": DTYPES})
-    with_tokenizer: bool = field(default=True, metadata={"help": "Save the tokenizer (of the LoRA folder, else the base) with the merged model; false = weights and config only."})
-    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the folders: llama chatglm chatglm_v2 bloom gpt-3 opt glm."})
-    output_format: str = field(default="paddle", metadata={"help": "paddle (PaddleNLP folder) or hf (Hugging Face transformers folder, as paddlellm export-hf writes).", "choices": ["paddle", "hf"]})
-
-
-def main_lora(argv=None) -> int:
-    (args,) = parse_args([MergeLoraArgument], argv, prog="merge_lora_params.py",
-                         description="Merge LoRA adapters into their base model and save a standalone model folder.")
-    if not args.lora_path:
-        fail("lora_path is required: the LoRA output folder to merge")
-    out = _check_output(args.merge_model_path or args.merge_lora_model_path, "merge_model_path", args.lora_path, args.model_name_or_path)
-    try:
-        from .loading import resolve_model
-
-        _check_lora_folder(args.lora_path)
-        resolve_model(args.model_name_or_path, lora_path=args.lora_path, family_name=args.family)  # cheap checks first
-        from .runtime import setup_runtime
-
-        setup_runtime()
-        if args.output_format == "hf":  # merged, then written in transformers' layout (paddlellm/hf.py)
-            from .hf import export_hf
-
-            export_hf(args.model_name_or_path, out, dtype=args.dtype, lora_path=args.lora_path, family_name=args.family)
-        else:
-            merge_lora(args.model_name_or_path, args.lora_path, out, dtype=args.dtype, device=args.device, family_name=args.family,
-                       with_tokenizer=args.with_tokenizer)
-    except UserError as e:
-        fail(str(e))
-    print(f"merge-lora: wrote a merged model to {out}", file=sys.stderr)
-    return 0
-
-
 def _check_lora_folder(lora_path: str) -> Dict:
     """lora_config.json of a single-card LoRA folder, or a UserError saying what the folder is not."""
     if not os.path.isdir(lora_path):
@@ -159,9 +61,8 @@ def _check_lora_folder(lora_path: str) -> Dict:
 def merge_lora(model_name_or_path: Optional[str], lora_path: str, out: str, dtype: Optional[str] = None,
                device: Optional[str] = None, family_name: Optional[str] = None, with_tokenizer: bool = True) -> str:
     """Fold W + (alpha / r) * A @ B into every adapted layer and save base + merged weights as a standalone model."""
-    from .families import META_FILE
     from .loading import resolve_model
-    from .predict import select_device
+    from .runtime import select_device
 
     cfg_json = _check_lora_folder(lora_path)
     base, lora_path, _, family, meta = resolve_model(model_name_or_path, lora_path=lora_path, family_name=family_name)
@@ -203,38 +104,6 @@ def merged_lora_model(base: str, lora_path: str, family):
 
 
 # --------------------------------------------------------------------------- tensor parallel
-@dataclass
-class MergeTPArgument:
-    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Folder of tensor-parallel shards as PaddleNLP's Trainer writes them: model_state.tpXX.pdparams, model.tpXX.safetensors (also size-sharded with an index) or LoRA adapters lora_model_state.tpXX.pdparams (required)."})
-    merge_model_path: Optional[str] = field(default=None, metadata={"help": "Folder to write the merged checkpoint into (required)."})
-    dtype: Optional[str] = field(default=None, metadata={"help": "dtype of the merged weights (default: as stored in the shards).", "choices": DTYPES})
-    with_tokenizer: Optional[bool] = field(default=None, metadata={"help": "Save the tokenizer with the merged weights (default: when the folder holds one)."})
-    device: Optional[str] = field(default=None, metadata={"help": "Accepted for compatibility: shards are merged in host memory on one process, with no GPU or launcher."})
-    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the folder: llama chatglm chatglm_v2 bloom gpt-3 opt glm."})
-
-
-def main_tp(argv=None) -> int:
-    (args,) = parse_args([MergeTPArgument], argv, prog="merge_tp_params.py",
-                         description="Merge tensor-parallel shards (model or LoRA) into a single-card checkpoint, on one process.")
-    if not args.model_name_or_path:
-        fail("model_name_or_path is required: the folder of tensor-parallel shards")
-    if not os.path.isdir(args.model_name_or_path):
-        fail(f"model_name_or_path {args.model_name_or_path!r}: no such folder")
-    out = _check_output(args.merge_model_path, "merge_model_path", args.model_name_or_path)
-    try:
-        find_shards(args.model_name_or_path)  # cheap checks first: before paddle loads
-        from .runtime import setup_runtime
-
-        setup_runtime()
-        kind, degree = merge_tp(args.model_name_or_path, out, dtype=args.dtype, with_tokenizer=args.with_tokenizer,
-                                device=args.device, family_name=args.family)
-    except UserError as e:
-        fail(str(e))
-    print(f"merge-tp: merged {degree} tensor-parallel {'LoRA ' if kind == 'lora' else ''}shards into {out}", file=sys.stderr)
-    return 0
-
-
-# (kind, pattern with the rank as group 1, whether the match is an index file listing the rank's files)
 SHARD_PATTERNS = [
     ("lora", re.compile(r"^lora_model_state\.tp(\d{2})\.pdparams$"), False),
     ("model", re.compile(r"^model\.safetensors\.index\.tp(\d{2})\.json$"), True),
@@ -419,7 +288,7 @@ def merge_tp(folder: str, out: str, dtype: Optional[str] = None, with_tokenizer:
     from .adapter_fit import check_fit
     from .families import META_FILE, family_of, get_family
     from .loading import read_meta
-    from .predict import select_device
+    from .runtime import select_device
 
     kind, rank_files = find_shards(folder)
     degree = len(rank_files)
@@ -487,3 +356,35 @@ def merge_tp(folder: str, out: str, dtype: Optional[str] = None, with_tokenizer:
             meta["dtype"] = dtype
         _write_json(os.path.join(stage, META_FILE), meta)
     return kind, degree
+
+
+# --------------------------------------------------------------------------- transformers folders
+def export_hf(model_name_or_path: Optional[str], out: str, dtype: Optional[str] = None, lora_path: Optional[str] = None,
+              family_name: Optional[str] = None) -> str:
+    """Export a model folder (or LoRA output, merged first) as a transformers folder at `out`."""
+    from .formats.hf import DTYPES as HF_DTYPES, _log, export_model
+    from .loading import resolve_model
+
+    base, lora_path, prefix_path, family, meta = resolve_model(model_name_or_path, lora_path=lora_path, family_name=family_name)
+    if family.hf_architecture is None:
+        raise UserError(f"export-hf: the {family.name} family has no transformers architecture of the same design: {family.hf_refusal}")
+    if prefix_path:
+        raise UserError(f"export-hf: {prefix_path!r} is a prefix-tuning output; transformers models have no place for "
+                        f"its prefix (export a LoRA or full fine-tune instead)")
+    dtype = dtype or (meta.get("dtype") if meta.get("dtype") in HF_DTYPES else "float32")
+    with Staging(out) as stage:
+        source = base
+        if lora_path:
+            source = os.path.join(stage, ".merged")
+            _log(f"export-hf: merging the LoRA adapters in {lora_path} into {base} first")
+            merge_lora(base, lora_path, source, dtype="float32", family_name=family.name)
+        model = family.load_model(source, dtype="float32")
+        tokenizer = family.load_tokenizer(source)
+        export_model(family, model, tokenizer, stage, dtype)
+        out_meta = {k: v for k, v in meta.items() if k in ("src_length", "tgt_length", "chat_format")}
+        out_meta.update(family=family.name, kind="base", format="transformers", dtype=dtype,
+                        exported_from=os.path.abspath(lora_path or base) if os.path.isdir(lora_path or base) else base)
+        _write_json(os.path.join(stage, META_FILE), out_meta)
+        if lora_path:
+            shutil.rmtree(source)
+    return out

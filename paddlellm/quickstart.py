@@ -32,7 +32,8 @@ class QuickstartArgument:
 
 def exact_match(output_dir_or_model: str, lora_path=None) -> tuple:
     from .data import read_split
-    from .loading import generate_replies, load_for_inference
+    from .generation import generate_replies
+    from .loading import load_for_inference
 
     model, tokenizer, family, _ = load_for_inference(output_dir_or_model, lora_path=lora_path)
     records = read_split(os.path.join(ROOT, "data"), "dev")
@@ -64,8 +65,8 @@ def main(argv=None) -> int:
 
     (args,) = parse_args([QuickstartArgument], argv, prog="paddlellm quickstart", description=__doc__.splitlines()[0])
     setup_runtime(quiet=True)
-    from . import finetune
-    from .tiny import build_tiny
+    from .commands import finetune
+    from .commands.tiny import build_tiny
 
     start = time.time()
     base = os.path.join(args.output, "tiny-llama")

@@ -6,6 +6,9 @@ import io
 import os
 import sys
 import warnings
+from typing import Dict, Optional
+
+from .arguments import UserError
 
 # paddle/base/__init__.py prints this on import whenever OMP_NUM_THREADS > 1. It dates from
 # OpenBLAS builds; the wheels we use link MKL, where several threads are right (see cpu_runtime).
@@ -61,3 +64,34 @@ def progress_bar(total: int, desc: str, unit: str, initial: int = 0):
 
     return tqdm(total=total, initial=initial, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True,
                 disable=os.environ.get("PADDLELLM_NO_PROGRESS") == "1")
+
+
+def select_device(device: Optional[str]) -> str:
+    import paddle
+
+    cuda = paddle.device.is_compiled_with_cuda()
+    if device is None or device == "auto":
+        device = "gpu" if cuda and paddle.device.cuda.device_count() > 0 else "cpu"
+    if device.startswith("gpu") and not cuda:
+        raise UserError(f"--device {device}: this paddlepaddle build has no CUDA support (install paddlepaddle-gpu, or use --device cpu)")
+    try:
+        paddle.set_device(device)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise UserError(f"--device {device}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    return device
+
+
+def check_training_device(training: Dict, dtype: str = "float32") -> None:
+    """Refuse what this device can't do, with one clear line (before anything is written)."""
+    import paddle
+
+    gpu = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+    for key in ("tensor_parallel_degree", "sharding_parallel_degree"):
+        if int(training.get(key, 1) or 1) > 1 and not gpu:
+            raise UserError(f"--{key} {training[key]}: tensor and sharding parallelism need GPUs (paddlepaddle-gpu); on CPU use data parallel: python -m paddle.distributed.launch --nproc_per_node N ...")
+    for flag in ("fp16", "bf16"):
+        if training.get(flag) and not gpu:
+            # the shipped configs set fp16: true for GPUs; say exactly which override turns it off
+            raise UserError(f"--{flag}: mixed precision needs a GPU here; pass --{flag} false to train in float32 on CPU")
+    if dtype != "float32" and not gpu:
+        raise UserError(f"--dtype {dtype}: paddle's CPU kernels have no {dtype} matmul; use --dtype float32 on CPU (or a GPU)")

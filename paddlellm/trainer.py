@@ -22,7 +22,7 @@ from .cpu_kernels import dense_views
 from .data import Collator, ExampleDataset
 from .families import logits_of
 from .generation import text_metrics
-from .loading import generate_replies
+from .generation import generate_replies
 
 log = logging.getLogger("paddlellm")
 

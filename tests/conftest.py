@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """tiny_dir(family) -> path of a tiny random checkpoint of that family, built once per session."""
-    from paddlellm.tiny import build_tiny
+    from paddlellm.commands.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("tiny")
     cache = {}

@@ -14,7 +14,7 @@ os.environ["PADDLELLM_NO_PROGRESS"] = "1"
 @pytest.fixture(scope="module")
 def folders(tiny_dir, tmp_path_factory):
     """Bases of three families plus a LLaMA of other shapes, and adapters trained on tiny LLaMA and GLM."""
-    from paddlellm.tiny import build_tiny
+    from paddlellm.commands.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("fit")
     llama = tiny_dir("llama")

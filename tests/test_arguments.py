@@ -114,7 +114,7 @@ def test_every_family_ships_three_argument_files():
 @pytest.mark.parametrize("path", ARG_FILES, ids=[os.path.relpath(p, ROOT) for p in ARG_FILES])
 def test_shipped_argument_files_parse(path):
     from paddlellm.families import find_by_name
-    from paddlellm.finetune import parse
+    from paddlellm.commands.finetune import parse
 
     model_args, data_args, gen_args, training = parse([path])
     family_dir = os.path.basename(os.path.dirname(path))

@@ -103,7 +103,7 @@ def test_a_deepcopy_of_a_patched_model_runs_on_its_own_weights(family, tiny_dir)
 def _one_step(family, tiny_dir, step_data, out, extra, kernels_on, monkeypatch, caplog):
     import paddle
 
-    from paddlellm import finetune as ft
+    from paddlellm.commands import finetune as ft
 
     monkeypatch.setenv(cpu_kernels.DISABLE_VAR, "1" if kernels_on else "0")
     caplog.clear()

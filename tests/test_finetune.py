@@ -41,7 +41,7 @@ def write_data(folder, train=TRAIN, dev=DEV):
 
 
 def finetune(model, data, out, *extra):
-    from paddlellm import finetune as ft
+    from paddlellm.commands import finetune as ft
 
     return ft.run(["--model_name_or_path", model, "--dataset_name_or_path", data, "--output_dir", out,
                    "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "2", "--max_steps", "12",
@@ -87,7 +87,8 @@ def test_finetune_method(family, method, tiny_dir, tmp_path):
     assert 0.0 <= ev["eval_accuracy"] <= 1.0
     # the output folder alone is enough to load the fine-tuned model and generate
     from paddlellm.data import read_split
-    from paddlellm.loading import generate_replies, load_for_inference
+    from paddlellm.generation import generate_replies
+    from paddlellm.loading import load_for_inference
 
     m, tok, f, _ = load_for_inference(out)
     replies = generate_replies(m, tok, f, read_split(data, "dev"), 24, 4, batch_size=2)

@@ -52,7 +52,7 @@ def header(path):
 def hf_tensors(folder):
     from safetensors.numpy import load_file
 
-    from paddlellm.hf import weight_files
+    from paddlellm.formats.hf import weight_files
 
     out = {}
     for f in weight_files(folder):
@@ -63,7 +63,7 @@ def hf_tensors(folder):
 # ------------------------------------------------------------------ in
 @pytest.mark.parametrize("name", list(READABLE))
 def test_transformers_folder_loads_with_transformers_logits(name, capfd):
-    from paddlellm.hf import is_hf_folder
+    from paddlellm.formats.hf import is_hf_folder
     from paddlellm.loading import load_for_inference
 
     folder = fixture(name)
@@ -103,7 +103,8 @@ def test_checkpoint_saved_from_the_bare_model_loads(tmp_path):
 
 def test_predict_command_on_a_transformers_folder(tmp_path):
     """predict_generation.py as a user runs it, on the .bin variant: greedy output equals in-process generation."""
-    from paddlellm.loading import generate_replies, load_for_inference
+    from paddlellm.generation import generate_replies
+    from paddlellm.loading import load_for_inference
     from paddlellm.data import Record
 
     data = tmp_path / "in.json"
@@ -148,7 +149,7 @@ def test_unreadable_transformers_folders_are_refused_in_one_line(tmp_path, capsy
         (no_sp, "needs the sentencepiece model tokenizer.model"),
         (shard, "model-00002-of-00003.safetensors (listed in its index) is missing"),
     ]
-    from paddlellm.predict import main as predict
+    from paddlellm.commands.predict import main as predict
 
     for folder, words in cases:  # predict_generation.py's entry, in this process (the finetune case below is a real command)
         capsys.readouterr()
@@ -169,7 +170,8 @@ def test_unreadable_transformers_folders_are_refused_in_one_line(tmp_path, capsy
 def test_export_matches_transformers_layout_and_round_trips(family, tiny_dir, tmp_path):
     """Our model of the fixture's config exports to the same names, shapes, dtypes, tensors and config fields
     transformers wrote; our own tiny model exports and loads back with identical logits."""
-    from paddlellm.hf import export_model, is_hf_folder, main_export
+    from paddlellm.commands.export_hf import main as main_export
+    from paddlellm.formats.hf import export_model, is_hf_folder
 
     fam = get_family(family)
     ref = fixture(EXPORTABLE[family])
@@ -218,7 +220,7 @@ def test_export_matches_transformers_layout_and_round_trips(family, tiny_dir, tm
 
 
 def test_export_dtype_and_refusals(tiny_dir, tmp_path):
-    from paddlellm.hf import export_hf
+    from paddlellm.merge import export_hf
 
     base = tiny_dir("llama")
     out = export_hf(base, str(tmp_path / "bf16"), dtype="bfloat16")
@@ -240,7 +242,7 @@ def test_export_dtype_and_refusals(tiny_dir, tmp_path):
 def test_lora_on_a_transformers_folder_then_merge_and_export(tmp_path):
     """finetune --lora on a transformers LLaMA folder -> merge_lora_params.py --output_format hf and
     export-hf of the LoRA output -> both load again and give the logits of base + adapters."""
-    from paddlellm.hf import is_hf_folder
+    from paddlellm.formats.hf import is_hf_folder
     from paddlellm.loading import load_for_inference
 
     base = fixture("llama")

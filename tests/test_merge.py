@@ -43,7 +43,7 @@ def read_weights(folder):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_merged_lora_equals_base_plus_adapters(family, tiny_dir, tmp_path):
     from paddlellm.loading import load_for_inference
-    from paddlellm.merge import main_lora
+    from paddlellm.commands.merge import main_lora
 
     base = tiny_dir(family)
     lora = make_lora(base, str(tmp_path / "lora"), family, seed=1)
@@ -70,7 +70,7 @@ def test_merged_lora_equals_base_plus_adapters(family, tiny_dir, tmp_path):
 
 def test_merge_lora_with_tokenizer_flag(tiny_dir, tmp_path):
     """--with_tokenizer (PaddleNLP's name, as in merge_tp_params.py): false saves weights and config only."""
-    from paddlellm.merge import main_lora
+    from paddlellm.commands.merge import main_lora
 
     base = tiny_dir("llama")
     lora = make_lora(base, str(tmp_path / "lora"), "llama", seed=1)
@@ -85,10 +85,10 @@ def test_merge_lora_with_tokenizer_flag(tiny_dir, tmp_path):
 
 def test_merge_lora_of_a_finetune_run_then_predict(tiny_dir, tmp_path):
     """finetune_generation.py --lora -> merge_lora_params.py -> predict_generation.py, as a user runs them."""
-    from paddlellm import finetune
+    from paddlellm.commands import finetune
     from paddlellm.loading import load_for_inference
-    from paddlellm.merge import main_lora
-    from paddlellm.predict import main as predict
+    from paddlellm.commands.merge import main_lora
+    from paddlellm.commands.predict import main as predict
 
     base = tiny_dir("llama")
     data_dir = tmp_path / "data"
@@ -166,7 +166,7 @@ def write_tp_shards(model, full, folder, degree, safe, max_shard_size="10GB", ex
 @pytest.mark.parametrize("degree", [2, 4])
 @pytest.mark.parametrize("family", [f for f in FAMILIES if get_family(f).supports.get("tensor_parallel")])
 def test_merge_tp_is_bit_identical(family, degree, tiny_dir, tmp_path):
-    from paddlellm.merge import main_tp
+    from paddlellm.commands.merge import main_tp
 
     model = tp_base(family, tiny_dir(family), str(tmp_path / "base"))
     original = read_weights(str(tmp_path / "base"))
@@ -208,7 +208,7 @@ def test_merge_tp_lora_shards(family, tiny_dir, tmp_path):
     import paddle
 
     from paddlellm.loading import load_for_inference
-    from paddlellm.merge import main_tp
+    from paddlellm.commands.merge import main_tp
 
     base = str(tmp_path / "base")
     model = tp_base(family, tiny_dir(family), base)
@@ -284,7 +284,7 @@ def assert_error(proc, expected, out):
 def test_merge_tp_refuses_a_family_contradicting_the_folder(tiny_dir, tmp_path, capsys):
     """--family opt on llama shards loaded them with OPT's classes; now refused in one line through the
     check predict and merge_lora_params.py use (an agreeing --family still merges)."""
-    from paddlellm.merge import main_tp
+    from paddlellm.commands.merge import main_tp
 
     base = tmp_path / "base"
     model = tp_base("llama", tiny_dir("llama"), str(base))

@@ -100,7 +100,7 @@ def _manual_loss(model_dir, data_dir):
 
 
 def test_one_step_is_the_same_for_any_batching(tiny_dir, step_data, tmp_path):
-    from paddlellm import finetune as ft
+    from paddlellm.commands import finetune as ft
 
     model = tiny_dir("llama")
     variants = {
@@ -143,7 +143,7 @@ def test_packed_step_equals_unpacked_step(family, method, tiny_dir, step_data, t
     model's, or the prefix's with the prefix attended by every packed example) as an unpacked one."""
     from paddlenlp.transformers.model_utils import load_state_dict
 
-    from paddlellm import finetune as ft
+    from paddlellm.commands import finetune as ft
 
     extra_args, weights_file = PACKED_METHODS[method]
     common = ["--model_name_or_path", tiny_dir(family), "--dataset_name_or_path", step_data, *ONE_STEP,
@@ -176,7 +176,7 @@ def _weights_of(model_dir):
 
 
 def test_eval_loss_same_with_and_without_packing(tiny_dir, step_data, tmp_path):
-    from paddlellm import finetune as ft
+    from paddlellm.commands import finetune as ft
 
     evals = []
     for extra in ([], ["--intokens", "true", "--intokens_max_length", "48"], ["--per_device_eval_batch_size", "1"]):
@@ -193,7 +193,7 @@ def test_eval_loss_same_with_and_without_packing(tiny_dir, step_data, tmp_path):
 
 def test_packing_a_family_that_cannot_be_packed_is_one_clear_error(tiny_dir, step_data, tmp_path, capsys, monkeypatch):
     """Every family packs today; a registry entry that says it can't is refused in one line before training."""
-    from paddlellm import finetune as ft
+    from paddlellm.commands import finetune as ft
 
     monkeypatch.setitem(get_family("opt").supports, "intokens", False)
     out = str(tmp_path / "opt")
@@ -211,7 +211,7 @@ def test_backward_value_stays_at_mean_loss_scale(tiny_dir, step_data, tmp_path, 
     are then exactly the mean-loss gradients (the one-step tests above check the update itself)."""
     import paddle
 
-    from paddlellm import finetune as ft
+    from paddlellm.commands import finetune as ft
     from paddlellm.trainer import SFTTrainer
 
     norms = []

@@ -42,7 +42,7 @@ def reference(row):
 
 
 def predict(*argv):
-    from paddlellm.predict import main
+    from paddlellm.commands.predict import main
 
     return main(list(argv))
 
@@ -90,7 +90,7 @@ def make_lora(base, out, family, seed=0, scale=0.5, src_length=48, tgt_length=5)
     import paddle
     from paddlenlp.peft import LoRAConfig, LoRAModel
 
-    from paddlellm.finetune import all_linear_targets
+    from paddlellm.commands.finetune import all_linear_targets
 
     fam = get_family(family)
     tok = fam.load_tokenizer(base)
@@ -174,7 +174,7 @@ def test_adapter_outputs_read_saved_settings(family, kind, tiny_dir, tmp_path):
 
 def test_finetune_outputs_llama(tiny_dir, tmp_path):
     """The real finetune_generation.py outputs (LoRA and prefix) predict with nothing but their folder."""
-    from paddlellm import finetune
+    from paddlellm.commands import finetune
 
     base = tiny_dir("llama")
     folder = tmp_path / "ft"

@@ -34,7 +34,7 @@ def corpus_texts(n=200, seed=0):
 @pytest.fixture(scope="module")
 def data_of(tiny_dir, tmp_path_factory):
     """data_of(family) -> a data prefix of the generated corpus made with that family's tokenizer."""
-    from paddlellm.pretrain_data import main
+    from paddlellm.commands.prepare_pretrain import main
 
     root = tmp_path_factory.mktemp("pretrain_data")
     src = root / "corpus.jsonl"
@@ -57,7 +57,7 @@ BASE = ["--split", "90,10,0", "--max_seq_length", "32", "--per_device_train_batc
 
 
 def pretrain(model, data, out, *extra):
-    from paddlellm.pretrain import run
+    from paddlellm.commands.pretrain import run
 
     return run(["--model_name_or_path", model, "--input_dir", data, "--output_dir", str(out), *BASE, *extra])
 
@@ -210,7 +210,7 @@ def step(self, *args, **kwargs):
         os._exit(9)  # a hard kill: no exception handler, no cleanup, checkpoint-4 is on disk
     return real(self, *args, **kwargs)
 trainer.SFTTrainer.training_step = step
-from paddlellm.pretrain import main
+from paddlellm.commands.pretrain import main
 main(sys.argv[1:])
 """
 
@@ -240,7 +240,7 @@ def test_resume_with_other_data_settings_is_refused(change, message, tiny_dir, d
 
 
 def test_killed_run_resumes_to_the_uninterrupted_weights(tiny_dir, data_of, straight_run, killed_run, monkeypatch):
-    from paddlellm.pretrain import PretrainCollator
+    from paddlellm.commands.pretrain import PretrainCollator
 
     seen = []
     real = PretrainCollator.__call__
@@ -275,9 +275,9 @@ def test_continue_training_starts_from_the_weights(tiny_dir, data_of, straight_r
 
 
 def test_output_folder_loads_in_predict_and_finetune(tiny_dir, data_of, straight_run, tmp_path):
-    from paddlellm.finetune import run as finetune
+    from paddlellm.commands.finetune import run as finetune
     from paddlellm.loading import load_for_inference
-    from paddlellm.predict import main as predict
+    from paddlellm.commands.predict import main as predict
 
     model, tok, fam, meta = load_for_inference(str(straight_run))  # what flask_server.py does
     assert fam.name == "llama" and meta["kind"] == "full"
@@ -295,7 +295,7 @@ def test_output_folder_loads_in_predict_and_finetune(tiny_dir, data_of, straight
 
 
 def _error(capsys, *argv):
-    from paddlellm.pretrain import run
+    from paddlellm.commands.pretrain import run
 
     with pytest.raises(SystemExit) as e:
         run(list(argv))
@@ -349,7 +349,7 @@ LAUNCH = ["--split", "90,10,0", "--max_seq_length", "32", "--per_device_eval_bat
 
 @pytest.fixture(scope="module")
 def one_process_batch_8(tiny_dir, data_of, tmp_path_factory):
-    from paddlellm.pretrain import run
+    from paddlellm.commands.pretrain import run
 
     out = tmp_path_factory.mktemp("one") / "out"
     assert run(["--model_name_or_path", tiny_dir("llama"), "--input_dir", data_of("llama"), "--output_dir", str(out),
@@ -416,7 +416,7 @@ def test_every_family_ships_a_pretrain_argument_file():
 @pytest.mark.parametrize("path", PRETRAIN_FILES, ids=[os.path.relpath(p, ROOT) for p in PRETRAIN_FILES])
 def test_shipped_pretrain_files_parse(path):
     from paddlellm.families import find_by_name
-    from paddlellm.pretrain import parse
+    from paddlellm.commands.pretrain import parse
 
     model_args, data_args, extra, training = parse([path])
     assert find_by_name(model_args.model_name_or_path).name == os.path.basename(os.path.dirname(path))
@@ -439,7 +439,7 @@ PADDLENLP_FILE = {
 
 
 def test_paddlenlp_pretrain_file_parses_and_gpu_settings_are_refused_in_one_line(tmp_path, capsys):
-    from paddlellm.pretrain import parse
+    from paddlellm.commands.pretrain import parse
 
     path = tmp_path / "pretrain-llama2_13b.json"
     path.write_text(json.dumps(PADDLENLP_FILE))
@@ -484,7 +484,7 @@ def test_help_is_fast_and_lists_the_arguments():
 
 
 def test_read_only_data_folder_keeps_the_index_in_output_dir(tiny_dir, data_of, tmp_path, monkeypatch):
-    import paddlellm.pretrain as pretrain_module
+    import paddlellm.commands.pretrain as pretrain_module
 
     data_dir = os.path.dirname(data_of("llama"))
     real_access = os.access

@@ -69,7 +69,7 @@ def test_old_npy_npz_pair_gives_the_same_samples(tmp_path):
 
 
 def prepare(model, inputs, prefix, *extra):
-    from paddlellm.pretrain_data import main
+    from paddlellm.commands.prepare_pretrain import main
 
     return main(["--model_name_or_path", model, "--input_path", str(inputs), "--output_prefix", str(prefix), *extra])
 

@@ -26,7 +26,7 @@ METHODS = {
 
 
 def quant(model, out, *extra, data=DATA):
-    from paddlellm.quant import execute
+    from paddlellm.commands.quant import execute
 
     return execute(["--model_name_or_path", model, "--dataset_name_or_path", data, "--output_dir", out,
                     "--per_device_train_batch_size", "16", *SHAPE, *extra])
@@ -64,7 +64,7 @@ def unpack4_numpy(p, rows):
 @pytest.fixture(scope="module")
 def sft(tiny_dir, tmp_path_factory):
     """A tiny LLaMA fine-tuned for 3 epochs on the bundled data (dev accuracy ~94%): quality is measurable."""
-    from paddlellm import finetune
+    from paddlellm.commands import finetune
 
     out = str(tmp_path_factory.mktemp("quant_sft") / "sft")
     assert finetune.run(["--model_name_or_path", tiny_dir("llama"), "--dataset_name_or_path", DATA, "--output_dir", out,
@@ -97,7 +97,7 @@ def test_round_trip_codes_and_sizes(method, quantized):
     from safetensors.numpy import load_file
 
     from paddlellm.loading import load_for_inference
-    from paddlellm.quant.storage import resident_bytes
+    from paddlellm.formats.quantized import resident_bytes
 
     out, results, model = quantized(method)
     bits = METHODS[method][1]
@@ -181,7 +181,8 @@ def test_shift_and_smooth_keep_the_float_outputs_and_pair_after_another_model(fa
     import paddle
 
     from paddlellm.families import get_family
-    from paddlellm.quant import QuantArgument, methods
+    from paddlellm.commands.quant import QuantArgument
+    from paddlellm.quant import methods
     from paddlellm.quant.pipeline import load_float_model
 
     fam = get_family(family)
@@ -224,9 +225,10 @@ def test_shift_smooth_round_trip(family, tiny_dir, tmp_path):
 # ------------------------------------------------------------------ all families, predict, serve
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_quantizes_reloads_and_predicts(family, tiny_dir, tmp_path):
-    from paddlellm import predict
+    from paddlellm.commands import predict
     from paddlellm.data import read_split
-    from paddlellm.loading import generate_replies, load_for_inference
+    from paddlellm.generation import generate_replies
+    from paddlellm.loading import load_for_inference
 
     dev = os.path.join(tmp_path, "dev3.json")
     with open(os.path.join(DATA, "dev.json")) as f, open(dev, "w") as g:
@@ -309,7 +311,7 @@ REFUSALS = [
 
 @pytest.mark.parametrize("family,argv,words", REFUSALS, ids=[w for _, _, w in REFUSALS])
 def test_refusals_are_one_line_before_anything_loads(family, argv, words, tiny_dir, tmp_path, capsys):
-    from paddlellm.quant import run
+    from paddlellm.commands.quant import run
 
     out = tmp_path / "out"
     line = _one_line_error(capsys, run, ["--model_name_or_path", tiny_dir(family), "--dataset_name_or_path", DATA,
@@ -318,9 +320,9 @@ def test_refusals_are_one_line_before_anything_loads(family, argv, words, tiny_d
 
 
 def test_missing_calibration_data_and_quantized_inputs_are_refused(tiny_dir, quantized, tmp_path, capsys):
-    from paddlellm import finetune, predict
-    from paddlellm.merge import main_lora
-    from paddlellm.quant import run
+    from paddlellm.commands import finetune, predict
+    from paddlellm.commands.merge import main_lora
+    from paddlellm.commands.quant import run
 
     only_dev = tmp_path / "only_dev"
     only_dev.mkdir()
@@ -375,7 +377,7 @@ def test_every_family_ships_ptq_and_gptq_files():
 
 @pytest.mark.parametrize("path", QUANT_FILES, ids=[os.path.relpath(p, ROOT) for p in QUANT_FILES])
 def test_shipped_quant_argument_files_parse(path):
-    from paddlellm.quant import check_args, parse
+    from paddlellm.commands.quant import check_args, parse
 
     model_args, data_args, q, training = parse([path])
     quant_type, bits, a8, method, steps = check_args(model_args, data_args, q, training)
@@ -402,7 +404,7 @@ PADDLENLP_GPTQ = {  # PaddleNLP 2023 llm/llama/gptq_argument.json
 
 
 def test_paddlenlp_own_quant_files_parse(tmp_path):
-    from paddlellm.quant import parse
+    from paddlellm.commands.quant import parse
 
     for name, content in (("ptq", PADDLENLP_PTQ), ("gptq", PADDLENLP_GPTQ)):
         path = tmp_path / f"{name}_argument.json"

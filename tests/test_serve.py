@@ -559,7 +559,7 @@ def test_help_is_fast_and_bad_arguments_are_one_line():
 def test_sampling_range_errors_name_the_argument(flag, value, expected, capsys):
     """Each out-of-range sampling default names its own argument and value, in predict's words (one check
     shared by both); the server's message used to list all four conditions at once."""
-    from paddlellm.predict import main as predict_main
+    from paddlellm.commands.predict import main as predict_main
     from paddlellm.serve.app import main
 
     for command, args in ((main, ["--model_name_or_path", "x"]),

@@ -22,7 +22,7 @@ SAMPLING = ["--top_k", "5", "--top_p", "0.9", "--temperature", "0.8", "--repetit
 
 
 def export(*argv):
-    from paddlellm.export import main
+    from paddlellm.commands.export import main
 
     return main(list(argv))
 
@@ -97,8 +97,8 @@ def test_predict_static_equals_dynamic(family, tiny_dir, exported, tmp_path):
 def test_step_logits_equal_dynamic(family, tiny_dir, exported):
     import paddle
 
-    from paddlellm.export import probe
-    from paddlellm.static_runtime import flatten, load_static
+    from paddlellm.commands.export import probe
+    from paddlellm.formats.static import flatten, load_static
 
     fam = get_family(family)
     folder = exported(family)
@@ -211,7 +211,7 @@ def test_static_data_parallel_equals_one_process(exported, tmp_path):
 
 # ------------------------------------------------------------------ LoRA: merged at export == merged first
 def test_export_with_lora_equals_export_after_merge(tiny_dir, tmp_path):
-    from paddlellm.merge import main_lora
+    from paddlellm.commands.merge import main_lora
 
     base = tiny_dir("llama")
     lora = make_lora(base, str(tmp_path / "lora"), "llama", src_length=40, tgt_length=5)
@@ -233,7 +233,7 @@ def test_export_with_lora_equals_export_after_merge(tiny_dir, tmp_path):
 # ------------------------------------------------------------------ prefix tuning: the prefix becomes the initial cache
 @pytest.mark.parametrize("family", ["llama", "glm"])  # a key/value cache and GLM's hidden-state memories
 def test_export_with_prefix_equals_dynamic_prefix(family, tiny_dir, tmp_path):
-    from paddlellm.static_runtime import flatten, load_static
+    from paddlellm.formats.static import flatten, load_static
 
     prefix = make_prefix(tiny_dir(family), str(tmp_path / "prefix"), family, src_length=40, tgt_length=5)
     folder = str(tmp_path / "static")
@@ -288,8 +288,8 @@ def test_refusals(tiny_dir, exported, tmp_path, capsys):
         assert f"the {family} family can't be exported" in msg
 
     # a static export where weights are needed (fine-tuning, merging): one line, nothing written
-    from paddlellm.finetune import main as finetune_main
-    from paddlellm.merge import main_lora as merge_main
+    from paddlellm.commands.finetune import main as finetune_main
+    from paddlellm.commands.merge import main_lora as merge_main
 
     finetune = lambda *argv: finetune_main(list(argv))  # noqa: E731
     main_lora = lambda *argv: merge_main(list(argv))  # noqa: E731
@@ -358,7 +358,7 @@ def test_static_forward_gives_the_math_threads_back(exported, monkeypatch):
     our runtime's count back (else the decode loop's own ops, and any dynamic model in the process, run on one)."""
     import paddle
 
-    from paddlellm import static_runtime
+    from paddlellm.formats import static as static_runtime
     from paddlellm.generation import generate_ids
 
     shell, tok = static_runtime.load_static(exported("llama"), get_family("llama"))

@@ -30,7 +30,7 @@ def test_one_set_of_weights_per_folder(tiny_dir, tmp_path):
     """The issue's repro: merge LoRA into X, fine-tune (SFT) into X, then everything loaded X's stale
     model.safetensors. Each save now replaces the weight files already there."""
     from paddlellm.merge import merge_lora
-    from paddlellm.tiny import build_tiny
+    from paddlellm.commands.tiny import build_tiny
 
     base = tiny_dir("llama")
     data = write_data(str(tmp_path / "data"))

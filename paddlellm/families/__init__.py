@@ -9,6 +9,7 @@ import json
 import os
 from typing import Dict, List
 
+from ..files import META_FILE  # noqa: F401  (re-exported: the metadata file of every folder our commands write)
 from .base import IGNORE, Example, Family, logits_of  # noqa: F401
 
 # registry name -> module in this package (names are the llm/<folder> names)
@@ -22,7 +23,6 @@ _MODULES = {
     "glm": "glm",
 }
 
-META_FILE = "paddlellm_meta.json"  # written by our commands into every folder they produce
 
 
 def names() -> List[str]:

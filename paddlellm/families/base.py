@@ -102,7 +102,7 @@ class Family:
     # Pretraining objectives this family supports; the first is the default (see pretrain_inputs).
     pretrain_objectives: Tuple[str, ...] = ("causal",)
     notes: str = ""  # quirks, shown in llm/<family>/README.md
-    # Hugging Face transformers folders (paddlellm/hf.py): the transformers class of the same architecture,
+    # Hugging Face transformers folders (paddlellm/formats/hf.py): the transformers class of the same architecture,
     # or None with the reason in hf_refusal; tensors old transformers versions saved that are not weights.
     hf_architecture: Optional[str] = None
     hf_model_type: str = ""
@@ -122,9 +122,9 @@ class Family:
         return getattr(module, getattr(self, attr))
 
     def load_tokenizer(self, path: str):
-        from .. import hf
+        from ..formats import hf
 
-        if hf.is_hf_folder(path):  # a transformers folder: read through paddlellm/hf.py
+        if hf.is_hf_folder(path):  # a transformers folder: read through paddlellm/formats/hf.py
             return hf.load_tokenizer(self, path)
         tok = self.paddlenlp_class("tokenizer_class").from_pretrained(path)
         self.fix_tokenizer(tok)
@@ -146,15 +146,15 @@ class Family:
 
     def load_model(self, path: str, dtype: str = "float32", adapt: bool = True, **config_overrides):
         """The model of folder `path`; adapt=False skips the family's adapt_model workarounds (static export)."""
-        from ..quant.storage import refuse_if_quantized  # float weights only: training, merging (a UserError line)
-        from ..static_runtime import refuse_if_static
+        from ..formats.quantized import refuse_if_quantized  # float weights only: training, merging (a UserError line)
+        from ..formats.static import refuse_if_static
 
         refuse_if_quantized(path)
         refuse_if_static(path)
-        from .. import hf
+        from ..formats import hf
 
         overrides = {**self.model_config_overrides(), **config_overrides}
-        if hf.is_hf_folder(path):  # a transformers folder: converted in memory by paddlellm/hf.py
+        if hf.is_hf_folder(path):  # a transformers folder: converted in memory by paddlellm/formats/hf.py
             model = hf.load_model(self, path, dtype=dtype, **overrides)
         else:
             model = self.paddlenlp_class("model_class").from_pretrained(path, dtype=dtype, **overrides)

@@ -95,7 +95,7 @@ class ChatGLMFamily(BlankInfillingFamily):
         tokenizer (its tests expect "▁lower" -> 680, <unk> -> 0); paddlenlp's decode also mishandles
         a non-zero offset (it subtracts it twice).
         """
-        from ..tiny import train_sentencepiece
+        from ..tokenizer_training import train_sentencepiece
         from paddlenlp.transformers import ChatGLMTokenizer
 
         pieces = list(self.special_tokens.values()) + ["<n>", "<|tab|>"] + [f"<|blank_{k}|>" for k in range(2, 81)]

@@ -232,7 +232,7 @@ class GLMFamily(BlankInfillingFamily):
 
     def train_tokenizer(self, out_dir: str, vocab_size: int, lines: List[str]):
         """Tiny cog-pretrain.model: GLMChineseTokenizer looks every special token up as a sentencepiece piece."""
-        from ..tiny import train_sentencepiece
+        from ..tokenizer_training import train_sentencepiece
         from paddlenlp.transformers import GLMChineseTokenizer
 
         pieces = list(self.special_tokens.values()) + GLM_EXTRA_SPECIAL

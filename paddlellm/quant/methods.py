@@ -12,7 +12,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from ..arguments import UserError
-from .storage import pack_int4, qmax
+from ..formats.quantized import pack_int4, qmax
 
 log = logging.getLogger("paddlellm")
 
@@ -97,7 +97,7 @@ class Result:
     def full_tensors(self, model) -> Dict[str, np.ndarray]:
         """Codes + every other tensor of the (float) model, ready for storage.install / safetensors.
         Shift/Smooth's wrapper layers re-expose their inner layer's weight (and bias): those aliases are not stored."""
-        from .storage import wrapper_aliases
+        from ..formats.quantized import wrapper_aliases
 
         out = dict(self.tensors)
         aliases = wrapper_aliases(wrappers_of(model))

@@ -10,9 +10,9 @@ from typing import Dict, List
 import numpy as np
 
 from ..arguments import UserError, dump_args
-from ..finetune import write_json  # the atomic JSON writer the training commands use too
+from ..files import write_json
 from . import methods
-from .storage import CONFIG_FILE, WEIGHTS_FILE, install
+from ..formats.quantized import CONFIG_FILE, WEIGHTS_FILE, install
 
 log = logging.getLogger("paddlellm")
 
@@ -153,7 +153,8 @@ def _write_folder(out, plan, model, tensors, result, wrappers, data_args, q, mod
     from safetensors.numpy import save_file
 
     from ..families import META_FILE
-    from ..merge import Staging, save_tokenizer
+    from ..checkpoints import Staging
+    from ..merge import save_tokenizer
 
     family = plan.family
     with Staging(out) as stage:

@@ -62,7 +62,7 @@ class Evaluator:
     def _replies(self, model) -> Optional[List[str]]:
         if not self.generate:
             return None
-        from ..loading import generate_replies
+        from ..generation import generate_replies
 
         return generate_replies(model, self.tokenizer, self.family, self.records, self.src_length, self.tgt_length, self.batch_size)
 

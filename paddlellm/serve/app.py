@@ -406,7 +406,7 @@ def main(argv=None) -> int:
     rank, world = int(os.environ.get("PADDLE_TRAINER_ID", "0")), int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
     try:
         check_args(args)
-        from ..loading import read_meta
+        from ..files import read_meta
 
         adapter = args.lora_path or args.prefix_path or args.model_name_or_path
         meta = read_meta(adapter) if adapter and os.path.isdir(adapter) else {}

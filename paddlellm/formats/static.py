@@ -19,7 +19,7 @@ import json
 import os
 from typing import Dict, List, Optional
 
-from .arguments import UserError
+from ..arguments import UserError
 
 FORMAT_VERSION = 1
 META_NAME = "static_meta.json"
@@ -80,7 +80,7 @@ def container_classes(obj, out: Optional[Dict[str, type]] = None) -> Dict[str, t
 # --------------------------------------------------------------------------- folder checks
 def is_static_folder(path: Optional[str]) -> bool:
     """Whether `path` is a folder written by export_model.py (cheap: reads paddlellm_meta.json only)."""
-    from .loading import read_meta
+    from ..files import read_meta
 
     return bool(path) and os.path.isdir(path) and read_meta(path).get("kind") == "static"
 

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .arguments import UserError, check_can_create, dump_args, fail, make_dir, parse_args, require_at_least
+from ..arguments import UserError, check_can_create, dump_args, fail, make_dir, parse_args, require_at_least
 
 log = logging.getLogger("paddlellm")
 SETTINGS_FILE = "pretrain_data_settings.json"  # in output_dir: what fixes the sample order (checked on resume)
@@ -116,7 +116,7 @@ def check_device(model_args, extra, training: Dict) -> bool:
     """Refuse GPU-only options on CPU in one line; returns whether a GPU is used."""
     import paddle
 
-    from .finetune import check_device as check_training
+    from ..runtime import check_training_device as check_training
 
     check_training(training)
     gpu = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
@@ -137,7 +137,7 @@ def data_sample_counts(data_args, args) -> List[int]:
 
 def check_splits(prefixes, split: str, needs: List[bool]) -> Dict[str, List[int]]:
     """Documents per split of every prefix; a needed split with no document is one line, before training."""
-    from .pretrain_data import open_prefix, split_bounds
+    from ..pretrain_data import open_prefix, split_bounds
 
     counts = {}
     for _, prefix in prefixes:
@@ -305,7 +305,7 @@ def make_trainer_class():
     """PretrainTrainer, defined on first use (trainer.py imports paddle)."""
     from paddlenlp.utils.batch_sampler import DistributedBatchSampler
 
-    from .trainer import SFTTrainer
+    from ..trainer import SFTTrainer
 
     class PretrainTrainer(SFTTrainer):
         """SFTTrainer (token-weighted loss, checkpoint markers, tokens/s) reading samples in their stored order."""
@@ -348,18 +348,18 @@ def make_scheduler(args, extra):
 def run(argv=None) -> int:
     model_args, data_args, extra, training = parse(argv)
     output_dir = training["output_dir"]
-    from .checkpoints import training_output
+    from ..checkpoints import training_output
 
     with training_output(output_dir):
-        from .families import detect_family
-        from .pretrain_data import resolve_input_dir
+        from ..families import detect_family
+        from ..pretrain_data import resolve_input_dir
 
         prefixes = resolve_input_dir(data_args.input_dir)
         family = detect_family(model_args.family, (model_args.model_name_or_path,), model_args.model_name_or_path)
         objective = model_args.objective or family.pretrain_objectives[0]
         if objective not in family.pretrain_objectives:
             raise UserError(f"--objective {objective}: the {family.name} family pretrains with {' or '.join(family.pretrain_objectives)}")
-        from .runtime import setup_runtime
+        from ..runtime import setup_runtime
 
         setup_runtime()
         gpu = check_device(model_args, extra, training)
@@ -374,10 +374,10 @@ def _train(family, objective, prefixes, model_args, data_args, extra, training, 
     from paddlenlp.trainer import TrainingArguments, set_seed
     from paddlenlp.trainer.trainer_callback import ProgressCallback
 
-    from .checkpoints import resume_point
-    from .finetune import write_json
-    from .pretrain_data import check_tokenizer, open_prefix, tokenizer_identity
-    from .trainer import TokensProgressCallback
+    from ..checkpoints import resume_point
+    from ..files import write_json
+    from ..pretrain_data import check_tokenizer, open_prefix, tokenizer_identity
+    from ..trainer import TokensProgressCallback
 
     try:
         args = TrainingArguments(**training)
@@ -409,7 +409,7 @@ def _train(family, objective, prefixes, model_args, data_args, extra, training, 
 
     set_seed(args.seed)  # before the model is built: a fresh model's weights come from this seed
     model = build_model(family, model_args, args, tokenizer, gpu)
-    from .cpu_kernels import apply as apply_cpu_kernels
+    from ..cpu_kernels import apply as apply_cpu_kernels
 
     model = apply_cpu_kernels(family, model)  # cheaper CPU formulations of the same maths (not on GPUs)
     params = sum(int(p.numel()) for p in model.parameters())
@@ -445,8 +445,8 @@ def _train(family, objective, prefixes, model_args, data_args, extra, training, 
 
 def save_outputs(trainer, tokenizer, family, objective, model_args, data_args, extra, args) -> None:
     """The output folder is a model folder: weights, config, tokenizer, paddlellm_meta.json, resolved arguments."""
-    from .families import META_FILE
-    from .finetune import write_json
+    from ..families import META_FILE
+    from ..files import write_json
 
     out = args.output_dir
     trainer.save_final_model(out, "full")  # model.safetensors, like every other command's output

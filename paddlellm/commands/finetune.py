@@ -4,49 +4,16 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .arguments import UserError, check_can_create, check_sampling, dump_args, fail, make_dir, parse_args, require_at_least
+from ..arguments import UserError, check_can_create, check_sampling, dump_args, fail, make_dir, parse_args, require_at_least
+from ..files import write_json
+from ..finetune_args import DataArgument, GenerateArgument, ModelArgument
+from ..runtime import check_training_device
 
 log = logging.getLogger("paddlellm")
-
-
-@dataclass
-class ModelArgument:
-    model_name_or_path: str = field(default=None, metadata={"help": "Base model: a folder (e.g. from `paddlellm tiny`) or a PaddleNLP model name."})
-    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the model folder: llama chatglm chatglm_v2 bloom gpt-3 opt glm."})
-    dtype: str = field(default="float32", metadata={"help": "Weight dtype: float32, float16 or bfloat16 (use with --fp16/--bf16 on GPUs)."})
-    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
-    lora_path: Optional[str] = field(default=None, metadata={"help": "Start from these LoRA adapters (a folder saved by a LoRA run)."})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
-    lora_alpha: Optional[int] = field(default=None, metadata={"help": "LoRA alpha (default: 2 * lora_rank)."})
-    lora_target_modules: Optional[List[str]] = field(default=None, metadata={"help": "Regexes of the layers to adapt (default: every Linear layer)."})
-    prefix_tuning: bool = field(default=False, metadata={"help": "Train prefix tuning (virtual key/value tokens) instead of all weights."})
-    prefix_path: Optional[str] = field(default=None, metadata={"help": "Start from this prefix (a folder saved by a prefix tuning run)."})
-    num_prefix_tokens: int = field(default=128, metadata={"help": "Number of prefix tokens."})
-    prefix_projection: bool = field(default=False, metadata={"help": "Reparametrise the prefix through an MLP."})
-
-
-@dataclass
-class DataArgument:
-    dataset_name_or_path: str = field(default=None, metadata={"help": "Folder with train.json and dev.json (JSONL of src/tgt), or train/ and dev/ folders of *.json."})
-    task_name: Optional[str] = field(default=None, metadata={"help": "Name of the task, recorded with the results."})
-    src_length: int = field(default=1024, metadata={"help": "Maximum tokens of the context (earlier turns + final prompt); oldest turns are dropped first."})
-    tgt_length: int = field(default=1024, metadata={"help": "Maximum tokens of the final reply (including its end token); also the generation length in evaluation."})
-    eval_with_do_generation: bool = field(default=False, metadata={"help": "Also evaluate by generating replies: BLEU-4 and ROUGE-1/2/L are reported together with loss/ppl/accuracy."})
-    save_generation_output: bool = field(default=False, metadata={"help": "With eval_with_do_generation, write generated_output.json to output_dir."})
-    intokens: bool = field(default=False, metadata={"help": "Pack several examples into one sequence of up to intokens_max_length tokens."})
-    intokens_max_length: int = field(default=2048, metadata={"help": "Token slots of one packed sequence."})
-
-
-@dataclass
-class GenerateArgument:
-    top_k: int = field(default=1, metadata={"help": "Top-k sampling in generation evaluation (1 = greedy)."})
-    top_p: float = field(default=1.0, metadata={"help": "Top-p (nucleus) sampling in generation evaluation."})
 
 
 TRAINING_DEFAULTS = dict(
@@ -106,7 +73,7 @@ def parse_with_mode(argv=None):
 
 def check_ranges(model_args, data_args, gen_args, training: Dict) -> None:
     """Refuse values that can't work before anything loads (paddle would fail later with a traceback)."""
-    from .loading import check_adapter_folders
+    from ..loading import check_adapter_folders
 
     m, d = model_args, data_args
     require_at_least({
@@ -128,34 +95,18 @@ def check_ranges(model_args, data_args, gen_args, training: Dict) -> None:
         check_can_create(training["output_dir"], "output_dir")
     check_sampling(top_k=gen_args.top_k, top_p=gen_args.top_p)
     check_adapter_folders(m.lora_path, m.prefix_path)
-    from .quant.storage import refuse_if_quantized
-    from .static_runtime import refuse_if_static
+    from ..formats.quantized import refuse_if_quantized
+    from ..formats.static import refuse_if_static
 
     refuse_if_quantized(m.model_name_or_path)  # integer weights can't be trained further
     refuse_if_static(m.model_name_or_path)  # a program without trainable weights
 
 
 def resolve_family(model_args):
-    from .loading import checked_family
+    from ..loading import checked_family
 
     m = model_args
     return checked_family(m.family, m.model_name_or_path, m.lora_path, m.prefix_path)
-
-
-def check_device(training: Dict, dtype: str = "float32") -> None:
-    """Refuse what this device can't do, with one clear line (before anything is written)."""
-    import paddle
-
-    gpu = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
-    for key in ("tensor_parallel_degree", "sharding_parallel_degree"):
-        if int(training.get(key, 1) or 1) > 1 and not gpu:
-            raise UserError(f"--{key} {training[key]}: tensor and sharding parallelism need GPUs (paddlepaddle-gpu); on CPU use data parallel: python -m paddle.distributed.launch --nproc_per_node N ...")
-    for flag in ("fp16", "bf16"):
-        if training.get(flag) and not gpu:
-            # the shipped configs set fp16: true for GPUs; say exactly which override turns it off
-            raise UserError(f"--{flag}: mixed precision needs a GPU here; pass --{flag} false to train in float32 on CPU")
-    if dtype != "float32" and not gpu:
-        raise UserError(f"--dtype {dtype}: paddle's CPU kernels have no {dtype} matmul; use --dtype float32 on CPU (or a GPU)")
 
 
 def all_linear_targets(model) -> List[str]:
@@ -178,7 +129,7 @@ def build_model(family, model_args, training_args, tokenizer):
     if tp > 1:
         extra = dict(tensor_parallel_degree=tp, tensor_parallel_rank=training_args.tensor_parallel_rank)
     model = family.load_model(model_args.model_name_or_path, dtype=model_args.dtype, **extra)
-    from .cpu_kernels import apply as apply_cpu_kernels
+    from ..cpu_kernels import apply as apply_cpu_kernels
     model = apply_cpu_kernels(family, model)  # cheaper CPU formulations of the same maths (not on GPUs)
     kind = "full"
     if model_args.lora or model_args.lora_path:
@@ -220,18 +171,9 @@ def build_model(family, model_args, training_args, tokenizer):
     return model, kind
 
 
-def write_json(path: str, obj) -> None:
-    """Write JSON atomically (a crash never leaves half a file)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def save_outputs(trainer, tokenizer, family, kind, model_args, data_args, gen_args, training_args) -> None:
     """Save the model (or only the adapters), tokenizer, resolved arguments and our metadata."""
-    from .families import META_FILE
+    from ..families import META_FILE
 
     out = training_args.output_dir
     trainer.save_final_model(out, kind)  # a full model as model.safetensors, like every other command's output
@@ -257,25 +199,21 @@ def save_outputs(trainer, tokenizer, family, kind, model_args, data_args, gen_ar
 
 
 def run(argv=None) -> int:
-    from .quant import quant_requested, run as run_quant
-
-    if quant_requested(argv):  # do_ptq / do_gptq: PaddleNLP ran compression from this script too
-        return run_quant(argv, prog="finetune_generation.py")
     model_args, data_args, gen_args, training, mode = parse_with_mode(argv)
     output_dir = training["output_dir"]
-    from .checkpoints import training_output
+    from ..checkpoints import training_output
 
     with training_output(output_dir):
         # Validate the data before anything heavy loads or anything is written.
-        from .data import read_split
+        from ..data import read_split
 
         train_records = read_split(data_args.dataset_name_or_path, "train") if mode != "eval_only" else []
         dev_records = read_split(data_args.dataset_name_or_path, "dev", required=mode == "eval_only")
         family = resolve_family(model_args)
-        from .runtime import setup_runtime
+        from ..runtime import setup_runtime
 
         setup_runtime()  # before paddle is imported
-        check_device(training, model_args.dtype)
+        check_training_device(training, model_args.dtype)
         make_dir(output_dir, "output_dir")
         import paddle
 
@@ -289,7 +227,7 @@ def run(argv=None) -> int:
 
 def _pack(family, data_args, train_examples, dev_examples, prefix: bool = False):
     """Pack train (and dev, for loss evaluation) examples into rows of intokens_max_length tokens."""
-    from .data import pack_examples
+    from ..data import pack_examples
 
     if not family.supports.get("intokens", False):
         raise UserError(f"--intokens: packing is not supported for the {family.name} family (see the README's support table)")
@@ -309,7 +247,7 @@ def _setup(family, model_args, data_args, training, train_records, dev_records, 
     """TrainingArguments, logging, tokenizer and the encoded (and, with intokens, packed) examples."""
     from paddlenlp.trainer import TrainingArguments, set_seed
 
-    from .data import encode_records
+    from ..data import encode_records
 
     try:
         training_args = TrainingArguments(**training)
@@ -334,8 +272,8 @@ def _setup(family, model_args, data_args, training, train_records, dev_records, 
 
 
 def _train(family, model_args, data_args, gen_args, training, train_records, dev_records, mode: str = "train") -> int:
-    from .checkpoints import prepare_resume
-    from .trainer import build_trainer
+    from ..checkpoints import prepare_resume
+    from ..trainer import build_trainer
 
     training_args, tokenizer, train_examples, train_stats, dev_examples = _setup(
         family, model_args, data_args, training, train_records, dev_records)
@@ -378,8 +316,8 @@ def _evaluate_only(family, model_args, data_args, gen_args, training, dev_record
     Nothing is trained and no weights or checkpoints are written: output_dir receives eval_results.json
     (and generated_output.json with save_generation_output), whatever else it holds stays as it is.
     """
-    from .loading import load_for_inference, resolve_model
-    from .trainer import build_trainer
+    from ..loading import load_for_inference, resolve_model
+    from ..trainer import build_trainer
 
     m = model_args
     base, lora_path, prefix_path, _, _ = resolve_model(m.model_name_or_path, m.lora_path, m.prefix_path, family.name)

@@ -21,11 +21,10 @@ import shutil
 import struct
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .arguments import UserError
-from .merge import _write_json
+from ..arguments import UserError
+from ..files import write_json as _write_json
 
 CONFIG = "config.json"
 SAFE_INDEX, SAFE = "model.safetensors.index.json", "model.safetensors"
@@ -114,7 +113,7 @@ def read_state(files: List[str]) -> Dict:
     import numpy as np
     import paddle
 
-    from .runtime import progress_bar
+    from ..runtime import progress_bar
 
     state = {}
     with progress_bar(len(files), "reading transformers weights", "file") as bar:
@@ -416,71 +415,3 @@ def export_model(family, model, tokenizer, out: str, dtype: str = "float32", max
     gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
     _write_json(os.path.join(out, "generation_config.json"), gen)
     write_tokenizer(family, tokenizer, out)
-
-
-@dataclass
-class ExportHFArgument:
-    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "A model folder (base, full fine-tune or merged) or a LoRA output folder (merged with its base first) (required)."})
-    output_path: Optional[str] = field(default=None, metadata={"help": "Folder to write the transformers-format model into (required)."})
-    dtype: Optional[str] = field(default=None, metadata={"help": "dtype of the saved weights (default: the model's recorded dtype, else float32).", "choices": DTYPES})
-    lora_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapters to merge into model_name_or_path before export (optional: a LoRA folder may be given as model_name_or_path)."})
-    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the folder: llama chatglm chatglm_v2 bloom gpt-3 opt glm."})
-
-
-def export_hf(model_name_or_path: Optional[str], out: str, dtype: Optional[str] = None, lora_path: Optional[str] = None,
-              family_name: Optional[str] = None) -> str:
-    """Export a model folder (or LoRA output, merged first) as a transformers folder at `out`."""
-    from .families import META_FILE
-    from .loading import resolve_model
-    from .merge import Staging, merge_lora
-
-    base, lora_path, prefix_path, family, meta = resolve_model(model_name_or_path, lora_path=lora_path, family_name=family_name)
-    if family.hf_architecture is None:
-        raise UserError(f"export-hf: the {family.name} family has no transformers architecture of the same design: {family.hf_refusal}")
-    if prefix_path:
-        raise UserError(f"export-hf: {prefix_path!r} is a prefix-tuning output; transformers models have no place for "
-                        f"its prefix (export a LoRA or full fine-tune instead)")
-    dtype = dtype or (meta.get("dtype") if meta.get("dtype") in DTYPES else "float32")
-    with Staging(out) as stage:
-        source = base
-        if lora_path:
-            source = os.path.join(stage, ".merged")
-            _log(f"export-hf: merging the LoRA adapters in {lora_path} into {base} first")
-            merge_lora(base, lora_path, source, dtype="float32", family_name=family.name)
-        model = family.load_model(source, dtype="float32")
-        tokenizer = family.load_tokenizer(source)
-        export_model(family, model, tokenizer, stage, dtype)
-        out_meta = {k: v for k, v in meta.items() if k in ("src_length", "tgt_length", "chat_format")}
-        out_meta.update(family=family.name, kind="base", format="transformers", dtype=dtype,
-                        exported_from=os.path.abspath(lora_path or base) if os.path.isdir(lora_path or base) else base)
-        _write_json(os.path.join(stage, META_FILE), out_meta)
-        if lora_path:
-            shutil.rmtree(source)
-    return out
-
-
-def main_export(argv=None) -> int:
-    from .arguments import check_can_create, fail, parse_args
-
-    (args,) = parse_args([ExportHFArgument], argv, prog="paddlellm export-hf",
-                         description="Write a model (full, merged, or LoRA output) as a Hugging Face transformers folder.")
-    if not args.model_name_or_path and not args.lora_path:
-        fail("model_name_or_path is required: the model (or LoRA output) folder to export")
-    if not args.output_path:
-        fail("output_path is required: the folder to write the transformers model into")
-    try:
-        check_can_create(args.output_path, "output_path")
-        for src in (args.model_name_or_path, args.lora_path):
-            if src and os.path.isdir(src) and os.path.abspath(src) == os.path.abspath(args.output_path):
-                raise UserError(f"output_path must differ from the input folder {src!r}")
-        from .loading import resolve_model
-
-        resolve_model(args.model_name_or_path, lora_path=args.lora_path, family_name=args.family)  # cheap checks first
-        from .runtime import setup_runtime
-
-        setup_runtime()
-        export_hf(args.model_name_or_path, args.output_path, args.dtype, args.lora_path, args.family)
-    except UserError as e:
-        fail(str(e))
-    _log(f"export-hf: wrote a transformers model to {args.output_path}")
-    return 0

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Optional
 
-from .families import META_FILE, Family, get_family
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-CORPUS = os.path.join(HERE, "resources", "corpus.txt")
-SAMPLE_DATA = os.path.join(os.path.dirname(HERE), "data")
-
+from ..families import Family, get_family
+from ..files import META_FILE
+from ..tokenizer_training import corpus_lines, train_bpe, train_sentencepiece
 
 @dataclass
 class TinyArgument:
@@ -28,71 +24,6 @@ class TinyArgument:
     hidden_size: Optional[int] = field(default=None, metadata={"help": "Override the family's tiny hidden size."})
     num_hidden_layers: Optional[int] = field(default=None, metadata={"help": "Override the number of layers (default 2)."})
     seed: int = field(default=42, metadata={"help": "Seed of the random initialisation."})
-
-
-def corpus_lines() -> List[str]:
-    """Bundled text plus the src/tgt text of the bundled sample data (so its words are single tokens)."""
-    lines = [l.rstrip("\n") for l in open(CORPUS, encoding="utf-8") if l.strip()]
-    for name in ("train.json", "dev.json"):
-        path = os.path.join(SAMPLE_DATA, name)
-        if os.path.isfile(path):
-            for raw in open(path, encoding="utf-8"):
-                ex = json.loads(raw)
-                for key in ("src", "tgt"):
-                    val = ex.get(key)
-                    lines += val if isinstance(val, list) else [val]
-    return lines
-
-
-def train_sentencepiece(path: str, vocab_size: int, special: List[str], lines: List[str]) -> None:
-    """Train a BPE sentencepiece model at `path`.
-
-    `special` tokens (in order) become user-defined pieces right after the four reserved ids
-    <unk>=0 <s>=1 </s>=2 <pad>=3 that sentencepiece always gives; byte fallback keeps any text encodable.
-    """
-    import sentencepiece as spm
-
-    reserved = {"<unk>", "<s>", "</s>", "<pad>"}
-    user = [t for t in special if t not in reserved]
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
-        f.write("\n".join(lines))
-        corpus = f.name
-    try:
-        spm.SentencePieceTrainer.train(
-            input=corpus,
-            model_prefix=path[: -len(".model")] if path.endswith(".model") else path,
-            vocab_size=vocab_size,
-            model_type="bpe",
-            character_coverage=1.0,
-            byte_fallback=True,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=3,
-            user_defined_symbols=user,
-            hard_vocab_limit=False,
-            minloglevel=2,
-        )
-    finally:
-        os.unlink(corpus)
-    vocab = path[: -len(".model")] + ".vocab" if path.endswith(".model") else path + ".vocab"
-    if os.path.exists(vocab):
-        os.unlink(vocab)
-    if not path.endswith(".model"):
-        os.replace(path + ".model", path)
-
-
-def train_bpe(vocab_path: str, merges_path: str, vocab_size: int, special: List[str], lines: List[str]) -> None:
-    """Train a GPT-2 style byte-level BPE and write vocab.json + merges.txt; `special` get the first ids."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    tok = ByteLevelBPETokenizer()
-    tok.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=1, special_tokens=list(dict.fromkeys(special)))
-    out = tempfile.mkdtemp()
-    vocab_file, merges_file = tok.save_model(out)
-    os.replace(vocab_file, vocab_path)
-    os.replace(merges_file, merges_path)
-    os.rmdir(out)
 
 
 def build_tokenizer(family: Family, out_dir: str, vocab_size: int):
@@ -136,7 +67,7 @@ def build_tiny(family_name: str, output: str, vocab_size: int = 600, seed: int =
     model = family.paddlenlp_class("model_class")(config)
     family.init_new_weights(model)
     model.eval()
-    from .checkpoints import replacing_weights
+    from ..checkpoints import replacing_weights
 
     with replacing_weights(output):  # an older weight file there would be loaded instead of this one
         model.save_pretrained(output, safe_serialization=True)
@@ -146,23 +77,23 @@ def build_tiny(family_name: str, output: str, vocab_size: int = 600, seed: int =
 
 
 def main(argv=None) -> int:
-    from .arguments import parse_args
+    from ..arguments import parse_args
 
     (args,) = parse_args([TinyArgument], argv, prog="paddlellm tiny", description=__doc__.splitlines()[0])
-    from .arguments import fail
-    from .families import names
+    from ..arguments import fail
+    from ..families import names
 
     if args.family not in names():
         fail(f"--family {args.family}: unknown family; choose one of {', '.join(names())}")
     if not args.output:
         fail("--output is required: the folder to write the tiny checkpoint into")
-    from .arguments import UserError, check_can_create
+    from ..arguments import UserError, check_can_create
 
     try:
         check_can_create(args.output, "--output")
     except UserError as e:
         fail(str(e))
-    from .runtime import setup_runtime
+    from ..runtime import setup_runtime
 
     setup_runtime()
     build_tiny(args.family, args.output, args.vocab_size, args.seed, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)

@@ -26,7 +26,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from .arguments import UserError, check_can_create, check_sampling, fail, make_dir, parse_args, require_at_least
+from ..arguments import UserError, check_can_create, check_sampling, fail, make_dir, parse_args, require_at_least
+from ..files import write_text_atomic
+from ..runtime import select_device
 
 DTYPES = ["float32", "float16", "bfloat16"]
 DEFAULT_SRC_LENGTH = 1024
@@ -95,7 +97,7 @@ class Item:
 
 
 def read_items(path: str) -> List[Item]:
-    from .data import DataError, read_records
+    from ..data import DataError, read_records
 
     if os.path.isdir(path):
         raise UserError(f"data_file {path!r} is a folder; give the JSONL file to predict on (e.g. {os.path.join(path, 'dev.json')!r})")
@@ -121,7 +123,7 @@ def file_digest(path: str) -> str:
 
 def plan_batches(lengths: List[int], batch_size: int, bucket: bool = True) -> List[List[int]]:
     """Indices into `lengths`, batched: by similar length (longest first) when `bucket`, else in input order."""
-    from .generation import length_buckets
+    from ..generation import length_buckets
 
     if bucket:
         return length_buckets(lengths, batch_size)
@@ -191,7 +193,7 @@ class Journal:
             os.fsync(f.fileno())
         os.replace(tmp, output_file)
         if self.record:
-            _write_atomic(self.record, json.dumps(self.header, ensure_ascii=False, indent=1) + "\n")
+            write_text_atomic(self.record, json.dumps(self.header, ensure_ascii=False, indent=1) + "\n")
         os.remove(self.path)
 
 
@@ -204,14 +206,6 @@ def journal_header(args: PredictArgument, settings: Dict, data_digest: str, coun
         "settings": {k: settings[k] for k in ("model", "lora_path", "prefix_path", "src_length", "tgt_length", "dtype")}
         | {k: getattr(args, k) for k in ("top_k", "top_p", "temperature", "repetition_penalty", "seed")},
     }
-
-
-def _write_atomic(path: str, text: str) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
 
 
 def check_same_run(old_header: Dict, header: Dict, what: str, advice: str) -> None:
@@ -254,22 +248,6 @@ def resume_rows(args: PredictArgument, partial: str, header: Dict) -> Dict[int, 
     return {i: r for i, r in rows.items() if 0 <= i < header["records"]}
 
 
-# --------------------------------------------------------------------------- runtime
-def select_device(device: Optional[str]) -> str:
-    import paddle
-
-    cuda = paddle.device.is_compiled_with_cuda()
-    if device is None or device == "auto":
-        device = "gpu" if cuda and paddle.device.cuda.device_count() > 0 else "cpu"
-    if device.startswith("gpu") and not cuda:
-        raise UserError(f"--device {device}: this paddlepaddle build has no CUDA support (install paddlepaddle-gpu, or use --device cpu)")
-    try:
-        paddle.set_device(device)
-    except (ValueError, RuntimeError, OSError) as e:
-        raise UserError(f"--device {device}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
-    return device
-
-
 def saved_dtype(base: str, lora_path: Optional[str], prefix_path: Optional[str], meta: Dict) -> Optional[str]:
     """The dtype the model/adapter was saved with: our metadata, the adapter config, else the model config."""
     if meta.get("dtype"):
@@ -286,7 +264,7 @@ def saved_dtype(base: str, lora_path: Optional[str], prefix_path: Optional[str],
 
 def resolve_settings(args: PredictArgument) -> Dict:
     """Model, adapters, family, lengths and dtype, each from the arguments, else the saved settings, else defaults."""
-    from .loading import resolve_model
+    from ..loading import resolve_model
 
     try:
         base, lora_path, prefix_path, family, meta = resolve_model(args.model_name_or_path, args.lora_path, args.prefix_path, args.family)
@@ -373,7 +351,7 @@ def predict(model, tokenizer, family, prompts: List[List[int]], todo: List[List[
     the processes of `dist`; `on_batch({index: reply ids}, seconds)` is called on rank 0 after each step."""
     import paddle
 
-    from .generation import generate_ids
+    from ..generation import generate_ids
 
     dist = dist or Distributed()
     limit = max_positions(model)
@@ -410,7 +388,7 @@ def run(argv=None) -> int:
         if os.path.isdir(args.output_file):
             raise UserError(f"output_file {args.output_file!r} is a folder")
         check_can_create(os.path.dirname(os.path.abspath(args.output_file)), "the folder of output_file")
-        from .runtime import setup_runtime
+        from ..runtime import setup_runtime
 
         setup_runtime()
         return _run(args, items, settings)
@@ -437,7 +415,7 @@ def _run(args: PredictArgument, items: List[Item], settings: Dict) -> int:
     done = resume_rows(args, partial, header) if dist.rank == 0 else {}
     done = dist.broadcast(done)
 
-    from .loading import load_for_inference
+    from ..loading import load_for_inference
 
     try:
         model, tokenizer, family, _ = load_for_inference(settings["model"], settings["lora_path"], settings["prefix_path"],
@@ -467,12 +445,12 @@ def _run(args: PredictArgument, items: List[Item], settings: Dict) -> int:
         make_dir(out_dir, "the folder of output_file")
         journal = Journal(partial, header, args.output_file + RECORD_SUFFIX)
         journal.start(done)
-        from .runtime import progress_bar
+        from ..runtime import progress_bar
 
         bar = progress_bar(len(items), "predict", "line", initial=len(done))
 
     def on_batch(replies: Dict[int, List[int]], seconds: float) -> None:
-        from .generation import decode
+        from ..generation import decode
 
         new = {i: {"src": items[i].src, "tgt": items[i].reference, "output": decode(tokenizer, ids)} for i, ids in replies.items()}
         journal.append(new)

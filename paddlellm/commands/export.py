@@ -2,7 +2,7 @@
 
 Writes ONE "step" program (the model forward with an explicit past cache of any length; prefill is a step
 with an empty past) and its weights, once, for paddle.inference. Generation is then driven from Python by
-paddlenlp's generate() (see static_runtime.py), so sampling settings stay run-time options and greedy and
+paddlenlp's generate() (see formats/static.py), so sampling settings stay run-time options and greedy and
 seeded sampling give exactly dynamic mode's tokens. PaddleNLP's own export (the whole generation loop as
 one program) fails for top-p and for Bloom/OPT/GLM on CPU and is slower than dynamic mode there.
 
@@ -14,7 +14,6 @@ moved into place.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -22,8 +21,9 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .arguments import UserError, check_can_create, fail, parse_args, require_at_least
-from .static_runtime import FORMAT_VERSION, META_NAME, PREFIX_DIR, container_classes, flatten, rebuild, template_of
+from ..arguments import UserError, check_can_create, fail, parse_args, require_at_least
+from ..files import write_json
+from ..formats.static import FORMAT_VERSION, META_NAME, PREFIX_DIR, container_classes, flatten, rebuild, template_of
 
 DTYPES = ["float32", "float16", "bfloat16"]
 CACHE_KEYS = ("past_key_values", "cache")
@@ -72,8 +72,8 @@ def parse(argv=None) -> ExportArgument:
 def main(argv=None) -> int:
     args = parse(argv)
     try:
-        from .loading import resolve_model
-        from .static_runtime import is_static_folder
+        from ..loading import resolve_model
+        from ..formats.static import is_static_folder
 
         base, lora_path, prefix_path, family, meta = resolve_model(args.model_name_or_path, args.lora_path, args.prefix_path, args.family)
         if is_static_folder(base):
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
             if src and os.path.isdir(src) and os.path.abspath(src) == os.path.abspath(args.output_path):
                 raise UserError("output_path must differ from the input folders")
         check_can_create(args.output_path, "output_path")
-        from .runtime import setup_runtime
+        from ..runtime import setup_runtime
 
         setup_runtime()
         export(args, base, lora_path, prefix_path, family, meta)
@@ -101,7 +101,7 @@ def probe(model, tokenizer, family) -> List[Dict]:
     watched. Returns one {"kwargs", "output"} per forward call."""
     import paddle
 
-    from .generation import _generation_inputs
+    from ..generation import _generation_inputs
 
     calls: List[Dict] = []
     inner = model.forward
@@ -163,7 +163,7 @@ def describe(calls: List[Dict]) -> Dict:
                 constants[k] = v
     constants.pop("labels", None)
 
-    def spec_shape(shapes):  # fixed only where every call agrees and the size is not 1 (see static_runtime docstring)
+    def spec_shape(shapes):  # fixed only where every call agrees and the size is not 1 (see the formats.static docstring)
         return [s[0] if len(set(s)) == 1 and s[0] != 1 else None for s in zip(*shapes)]
 
     input_specs = [spec_shape([list(c["kwargs"][n].shape) for c in calls]) for n in names]
@@ -252,8 +252,9 @@ def save_program(model, family, desc: Dict, dtype: str, prefix: str) -> None:
 def export(args: ExportArgument, base: str, lora_path: Optional[str], prefix_path: Optional[str], family, meta: Dict) -> None:
     import paddle
 
-    from .merge import Staging, merge_lora, save_tokenizer
-    from .predict import select_device
+    from ..checkpoints import Staging
+    from ..merge import merge_lora, save_tokenizer
+    from ..runtime import select_device
 
     select_device(args.device)
     dtype = args.dtype or "float32"
@@ -262,7 +263,7 @@ def export(args: ExportArgument, base: str, lora_path: Optional[str], prefix_pat
     if lora_path:  # merged first, with merge_lora_params.py's code, into a scratch folder
         tmp = tempfile.mkdtemp(prefix="paddlellm-export-")
         source = merge_lora(base, lora_path, os.path.join(tmp, "merged"), dtype=dtype, device=args.device, family_name=family.name)
-    from .runtime import progress_bar
+    from ..runtime import progress_bar
 
     bar = progress_bar(4, "export", "step")  # load + probe, trace + save, write the folder, verify
     try:
@@ -301,13 +302,13 @@ def export(args: ExportArgument, base: str, lora_path: Optional[str], prefix_pat
                            "lora_path": os.path.abspath(lora_path) if lora_path else None,
                            "prefix_path": os.path.abspath(prefix_path) if prefix_path else None},
             }
-            _write_json(os.path.join(stage, META_NAME), static_meta)
+            write_json(os.path.join(stage, META_NAME), static_meta)
             own = {k: v for k, v in meta.items() if k in ("src_length", "tgt_length", "chat_format")}
             own.update({k: getattr(args, k) for k in ("src_length", "tgt_length") if getattr(args, k)})
             own.update(family=family.name, kind="static", dtype=dtype)
-            from .families import META_FILE
+            from ..families import META_FILE
 
-            _write_json(os.path.join(stage, META_FILE), own)
+            write_json(os.path.join(stage, META_FILE), own)
             bar.update()
             if args.verify_tokens:
                 if prefix_path:
@@ -325,8 +326,8 @@ def export(args: ExportArgument, base: str, lora_path: Optional[str], prefix_pat
 
 def verify(model, tokenizer, family, folder: str, new_tokens: int) -> None:
     """Greedy replies of the export (reloaded with paddle.inference) must equal the dynamic model's."""
-    from .generation import generate_ids
-    from .static_runtime import load_static
+    from ..generation import generate_ids
+    from ..formats.static import load_static
 
     static_model, _ = load_static(folder, family)
     prompts = [family.generation_prompt(tokenizer, [t], [], 64) for t in ("spell: 1 2", "hello there, how are you today?", "x")]
@@ -341,9 +342,3 @@ def _cause(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     last = lines[-1] if lines else ""  # dy2static puts the cause last
     return last if last.startswith(type(e).__name__) else f"{type(e).__name__}: {last}"
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
