@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 
 from ..arguments import UserError, check_can_create, check_sampling, dump_args, fail, make_dir, parse_args, require_at_least
 from ..files import write_json
-from ..finetune_args import DataArgument, GenerateArgument, ModelArgument
+from ..finetune_args import DataArgument, GenerateArgument, ModelArgument, QuantArgument
 from ..runtime import check_training_device
 
 log = logging.getLogger("paddlellm")
@@ -37,7 +37,8 @@ def parse_with_mode(argv=None):
     do_train nor do_eval is given), "train_only" (do_eval false) or "eval_only" (do_train false)."""
     model_args, data_args, gen_args, training = parse_args(
         [ModelArgument, DataArgument, GenerateArgument], argv, prog="finetune_generation.py",
-        description="Fine-tune (SFT, LoRA, Prefix Tuning) a causal LM on src/tgt JSONL data.", training=True)
+        description="Fine-tune (SFT, LoRA, Prefix Tuning) a causal LM on src/tgt JSONL data.", training=True,
+        help_only=[("QuantArgument (used with do_ptq / do_gptq, see `paddlellm quant --help`)", QuantArgument)])
     if not model_args.model_name_or_path:
         fail("model_name_or_path is required (a model folder or a PaddleNLP model name)")
     if not data_args.dataset_name_or_path:
