@@ -43,6 +43,17 @@ class GenerateArgument:
     top_p: float = field(default=1.0, metadata={"help": "Top-p (nucleus) sampling in generation evaluation."})
 
 
+TRAINING_DEFAULTS = dict(
+    # Defaults that differ from PaddleNLP's because they are what fine-tuning users expect.
+    do_train=True,
+    save_strategy="epoch",
+    evaluation_strategy="epoch",
+    logging_steps=10,
+    save_total_limit=1,
+    report_to=["none"],
+)
+
+
 @dataclass
 class QuantArgument:
     """PaddleNLP's QuantArgument (2023 names and defaults), plus gptq_percdamp / gptq_actorder."""
