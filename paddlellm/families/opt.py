@@ -127,6 +127,13 @@ class OPTFamily(Family):
             head_of_embedding_width()
         return super().paddlenlp_class(attr)
 
+    def tiny_model_config(self, tokenizer, **overrides):
+        # The word embeddings keep the layers' width (OPT-125m's layout) unless word_embed_proj_dim is asked for
+        # (OPT-350m's project_in/project_out layout).
+        if overrides.get("hidden_size") and not overrides.get("word_embed_proj_dim"):
+            overrides = dict(overrides, word_embed_proj_dim=overrides["hidden_size"])
+        return super().tiny_model_config(tokenizer, **overrides)
+
     def fix_tokenizer(self, tokenizer) -> None:
         # OPT has a real <pad> (id 1 in facebook/opt-*); fall back to eos only for vocabularies without it.
         if tokenizer.pad_token_id is None:
