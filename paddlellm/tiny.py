@@ -101,8 +101,8 @@ RESERVED = "<unused_{}>"  # text of the reserved tokens that fill a vocabulary t
 
 def reserve_tokens(family: Family, out_dir: str, count: int) -> None:
     """Append `count` reserved tokens to the saved tokenizer's vocabulary: sentencepiece pieces of type UNUSED
-    (sentencepiece's own kind for reserved ids: never produced by encoding, decoded as nothing), or byte-level
-    BPE vocabulary entries without a merge that builds them (never produced by encoding either)."""
+    (sentencepiece's own kind for reserved ids, which encoding never produces), or byte-level BPE vocabulary
+    entries that no merge builds (never produced by encoding either). Decoding an id gives its <unused_k> text."""
     if family.tokenizer_kind == "sentencepiece":
         from sentencepiece import sentencepiece_model_pb2 as pb
 
