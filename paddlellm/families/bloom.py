@@ -109,6 +109,7 @@ class BloomFamily(Family):
 
 FAMILY = BloomFamily(
     name="bloom",
+    config_keys={"num_hidden_layers": "n_layer", "num_attention_heads": "n_head"},  # BloomConfig's own names
     model_types=("bloom",),
     config_class="BloomConfig",
     model_class="BloomForCausalLM",
