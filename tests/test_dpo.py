@@ -155,7 +155,7 @@ TRAIN = ["--dataset_name_or_path", DPO_DATA, "--lora", "true", "--lora_rank", "8
          "--save_total_limit", "1", "--disable_tqdm", "true", "--seed", "3", "--warmup_steps", "0"]
 
 
-STEPS = {"llama": 40, "chatglm_v2": 80, "opt": 120}
+STEPS = {"llama": 40, "chatglm_v2": 120, "opt": 160}  # margin: at 80 / 120 steps they sat at exactly 36/40
 LR = {"llama": "5e-3", "chatglm_v2": "1e-2", "opt": "5e-3"}
 
 
@@ -163,7 +163,7 @@ LR = {"llama": "5e-3", "chatglm_v2": "1e-2", "opt": "5e-3"}
 def aligned(tiny_dir, tmp_path_factory):
     """family -> output folder of a LoRA DPO run on the bundled rule set (data/dpo: the chosen reply spells the
     digits right, the rejected one with wrong digit words). Tiny LLaMA learns the rule in 40 steps; the others
-    need two to three times as many (each at the learning rate that got there first: measured, 36/40 held-out pairs)."""
+    need three to four times as many (each at the learning rate that got there first; measured 38/40 held-out pairs, where fewer steps left them at exactly 36/40)."""
     done = {}
 
     def get(family):
