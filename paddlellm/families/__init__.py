@@ -21,6 +21,7 @@ _MODULES = {
     "gpt-3": "gpt",
     "opt": "opt",
     "glm": "glm",
+    "qwen2": "qwen2",
 }
 
 
