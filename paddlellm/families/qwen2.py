@@ -50,6 +50,38 @@ def hf_added_tokens(path: str) -> List[str]:
         return [a["content"] for a in json.load(f).get("added_tokens", [])]
 
 
+def _traceable_attention(query_states, config, key_states, value_states, attention_mask, output_attentions,
+                         attn_mask_startend_row_indices=None, training=True, sequence_parallel=False, skip_recompute=False):
+    """paddlenlp Qwen2's scaled_dot_product_attention (its non-flash path: same ops, same order) without its shape checks,
+    which compare shapes holding dynamic dims and so stop dy2static ("bool(Tensor) is not supported"); LLaMA's checks
+    run in dynamic mode only. Used for static export; q/k/v [batch, seq, heads, head_dim], mask additive [b, 1, q, k]."""
+    import math
+
+    import paddle
+    import paddle.nn.functional as F
+
+    bsz, q_len, num_heads, head_dim = query_states.shape
+    kv_seq_len = value_states.shape[1]
+    q = paddle.transpose(query_states, [0, 2, 1, 3])
+    k = paddle.transpose(key_states, [0, 2, 1, 3])
+    v = paddle.transpose(value_states, [0, 2, 1, 3])
+    scores = paddle.matmul(q / math.sqrt(head_dim), k.transpose([0, 1, 3, 2]))
+    scores = scores + attention_mask.reshape([bsz, 1, q_len, kv_seq_len])
+    probs = F.softmax(scores, axis=-1, dtype="float32").astype(q.dtype)
+    out = paddle.matmul(probs, v).transpose([0, 2, 1, 3])
+    if sequence_parallel:
+        out = out.reshape([bsz * q_len, head_dim * num_heads])
+    else:
+        out = out.reshape([bsz, q_len, head_dim * num_heads])
+    return (out, probs) if output_attentions else out
+
+
+def _cached_rotary_tables(self, x, seq_len=None):
+    """Qwen2RotaryEmbedding.forward without the cache rebuild (see Qwen2Family.static_export_model)."""
+    cos, sin = self.cos_cached[:, :seq_len, :, :], self.sin_cached[:, :seq_len, :, :]
+    return (cos.cast(x.dtype) if cos.dtype != x.dtype else cos, sin.cast(x.dtype) if sin.dtype != x.dtype else sin)
+
+
 class Qwen2Family(Family):
     # ------------------------------------------------------------------ tokenizer
     def load_tokenizer(self, path: str):
@@ -174,6 +206,22 @@ class Qwen2Family(Family):
         specials = sorted(set(tokenizer.all_special_tokens), key=tokenizer.convert_tokens_to_ids)
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
         tok.save(os.path.join(out, "tokenizer.json"))
+
+    def static_export_model(self, path: str, dtype: str = "float32"):
+        """The model with two pieces dy2static can trace (export only; same values):
+        - attention without paddlenlp's shape checks (see _traceable_attention);
+        - rotary tables read from the cache built at load time (max_position_embeddings long): paddlenlp's rebuilds the
+          cache `if seq_len > max_seq_len_cached`, which the trace turns into a branch that stores static values in the
+          layer, and every later dynamic call (the export's own verification) then fails."""
+        import types
+
+        model = self.load_model(path, dtype=dtype)
+        for layer in model.sublayers():
+            if getattr(layer, "attn_func", None) is not None:  # Qwen2Attention keeps its attention function as an attribute
+                layer.attn_func = _traceable_attention
+            if hasattr(layer, "cos_cached") and hasattr(layer, "max_seq_len_cached"):
+                layer.forward = types.MethodType(_cached_rotary_tables, layer)
+        return model
 
     def prefix_hooks(self):
         # Qwen2Attention concatenates its cache on axis 1: [batch, prefix_len, kv_heads, head_dim] per layer, the
