@@ -152,7 +152,7 @@ class Qwen2Family(Family):
     # only when untied) is right.
     _HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id",
-                "pad_token_id", "attention_dropout")
+                "pad_token_id", "attention_dropout", "initializer_range", "max_window_layers")
 
     def hf_config_to_paddle(self, hf):
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -179,10 +179,11 @@ class Qwen2Family(Family):
     def hf_config_from_paddle(self, config):
         keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "tie_word_embeddings",
-                "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout")
+                "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout", "initializer_range",
+                "max_window_layers")
         out = {k: getattr(config, k) for k in keys}
-        out.update(hidden_act="silu", use_sliding_window=False, sliding_window=None,
-                   max_window_layers=config.num_hidden_layers, rope_scaling=None)
+        # max_window_layers is kept only to round-trip: without sliding windows it changes nothing
+        out.update(hidden_act="silu", use_sliding_window=False, sliding_window=None, rope_scaling=None)
         return out
 
     def hf_tokenizer_config(self, tokenizer):
