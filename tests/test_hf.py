@@ -241,13 +241,14 @@ def test_export_dtype_and_refusals(tiny_dir, tmp_path):
         assert not os.path.exists(tmp_path / family)
 
 
-def test_lora_on_a_transformers_folder_then_merge_and_export(tmp_path):
-    """finetune --lora on a transformers LLaMA folder -> merge_lora_params.py --output_format hf and
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_lora_on_a_transformers_folder_then_merge_and_export(name, tmp_path):
+    """finetune --lora on a transformers LLaMA / Qwen2 folder -> merge_lora_params.py --output_format hf and
     export-hf of the LoRA output -> both load again and give the logits of base + adapters."""
     from paddlellm.formats.hf import is_hf_folder
     from paddlellm.loading import load_for_inference
 
-    base = fixture("llama")
+    base = fixture(name)
     before = snapshot(base)
     ft = str(tmp_path / "lora")
     run_cmd([sys.executable, "finetune_generation.py", "--model_name_or_path", base, "--dataset_name_or_path", os.path.join(ROOT, "data"),
