@@ -108,3 +108,24 @@ def test_transformers_config_refusals():
                             (dict(hidden_act="gelu"), "hidden_act 'gelu'")):
         with pytest.raises(ValueError, match=message):
             fam.hf_config_to_paddle({**cfg, **change})
+
+
+def test_every_added_token_of_tokenizer_json_stays_whole(tmp_path):
+    """Qwen2.5's tokenizer.json adds more tokens than ChatML (fim, vision, <tool_call>): each is one token in text, and
+    the text around it is tokenized as transformers does (no whitespace stripped next to it)."""
+    import shutil
+
+    folder = tmp_path / "qwen2"
+    shutil.copytree(FOLDER, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    extra = {"<|fim_prefix|>": True, "<tool_call>": False}  # content -> transformers' "special" flag
+    for i, (content, special) in enumerate(extra.items()):
+        spec["added_tokens"].append(dict(id=471 + i, content=content, special=special, single_word=False, lstrip=False,
+                                         rstrip=False, normalized=False))
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    fam = get_family("qwen2")
+    tok = fam.load_tokenizer(str(folder))
+    ids = fam.encode_text(tok, "b<|fim_prefix|>b <tool_call> b\n<|im_start|>b")
+    b, space, space_b, newline = (fam.encode_text(tok, t) for t in ("b", " ", " b", "\n"))
+    assert ids == b + [471] + b + space + [472] + space_b + newline + [469] + b
+    assert tok.decode(ids) == "b<|fim_prefix|>b <tool_call> b\n<|im_start|>b"

@@ -8,7 +8,7 @@ say <|endoftext|>, instruct models <|im_end|>).
 """
 import json
 import os
-from typing import Dict, List
+from typing import List
 
 from .base import Family
 
@@ -22,27 +22,29 @@ SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}
 
 def _register_added_tokens(tokenizer, tokens: List[str]) -> None:
     """Make `tokens` (already in the vocabulary) single tokens wherever they occur in text, as transformers' tokenizer
-    does with tokenizer.json's added tokens, and skipped by decode(skip_special_tokens=True). paddlenlp's
-    Qwen2Tokenizer splits its own eos/pad tokens into pieces otherwise (<|endoftext|> -> '<', '|', 'end', ...).
+    does with tokenizer.json's added tokens, and special (skipped by decode(skip_special_tokens=True)). paddlenlp's
+    Qwen2Tokenizer splits even its own eos/pad tokens into pieces otherwise (<|endoftext|> -> '<', '|', 'end', ...).
 
-    They are registered as AddedToken without lstrip/rstrip: paddlenlp strips the whitespace around a special token
-    given as a plain string, which would drop the "\n" between <|im_end|> and <|im_start|>."""
+    They are registered as special AddedToken without lstrip/rstrip: paddlenlp strips the whitespace around any other
+    unsplit token, which would drop the "\n" between <|im_end|> and <|im_start|>. So an added token transformers calls
+    not special (Qwen2.5's <tool_call>) keeps its id here too, but decode(skip_special_tokens=True) drops it."""
     if not tokens:
         return
     from paddlenlp.transformers import AddedToken
 
+    def added(t):
+        return AddedToken(t, lstrip=False, rstrip=False, special=True, normalized=False)
+
     core = {str(v) for k, v in tokenizer.special_tokens_map.items() if k != "additional_special_tokens"}
-    others = [t for t in tokenizer.additional_special_tokens if t not in tokens]
-    extra = [AddedToken(t, lstrip=False, rstrip=False, special=True, normalized=False) for t in tokens if t not in core]
+    known = [t for t in tokenizer.additional_special_tokens if t not in tokens]
+    extra = [added(t) for t in tokens if t not in core]
     if extra:
-        tokenizer.add_special_tokens({"additional_special_tokens": others + extra})
-    # no new ids (they are in the vocabulary): the tokens only stop being split
-    tokenizer.add_tokens([AddedToken(t, lstrip=False, rstrip=False, special=True, normalized=False) for t in tokens],
-                         special_tokens=True)
+        tokenizer.add_special_tokens({"additional_special_tokens": known + extra})
+    tokenizer.add_tokens([added(t) for t in tokens], special_tokens=True)  # no new ids: they are in the vocabulary
 
 
 def hf_added_tokens(path: str) -> List[str]:
-    """The special added tokens of a transformers folder's tokenizer.json (Qwen2.5 has 22: ChatML, fim, vision, ...)."""
+    """The added tokens of a transformers folder's tokenizer.json (Qwen2.5 has 22: ChatML, fim, vision, tool call)."""
     tj = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(tj):
         return []
@@ -86,7 +88,8 @@ class Qwen2Family(Family):
     # ------------------------------------------------------------------ tokenizer
     def load_tokenizer(self, path: str):
         tok = super().load_tokenizer(path)
-        _register_added_tokens(tok, [t for t in hf_added_tokens(path) if t in tok.get_vocab()])
+        vocab = tok.get_vocab()
+        _register_added_tokens(tok, [t for t in hf_added_tokens(path) if t in vocab])
         return tok
 
     def fix_tokenizer(self, tokenizer) -> None:
