@@ -211,6 +211,11 @@ class Qwen2Family(Family):
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
         tok.save(os.path.join(out, "tokenizer.json"))
 
+    def decode_runner(self, model):
+        from .qwen2_decode import Qwen2Decoder
+
+        return Qwen2Decoder.for_model(model)
+
     def static_export_model(self, path: str, dtype: str = "float32"):
         """The model with two pieces dy2static can trace (export only; same values):
         - attention without paddlenlp's shape checks (see _traceable_attention);
