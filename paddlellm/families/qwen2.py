@@ -278,7 +278,9 @@ FAMILY = Qwen2Family(
     notes=(
         "ChatML: `<|im_start|>user\\n{src}<|im_end|>\\n<|im_start|>assistant\\n{tgt}<|im_end|>`, later turns opened by the "
         "`\\n` after the previous `<|im_end|>`; no system turn, no bos. Every reply's `<|im_end|>` is supervised and ends "
-        "generation, also for base models whose eos is `<|endoftext|>`. Pads with `<|endoftext|>`. The tokenizer keeps "
+        "generation, also for base models whose eos is `<|endoftext|>`. A reply is tokenized apart from the `assistant\\n` "
+        "before it, as generation sees it (transformers' chat template tokenizes them together: the ids differ only for a "
+        "reply that starts with a newline). Pads with `<|endoftext|>`. The tokenizer keeps "
         "every added token of a transformers folder's tokenizer.json whole. Sliding-window attention and RoPE scaling "
         "are refused when reading a transformers folder (paddlenlp's Qwen2 implements neither)."
     ),
