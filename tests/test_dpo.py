@@ -110,7 +110,7 @@ def test_loss_equals_formula_by_hand(tiny_dir, tmp_path, kind, loss_type):
     assert logged["rewards/accuracies"] == pytest.approx(np.mean(np.array(chosen) > np.array(rejected)))
 
 
-@pytest.mark.parametrize("family", ["llama", "chatglm", "chatglm_v2", "gpt-3", "opt", "glm"])
+@pytest.mark.parametrize("family", ["llama", "chatglm", "chatglm_v2", "gpt-3", "opt", "glm", "qwen2"])
 def test_shared_context_layout_scores_each_reply_as_alone(tiny_dir, tmp_path, family):
     """Every family: in the DPOTrainer layout (context once, both replies after it, packed or not) each reply's
     log-probability equals that of a separate forward of context + reply."""
