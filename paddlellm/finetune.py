@@ -142,12 +142,21 @@ def resolve_family(model_args):
     return checked_family(m.family, m.model_name_or_path, m.lora_path, m.prefix_path)
 
 
-def check_device(training: Dict, dtype: str = "float32") -> None:
-    """Refuse what this device can't do, with one clear line (before anything is written)."""
+def check_device(training: Dict, dtype: str = "float32", family=None) -> None:
+    """Refuse what this device can't do, with one clear line (before anything is written).
+
+    Tensor parallel runs on CPU processes too (paddlellm.cpu_parallel) for a `family` that supports it;
+    without a family (callers that do not install the CPU ops) it is refused on CPU as before."""
     import paddle
 
     gpu = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+    tp = int(training.get("tensor_parallel_degree", 1) or 1)
+    if tp > 1 and family is not None and not family.supports.get("tensor_parallel", False):
+        raise UserError(f"--tensor_parallel_degree {tp}: tensor parallel is not supported for the {family.name} family "
+                        "(see the README's support table); use data parallel instead")
     for key in ("tensor_parallel_degree", "sharding_parallel_degree"):
+        if key == "tensor_parallel_degree" and family is not None:
+            continue
         if int(training.get(key, 1) or 1) > 1 and not gpu:
             raise UserError(f"--{key} {training[key]}: tensor and sharding parallelism need GPUs (paddlepaddle-gpu); on CPU use data parallel: python -m paddle.distributed.launch --nproc_per_node N ...")
     for flag in ("fp16", "bf16"):
@@ -176,7 +185,12 @@ def build_model(family, model_args, training_args, tokenizer):
     tp = max(training_args.tensor_parallel_degree, 1)
     extra = {}
     if tp > 1:
-        extra = dict(tensor_parallel_degree=tp, tensor_parallel_rank=training_args.tensor_parallel_rank)
+        # tensor_parallel_output false: the model gathers full-vocabulary logits, so the loss, evaluation and
+        # generation read them as in one process (paddlenlp's parallel loss is left to pretraining-size vocabularies)
+        extra = dict(tensor_parallel_degree=tp, tensor_parallel_rank=training_args.tensor_parallel_rank, tensor_parallel_output=False)
+        from .cpu_parallel import install
+
+        install()  # on CPU: paddle's model-parallel ops through gloo (no-op on GPUs)
     model = family.load_model(model_args.model_name_or_path, dtype=model_args.dtype, **extra)
     from .cpu_kernels import apply as apply_cpu_kernels
     model = apply_cpu_kernels(family, model)  # cheaper CPU formulations of the same maths (not on GPUs)
@@ -275,7 +289,7 @@ def run(argv=None) -> int:
         from .runtime import setup_runtime
 
         setup_runtime()  # before paddle is imported
-        check_device(training, model_args.dtype)
+        check_device(training, model_args.dtype, family)
         make_dir(output_dir, "output_dir")
         import paddle
 
