@@ -34,8 +34,9 @@ only paddle.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 log = logging.getLogger("paddlellm")
 
@@ -232,6 +233,41 @@ def broadcast_input_data(hcg, *inputs, **kwargs):
 
 REPLACEMENTS = {"_c_identity": c_identity, "_mp_allreduce": mp_allreduce, "_c_concat": c_concat,
                 "_c_split": c_split, "_c_softmax_with_cross_entropy": c_softmax_with_cross_entropy}
+
+
+@contextlib.contextmanager
+def whole_tensor_split_actions(model_class, tied: Optional[Dict[str, str]] = None):
+    """While a tensor-parallel model loads, its split actions get whole arrays (any device, not only CPU).
+
+    Workaround (paddlenlp 3.0.0b4): loading model.safetensors into a tensor-parallel model hands each split
+    action a lazy safetensors slice. The plain row/column splits read slices, but ChatGLM2's fused-MLP split
+    (`paddle.concat` of slices) and GLM's fused-QKV split (`np.split` of a slice) fail on one. Here every
+    action gets the whole array (`slice[:]`) instead; the split result is the same.
+    `tied`: {file key: key whose action it shares}, for a tied weight the model's mappings leave out (GPT's
+    checkpoint holds lm_head.weight, the same tensor as the split word embeddings).
+    """
+    bound = model_class.get_tensor_parallel_convert_actions
+    own = "get_tensor_parallel_convert_actions" in model_class.__dict__
+    before = model_class.__dict__.get("get_tensor_parallel_convert_actions")
+
+    def whole(action):
+        return lambda x: action(x[:] if hasattr(x, "get_shape") else x)  # a safetensors slice has get_shape
+
+    def actions(cls, config, loaded_state_dict_keys, is_split=True, ignore_error=False):
+        found = bound.__func__(cls, config, loaded_state_dict_keys, is_split=is_split, ignore_error=ignore_error)
+        for key, same in (tied or {}).items():
+            if key in loaded_state_dict_keys and same in found and key not in found:
+                found[key] = found[same]
+        return {k: whole(a) for k, a in found.items()}
+
+    model_class.get_tensor_parallel_convert_actions = classmethod(actions)
+    try:
+        yield
+    finally:
+        if own:
+            model_class.get_tensor_parallel_convert_actions = before
+        else:
+            del model_class.get_tensor_parallel_convert_actions
 
 
 def model_parallel_degree() -> int:

@@ -448,6 +448,9 @@ def merge_tp(folder: str, out: str, dtype: Optional[str] = None, with_tokenizer:
             bar.update(1)
     keys = list(shards[0])
     actions = (lora_actions if kind == "lora" else tp_actions)(model_class, config, keys, degree)
+    for key, same in family.tp_tied_keys.items():  # a tied weight saved under a second name (GPT's lm_head)
+        if key in keys and same in actions and key not in actions:
+            actions[key] = actions[same]
     with progress_bar(len(keys), "merge-tp: merging", "tensor") as bar:
         state = merge_state(shards, actions, on_tensor=lambda: bar.update(1))
     if dtype:

@@ -110,6 +110,8 @@ class Family:
     hf_buffers: Tuple[str, ...] = (r"\.rotary_emb\.inv_freq$",)
     # (head, embeddings) transformers names of an LM head paddlenlp keeps untied: exported tied when equal.
     hf_tied_head: Optional[Tuple[str, str]] = None
+    # {checkpoint key: key whose tensor-parallel split it shares}: tied weights paddlenlp's TP mappings leave out
+    tp_tied_keys: Dict[str, str] = field(default_factory=dict)
     cpu_patches: Tuple[str, ...] = ()  # names in paddlellm.cpu_kernels.PATCHES applied to models trained or run on CPU
     # paddlellm.decode_loop reproduces paddlenlp's generate() token for token for this family (tested per
     # family in tests/test_decode_loop.py); False keeps generate() for predict and serve.
@@ -156,6 +158,12 @@ class Family:
         overrides = {**self.model_config_overrides(), **config_overrides}
         if hf.is_hf_folder(path):  # a transformers folder: converted in memory by paddlellm/hf.py
             model = hf.load_model(self, path, dtype=dtype, **overrides)
+        elif int(overrides.get("tensor_parallel_degree") or 1) > 1:  # this rank's shard of every split weight
+            from ..cpu_parallel import whole_tensor_split_actions
+
+            cls = self.paddlenlp_class("model_class")
+            with whole_tensor_split_actions(cls, self.tp_tied_keys):
+                model = cls.from_pretrained(path, dtype=dtype, **overrides)
         else:
             model = self.paddlenlp_class("model_class").from_pretrained(path, dtype=dtype, **overrides)
         return self.adapt_model(model) if adapt else model
