@@ -242,7 +242,8 @@ def whole_tensor_split_actions(model_class, tied: Optional[Dict[str, str]] = Non
     Workaround (paddlenlp 3.0.0b4): loading model.safetensors into a tensor-parallel model hands each split
     action a lazy safetensors slice. The plain row/column splits read slices, but ChatGLM2's fused-MLP split
     (`paddle.concat` of slices) and GLM's fused-QKV split (`np.split` of a slice) fail on one. Here every
-    action gets the whole array (`slice[:]`) instead; the split result is the same.
+    action gets the whole array (`slice[:]`) instead, as a paddle tensor for ChatGLM2's MLP split; the split
+    result is the same.
     `tied`: {file key: key whose action it shares}, for a tied weight the model's mappings leave out (GPT's
     checkpoint holds lm_head.weight, the same tensor as the split word embeddings).
     """
@@ -251,7 +252,18 @@ def whole_tensor_split_actions(model_class, tied: Optional[Dict[str, str]] = Non
     before = model_class.__dict__.get("get_tensor_parallel_convert_actions")
 
     def whole(action):
-        return lambda x: action(x[:] if hasattr(x, "get_shape") else x)  # a safetensors slice has get_shape
+        def split(x):
+            x = x[:] if hasattr(x, "get_shape") else x  # a safetensors slice has get_shape
+            try:
+                return action(x)
+            except ValueError as e:  # ChatGLM2's fused-MLP split ends in paddle.concat, which takes no numpy arrays
+                if "must be list of Tensors" not in str(e):
+                    raise
+                import paddle
+
+                return action(paddle.to_tensor(x)).numpy()
+
+        return split
 
     def actions(cls, config, loaded_state_dict_keys, is_split=True, ignore_error=False):
         found = bound.__func__(cls, config, loaded_state_dict_keys, is_split=is_split, ignore_error=ignore_error)
@@ -308,3 +320,36 @@ def install(force: bool = False) -> List[str]:
     log.info(f"CPU tensor parallel: {', '.join(n.lstrip('_') for n in _installed)} run through gloo's all_reduce/all_gather "
              f"(paddle has no CPU kernels for them); model-parallel degree {model_parallel_degree()}")
     return list(_installed)
+
+
+# ------------------------------------------------------------------ pipeline parallel
+def pipeline_config(config: str) -> str:
+    """PaddleNLP's pipeline_parallel_config with what a CPU needs added (unchanged on GPUs).
+
+    Workaround (paddle 3.3.1 CPU): the pipeline's batched send/recv runs on the "calc stream", which
+    ProcessGroupGLOO refuses ("does not support send with sync_op and use_calc_stream flag");
+    `disable_batch_p2p_comm` makes paddle use plain isend/irecv, which gloo runs."""
+    import paddle
+
+    words = (config or "").split()
+    if paddle.device.get_device() == "cpu" and "disable_batch_p2p_comm" not in words:
+        words.append("disable_batch_p2p_comm")
+    return " ".join(words)
+
+
+def install_pipeline() -> bool:
+    """Let paddle's PipelineLayer be built on CPU processes; logs one line. No-op on GPUs; idempotent.
+
+    Workaround (paddle 3.3.1 CPU): PipelineLayer.__init__ reads `ParallelEnv().device_id`, which is only set
+    for GPU/XPU/custom devices (AttributeError '_device_id' on a CPU); a CPU has device 0."""
+    import paddle
+    from paddle.distributed import parallel
+
+    if paddle.device.get_device() != "cpu" or "device_id" in _installed:
+        return False
+    parallel.ParallelEnv.device_id = property(lambda self: getattr(self, "_device_id", 0))
+    _installed.append("device_id")
+    log.info("CPU pipeline parallel: stages exchange activations with gloo's isend/irecv (disable_batch_p2p_comm), "
+             "ParallelEnv.device_id is 0")
+    return True
+

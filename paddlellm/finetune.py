@@ -117,11 +117,10 @@ def check_ranges(model_args, data_args, gen_args, training: Dict) -> None:
         **{k: training.get(k) for k in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")},
     })
     pp = int(training.get("pipeline_parallel_degree") or 1)
-    if pp > 1:
-        # PaddleNLP's pipeline parallel needs each family's *Pipe model class (only some have one) and its
-        # own batch layout; fine-tuning here uses the standard classes, so refuse instead of failing on GPUs.
-        raise UserError(f"--pipeline_parallel_degree {pp}: pipeline parallel is not supported; "
-                        "use tensor_parallel_degree (GPUs) and/or data parallel instead")
+    if pp > 1 and (m.lora or m.lora_path or m.prefix_tuning or m.prefix_path or d.intokens):
+        what = "--intokens" if d.intokens else "LoRA" if (m.lora or m.lora_path) else "prefix tuning"
+        raise UserError(f"--pipeline_parallel_degree {pp} with {what}: pipeline parallel fine-tunes whole models (SFT) "
+                        "without packing here; use tensor_parallel_degree or data parallel for it")
     tp = int(training.get("tensor_parallel_degree") or 1)
     if tp > 1 and (m.prefix_tuning or m.prefix_path):
         # paddlenlp 3.0.0b4 cuts a tensor-parallel prefix by position in its flattened [layers*2, heads, head_dim]
@@ -160,6 +159,15 @@ def check_device(training: Dict, dtype: str = "float32", family=None) -> None:
     if tp > 1 and family is not None and not family.supports.get("tensor_parallel", False):
         raise UserError(f"--tensor_parallel_degree {tp}: tensor parallel is not supported for the {family.name} family "
                         "(see the README's support table); use data parallel instead")
+    pp = int(training.get("pipeline_parallel_degree", 1) or 1)
+    if pp > 1 and family is not None and not family.pipe_model_class:
+        raise UserError(f"--pipeline_parallel_degree {pp}: paddlenlp has no pipeline-parallel model class for the {family.name} "
+                        "family; use tensor_parallel_degree or data parallel instead")
+    world = int(os.environ.get("PADDLE_TRAINERS_NUM") or 1)  # processes paddle.distributed.launch started
+    if tp * pp > 1 and world % (tp * pp):
+        what = " x ".join(f"--{k}_parallel_degree {d}" for k, d in (("tensor", tp), ("pipeline", pp)) if d > 1)
+        raise UserError(f"{what}: the model is split over {tp * pp} processes but this run has {world}; start it with "
+                        f"python -m paddle.distributed.launch --nproc_per_node {tp * pp} finetune_generation.py ...")
     for key in ("tensor_parallel_degree", "sharding_parallel_degree"):
         if key == "tensor_parallel_degree" and family is not None:
             continue
@@ -212,6 +220,14 @@ def build_model(family, model_args, training_args, tokenizer):
         install()  # on CPU: paddle's model-parallel ops through gloo (no-op on GPUs)
     if tp > 1:
         check_tensor_parallel_shapes(family, model_args.model_name_or_path, tp)
+    if max(training_args.pipeline_parallel_degree, 1) > 1:  # this process's stage of paddlenlp's *Pipe model
+        from .cpu_parallel import install_pipeline
+
+        install_pipeline()  # on CPU: PipelineLayer can be built (no-op on GPUs)
+        model = family.load_pipe_model(model_args.model_name_or_path, dtype=model_args.dtype, **extra)
+        log.info(f"full fine-tuning, pipeline stage {training_args.pipeline_parallel_rank} of {training_args.pipeline_parallel_degree}: "
+                 f"{sum(int(p.numel()) for p in model.parameters()):,} parameters")
+        return model, "full"
     model = family.load_model(model_args.model_name_or_path, dtype=model_args.dtype, **extra)
     from .cpu_kernels import apply as apply_cpu_kernels
     model = apply_cpu_kernels(family, model)  # cheaper CPU formulations of the same maths (not on GPUs)
@@ -311,6 +327,10 @@ def run(argv=None) -> int:
 
         setup_runtime()  # before paddle is imported
         check_device(training, model_args.dtype, family)
+        if int(training.get("pipeline_parallel_degree") or 1) > 1:
+            from .cpu_parallel import pipeline_config
+
+            training["pipeline_parallel_config"] = pipeline_config(training.get("pipeline_parallel_config", ""))
         make_dir(output_dir, "output_dir")
         import paddle
 
@@ -382,6 +402,13 @@ def _train(family, model_args, data_args, gen_args, training, train_records, dev
     if mode == "train_only":
         log.info("do_eval false: no evaluation (during training or at the end)")
         dev_examples, dev_records = [], []
+    elif max(training_args.pipeline_parallel_degree, 1) > 1 and dev_examples:
+        # evaluation here runs the whole model's forward in one process; a pipeline stage holds part of it
+        log.info("pipeline parallel: evaluation is off; evaluate the saved model with --do_train false (no launcher)")
+        dev_examples, dev_records = [], []
+        training_args.evaluation_strategy = training_args.evaluation_strategy.__class__("no")
+        training_args.do_eval = False
+        training_args.load_best_model_at_end = False
     elif not dev_examples:
         off = "evaluation and load_best_model_at_end are" if training_args.load_best_model_at_end else "evaluation is"
         log.info(f"no dev data (dev.json or dev/) in {data_args.dataset_name_or_path}: {off} switched off")

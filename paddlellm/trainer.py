@@ -150,6 +150,11 @@ class SFTTrainer(Trainer):
         """
         if self._rate_mark is None:
             self._rate_mark = (time.time(), self.real_tokens)
+        if self.pipeline():
+            # paddlenlp's pipeline step: the last stage's criterion gives the mean over the micro-batch's supervised
+            # tokens (averaged over micro-batches with gradient accumulation) and backpropagates it as it is
+            self.real_tokens += int(inputs.pop("real_tokens", 0))
+            return super().training_step(model, inputs, step_control=step_control)
         model.train()
         inputs = self._prepare_inputs(inputs)
         # Kept as tensors until the step ends, so a GPU is not synchronised at every micro-batch.
@@ -170,6 +175,9 @@ class SFTTrainer(Trainer):
         self._step = stats if self._step is None else self._step + stats
         return loss.detach()
 
+    def pipeline(self) -> bool:
+        return max(self.args.pipeline_parallel_degree, 1) > 1
+
     def token_budget(self) -> float:
         """Most tokens one process can see in an optimisation step (rows x row length): a constant scale."""
         d = self.data_args
@@ -180,6 +188,8 @@ class SFTTrainer(Trainer):
 
     def normalise_gradients(self) -> None:
         """Turn summed gradients into the mean over every supervised token of the step, across processes."""
+        if self.pipeline():  # the pipeline backpropagated a mean loss already (see training_step)
+            return
         stats = self._step.astype("float64") if self._step is not None else paddle.zeros([2], dtype="float64")
         groups = _replica_groups(self.args) if self.args.world_size > 1 else []
         world = 1

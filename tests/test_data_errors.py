@@ -85,10 +85,11 @@ def test_folder_splits_are_read_in_order(tmp_path):
     assert recs[1].where.endswith("b.json:1")
 
 
-def test_tensor_parallel_on_cpu_is_refused(tmp_path):
+def test_tensor_parallel_without_enough_processes_is_refused(tmp_path):
     out = str(tmp_path / "out")
     proc = finetune(os.path.join(ROOT, "data"), out, "--tensor_parallel_degree", "2")
-    assert_one_line_error(proc, "--tensor_parallel_degree 2: tensor and sharding parallelism need GPUs (paddlepaddle-gpu); on CPU use data parallel: python -m paddle.distributed.launch --nproc_per_node N ...", out)
+    assert_one_line_error(proc, "--tensor_parallel_degree 2: the model is split over 2 processes but this run has 1; start it with "
+                                "python -m paddle.distributed.launch --nproc_per_node 2 finetune_generation.py ...", out)
 
 
 BAD_ARGUMENTS = {
