@@ -198,3 +198,45 @@ def test_tensor_parallel_refusals(tiny_dir, tmp_path, capsys):
         "error: --prefix_tuning with --tensor_parallel_degree 2: paddlenlp's tensor-parallel prefix is laid out "
         "differently from a single-card one (its shards can't be merged); train the prefix with data parallel")
     assert not os.path.exists(out)
+
+
+# ------------------------------------------------------------------ pipeline parallel (LLaMA)
+def test_pipeline_parallel_llama_matches_one_process(tp_runs, step_data_dir, tmp_path):
+    model, one, _ = tp_runs["llama", "sft"]
+    out, logs = str(tmp_path / "pp2"), str(tmp_path / "logs")
+    proc = run_cmd([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", logs,
+                    os.path.join(ROOT, "finetune_generation.py"), "--model_name_or_path", model,
+                    "--dataset_name_or_path", step_data_dir, "--output_dir", out, "--pipeline_parallel_degree", "2", *STEPS],
+                   check=False, timeout=600)
+    texts = [open(p, errors="replace").read() for p in sorted(glob.glob(os.path.join(logs, "workerlog.*")))]
+    assert proc.returncode == 0, "\n".join(t[-4000:] for t in texts) + proc.stderr[-2000:]
+    for rank, text in enumerate(texts):
+        assert "CPU pipeline parallel: stages exchange activations with gloo's isend/irecv" in text
+        assert f"full fine-tuning, pipeline stage {rank} of 2" in text
+    assert "pipeline parallel: evaluation is off" in texts[0]
+    assert {"model_state.pp00.pdparams", "model_state.pp01.pdparams"} <= set(os.listdir(out))
+    assert losses(out) == pytest.approx(losses(one), rel=1e-5)  # the same loss curve, step by step
+    got, ref = weights(merged(out)), weights(one)  # merge_tp_params.py joins the stages
+    assert got.keys() == ref.keys()
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(folder_logits(merged(out)), folder_logits(one), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model_name_or_path", "bloom"], "--pipeline_parallel_degree 2: paddlenlp has no pipeline-parallel model class for the bloom "
+                                        "family; use tensor_parallel_degree or data parallel instead"),
+    (["--model_name_or_path", "llama", "--lora", "true"],
+     "--pipeline_parallel_degree 2 with LoRA: pipeline parallel fine-tunes whole models (SFT) without packing here; "
+     "use tensor_parallel_degree or data parallel for it"),
+    (["--model_name_or_path", "llama"], "--pipeline_parallel_degree 2: the model is split over 2 processes but this run has 1; "
+                                        "start it with python -m paddle.distributed.launch --nproc_per_node 2 finetune_generation.py ..."),
+])
+def test_pipeline_parallel_refusals(tiny_dir, step_data_dir, tmp_path, extra, message):
+    extra = [tiny_dir(a) if i and extra[i - 1] == "--model_name_or_path" else a for i, a in enumerate(extra)]
+    out = str(tmp_path / "out")
+    proc = run_cmd([sys.executable, os.path.join(ROOT, "finetune_generation.py"), *extra, "--dataset_name_or_path", step_data_dir,
+                    "--output_dir", out, "--pipeline_parallel_degree", "2"], check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {message}"
+    assert not os.path.exists(out)
