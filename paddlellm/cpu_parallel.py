@@ -29,8 +29,12 @@ runs correctly:
                      softmax - one_hot(label); ignore_index gives loss 0 and no gradient
 
 It is installed only when paddle runs on the CPU and a model-parallel (tensor-parallel) group of more than
-one process exists; on GPUs paddle's own kernels run and nothing here is touched. Foundation layer: imports
-only paddle.
+one process exists; on GPUs paddle's own kernels run and nothing here is touched.
+
+Pipeline parallel on CPU (`pipeline_config`, `install_pipeline`) needs two more small things: plain
+isend/irecv between stages instead of paddle's batched calc-stream p2p, and a device id for PipelineLayer.
+`whole_tensor_split_actions` works around a paddlenlp loading bug of tensor-parallel models on any device.
+Foundation layer: imports only paddle.
 """
 from __future__ import annotations
 
@@ -304,8 +308,8 @@ def install(force: bool = False) -> List[str]:
     """Give paddle's model-parallel ops their CPU meaning when `needed()` (or `force`); logs one line.
 
     Idempotent; returns the names replaced (empty when not needed)."""
-    if _installed or not (force or needed()):
-        return list(_installed)
+    if PATCHED[0] in _installed or not (force or needed()):
+        return [n for n in _installed if n != "device_id"]
     from paddle.distributed import collective
     from paddle.distributed.fleet.layers.mpu import mp_ops
     from paddle.distributed.fleet.meta_parallel import tensor_parallel
@@ -319,7 +323,7 @@ def install(force: bool = False) -> List[str]:
     _installed.append("broadcast_input_data")
     log.info(f"CPU tensor parallel: {', '.join(n.lstrip('_') for n in _installed)} run through gloo's all_reduce/all_gather "
              f"(paddle has no CPU kernels for them); model-parallel degree {model_parallel_degree()}")
-    return list(_installed)
+    return [n for n in _installed if n != "device_id"]
 
 
 # ------------------------------------------------------------------ pipeline parallel

@@ -66,6 +66,18 @@ def tp_ready_model(tiny_dir, family, root):
     return build_tiny(family, str(root / f"{family}_even"), vocab_size=600 - (vocab - 600))
 
 
+def test_cpu_ops_match_one_process_maths(tmp_path):
+    """Each replaced op's forward and backward on two processes against the same maths on whole tensors."""
+    logs = str(tmp_path / "logs")
+    proc = run_cmd([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", logs,
+                    os.path.join(ROOT, "tests", "parallel_ops_check.py")], check=False, timeout=300)
+    texts = [open(p, errors="replace").read() for p in sorted(glob.glob(os.path.join(logs, "workerlog.*")))]
+    assert proc.returncode == 0, "\n".join(t[-3000:] for t in texts)
+    checked = [line for line in texts[0].splitlines() if line.startswith("checked ")]
+    assert len(checked) == 13 and "ALL OPS CHECKED" in texts[0]
+    assert "checked c_softmax_with_cross_entropy gradient" in checked
+
+
 @pytest.fixture(scope="module")
 def step_data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tpdata")
@@ -144,7 +156,7 @@ def folder_logits(model_name_or_path=None, lora_path=None):
     model, tok, fam, _ = load_for_inference(model_name_or_path, lora_path)
     model.eval()
     prompts = [tok(t)["input_ids"] for t in ("spell: 1 2 3", "hello")]
-    inputs = {k: paddle.to_tensor(v) for k, v in fam.generation_inputs(tok, prompts, 4).items()}
+    inputs = {k: paddle.to_tensor(v) for k, v in fam.generation_inputs(tok, prompts).items()}
     with paddle.no_grad():
         return logits_of(model(**inputs)).astype("float32").numpy()
 
