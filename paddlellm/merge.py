@@ -253,7 +253,7 @@ def find_shards(folder: str) -> Tuple[str, List[List[str]]]:
     stages = {int(m.group(1)): [os.path.join(folder, n)] for n in names for m in [STAGE_PATTERN.match(n)] if m}
     if stages and not any(PIPELINE.search(n) and not STAGE_PATTERN.match(n) for n in names):
         # pipeline-parallel stages (no tensor parallel): each holds whole tensors of its layers, by their usual names
-        missing = [f"pp{r:02d}" for r in range(max(stages) + 1) if r not in stages]
+        missing = [f"pp{r:02d}" for r in range(max(max(stages) + 1, _saved_stages(folder))) if r not in stages]
         if missing:
             raise UserError(f"{folder}: pipeline stages {', '.join(missing)} are missing")
         return "stages", [stages[r] for r in range(len(stages))]
@@ -287,6 +287,14 @@ def find_shards(folder: str) -> Tuple[str, List[List[str]]]:
     if unified:
         raise UserError(f"{folder}: no tensor-parallel shards; it holds {unified[0]}, a single-card or unified checkpoint that loads as it is")
     raise UserError(f"{folder}: no tensor-parallel shards (model_state.tpXX.pdparams, model.tpXX.safetensors or lora_model_state.tpXX.pdparams)")
+
+
+def _saved_stages(folder: str) -> int:
+    """pipeline_parallel_degree of the run that wrote `folder` (its finetune_args.json; 1 when unknown)."""
+    try:
+        return int(_read_json(os.path.join(folder, "finetune_args.json")).get("pipeline_parallel_degree") or 1)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1
 
 
 def _saved_degree(folder: str) -> int:

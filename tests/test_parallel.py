@@ -233,6 +233,16 @@ def test_pipeline_parallel_llama_matches_one_process(tp_runs, step_data_dir, tmp
     for k in ref:
         np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
     np.testing.assert_allclose(folder_logits(merged(out)), folder_logits(one), rtol=1e-5, atol=1e-5)
+    # a stage missing: one line, nothing written
+    import shutil
+
+    partial, target = str(tmp_path / "partial"), str(tmp_path / "partial-merged")
+    shutil.copytree(out, partial)
+    os.remove(os.path.join(partial, "model_state.pp01.pdparams"))
+    proc = run_cmd([sys.executable, os.path.join(ROOT, "merge_tp_params.py"), "--model_name_or_path", partial,
+                    "--merge_model_path", target], check=False, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"error: {partial}: pipeline stages pp01 are missing"
+    assert not os.path.exists(target)
 
 
 @pytest.mark.parametrize("extra, message", [
