@@ -57,7 +57,7 @@ class SFTTrainer(Trainer):
             super()._save(output_dir=output_dir, state_dict=state_dict, merge_tensor_parallel=merge_tensor_parallel)
 
     def model_parallel(self) -> bool:
-        """Whether the model is split over processes (tensor, pipeline or sharding parallel: GPU only)."""
+        """Whether the model is split over processes (tensor, pipeline or sharding parallel)."""
         a = self.args
         return max(a.tensor_parallel_degree, 1) > 1 or max(a.pipeline_parallel_degree, 1) > 1 or max(a.sharding_parallel_degree, 1) > 1
 
@@ -68,8 +68,8 @@ class SFTTrainer(Trainer):
         `paddlellm tiny` write, so every command's output folder holds the same kind of weights (the
         Trainer's own save would write model_state.pdparams). Adapters (LoRA, prefix) are saved by the
         Trainer as PaddleNLP's adapter files. Checkpoints (checkpoint-N/) keep the Trainer's format: resuming
-        reads it. Under tensor / pipeline / sharding parallel (GPU only, not testable on this CPU machine)
-        the Trainer's per-rank sharded save is kept unchanged: merge_tp_params.py reads those shards.
+        reads it. Under tensor / pipeline / sharding parallel the Trainer's per-rank sharded save is kept
+        unchanged: merge_tp_params.py reads those shards (tensor-parallel ranks, pipeline stages).
         """
         if kind != "full" or self.model_parallel():
             self.save_model(output_dir)
