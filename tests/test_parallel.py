@@ -147,7 +147,7 @@ def test_tensor_parallel_matches_one_process(tp_runs, family, kind):
 
 
 def folder_logits(model_name_or_path=None, lora_path=None):
-    """Logits of two prompts (left-padded, the family's generation inputs) from a folder as predict loads it."""
+    """Logits of two src/tgt examples (laid out as in training) from a folder loaded as predict loads it."""
     import paddle
 
     from paddlellm.families import logits_of
@@ -155,8 +155,9 @@ def folder_logits(model_name_or_path=None, lora_path=None):
 
     model, tok, fam, _ = load_for_inference(model_name_or_path, lora_path)
     model.eval()
-    prompts = [tok(t)["input_ids"] for t in ("spell: 1 2 3", "hello")]
-    inputs = {k: paddle.to_tensor(v) for k, v in fam.generation_inputs(tok, prompts).items()}
+    examples = [fam.encode(tok, [s], [t], 32, 16) for s, t in (("spell: 1 2 3", "one two three"), ("hello", "hi"))]
+    batch = fam.build_batch([[e] for e in examples], tok.pad_token_id)
+    inputs = {k: paddle.to_tensor(v) for k, v in batch.items() if k not in ("labels", "loss_mask")}
     with paddle.no_grad():
         return logits_of(model(**inputs)).astype("float32").numpy()
 
