@@ -215,9 +215,9 @@ def test_pipeline_parallel_llama_matches_one_process(tp_runs, step_data_dir, tmp
                    check=False, timeout=600)
     texts = [open(p, errors="replace").read() for p in sorted(glob.glob(os.path.join(logs, "workerlog.*")))]
     assert proc.returncode == 0, "\n".join(t[-4000:] for t in texts) + proc.stderr[-2000:]
-    for rank, text in enumerate(texts):
-        assert "CPU pipeline parallel: stages exchange activations with gloo's isend/irecv" in text
-        assert f"full fine-tuning, pipeline stage {rank} of 2" in text
+    assert len(texts) == 2  # rank 0 logs (the others log warnings only); rank 1 wrote stage 1's weights
+    assert "CPU pipeline parallel: stages exchange activations with gloo's isend/irecv" in texts[0]
+    assert "full fine-tuning, pipeline stage 0 of 2" in texts[0]
     assert "pipeline parallel: evaluation is off" in texts[0]
     assert {"model_state.pp00.pdparams", "model_state.pp01.pdparams"} <= set(os.listdir(out))
     assert losses(out) == pytest.approx(losses(one), rel=1e-5)  # the same loss curve, step by step
