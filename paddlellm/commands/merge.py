@@ -96,7 +96,8 @@ def main_tp(argv=None) -> int:
                                 device=args.device, family_name=args.family)
     except UserError as e:
         fail(str(e))
-    print(f"merge-tp: merged {degree} tensor-parallel {'LoRA ' if kind == 'lora' else ''}shards into {out}", file=sys.stderr)
+    what = "pipeline stages" if kind == "stages" else f"tensor-parallel {'LoRA ' if kind == 'lora' else ''}shards"
+    print(f"merge-tp: merged {degree} {what} into {out}", file=sys.stderr)
     return 0
 
 
