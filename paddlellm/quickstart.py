@@ -7,8 +7,7 @@ greedy generations, before and after fine-tuning.
 The figure is seeded and repeats run after run on one machine, but not across CPUs: MKL picks its
 matmul kernels by CPU (AVX2 on AMD under paddlellm's tuning, its own choice on Intel), the last bits
 of each product differ with the kernels, and 12 epochs of training carry that into a reply of the 40
-(92.5% with MKL's AVX2 kernels, 90.0% with its AVX kernels on the same AMD machine; an Intel Xeon
-gave 90.0% with an earlier release). So the quickstart says which CPU and MKL setting it measured on, and saves them with
+(90.0% to 92.5% on the machines measured, see the README). So the quickstart says which CPU and MKL setting it measured on, and saves them with
 the figures.
 """
 from __future__ import annotations
