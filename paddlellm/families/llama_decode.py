@@ -76,8 +76,9 @@ def unsupported(model) -> Optional[str]:
     if not isinstance(attn, LlamaAttention) or getattr(attn, "kv_indices", None) is not None \
             or getattr(attn, "reshard_layer", None) is not None:
         return "an attention layer of another kind"
-    if type(attn.rotary_emb) is not LlamaRotaryEmbedding:
-        return f"rotary embedding {type(attn.rotary_emb).__name__}"  # scaled variants: left to paddlenlp
+    if not isinstance(attn.rotary_emb, LlamaRotaryEmbedding) or type(attn.rotary_emb).forward is not LlamaRotaryEmbedding.forward:
+        # linear and llama3 scaling only change the precomputed table (read through forward); dynamic NTK does not
+        return f"rotary embedding {type(attn.rotary_emb).__name__}"
     if inner.llama.embed_tokens.weight.dtype != paddle.float32:
         return "weights not float32"
     return None
