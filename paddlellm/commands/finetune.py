@@ -9,7 +9,9 @@ import os
 from typing import Dict, List, Optional
 
 from ..arguments import UserError, check_can_create, check_sampling, dump_args, fail, make_dir, parse_args, require_at_least
+from ..chat_template import check_choice as check_chat_template
 from ..files import write_json
+from ..formats.hf import save_tokenizer
 from ..finetune_args import DataArgument, GenerateArgument, ModelArgument
 from ..runtime import check_training_device
 
@@ -94,6 +96,7 @@ def check_ranges(model_args, data_args, gen_args, training: Dict) -> None:
     if training.get("output_dir"):
         check_can_create(training["output_dir"], "output_dir")
     check_sampling(top_k=gen_args.top_k, top_p=gen_args.top_p)
+    check_chat_template(m.chat_template)
     check_adapter_folders(m.lora_path, m.prefix_path)
     from ..formats.quantized import refuse_if_quantized
     from ..formats.static import refuse_if_static
@@ -179,7 +182,7 @@ def save_outputs(trainer, tokenizer, family, kind, model_args, data_args, gen_ar
     trainer.save_final_model(out, kind)  # a full model as model.safetensors, like every other command's output
     if not training_args.should_save:
         return
-    tokenizer.save_pretrained(out)
+    chosen = save_tokenizer(tokenizer, out)  # with its chat template and stop tokens, so the output chats the same way
     base = model_args.model_name_or_path
     meta = {
         "family": family.name,
@@ -189,6 +192,7 @@ def save_outputs(trainer, tokenizer, family, kind, model_args, data_args, gen_ar
         "tgt_length": data_args.tgt_length,
         "dtype": model_args.dtype,
         "chat_format": family.name,
+        "chat_template": chosen,
     }
     if kind == "lora":
         meta["lora_rank"] = model_args.lora_rank
@@ -258,7 +262,9 @@ def _setup(family, model_args, data_args, training, train_records, dev_records, 
     log.setLevel(logging.INFO if training_args.local_rank in (-1, 0) else logging.WARNING)
     source = tokenizer_from or model_args.model_name_or_path
     try:
-        tokenizer = family.load_tokenizer(source)
+        tokenizer = family.load_tokenizer(source, chat_template=model_args.chat_template)
+    except UserError:
+        raise
     except Exception as e:  # a wrong path or name: one line, not paddlenlp's traceback
         raise UserError(f"model_name_or_path {source!r}: can't load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     train_examples, train_stats = (encode_records(family, tokenizer, train_records, data_args.src_length, data_args.tgt_length, "train")
@@ -327,7 +333,8 @@ def _evaluate_only(family, model_args, data_args, gen_args, training, dev_record
     what = f"{base}" + (f" with the LoRA adapters in {lora_path}" if lora_path else f" with the prefix in {prefix_path}" if prefix_path else "")
     log.info(f"evaluation-only run (do_train false): evaluating {what} on the dev set of {data_args.dataset_name_or_path}; "
              f"nothing is trained or saved except the results in {training_args.output_dir}")
-    model, tokenizer, family, _ = load_for_inference(base, lora_path, prefix_path, dtype=m.dtype, family=family)
+    model, tokenizer, family, _ = load_for_inference(base, lora_path, prefix_path, dtype=m.dtype, family=family,
+                                                     chat_template=m.chat_template)
     trainer = build_trainer(model, tokenizer, family, training_args, [], dev_examples, dev_records, data_args, gen_args)
     trainer.guard_run = False  # no training to protect: a failing evaluation is the command's failure
     metrics = trainer.evaluate()

@@ -10,6 +10,10 @@ class LlamaFamily(Family):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
 
+    def bos_ids(self, tokenizer):
+        # A tokenizer.json checkpoint that opens no sequence with a BOS (SmolLM2) gets none in the own format either.
+        return super().bos_ids(tokenizer) if getattr(tokenizer, "add_bos_token", True) else []
+
     # transformers LlamaForCausalLM: paddlenlp's own converter mapping (names, Linear transposes) is right.
     def hf_config_to_paddle(self, hf):
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
