@@ -212,7 +212,7 @@ def test_greedy_chat_replies_equal_transformers_generate(name, tmp_path):
     with open(data, "w") as f:
         for c in rows:
             _, users, replies = conversation(c["messages"])
-            f.write(json.dumps({"src": users, "tgt": replies[:-1]}) + "\n")
+            f.write(json.dumps({"src": users, "tgt": replies[:-1]} if len(users) > 1 else {"src": users[0]}) + "\n")
     out = tmp_path / "out.json"
     run_cmd([sys.executable, "predict_generation.py", "--model_name_or_path", folder, "--data_file", str(data),
              "--output_file", str(out), "--tgt_length", "12", "--src_length", "128"])
@@ -226,7 +226,7 @@ def test_openai_chat_endpoint_replies_equal_transformers_generate(tmp_path):
 
     folder = fixture("llama-chat")
     chat = load_json(os.path.join(folder, "chat.json"))
-    srv = api_server(folder, tmp_path / "server.log", 12)
+    srv = api_server(folder, tmp_path / "server.log", 12, "--src_length", "128")
     try:
         for c in chat["conversations"]:
             r = requests.post(srv.url + "/v1/chat/completions", json={"messages": c["messages"][:-1], "temperature": 0,
