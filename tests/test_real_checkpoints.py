@@ -349,3 +349,12 @@ def test_every_command_on_a_tokenizer_json_chat_model(tiny_chat, tmp_path):
     run_cmd([py, "create_pretraining_data.py", "--model_name_or_path", tiny_chat, "--input_path", str(corpus),
              "--output_prefix", str(tmp_path / "pt" / "corpus"), "--append_eos"])
     assert any(n.endswith(".bin") or n.endswith(".npy") for n in os.listdir(tmp_path / "pt"))
+
+
+def test_system_message_in_the_family_format_opens_the_first_prompt(llama, llama_family):
+    """Without a template a system message is put before the first user message, on a line of its own (as
+    the server did before chat templates), and the folder's single eos id is the only stop token."""
+    tok = llama_family.load_tokenizer(llama)
+    assert llama_family.generation_prompt(tok, ["a", "c"], ["r"], 64, system="be brief") == \
+        llama_family.generation_prompt(tok, ["be brief\na", "c"], ["r"], 64)
+    assert llama_family.stop_token_ids(tok) == [tok.eos_token_id]
