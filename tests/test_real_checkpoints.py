@@ -358,3 +358,20 @@ def test_system_message_in_the_family_format_opens_the_first_prompt(llama, llama
     assert llama_family.generation_prompt(tok, ["a", "c"], ["r"], 64, system="be brief") == \
         llama_family.generation_prompt(tok, ["be brief\na", "c"], ["r"], 64)
     assert llama_family.stop_token_ids(tok) == [tok.eos_token_id]
+
+
+@pytest.mark.parametrize("name, rope", [("llama-rope/llama3", None), ("llama-rope/linear", {"rope_type": "linear", "factor": 2.0})])
+def test_rope_scaling_exports_back(name, rope, llama_family, tmp_path):
+    """export-hf's writer puts the scaling back in config.json; the folder loads again with the same logits."""
+    from paddlellm.formats import hf
+
+    folder = fixture(name)
+    model = llama_family.load_model(folder)
+    out = tmp_path / "out"
+    out.mkdir()
+    hf.export_model(llama_family, model, llama_family.load_tokenizer(fixture("llama-chat")), str(out))
+    cfg = load_json(out / "config.json")
+    want = rope or {k: v for k, v in load_json(os.path.join(folder, "config.json"))["rope_scaling"].items()}
+    assert cfg["rope_scaling"] == want
+    ids = np.load(os.path.join(folder, "input_ids.npy"))
+    assert np.abs(raw_logits(llama_family.load_model(str(out)), ids) - np.load(os.path.join(folder, "logits.npy"))).max() < 1e-4
