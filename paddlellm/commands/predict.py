@@ -207,7 +207,7 @@ def journal_header(args: PredictArgument, settings: Dict, data_digest: str, coun
         "data_sha256": data_digest,
         "records": count,
         "settings": {k: settings[k] for k in ("model", "lora_path", "prefix_path", "src_length", "tgt_length", "dtype")}
-        | {k: getattr(args, k) for k in ("top_k", "top_p", "temperature", "repetition_penalty", "seed")},
+        | {k: getattr(args, k) for k in ("top_k", "top_p", "temperature", "repetition_penalty", "seed", "chat_template")},
     }
 
 
