@@ -83,7 +83,8 @@ def child_prepare(work: str) -> None:
     family = get_family("llama")
     model_dir = os.path.join(work, "model")
     os.makedirs(model_dir, exist_ok=True)
-    tok = build_tokenizer(family, model_dir, 8000)  # ~1.6k pieces from the bundled corpus; the model has 8000 rows
+    tok = build_tokenizer(family, model_dir, MODEL["vocab_size"])  # ~1.6k learned pieces, the rest reserved (never produced)
+    assert len(tok) == MODEL["vocab_size"], len(tok)
     LlamaConfig(**MODEL, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id).save_pretrained(model_dir)
     with open(os.path.join(model_dir, META_FILE), "w") as f:
         json.dump({"family": "llama", "kind": "base"}, f)

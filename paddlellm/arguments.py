@@ -271,15 +271,12 @@ def format_help(prog: str, description: str, groups: List[Tuple[str, List[FieldS
     return "\n".join(lines)
 
 
-# Argument groups that a command hands over to another module, listed by its --help: prog -> [(module, class, when)].
-# finetune_generation.py with do_ptq / do_gptq runs paddlellm.quant, as PaddleNLP's script ran quantization.
-HANDOFF_GROUPS = {"finetune_generation.py": [("paddlellm.quant", "QuantArgument", "used with do_ptq / do_gptq, see `paddlellm quant --help`")]}
-
-
 def parse_args(classes: Sequence[type], argv: Optional[Sequence[str]] = None, prog: str = "", description: str = "",
-               training: bool = False, json_file_ok: bool = True):
+               training: bool = False, json_file_ok: bool = True, help_only: Sequence[Tuple[str, type]] = ()):
     """Parse argv into one instance per dataclass in `classes` (+ a dict of TrainingArguments kwargs when
-    `training`). Exits with a one-line error on bad input and with the help text on -h/--help."""
+    `training`). Exits with a one-line error on bad input and with the help text on -h/--help.
+    help_only: (title, dataclass) groups --help lists too, for arguments the command hands over to another
+    command (finetune_generation.py with do_ptq / do_gptq runs quantization, as PaddleNLP's script did)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     groups = [(c.__name__, dataclass_specs(c)) for c in classes]
     if training:
@@ -289,10 +286,7 @@ def parse_args(classes: Sequence[type], argv: Optional[Sequence[str]] = None, pr
         for s in gs:
             specs.setdefault(s.name, s)
     if "-h" in argv or "--help" in argv:
-        import importlib
-
-        extra = [(f"{cls} ({when})", dataclass_specs(getattr(importlib.import_module(mod), cls)))
-                 for mod, cls, when in HANDOFF_GROUPS.get(prog, [])]
+        extra = [(title, dataclass_specs(cls)) for title, cls in help_only]
         print(format_help(prog or os.path.basename(sys.argv[0]), description, groups + extra))
         sys.exit(0)
     try:

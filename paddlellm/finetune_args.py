@@ -1,9 +1,12 @@
 """The argument groups of finetune_generation.py (PaddleNLP's names), shared by fine-tuning and by
-quantization, which PaddleNLP also ran from finetune_generation.py (do_ptq / do_gptq)."""
+quantization, which PaddleNLP also ran from finetune_generation.py (do_ptq / do_gptq): ModelArgument,
+DataArgument, GenerateArgument and QuantArgument."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Union
+
+from .arguments import FALSE, TRUE
 
 
 @dataclass
@@ -39,3 +42,52 @@ class DataArgument:
 class GenerateArgument:
     top_k: int = field(default=1, metadata={"help": "Top-k sampling in generation evaluation (1 = greedy)."})
     top_p: float = field(default=1.0, metadata={"help": "Top-p (nucleus) sampling in generation evaluation."})
+
+
+TRAINING_DEFAULTS = dict(
+    # Defaults that differ from PaddleNLP's because they are what fine-tuning users expect.
+    do_train=True,
+    save_strategy="epoch",
+    evaluation_strategy="epoch",
+    logging_steps=10,
+    save_total_limit=1,
+    report_to=["none"],
+)
+
+
+@dataclass
+class QuantArgument:
+    """PaddleNLP's QuantArgument (2023 names and defaults), plus gptq_percdamp / gptq_actorder."""
+
+    quant_type: Optional[str] = field(default=None, metadata={"help": "A8W8 (int8 weights and activations), WINT8 or WINT4 (weight-only); also a8w8, weight_only_int8, weight_only_int4. Default: A8W8 for PTQ, WINT4 for GPTQ (PaddleNLP's GPTQ was always 4-bit). GPTQ's bit width follows it; A8W8 with GPTQ is refused."})
+    do_qat: bool = field(default=False, metadata={"help": "Quantization-aware training: not supported (needs GPUs; PaddleNLP 2023 had not implemented it either)."})
+    do_ptq: bool = field(default=False, metadata={"help": "Post-training quantization with paddle.quantization + paddleslim observers."})
+    ptq_step: int = field(default=32, metadata={"help": "Calibration batches for PTQ."})
+    shift: bool = field(default=False, metadata={"help": "Shift (Outlier Suppression+, paddleslim) before PTQ; for families that declare their norm -> Linear pairing (llama, bloom, chatglm_v2)."})
+    shift_all_linears: bool = field(default=False, metadata={"help": "Shift every Linear layer, not only those after a norm."})
+    shift_sampler: str = field(default="ema", metadata={"help": "Sampler of the shift statistics: ema or none."})
+    shift_step: int = field(default=32, metadata={"help": "Calibration batches for Shift."})
+    smooth: bool = field(default=False, metadata={"help": "Smooth (SmoothQuant-style, paddleslim) before PTQ; for families that declare their norm -> Linear pairing (llama, bloom, chatglm_v2)."})
+    smooth_all_linears: bool = field(default=False, metadata={"help": "Smooth every Linear layer, not only those after a norm."})
+    smooth_sampler: str = field(default="none", metadata={"help": "Sampler of the smooth statistics: none or multi_step."})
+    smooth_step: int = field(default=32, metadata={"help": "Calibration batches for Smooth."})
+    smooth_piecewise_search: bool = field(default=False, metadata={"help": "Search the smooth scales piecewise (paddleslim PieceWiseSearch)."})
+    smooth_k_piece: Union[int, bool] = field(default=3, metadata={"help": "Pieces of the piecewise search (an integer; PaddleNLP's llama JSON wrote true, read as the default 3)."})
+    smooth_search_piece: bool = field(default=False, metadata={"help": "Search the number of pieces too."})
+    do_gptq: bool = field(default=False, metadata={"help": "GPTQ weight quantization with paddleslim (bits from quant_type)."})
+    gptq_step: int = field(default=8, metadata={"help": "Calibration batches for GPTQ (each Linear layer sees all of them)."})
+    gptq_percdamp: float = field(default=0.1, metadata={"help": "(not in PaddleNLP's arguments) GPTQ Hessian damping, as a fraction of its mean diagonal; PaddleNLP used 0.1. A layer whose factorisation fails is retried with 10x, twice."})
+    max_length: Optional[int] = field(default=None, metadata={"help": "PaddleNLP's total token limit (its ptq JSONs set it): caps tgt_length at max_length - src_length."})
+    gptq_actorder: bool = field(default=True, metadata={"help": "(not in PaddleNLP's arguments) quantize columns in order of decreasing Hessian diagonal, as PaddleNLP did."})
+
+    def __post_init__(self):
+        if isinstance(self.smooth_k_piece, str):  # the argument system hands a mixed int/bool field over as text
+            text = self.smooth_k_piece.strip().lower()
+            if text in TRUE | FALSE:
+                self.smooth_k_piece = 3
+            elif text.lstrip("-").isdigit():
+                self.smooth_k_piece = int(text)
+            else:
+                raise ValueError(f"smooth_k_piece must be an integer, got {self.smooth_k_piece!r}")
+        elif isinstance(self.smooth_k_piece, bool):
+            self.smooth_k_piece = 3

@@ -27,24 +27,10 @@ from .generation import generate_replies
 log = logging.getLogger("paddlellm")
 
 
-class SFTTrainer(Trainer):
-    def __init__(self, *args, family=None, data_args=None, gen_args=None, dev_records=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.family = family
-        self.data_args = data_args
-        self.gen_args = gen_args
-        self.dev_records = dev_records or []
-        self.real_tokens = 0  # real (non-padding) training tokens seen by this process
-        self.history: List[Dict] = []  # every logged row (PaddleNLP's Trainer empties state.log_history at each log)
-        # Token-weighted loss bookkeeping: [loss sum, supervised tokens] of this process in the current
-        # optimisation step (a tensor), and of all processes since the last log / since the start.
-        self._step = None
-        self._window = [0.0, 0]
-        self.total = [0.0, 0]
-        self._rate_mark = None  # (time, real_tokens) at the start of the logging window
-        self.unusable_checkpoints: List[str] = []  # set by finetune when resuming passed over broken ones
-        self.guard_run = True  # a training run: a failing generation evaluation is a warning, not the end of the run
-        self.add_callback(_NormaliseGradients(self))
+class CheckpointMixin:
+    """Saving shared by every Trainer of ours (SFTTrainer, preference_trainer.PreferenceTrainer): the final model
+    as model.safetensors, checkpoint completion markers, and rotation that leaves foreign checkpoints alone.
+    Put it before the paddlenlp Trainer class in the bases; the class sets self.unusable_checkpoints = []."""
 
     def _save(self, output_dir=None, state_dict=None, merge_tensor_parallel=False):
         # Every model save (checkpoints and the final one) replaces the weight files already in the folder.
@@ -119,6 +105,26 @@ class SFTTrainer(Trainer):
     def _mark_checkpoint(self) -> None:
         if self.args.should_save:
             mark_complete(self.args.output_dir, self.state.global_step)
+
+
+class SFTTrainer(CheckpointMixin, Trainer):
+    def __init__(self, *args, family=None, data_args=None, gen_args=None, dev_records=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.family = family
+        self.data_args = data_args
+        self.gen_args = gen_args
+        self.dev_records = dev_records or []
+        self.real_tokens = 0  # real (non-padding) training tokens seen by this process
+        self.history: List[Dict] = []  # every logged row (PaddleNLP's Trainer empties state.log_history at each log)
+        # Token-weighted loss bookkeeping: [loss sum, supervised tokens] of this process in the current
+        # optimisation step (a tensor), and of all processes since the last log / since the start.
+        self._step = None
+        self._window = [0.0, 0]
+        self.total = [0.0, 0]
+        self._rate_mark = None  # (time, real_tokens) at the start of the logging window
+        self.unusable_checkpoints: List[str] = []  # set by finetune when resuming passed over broken ones
+        self.guard_run = True  # a training run: a failing generation evaluation is a warning, not the end of the run
+        self.add_callback(_NormaliseGradients(self))
 
     def log(self, logs: Dict[str, float], **kwargs) -> None:
         if "loss" in logs and self._window[1] > 0:

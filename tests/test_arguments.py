@@ -98,9 +98,9 @@ def test_training_snapshot_matches_installed_paddlenlp():
 
 
 # ptq_ / gptq_argument.json belong to the quantization command (parsed in test_quant.py),
-# pretrain_argument.json to run_pretrain.py (parsed in test_pretrain.py)
+# pretrain_argument.json to run_pretrain.py (parsed in test_pretrain.py), dpo_argument.json to run_dpo.py (test_dpo.py)
 ARG_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "llm", "*", "*_argument.json"))
-                   if not os.path.basename(p).startswith(("ptq_", "gptq_", "pretrain_")))
+                   if not os.path.basename(p).startswith(("ptq_", "gptq_", "pretrain_", "dpo_")))
 
 
 def test_every_family_ships_three_argument_files():

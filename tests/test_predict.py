@@ -90,7 +90,7 @@ def make_lora(base, out, family, seed=0, scale=0.5, src_length=48, tgt_length=5)
     import paddle
     from paddlenlp.peft import LoRAConfig, LoRAModel
 
-    from paddlellm.commands.finetune import all_linear_targets
+    from paddlellm.tuning import all_linear_targets
 
     fam = get_family(family)
     tok = fam.load_tokenizer(base)

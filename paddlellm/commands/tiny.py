@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -21,7 +22,7 @@ from ..tokenizer_training import corpus_lines, train_bpe, train_sentencepiece
 class TinyArgument:
     family: str = field(default="llama", metadata={"help": "Model family: llama, chatglm, chatglm_v2, bloom, gpt-3, opt, glm."})
     output: str = field(default=None, metadata={"help": "Folder to write the tiny checkpoint into (required)."})
-    vocab_size: int = field(default=600, metadata={"help": "Target tokenizer vocabulary size."})
+    vocab_size: int = field(default=600, metadata={"help": "Tokenizer (and model) vocabulary size; beyond what the bundled corpus can learn, reserved tokens fill it."})
     hidden_size: Optional[int] = field(default=None, metadata={"help": "Override the family's tiny hidden size."})
     num_hidden_layers: Optional[int] = field(default=None, metadata={"help": "Override the number of layers (default 2)."})
     seed: int = field(default=42, metadata={"help": "Seed of the random initialisation."})
@@ -64,20 +65,67 @@ def build_json_tokenizer(family: Family, out_dir: str, vocab_size: int, chat_tem
     return family.load_tokenizer(out_dir, chat_template="none")
 
 
+RESERVED = "<unused_{}>"  # text of the reserved tokens that fill a vocabulary the bundled corpus can't
+
+
+def reserve_tokens(family: Family, out_dir: str, count: int) -> None:
+    """Append `count` reserved tokens to the saved tokenizer's vocabulary: sentencepiece pieces of type UNUSED
+    (sentencepiece's own kind for reserved ids, which encoding never produces), or byte-level BPE vocabulary
+    entries that no merge builds (never produced by encoding either). Decoding an id gives its <unused_k> text."""
+    if family.tokenizer_kind == "sentencepiece":
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        (name,) = family.tokenizer_files.values()
+        path = os.path.join(out_dir, name)
+        model = pb.ModelProto()
+        with open(path, "rb") as f:
+            model.ParseFromString(f.read())
+        taken = {p.piece for p in model.pieces}
+        new = [t for t in (RESERVED.format(i) for i in range(len(taken) + count)) if t not in taken][:count]
+        for text in new:
+            model.pieces.add(piece=text, score=0.0, type=pb.ModelProto.SentencePiece.UNUSED)
+        with open(path, "wb") as f:
+            f.write(model.SerializeToString())
+    else:
+        path = os.path.join(out_dir, family.tokenizer_files["vocab_file"])
+        with open(path, encoding="utf-8") as f:
+            vocab = json.load(f)
+        new = [t for t in (RESERVED.format(i) for i in range(len(vocab) + count)) if t not in vocab][:count]
+        first = max(vocab.values()) + 1
+        vocab.update({t: first + i for i, t in enumerate(new)})
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(vocab, f, ensure_ascii=False)
+
+
 def build_tokenizer(family: Family, out_dir: str, vocab_size: int, tokenizer_format: str = "native", chat_template: str = "none"):
-    """Train and save the family's tokenizer into out_dir; returns the loaded paddlenlp tokenizer."""
+    """Train and save the family's tokenizer into out_dir (tokenizer_format json: a tokenizer.json only; chat_template
+    chatml: with a ChatML chat_template.jinja); returns the loaded paddlenlp tokenizer.
+
+    The bundled corpus supports only so many learned tokens (about 1.6k sentencepiece pieces, 1k byte-level BPE
+    tokens): a larger vocab_size is reached with reserved tokens (reserve_tokens), said in one line on stderr."""
     if tokenizer_format == "json":
         tokenizer = build_json_tokenizer(family, out_dir, vocab_size, chat_template)
     else:
-        tokenizer = _build_native_tokenizer(family, out_dir, vocab_size)
+        tokenizer = _train_tokenizer(family, out_dir, vocab_size)
     if chat_template != "none":
         with open(os.path.join(out_dir, "chat_template.jinja"), "w", encoding="utf-8") as f:
             f.write(CHAT_TEMPLATES[chat_template])
         tokenizer = family.load_tokenizer(out_dir)
+    learned = len(tokenizer)
+    # reserved tokens fill the native tokenizer files only (a tokenizer.json keeps what it learned)
+    for _ in range(2 if tokenizer_format == "native" else 0):  # a tokenizer may count tokens outside its vocabulary file (ChatGLM2's commands): check again
+        if len(tokenizer) >= vocab_size:
+            break
+        reserve_tokens(family, out_dir, vocab_size - len(tokenizer))
+        tokenizer = family.load_tokenizer(out_dir)
+    if len(tokenizer) != learned:
+        print(f"paddlellm tiny: the bundled corpus gives the {family.name} tokenizer {learned} tokens; "
+              f"{len(tokenizer) - learned} reserved tokens ({RESERVED.format('k')}, never produced by encoding) fill it "
+              f"to {len(tokenizer)}", file=sys.stderr)
     return tokenizer
 
 
-def _build_native_tokenizer(family: Family, out_dir: str, vocab_size: int):
+def _train_tokenizer(family: Family, out_dir: str, vocab_size: int):
     lines = corpus_lines()
     if hasattr(family, "train_tokenizer"):  # tokenizers that need more than the generic trainer (ChatGLM, GLM)
         return family.train_tokenizer(out_dir, vocab_size, lines)
@@ -107,13 +155,8 @@ def build_tiny(family_name: str, output: str, vocab_size: int = 600, seed: int =
     family = get_family(family_name)
     os.makedirs(output, exist_ok=True)
     tokenizer = build_tokenizer(family, output, vocab_size, tokenizer_format, chat_template)
-    cfg = dict(family.tiny_config)
     config_class = family.paddlenlp_class("config_class")
-    # Overrides use the common names (num_hidden_layers, hidden_size); a config may call them
-    # otherwise (GLM: num_layers) and reset the alias in __init__, so pass its own name.
-    aliases = getattr(config_class, "attribute_map", {}) or {}
-    cfg.update({aliases.get(k, k): v for k, v in overrides.items() if v is not None})
-    cfg.update(family.tiny_token_ids(tokenizer))
+    cfg = family.tiny_model_config(tokenizer, **overrides)
     config = config_class(**cfg)
     paddle.seed(seed)
     model = family.paddlenlp_class("model_class")(config)

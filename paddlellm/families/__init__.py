@@ -116,6 +116,7 @@ python finetune_generation.py {folder}/lora_argument.json   # LoRA
 python finetune_generation.py {folder}/pt_argument.json     # Prefix Tuning
 python finetune_generation.py {folder}/ptq_argument.json    # PTQ A8W8 of the SFT output (or: paddlellm quant ...)
 python finetune_generation.py {folder}/gptq_argument.json   # GPTQ WINT4 of the SFT output
+python run_dpo.py {folder}/dpo_argument.json                # DPO (LoRA) on preference pairs{"" if fam.supports.get("dpo", True) else ": not supported, see Quirks"}
 paddlellm tiny --family {fam.name} --output ./tiny-{fam.name}  # a tiny random model to try them on CPU
 ```
 

@@ -117,6 +117,9 @@ class Family:
     # paddlenlp class that reads a tokenizer.json-only folder (transformers checkpoints without tokenizer.model,
     # and our outputs of such a tokenizer); None: the family's tokenizer class reads every folder.
     fast_tokenizer_class: Optional[str] = None
+    # This family's config keys of common settings it names otherwise (e.g. Bloom's n_layer for num_hidden_layers):
+    # the tiny command's overrides, given by the common names, are written under these keys.
+    config_keys: Dict[str, str] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ loading
     def paddlenlp_class(self, attr: str):
@@ -164,6 +167,15 @@ class Family:
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
+
+    def tiny_model_config(self, tokenizer, **overrides) -> Dict[str, Any]:
+        """Config kwargs of a tiny model: tiny_config, then the overrides (common names such as hidden_size or
+        num_hidden_layers; None keeps the tiny value) under this family's own keys, then the tokenizer's entries
+        (vocab size, special ids). Hook: families with settings that follow these extend it."""
+        cfg = dict(self.tiny_config)
+        cfg.update({self.config_keys.get(k, k): v for k, v in overrides.items() if v is not None})
+        cfg.update(self.tiny_token_ids(tokenizer))
+        return cfg
 
     def load_model(self, path: str, dtype: str = "float32", adapt: bool = True, **config_overrides):
         """The model of folder `path`; adapt=False skips the family's adapt_model workarounds (static export)."""

@@ -109,6 +109,7 @@ class BloomFamily(Family):
 
 FAMILY = BloomFamily(
     name="bloom",
+    config_keys={"num_hidden_layers": "n_layer", "num_attention_heads": "n_head"},  # BloomConfig's own names
     model_types=("bloom",),
     config_class="BloomConfig",
     model_class="BloomForCausalLM",
@@ -134,12 +135,17 @@ FAMILY = BloomFamily(
     name_hints=("bloom",),
     # intokens_prefix: ALiBi biases every key by its absolute position, so in a packed row the prefix keys sit
     # farther from the second and later examples than they would unpacked: prefix tuning + packing is inexact.
-    supports=dict(pretrain=True, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True, intokens_prefix=False),
+    # dpo: for the same reason, paddlenlp's DPO layout (context once, then the chosen and the rejected reply in one
+    # row) would show the rejected reply its context farther away than it is alone: refused until ALiBi gets
+    # per-key positions.
+    supports=dict(pretrain=True, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True, intokens_prefix=False, dpo=False),
     # input_layernorm -> fused query_key_value, post_attention_layernorm -> dense_h_to_4h
     shift_smooth_pairing={"fused_qkv": True, "parallel_ffn": False},
     notes=(
         "No bos token: prompt and reply are concatenated as PaddleNLP's llm did; every reply ends with </s> and "
         "is supervised. Pads with <pad>. ALiBi positions need no position_ids, also when packing. Prefix tuning "
-        "does not pack (intokens): ALiBi would place the prefix farther from every packed example after the first."
+        "does not pack (intokens): ALiBi would place the prefix farther from every packed example after the first. "
+        "DPO (run_dpo.py) is refused for the same reason: its layout puts the rejected reply after the chosen one, "
+        "farther from their shared context than the reply is alone."
     ),
 )

@@ -12,6 +12,12 @@ class ChatGLMv2Family(Family):
     # [sMASK] sop eop <|system|> ... after the sentencepiece pieces, and len() counts them, so a tiny
     # vocabulary (and its embedding) has them too.
 
+    def tiny_model_config(self, tokenizer, **overrides):
+        cfg = super().tiny_model_config(tokenizer, **overrides)
+        # each head's width (SelfAttention asserts kv_channels * heads == hidden_size) follows an overridden width
+        cfg["kv_channels"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+        return cfg
+
     def turn_prompt(self, index: int, query: str) -> str:
         # ChatGLMv2Tokenizer.build_prompt: rounds are numbered from 1.
         return f"[Round {index + 1}]\n\n问：{query}\n\n答："

@@ -255,6 +255,7 @@ GLM_EXTRA_SPECIAL = ["[UNUSED1]", "[UNUSED2]", "<|startofpiece|>", "<|endofpiece
 
 FAMILY = GLMFamily(
     name="glm",
+    config_keys={"num_hidden_layers": "num_layers"},  # GLMConfig's own name (num_hidden_layers is reset in __init__)
     model_types=("glm",),
     config_class="GLMConfig",
     model_class="GLMForConditionalGeneration",

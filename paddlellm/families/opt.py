@@ -1,5 +1,6 @@
 """OPT: causal decoder with learned positions derived from the attention mask; GPT-2 byte-level BPE tokenizer."""
 import contextlib
+import copy
 import types
 
 from .base import Family, with_supervised_token_mean_loss
@@ -37,6 +38,33 @@ def accept_packed_masks(model):
     positions.forward = types.MethodType(position_forward, positions)
     inner._prepare_decoder_attention_mask = types.MethodType(prepare_mask, inner)
     return model
+
+
+def head_of_embedding_width():
+    """paddlenlp bug workaround (OPT head width), applied once when the OPT model class is resolved: OPTLMHead
+    makes its own weight [vocab_size, hidden_size], but when word_embed_proj_dim != hidden_size (OPT-350m's
+    shape: project_in/project_out around the layers) the decoder's project_out hands it word_embed_proj_dim-wide
+    states, so such a model fails in its first forward ("the [2] dimension of Input(X) ... 64 ... 512") and its
+    checkpoints (transformers' lm_head is [vocab_size, word_embed_proj_dim]) can't be loaded. The head is built
+    here as if hidden_size were word_embed_proj_dim; for every other config (and a head given its embeddings)
+    paddlenlp's own __init__ runs unchanged."""
+    from paddlenlp.transformers.opt import modeling
+
+    own = modeling.OPTLMHead.__init__
+    if getattr(own, "_paddlellm_embedding_width", False):
+        return
+
+    def init(self, config, embedding_weights=None):
+        width = getattr(config, "word_embed_proj_dim", None)
+        if embedding_weights is not None or not width or width == config.hidden_size:
+            return own(self, config, embedding_weights)
+        narrow = copy.copy(config)
+        narrow.hidden_size = width
+        own(self, narrow, embedding_weights)
+        self.config = config
+
+    init._paddlellm_embedding_width = True
+    modeling.OPTLMHead.__init__ = init
 
 
 def _traceable_decoder_mask(neg: float):
@@ -94,6 +122,18 @@ def opt_postprocess_past_key_value(past_key_values):
 
 
 class OPTFamily(Family):
+    def paddlenlp_class(self, attr: str):
+        if attr == "model_class":  # every model built through the registry gets the head of the right width
+            head_of_embedding_width()
+        return super().paddlenlp_class(attr)
+
+    def tiny_model_config(self, tokenizer, **overrides):
+        # The word embeddings keep the layers' width (OPT-125m's layout) unless word_embed_proj_dim is asked for
+        # (OPT-350m's project_in/project_out layout).
+        if overrides.get("hidden_size") and not overrides.get("word_embed_proj_dim"):
+            overrides = dict(overrides, word_embed_proj_dim=overrides["hidden_size"])
+        return super().tiny_model_config(tokenizer, **overrides)
+
     def fix_tokenizer(self, tokenizer) -> None:
         # OPT has a real <pad> (id 1 in facebook/opt-*); fall back to eos only for vocabularies without it.
         if tokenizer.pad_token_id is None:
@@ -156,24 +196,27 @@ class OPTFamily(Family):
         out = super().generation_inputs(tokenizer, prompts, max_new_tokens)
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
-    # transformers OPTForCausalLM: paddlenlp's converter mapping is right for the layers it covers (not
-    # project_in/project_out, which OPT-350m's narrower word embeddings need: refused below), but it leaves
-    # paddlenlp's separate LM head weight out, so a converted model would predict with a random head.
+    # transformers OPTForCausalLM: paddlenlp's converter mapping is right for the layers it covers, but it leaves
+    # out project_in/project_out (the layers of word_embed_proj_dim != hidden_size, e.g. OPT-350m) and paddlenlp's
+    # separate LM head weight, so a converted model would predict with a random head.
     def hf_name_mappings(self, config):
         head = [("model.decoder.embed_tokens.weight", "lm_head.decoder_weight", "tied", None),  # tied checkpoints
                 ("lm_head.weight", "lm_head.decoder_weight", None, None)]  # untied ones
-        return super().hf_name_mappings(config) + head
+        projections = []
+        if config.word_embed_proj_dim != config.hidden_size:  # torch Linear [out, in] <-> paddle [in, out]
+            projections = [("model.decoder.project_in.weight", "opt.embeddings.project_in.weight", "transpose", None),
+                           ("model.decoder.project_out.weight", "opt.decoder.project_out.weight", "transpose", None)]
+        return super().hf_name_mappings(config) + projections + head
 
     def hf_config_to_paddle(self, hf):
         hidden = hf["hidden_size"]
-        if hf.get("word_embed_proj_dim", hidden) != hidden:
-            raise ValueError("word_embed_proj_dim != hidden_size (project_in/project_out layers) is not in paddlenlp's OPT mapping")
         if not hf.get("do_layer_norm_before", True) or hf.get("_remove_final_layer_norm"):
-            raise ValueError("do_layer_norm_before=false / _remove_final_layer_norm (OPT-350m's layout) is not supported")
+            raise ValueError("do_layer_norm_before=false / _remove_final_layer_norm (OPT-350m's post-LayerNorm layout) is not supported")
         if hf.get("layer_norm_elementwise_affine") is False or hf.get("enable_bias") is False:
             raise ValueError("layer_norm_elementwise_affine=false / enable_bias=false is not supported")
         return dict(
-            vocab_size=hf["vocab_size"], hidden_size=hidden, word_embed_proj_dim=hidden, num_hidden_layers=hf["num_hidden_layers"],
+            vocab_size=hf["vocab_size"], hidden_size=hidden, word_embed_proj_dim=hf.get("word_embed_proj_dim") or hidden,
+            num_hidden_layers=hf["num_hidden_layers"],
             num_attention_heads=hf["num_attention_heads"], intermediate_size=hf["ffn_dim"],
             hidden_act=hf.get("activation_function", "relu"), max_position_embeddings=hf["max_position_embeddings"],
             normalize_before=True, hidden_dropout_prob=hf.get("dropout", 0.1), attention_probs_dropout_prob=hf.get("attention_dropout", 0.0),
@@ -182,7 +225,7 @@ class OPTFamily(Family):
 
     def hf_config_from_paddle(self, config):
         return dict(
-            vocab_size=config.vocab_size, hidden_size=config.hidden_size, word_embed_proj_dim=config.hidden_size,
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size, word_embed_proj_dim=config.word_embed_proj_dim,
             num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
             ffn_dim=config.intermediate_size, activation_function=config.hidden_act,
             max_position_embeddings=config.max_position_embeddings, do_layer_norm_before=True, enable_bias=True,

@@ -1,0 +1,141 @@
+"""What the training commands (finetune, dpo) share: checks of the fine-tuning arguments, the run's family,
+the model with its LoRA or prefix adapters, and the files of the output folder."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, List
+
+from .arguments import UserError, check_can_create, check_sampling, dump_args, require_at_least
+from .chat_template import check_choice as check_chat_template
+from .files import META_FILE, write_json
+from .formats.hf import save_tokenizer
+
+log = logging.getLogger("paddlellm")
+
+
+def check_ranges(model_args, data_args, gen_args, training: Dict) -> None:
+    """Refuse values that can't work before anything loads (paddle would fail later with a traceback)."""
+    from .loading import check_adapter_folders
+
+    m, d = model_args, data_args
+    require_at_least({
+        "src_length": d.src_length, "tgt_length": d.tgt_length,
+        "intokens_max_length": d.intokens_max_length if d.intokens else None,
+        "lora_rank": m.lora_rank if m.lora and not m.lora_path else None,
+        "num_prefix_tokens": m.num_prefix_tokens if m.prefix_tuning and not m.prefix_path else None,
+        **{k: training.get(k) for k in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")},
+    })
+    pp = int(training.get("pipeline_parallel_degree") or 1)
+    if pp > 1:
+        # PaddleNLP's pipeline parallel needs each family's *Pipe model class (only some have one) and its
+        # own batch layout; fine-tuning here uses the standard classes, so refuse instead of failing on GPUs.
+        raise UserError(f"--pipeline_parallel_degree {pp}: pipeline parallel is not supported; "
+                        "use tensor_parallel_degree (GPUs) and/or data parallel instead")
+    if (training.get("learning_rate") or 0) < 0:
+        raise UserError(f"--learning_rate must not be negative, got {training['learning_rate']}")
+    if training.get("output_dir"):
+        check_can_create(training["output_dir"], "output_dir")
+    check_sampling(top_k=gen_args.top_k, top_p=gen_args.top_p)
+    check_chat_template(model_args.chat_template)
+    check_adapter_folders(m.lora_path, m.prefix_path)
+    from .formats.quantized import refuse_if_quantized
+    from .formats.static import refuse_if_static
+
+    refuse_if_quantized(m.model_name_or_path)  # integer weights can't be trained further
+    refuse_if_static(m.model_name_or_path)  # a program without trainable weights
+
+
+def resolve_family(model_args):
+    from .loading import checked_family
+
+    m = model_args
+    return checked_family(m.family, m.model_name_or_path, m.lora_path, m.prefix_path)
+
+
+def all_linear_targets(model) -> List[str]:
+    """Regexes naming every nn.Linear layer of the model, by its last name component (e.g. '.*q_proj')."""
+    import paddle.nn as nn
+
+    suffixes = []
+    for name, layer in model.named_sublayers():
+        if isinstance(layer, nn.Linear) or type(layer).__name__ in ("ColumnParallelLinear", "RowParallelLinear"):
+            last = name.split(".")[-1]
+            if last not in ("lm_head",) and last not in suffixes:
+                suffixes.append(last)
+    return [f".*{s}$" for s in suffixes]
+
+
+def build_model(family, model_args, training_args, tokenizer):
+    """Load the base model and wrap it for LoRA or Prefix Tuning as asked. Returns (model, kind)."""
+    tp = max(training_args.tensor_parallel_degree, 1)
+    extra = {}
+    if tp > 1:
+        extra = dict(tensor_parallel_degree=tp, tensor_parallel_rank=training_args.tensor_parallel_rank)
+    model = family.load_model(model_args.model_name_or_path, dtype=model_args.dtype, **extra)
+    from .cpu_kernels import apply as apply_cpu_kernels
+    model = apply_cpu_kernels(family, model)  # cheaper CPU formulations of the same maths (not on GPUs)
+    kind = "full"
+    if model_args.lora or model_args.lora_path:
+        from paddlenlp.peft import LoRAConfig, LoRAModel
+
+        kind = "lora"
+        if model_args.lora_path:
+            model = LoRAModel.from_pretrained(model, model_args.lora_path)
+            model.mark_only_lora_as_trainable()
+        else:
+            targets = model_args.lora_target_modules or family.lora_target_modules or all_linear_targets(model)
+            cfg = LoRAConfig(
+                target_modules=targets, r=model_args.lora_rank, lora_alpha=model_args.lora_alpha or 2 * model_args.lora_rank,
+                merge_weights=False, tensor_parallel_degree=tp, dtype=model_args.dtype,
+                base_model_name_or_path=os.path.abspath(model_args.model_name_or_path) if os.path.isdir(model_args.model_name_or_path) else model_args.model_name_or_path,
+            )
+            model = LoRAModel(model, cfg)
+            model.mark_only_lora_as_trainable()
+    elif model_args.prefix_tuning or model_args.prefix_path:
+        from paddlenlp.peft import PrefixConfig, PrefixModelForCausalLM
+
+        kind = "prefix"
+        try:
+            postprocess, pad_mask = family.prefix_hooks()
+        except NotImplementedError as e:
+            raise UserError(f"--prefix_tuning: {e}") from None
+        if model_args.prefix_path:
+            model = PrefixModelForCausalLM.from_pretrained(model, model_args.prefix_path, postprocess, pad_mask)
+        else:
+            cfg = PrefixConfig(num_prefix_tokens=model_args.num_prefix_tokens, prefix_projection=model_args.prefix_projection,
+                               tensor_parallel_degree=tp, dtype=model_args.dtype, **family.prefix_config_kwargs(model.config))
+            model = PrefixModelForCausalLM(model, cfg, postprocess, pad_mask)
+    trainable = sum(int(p.numel()) for p in model.parameters() if not p.stop_gradient)
+    total = sum(int(p.numel()) for p in model.parameters())
+    if kind == "lora" and not model_args.lora_path and trainable == 0:
+        raise UserError(f"--lora_target_modules {' '.join(model_args.lora_target_modules or [])}: no layer of the model matches; "
+                        f"its Linear layers are {', '.join(t[2:-1] for t in all_linear_targets(model))}")
+    log.info(f"{kind} fine-tuning: {trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
+    return model, kind
+
+
+def save_outputs(trainer, tokenizer, family, kind, model_args, data_args, gen_args, training_args) -> None:
+    """Save the model (or only the adapters), tokenizer, resolved arguments and our metadata."""
+    out = training_args.output_dir
+    trainer.save_final_model(out, kind)  # a full model as model.safetensors, like every other command's output
+    if not training_args.should_save:
+        return
+    chosen = save_tokenizer(tokenizer, out)  # with its chat template and stop tokens, so the output chats the same way
+    base = model_args.model_name_or_path
+    meta = {
+        "family": family.name,
+        "kind": kind,
+        "base_model": os.path.abspath(base) if os.path.isdir(base) else base,
+        "src_length": data_args.src_length,
+        "tgt_length": data_args.tgt_length,
+        "dtype": model_args.dtype,
+        "chat_format": family.name,
+        "chat_template": chosen,
+    }
+    if kind == "lora":
+        meta["lora_rank"] = model_args.lora_rank
+    if kind == "prefix":
+        meta["num_prefix_tokens"] = model_args.num_prefix_tokens
+    write_json(os.path.join(out, META_FILE), meta)
+    write_json(os.path.join(out, "finetune_args.json"), dump_args(model_args, data_args, gen_args, training_args.to_dict()))
