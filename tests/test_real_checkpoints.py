@@ -377,3 +377,19 @@ def test_rope_scaling_exports_back(name, rope, llama_family, tmp_path):
     assert cfg["rope_scaling"] == want
     ids = np.load(os.path.join(folder, "input_ids.npy"))
     assert np.abs(raw_logits(llama_family.load_model(str(out)), ids) - np.load(os.path.join(folder, "logits.npy"))).max() < 1e-4
+
+
+def test_preference_pairs_follow_the_chat_template(llama_family):
+    """DPO's pairs (preference_data.encode_pair) on a chat-template checkpoint: both replies share the template's
+    generation prompt, and each supervises exactly its reply and <|im_end|>."""
+    from paddlellm.preference_data import PreferenceRecord, encode_pair
+
+    tok = llama_family.load_tokenizer(fixture("llama-chat"))
+    rec = PreferenceRecord(["spell: 3", "spell: 5 2"], ["three"], "five two", "seven", "x:1")
+    pair = encode_pair(llama_family, tok, rec, 200, 20)
+    prompt = llama_family.generation_prompt(tok, rec.src, rec.tgt, 200)
+    assert pair.shared == len(prompt) - 1
+    for ex, reply in ((pair.chosen, "five two"), (pair.rejected, "seven")):
+        assert ex.input_ids[: len(prompt)] == prompt
+        want = tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert [l for l in ex.labels[pair.shared:] if l != IGNORE] == want
