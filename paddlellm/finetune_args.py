@@ -12,7 +12,7 @@ from .arguments import FALSE, TRUE
 @dataclass
 class ModelArgument:
     model_name_or_path: str = field(default=None, metadata={"help": "Base model: a folder (e.g. from `paddlellm tiny`) or a PaddleNLP model name."})
-    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the model folder: llama chatglm chatglm_v2 bloom gpt-3 opt glm."})
+    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the model folder: llama chatglm chatglm_v2 bloom gpt-3 opt glm qwen2."})
     dtype: str = field(default="float32", metadata={"help": "Weight dtype: float32, float16 or bfloat16 (use with --fp16/--bf16 on GPUs)."})
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
     lora_path: Optional[str] = field(default=None, metadata={"help": "Start from these LoRA adapters (a folder saved by a LoRA run)."})

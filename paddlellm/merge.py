@@ -107,6 +107,7 @@ def merged_lora_model(base: str, lora_path: str, family):
 
 
 # --------------------------------------------------------------------------- tensor parallel
+# (kind, pattern with the rank as group 1, whether the match is an index file listing the rank's files)
 SHARD_PATTERNS = [
     ("lora", re.compile(r"^lora_model_state\.tp(\d{2})\.pdparams$"), False),
     ("model", re.compile(r"^model\.safetensors\.index\.tp(\d{2})\.json$"), True),
@@ -115,13 +116,22 @@ SHARD_PATTERNS = [
     ("model", re.compile(r"^model_state\.tp(\d{2})\.pdparams$"), False),
 ]
 PIPELINE = re.compile(r"tp\d{2}_pp\d{2}|\.pp\d{2}\.")
+STAGE_PATTERN = re.compile(r"^model_state\.pp(\d{2})\.pdparams$")  # the Trainer's save of one pipeline stage
 
 
 def find_shards(folder: str) -> Tuple[str, List[List[str]]]:
     """(kind, files of rank 0..N-1) of the tensor-parallel checkpoint in `folder`; kind is "model" or "lora"."""
     names = sorted(os.listdir(folder))
+    stages = {int(m.group(1)): [os.path.join(folder, n)] for n in names for m in [STAGE_PATTERN.match(n)] if m}
+    if stages and not any(PIPELINE.search(n) and not STAGE_PATTERN.match(n) for n in names):
+        # pipeline-parallel stages (no tensor parallel): each holds whole tensors of its layers, by their usual names
+        missing = [f"pp{r:02d}" for r in range(max(max(stages) + 1, _saved_stages(folder))) if r not in stages]
+        if missing:
+            raise UserError(f"{folder}: pipeline stages {', '.join(missing)} are missing")
+        return "stages", [stages[r] for r in range(len(stages))]
     if any(PIPELINE.search(n) for n in names):
-        raise UserError(f"{folder}: holds pipeline-parallel shards (*pp00*); only tensor-parallel shards can be merged here")
+        raise UserError(f"{folder}: holds shards of tensor and pipeline parallel together (*tp00_pp00*); only tensor-parallel "
+                        "shards or pipeline stages can be merged here")
     for kind, pattern, is_index in SHARD_PATTERNS:
         ranks: Dict[int, List[str]] = {}
         for name in names:
@@ -149,6 +159,14 @@ def find_shards(folder: str) -> Tuple[str, List[List[str]]]:
     if unified:
         raise UserError(f"{folder}: no tensor-parallel shards; it holds {unified[0]}, a single-card or unified checkpoint that loads as it is")
     raise UserError(f"{folder}: no tensor-parallel shards (model_state.tpXX.pdparams, model.tpXX.safetensors or lora_model_state.tpXX.pdparams)")
+
+
+def _saved_stages(folder: str) -> int:
+    """pipeline_parallel_degree of the run that wrote `folder` (its finetune_args.json; 1 when unknown)."""
+    try:
+        return int(_read_json(os.path.join(folder, "finetune_args.json")).get("pipeline_parallel_degree") or 1)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1
 
 
 def _saved_degree(folder: str) -> int:
@@ -319,7 +337,14 @@ def merge_tp(folder: str, out: str, dtype: Optional[str] = None, with_tokenizer:
             shards.append(load_shard(files))
             bar.update(1)
     keys = list(shards[0])
-    actions = (lora_actions if kind == "lora" else tp_actions)(model_class, config, keys, degree)
+    if kind == "stages":  # pipeline stages hold disjoint layers by their usual names: their union is the model
+        shards = [{k: v for s in shards for k, v in s.items()}]
+        keys, actions = list(shards[0]), {}
+    else:
+        actions = (lora_actions if kind == "lora" else tp_actions)(model_class, config, keys, degree)
+    for key, same in family.tp_tied_keys.items():  # a tied weight saved under a second name (GPT's lm_head)
+        if key in keys and same in actions and key not in actions:
+            actions[key] = actions[same]
     with progress_bar(len(keys), "merge-tp: merging", "tensor") as bar:
         state = merge_state(shards, actions, on_tensor=lambda: bar.update(1))
     if dtype:
@@ -354,7 +379,10 @@ def merge_tp(folder: str, out: str, dtype: Optional[str] = None, with_tokenizer:
         meta = dict(meta)
         meta.setdefault("family", family.name)
         meta.setdefault("kind", "lora" if kind == "lora" else "base")
-        meta["merged_tensor_parallel_degree"] = degree
+        if kind == "stages":
+            meta["merged_pipeline_stages"] = len(rank_files)
+        else:
+            meta["merged_tensor_parallel_degree"] = degree
         if dtype:
             meta["dtype"] = dtype
         _write_json(os.path.join(stage, META_FILE), meta)

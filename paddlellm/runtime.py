@@ -81,12 +81,30 @@ def select_device(device: Optional[str]) -> str:
     return device
 
 
-def check_training_device(training: Dict, dtype: str = "float32") -> None:
-    """Refuse what this device can't do, with one clear line (before anything is written)."""
+def check_training_device(training: Dict, dtype: str = "float32", family=None) -> None:
+    """Refuse what this device can't do, with one clear line (before anything is written).
+
+    Tensor parallel runs on CPU processes too (paddlellm.cpu_parallel) for a `family` that supports it;
+    without a family (callers that do not install the CPU ops) it is refused on CPU as before."""
     import paddle
 
     gpu = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+    tp = int(training.get("tensor_parallel_degree", 1) or 1)
+    if tp > 1 and family is not None and not family.supports.get("tensor_parallel", False):
+        raise UserError(f"--tensor_parallel_degree {tp}: tensor parallel is not supported for the {family.name} family "
+                        "(see the README's support table); use data parallel instead")
+    pp = int(training.get("pipeline_parallel_degree", 1) or 1)
+    if pp > 1 and family is not None and not family.pipe_model_class:
+        raise UserError(f"--pipeline_parallel_degree {pp}: paddlenlp has no pipeline-parallel model class for the {family.name} "
+                        "family; use tensor_parallel_degree or data parallel instead")
+    world = int(os.environ.get("PADDLE_TRAINERS_NUM") or 1)  # processes paddle.distributed.launch started
+    if tp * pp > 1 and world % (tp * pp):
+        what = " x ".join(f"--{k}_parallel_degree {d}" for k, d in (("tensor", tp), ("pipeline", pp)) if d > 1)
+        raise UserError(f"{what}: the model is split over {tp * pp} processes but this run has {world}; start it with "
+                        f"python -m paddle.distributed.launch --nproc_per_node {tp * pp} finetune_generation.py ...")
     for key in ("tensor_parallel_degree", "sharding_parallel_degree"):
+        if key == "tensor_parallel_degree" and family is not None:
+            continue
         if int(training.get(key, 1) or 1) > 1 and not gpu:
             raise UserError(f"--{key} {training[key]}: tensor and sharding parallelism need GPUs (paddlepaddle-gpu); on CPU use data parallel: python -m paddle.distributed.launch --nproc_per_node N ...")
     for flag in ("fp16", "bf16"):

@@ -43,7 +43,7 @@ class CheckpointMixin:
             super()._save(output_dir=output_dir, state_dict=state_dict, merge_tensor_parallel=merge_tensor_parallel)
 
     def model_parallel(self) -> bool:
-        """Whether the model is split over processes (tensor, pipeline or sharding parallel: GPU only)."""
+        """Whether the model is split over processes (tensor, pipeline or sharding parallel)."""
         a = self.args
         return max(a.tensor_parallel_degree, 1) > 1 or max(a.pipeline_parallel_degree, 1) > 1 or max(a.sharding_parallel_degree, 1) > 1
 
@@ -54,8 +54,8 @@ class CheckpointMixin:
         `paddlellm tiny` write, so every command's output folder holds the same kind of weights (the
         Trainer's own save would write model_state.pdparams). Adapters (LoRA, prefix) are saved by the
         Trainer as PaddleNLP's adapter files. Checkpoints (checkpoint-N/) keep the Trainer's format: resuming
-        reads it. Under tensor / pipeline / sharding parallel (GPU only, not testable on this CPU machine)
-        the Trainer's per-rank sharded save is kept unchanged: merge_tp_params.py reads those shards.
+        reads it. Under tensor / pipeline / sharding parallel the Trainer's per-rank sharded save is kept
+        unchanged: merge_tp_params.py reads those shards (tensor-parallel ranks, pipeline stages).
         """
         if kind != "full" or self.model_parallel():
             self.save_model(output_dir)
@@ -156,6 +156,11 @@ class SFTTrainer(CheckpointMixin, Trainer):
         """
         if self._rate_mark is None:
             self._rate_mark = (time.time(), self.real_tokens)
+        if self.pipeline():
+            # paddlenlp's pipeline step: the last stage's criterion gives the mean over the micro-batch's supervised
+            # tokens (averaged over micro-batches with gradient accumulation) and backpropagates it as it is
+            self.real_tokens += int(inputs.pop("real_tokens", 0))
+            return super().training_step(model, inputs, step_control=step_control)
         model.train()
         inputs = self._prepare_inputs(inputs)
         # Kept as tensors until the step ends, so a GPU is not synchronised at every micro-batch.
@@ -176,6 +181,9 @@ class SFTTrainer(CheckpointMixin, Trainer):
         self._step = stats if self._step is None else self._step + stats
         return loss.detach()
 
+    def pipeline(self) -> bool:
+        return max(self.args.pipeline_parallel_degree, 1) > 1
+
     def token_budget(self) -> float:
         """Most tokens one process can see in an optimisation step (rows x row length): a constant scale."""
         d = self.data_args
@@ -186,6 +194,8 @@ class SFTTrainer(CheckpointMixin, Trainer):
 
     def normalise_gradients(self) -> None:
         """Turn summed gradients into the mean over every supervised token of the step, across processes."""
+        if self.pipeline():  # the pipeline backpropagated a mean loss already (see training_step)
+            return
         stats = self._step.astype("float64") if self._step is not None else paddle.zeros([2], dtype="float64")
         groups = _replica_groups(self.args) if self.args.world_size > 1 else []
         world = 1

@@ -27,11 +27,16 @@ def check_ranges(model_args, data_args, gen_args, training: Dict) -> None:
         **{k: training.get(k) for k in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")},
     })
     pp = int(training.get("pipeline_parallel_degree") or 1)
-    if pp > 1:
-        # PaddleNLP's pipeline parallel needs each family's *Pipe model class (only some have one) and its
-        # own batch layout; fine-tuning here uses the standard classes, so refuse instead of failing on GPUs.
-        raise UserError(f"--pipeline_parallel_degree {pp}: pipeline parallel is not supported; "
-                        "use tensor_parallel_degree (GPUs) and/or data parallel instead")
+    if pp > 1 and (m.lora or m.lora_path or m.prefix_tuning or m.prefix_path or d.intokens):
+        what = "--intokens" if d.intokens else "LoRA" if (m.lora or m.lora_path) else "prefix tuning"
+        raise UserError(f"--pipeline_parallel_degree {pp} with {what}: pipeline parallel fine-tunes whole models (SFT) "
+                        "without packing here; use tensor_parallel_degree or data parallel for it")
+    tp = int(training.get("tensor_parallel_degree") or 1)
+    if tp > 1 and (m.prefix_tuning or m.prefix_path):
+        # paddlenlp 3.0.0b4 cuts a tensor-parallel prefix by position in its flattened [layers*2, heads, head_dim]
+        # vector, not by head: its shards mean something else than a single-card prefix and can't be merged into one
+        raise UserError(f"--prefix_tuning with --tensor_parallel_degree {tp}: paddlenlp's tensor-parallel prefix is laid out "
+                        "differently from a single-card one (its shards can't be merged); train the prefix with data parallel")
     if (training.get("learning_rate") or 0) < 0:
         raise UserError(f"--learning_rate must not be negative, got {training['learning_rate']}")
     if training.get("output_dir"):
@@ -66,12 +71,39 @@ def all_linear_targets(model) -> List[str]:
     return [f".*{s}$" for s in suffixes]
 
 
+def check_tensor_parallel_shapes(family, path: str, tp: int) -> None:
+    """Sizes tensor parallel splits over the processes must be divisible by the degree (paddlenlp asserts deep inside)."""
+    try:
+        config = family.paddlenlp_class("config_class").from_pretrained(path)
+    except Exception:  # not a paddlenlp folder (e.g. transformers'): its loader reports problems itself
+        return
+    for name in ("vocab_size", "num_attention_heads", "num_key_value_heads", "multi_query_group_num"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0 and value % tp:
+            raise UserError(f"--tensor_parallel_degree {tp}: {path}/config.json has {name} {value}, which does not split "
+                            f"into {tp} equal parts; choose a degree that divides it")
+
+
 def build_model(family, model_args, training_args, tokenizer):
     """Load the base model and wrap it for LoRA or Prefix Tuning as asked. Returns (model, kind)."""
     tp = max(training_args.tensor_parallel_degree, 1)
     extra = {}
     if tp > 1:
-        extra = dict(tensor_parallel_degree=tp, tensor_parallel_rank=training_args.tensor_parallel_rank)
+        # tensor_parallel_output false: the model gathers full-vocabulary logits, so the loss, evaluation and
+        # generation read them as in one process (paddlenlp's parallel loss is left to pretraining-size vocabularies)
+        extra = dict(tensor_parallel_degree=tp, tensor_parallel_rank=training_args.tensor_parallel_rank, tensor_parallel_output=False)
+        from .cpu_parallel import install
+
+        install()  # on CPU: paddle's model-parallel ops through gloo (no-op on GPUs)
+        check_tensor_parallel_shapes(family, model_args.model_name_or_path, tp)
+    if max(training_args.pipeline_parallel_degree, 1) > 1:  # this process's stage of paddlenlp's *Pipe model
+        from .cpu_parallel import install_pipeline
+
+        install_pipeline()  # on CPU: PipelineLayer can be built (no-op on GPUs)
+        model = family.load_pipe_model(model_args.model_name_or_path, dtype=model_args.dtype, **extra)
+        log.info(f"full fine-tuning, pipeline stage {training_args.pipeline_parallel_rank} of {training_args.pipeline_parallel_degree}: "
+                 f"{sum(int(p.numel()) for p in model.parameters()):,} parameters")
+        return model, "full"
     model = family.load_model(model_args.model_name_or_path, dtype=model_args.dtype, **extra)
     from .cpu_kernels import apply as apply_cpu_kernels
     model = apply_cpu_kernels(family, model)  # cheaper CPU formulations of the same maths (not on GPUs)

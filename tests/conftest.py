@@ -10,7 +10,7 @@ import pytest
 # which would make every subprocess single-threaded); commands under test get this one.
 BASE_ENV = dict(os.environ)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ["llama", "chatglm", "chatglm_v2", "bloom", "gpt-3", "opt", "glm"]
+FAMILIES = ["llama", "chatglm", "chatglm_v2", "bloom", "gpt-3", "opt", "glm", "qwen2"]
 
 # Must be set before paddle is imported anywhere in the test process.
 os.environ.setdefault("PADDLELLM_CPU_TUNING", "1")

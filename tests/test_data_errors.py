@@ -85,10 +85,11 @@ def test_folder_splits_are_read_in_order(tmp_path):
     assert recs[1].where.endswith("b.json:1")
 
 
-def test_tensor_parallel_on_cpu_is_refused(tmp_path):
+def test_tensor_parallel_without_enough_processes_is_refused(tmp_path):
     out = str(tmp_path / "out")
     proc = finetune(os.path.join(ROOT, "data"), out, "--tensor_parallel_degree", "2")
-    assert_one_line_error(proc, "--tensor_parallel_degree 2: tensor and sharding parallelism need GPUs (paddlepaddle-gpu); on CPU use data parallel: python -m paddle.distributed.launch --nproc_per_node N ...", out)
+    assert_one_line_error(proc, "--tensor_parallel_degree 2: the model is split over 2 processes but this run has 1; start it with "
+                                "python -m paddle.distributed.launch --nproc_per_node 2 finetune_generation.py ...", out)
 
 
 BAD_ARGUMENTS = {
@@ -101,7 +102,9 @@ BAD_ARGUMENTS = {
     "accumulation": (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
     "top_p": (["--top_p", "0"], "--top_p must be in (0, 1], got 0.0"),
     "top_k": (["--top_k", "-2"], "--top_k must be >= 0 (0 = no top-k limit), got -2"),
-    "pipeline": (["--pipeline_parallel_degree", "2"], "--pipeline_parallel_degree 2: pipeline parallel is not supported; use tensor_parallel_degree (GPUs) and/or data parallel instead"),
+    "pipeline_lora": (["--pipeline_parallel_degree", "2", "--lora"], "--pipeline_parallel_degree 2 with LoRA: pipeline parallel fine-tunes whole models (SFT) without packing here; use tensor_parallel_degree or data parallel for it"),
+    "pipeline_intokens": (["--pipeline_parallel_degree", "2", "--intokens"], "--pipeline_parallel_degree 2 with --intokens: pipeline parallel fine-tunes whole models (SFT) without packing here; use tensor_parallel_degree or data parallel for it"),
+    "tensor_parallel_prefix": (["--tensor_parallel_degree", "2", "--prefix_tuning"], "--prefix_tuning with --tensor_parallel_degree 2: paddlenlp's tensor-parallel prefix is laid out differently from a single-card one (its shards can't be merged); train the prefix with data parallel"),
     "learning_rate": (["--learning_rate", "-0.1"], "--learning_rate must not be negative, got -0.1"),
     "lora_and_prefix": (["--lora", "--prefix_tuning"], "choose one of LoRA (--lora / --lora_path) and prefix tuning (--prefix_tuning / --prefix_path)"),
     "lora_path_missing": (["--lora_path", "{tmp}/nope"], "lora_path '{tmp}/nope': no such folder"),

@@ -110,7 +110,7 @@ def test_loss_equals_formula_by_hand(tiny_dir, tmp_path, kind, loss_type):
     assert logged["rewards/accuracies"] == pytest.approx(np.mean(np.array(chosen) > np.array(rejected)))
 
 
-@pytest.mark.parametrize("family", ["llama", "chatglm", "chatglm_v2", "gpt-3", "opt", "glm"])
+@pytest.mark.parametrize("family", ["llama", "chatglm", "chatglm_v2", "gpt-3", "opt", "glm", "qwen2"])
 def test_shared_context_layout_scores_each_reply_as_alone(tiny_dir, tmp_path, family):
     """Every family: in the DPOTrainer layout (context once, both replies after it, packed or not) each reply's
     log-probability equals that of a separate forward of context + reply."""
@@ -241,7 +241,7 @@ def test_output_folder_predicts_and_merges(aligned, tmp_path):
 
 
 def test_full_dpo_output_folder(tiny_dir, tmp_path):
-    """Full-parameter DPO (frozen reference copy) writes model.safetensors that predict loads; hinge loss."""
+    """Full-parameter DPO (frozen reference copy) writes model.safetensors that predict, export-hf and quant load; hinge loss."""
     from paddlellm.loading import load_for_inference
 
     out = str(tmp_path / "full")
@@ -251,6 +251,22 @@ def test_full_dpo_output_folder(tiny_dir, tmp_path):
     _, _, fam, meta = load_for_inference(out)
     assert fam.name == "llama" and meta["kind"] == "full" and meta["alignment"]["loss_type"] == "hinge"
     assert json.load(open(os.path.join(out, "finetune_args.json")))["loss_type"] == "hinge"
+    # ... and the later stages take it as they take an SFT output: export-hf (same logits read back) and quant
+    import paddle
+
+    from paddlellm.cli import run_command
+    from paddlellm.families import logits_of
+
+    hf_out, q_out = str(tmp_path / "hf"), str(tmp_path / "q")
+    assert run_command("export-hf", ["--model_name_or_path", out, "--output_path", hf_out]) == 0
+    ids = paddle.to_tensor(np.array([[1, 5, 9, 13, 17, 21]], dtype="int64"))
+    with paddle.no_grad():
+        a, b = (logits_of(load_for_inference(f)[0](input_ids=ids)).numpy() for f in (out, hf_out))
+    assert np.abs(a - b).max() < 1e-5
+    assert run_command("quant", ["--model_name_or_path", out, "--dataset_name_or_path", os.path.join(ROOT, "data"),
+                                 "--output_dir", q_out, "--do_ptq", "--quant_type", "WINT8", "--ptq_step", "1",
+                                 "--src_length", "32", "--tgt_length", "12"]) == 0
+    assert json.load(open(os.path.join(q_out, "paddlellm_meta.json")))["family"] == "llama"
 
 
 # ------------------------------------------------------------------ data and argument errors

@@ -75,5 +75,5 @@ def test_tiny_command_writes_a_loadable_checkpoint(tmp_path):
     assert blocked.returncode == 2 and blocked.stderr.strip() == f"error: --output {str(tmp_path / 'afile')!r} is a file; give a folder"
     bad = run_cmd([sys.executable, "-m", "paddlellm.cli", "tiny", "--family", "gpt4", "--output", str(tmp_path / "x")], check=False)
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1] == "error: --family gpt4: unknown family; choose one of llama, chatglm, chatglm_v2, bloom, gpt-3, opt, glm"
+    assert bad.stderr.strip().splitlines()[-1] == "error: --family gpt4: unknown family; choose one of llama, chatglm, chatglm_v2, bloom, gpt-3, opt, glm, qwen2"
     assert not os.path.exists(tmp_path / "x")

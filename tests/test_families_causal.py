@@ -1,4 +1,4 @@
-"""The causal families chatglm_v2, bloom, gpt-3 and opt on their tiny random checkpoints.
+"""The causal families chatglm_v2, bloom, gpt-3, opt and qwen2 on their tiny random checkpoints.
 
 Each test checks numbers: exact label layouts, loss against a hand-computed cross-entropy, packed
 logits against per-example logits, batched left-padded generation against one prompt at a time,
@@ -19,7 +19,7 @@ import paddle  # noqa: E402
 
 from paddlellm.families import IGNORE, Example, family_of, find_by_name, get_family  # noqa: E402
 
-FAMILIES = ["chatglm_v2", "bloom", "gpt-3", "opt"]
+FAMILIES = ["chatglm_v2", "bloom", "gpt-3", "opt", "qwen2"]
 
 # What each family's chat format must look like, written from the real models' conventions
 # (token texts, not ids, so the expectation does not depend on how the tiny vocabulary was trained).
@@ -28,6 +28,9 @@ FORMAT = {
     "bloom": dict(bos=[], prompt="{q}", eos="</s>", pad="<pad>"),
     "gpt-3": dict(bos=[], prompt="{q}", eos="<|endoftext|>", pad="<|endoftext|>"),
     "opt": dict(bos=["</s>"], prompt="{q}", eos="</s>", pad="<pad>"),
+    # ChatML; later turns open with the "\n" after the previous <|im_end|>; replies end with <|im_end|>, not eos
+    "qwen2": dict(bos=[], prompt="<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n", turn_sep="\n",
+                  eos="<|endoftext|>", reply_end="<|im_end|>", pad="<|endoftext|>"),
 }
 
 EX1 = (["spell: 6 0 3 1"], ["six zero three one"])
@@ -114,9 +117,9 @@ def test_two_turn_labels_exact(tiny_dir, name):
 
     bos = ids_of(tok, fmt["bos"])
     p0 = text_ids(fmt["prompt"].format(n=1, q=q0))
-    p1 = text_ids(fmt["prompt"].format(n=2, q=q1))
+    p1 = text_ids(fmt.get("turn_sep", "") + fmt["prompt"].format(n=2, q=q1))
     r0, r1 = text_ids(a0), text_ids(a1)
-    eos = tok.convert_tokens_to_ids(fmt["eos"])
+    eos = tok.convert_tokens_to_ids(fmt.get("reply_end", fmt["eos"]))
 
     ex = fam.encode(tok, [q0, q1], [a0, a1], src_length=256, tgt_length=64)
     full = bos + p0 + r0 + [eos] + p1 + r1 + [eos]

@@ -19,8 +19,9 @@ from paddlellm.families import get_family
 os.environ["PADDLELLM_NO_PROGRESS"] = "1"
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "hf")
 # fixture folder -> family; the LLaMA weights also come as pytorch_model.bin and as sharded safetensors
-READABLE = {"llama": "llama", "llama-bin": "llama", "llama-sharded": "llama", "gpt2": "gpt-3", "opt": "opt", "bloom": "bloom"}
-EXPORTABLE = {"llama": "llama", "gpt-3": "gpt2", "opt": "opt", "bloom": "bloom"}  # family -> fixture of its architecture
+READABLE = {"llama": "llama", "llama-bin": "llama", "llama-sharded": "llama", "gpt2": "gpt-3", "opt": "opt", "bloom": "bloom",
+            "qwen2": "qwen2"}
+EXPORTABLE = {"llama": "llama", "gpt-3": "gpt2", "opt": "opt", "bloom": "bloom", "qwen2": "qwen2"}  # family -> fixture of its architecture
 
 
 def fixture(name):
@@ -84,7 +85,8 @@ def test_transformers_folder_loads_with_transformers_logits(name, capfd):
         assert fam.encode_text(tok, text) == ids, text
     special = {k: getattr(tok, k) for k in ("bos_token", "eos_token")}
     assert special == {"llama": {"bos_token": "<s>", "eos_token": "</s>"}, "gpt-3": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"},
-                       "opt": {"bos_token": "</s>", "eos_token": "</s>"}, "bloom": {"bos_token": "<s>", "eos_token": "</s>"}}[fam.name]
+                       "opt": {"bos_token": "</s>", "eos_token": "</s>"}, "bloom": {"bos_token": "<s>", "eos_token": "</s>"},
+                       "qwen2": {"bos_token": None, "eos_token": "<|im_end|>"}}[fam.name]
     assert tok.pad_token_id is not None
     assert snapshot(folder) == before  # nothing written into the user's folder
 
@@ -240,13 +242,14 @@ def test_export_dtype_and_refusals(tiny_dir, tmp_path):
         assert not os.path.exists(tmp_path / family)
 
 
-def test_lora_on_a_transformers_folder_then_merge_and_export(tmp_path):
-    """finetune --lora on a transformers LLaMA folder -> merge_lora_params.py --output_format hf and
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_lora_on_a_transformers_folder_then_merge_and_export(name, tmp_path):
+    """finetune --lora on a transformers LLaMA / Qwen2 folder -> merge_lora_params.py --output_format hf and
     export-hf of the LoRA output -> both load again and give the logits of base + adapters."""
     from paddlellm.formats.hf import is_hf_folder
     from paddlellm.loading import load_for_inference
 
-    base = fixture("llama")
+    base = fixture(name)
     before = snapshot(base)
     ft = str(tmp_path / "lora")
     run_cmd([sys.executable, "finetune_generation.py", "--model_name_or_path", base, "--dataset_name_or_path", os.path.join(ROOT, "data"),

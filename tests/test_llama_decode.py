@@ -21,14 +21,14 @@ def loaded(llama):
     return model, tok
 
 
-def _inputs(tok, texts, new):
+def _inputs(tok, texts, new, fam=LLAMA):
     import paddle
 
     from paddlellm.generation import _generation_inputs
 
-    prompts = [LLAMA.generation_prompt(tok, [t], [], 64) for t in texts]
+    prompts = [fam.generation_prompt(tok, [t], [], 64) for t in texts]
     assert len(texts) > llama_decode.PREFILL_ROWS
-    return {k: paddle.to_tensor(v) for k, v in _generation_inputs(LLAMA, tok, prompts, new).items()}
+    return {k: paddle.to_tensor(v) for k, v in _generation_inputs(fam, tok, prompts, new).items()}
 
 
 def test_runner_is_used_where_exact_and_declines_the_rest(loaded, llama):
@@ -88,16 +88,16 @@ def test_grouped_query_attention_gives_the_models_own_logits(loaded, llama):
     np.testing.assert_array_equal(generate_batch(*args, own_loop=True).numpy(), generate_batch(*args, own_loop=False).numpy())
 
 
-def _check_steps(model, tok, grow):
+def _check_steps(model, tok, grow, fam=LLAMA):
     import paddle
 
     from paddlellm.families import logits_of
 
-    inputs = _inputs(tok, TEXTS, 6)
+    inputs = _inputs(tok, TEXTS, 6, fam)
     ids, mask, pos = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
     rng = np.random.default_rng(0)
     with paddle.no_grad():
-        runner = LLAMA.decode_runner(model)
+        runner = fam.decode_runner(model)
         got = runner.prefill(inputs, ids.shape[1] + 6)
         first = runner.capacity
         for step in range(7):
@@ -172,3 +172,33 @@ def test_a_growing_cache_gives_the_same_tokens(loaded, monkeypatch):
     monkeypatch.setattr(llama_decode, "KV_GROW", 3)
     grown = generate_batch(*args, own_loop=True).numpy()
     np.testing.assert_array_equal(grown, reference)
+
+
+@pytest.mark.parametrize("source", ["tiny", "transformers"])
+def test_qwen2_runner_gives_the_models_own_logits_and_generates_its_tokens(source, tiny_dir):
+    """Qwen2's runner (families/qwen2_decode.py: this runner on Qwen2's layers) on the tiny Qwen2 (grouped-query
+    attention, random q/k/v biases, tied embeddings) and on transformers' tiny Qwen2 (trained biases, untied head):
+    the model's own logits at every step, generate()'s tokens greedy and sampled."""
+    import os
+
+    import paddle
+
+    from paddlellm.families.qwen2_decode import Qwen2Decoder
+    from paddlellm.generation import generate_batch
+    from paddlellm.loading import load_for_inference
+
+    from conftest import ROOT
+
+    folder = tiny_dir("qwen2") if source == "tiny" else os.path.join(ROOT, "tests", "fixtures", "hf", "qwen2")
+    model, tok, fam, _ = load_for_inference(folder)
+    runner = fam.decode_runner(model)
+    assert isinstance(runner, Qwen2Decoder) and runner.kv_heads == 2 and runner.groups == 2
+    assert LLAMA.decode_runner(model) is None and llama_decode.unsupported(model).startswith("not a LlamaForCausalLM")
+    _check_steps(model, tok, None, fam)
+    for settings in ({}, {"top_k": 0, "top_p": 0.9, "temperature": 0.7}):
+        def run(own_loop):
+            paddle.seed(3)
+            return generate_batch(model, fam, _inputs(tok, TEXTS, 10, fam), 10, fam.stop_token_id(tok), tok.pad_token_id,
+                                  own_loop=own_loop, **settings).numpy()
+
+        np.testing.assert_array_equal(run(True), run(False))

@@ -174,7 +174,7 @@ def test_plain_from_pretrained_refuses_the_folder(quantized):
         LlamaForCausalLM.from_pretrained(out)
 
 
-@pytest.mark.parametrize("family", ["llama", "bloom", "chatglm_v2"])
+@pytest.mark.parametrize("family", ["llama", "bloom", "chatglm_v2", "qwen2"])
 def test_shift_and_smooth_keep_the_float_outputs_and_pair_after_another_model(family, sft, tiny_dir):
     """Shift and Smooth re-parametrise the float model without changing its outputs, also when another model was
     built first in this process (they pair layers by generated names; the model is built in unique_name.guard())."""
@@ -207,7 +207,7 @@ def test_shift_and_smooth_keep_the_float_outputs_and_pair_after_another_model(fa
     del paddle
 
 
-@pytest.mark.parametrize("family", ["bloom", "chatglm_v2"])
+@pytest.mark.parametrize("family", ["bloom", "chatglm_v2", "qwen2"])
 def test_shift_smooth_round_trip(family, tiny_dir, tmp_path):
     """Other declared pairings (Bloom's Linear layers have biases: paddleslim's help layer needed a workaround)."""
     from paddlellm.loading import load_for_inference

@@ -231,7 +231,7 @@ def test_export_with_lora_equals_export_after_merge(tiny_dir, tmp_path):
 
 
 # ------------------------------------------------------------------ prefix tuning: the prefix becomes the initial cache
-@pytest.mark.parametrize("family", ["llama", "glm"])  # a key/value cache and GLM's hidden-state memories
+@pytest.mark.parametrize("family", ["llama", "glm", "qwen2"])  # a key/value cache and GLM's hidden-state memories
 def test_export_with_prefix_equals_dynamic_prefix(family, tiny_dir, tmp_path):
     from paddlellm.formats.static import flatten, load_static
 

@@ -41,7 +41,7 @@ class ExportArgument:
     tgt_length: Optional[int] = field(default=None, metadata={"help": "Default maximum generated tokens saved for predict/serve (default: the model's saved value)."})
     max_length: Optional[int] = field(default=None, metadata={"help": "Same as tgt_length (the name PaddleNLP's 2023 predictor used)."})
     device: str = field(default="cpu", metadata={"help": "Device the export runs and verifies on.", "choices": ["cpu", "gpu"]})
-    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the folder: llama chatglm chatglm_v2 bloom gpt-3 opt glm."})
+    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the folder: llama chatglm chatglm_v2 bloom gpt-3 opt glm qwen2."})
     inference_model: bool = field(default=False, metadata={"help": "PaddleNLP's fused InferenceModel export: refused (it needs the GPU-only paddlenlp_ops)."})
     verify_tokens: int = field(default=8, metadata={"help": "New tokens generated greedily by both the dynamic model and the export to verify it (0 = no check)."})
 

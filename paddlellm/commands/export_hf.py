@@ -16,7 +16,7 @@ class ExportHFArgument:
     output_path: Optional[str] = field(default=None, metadata={"help": "Folder to write the transformers-format model into (required)."})
     dtype: Optional[str] = field(default=None, metadata={"help": "dtype of the saved weights (default: the model's recorded dtype, else float32).", "choices": DTYPES})
     lora_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapters to merge into model_name_or_path before export (optional: a LoRA folder may be given as model_name_or_path)."})
-    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the folder: llama chatglm chatglm_v2 bloom gpt-3 opt glm."})
+    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the folder: llama chatglm chatglm_v2 bloom gpt-3 opt glm qwen2."})
 
 
 def main(argv=None) -> int:

@@ -77,7 +77,11 @@ def run(argv=None) -> int:
         from ..runtime import setup_runtime
 
         setup_runtime()  # before paddle is imported
-        check_training_device(training, model_args.dtype)
+        check_training_device(training, model_args.dtype, family)
+        if int(training.get("pipeline_parallel_degree") or 1) > 1:
+            from ..cpu_parallel import pipeline_config
+
+            training["pipeline_parallel_config"] = pipeline_config(training.get("pipeline_parallel_config", ""))
         make_dir(output_dir, "output_dir")
         import paddle
 
@@ -151,6 +155,13 @@ def _train(family, model_args, data_args, gen_args, training, train_records, dev
     if mode == "train_only":
         log.info("do_eval false: no evaluation (during training or at the end)")
         dev_examples, dev_records = [], []
+    elif max(training_args.pipeline_parallel_degree, 1) > 1 and dev_examples:
+        # evaluation here runs the whole model's forward in one process; a pipeline stage holds part of it
+        log.info("pipeline parallel: evaluation is off; evaluate the saved model with --do_train false (no launcher)")
+        dev_examples, dev_records = [], []
+        training_args.evaluation_strategy = training_args.evaluation_strategy.__class__("no")
+        training_args.do_eval = False
+        training_args.load_best_model_at_end = False
     elif not dev_examples:
         off = "evaluation and load_best_model_at_end are" if training_args.load_best_model_at_end else "evaluation is"
         log.info(f"no dev data (dev.json or dev/) in {data_args.dataset_name_or_path}: {off} switched off")

@@ -38,7 +38,7 @@ class MergeLoraArgument:
     device: Optional[str] = field(default=None, metadata={"help": "cpu or gpu (default: gpu when available, else cpu). The merge itself is done in float32 on either."})
     dtype: Optional[str] = field(default=None, metadata={"help": "dtype of the saved weights (default: the dtype the adapters were trained in).", "choices": DTYPES})
     with_tokenizer: bool = field(default=True, metadata={"help": "Save the tokenizer (of the LoRA folder, else the base) with the merged model; false = weights and config only."})
-    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the folders: llama chatglm chatglm_v2 bloom gpt-3 opt glm."})
+    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the folders: llama chatglm chatglm_v2 bloom gpt-3 opt glm qwen2."})
     output_format: str = field(default="paddle", metadata={"help": "paddle (PaddleNLP folder) or hf (Hugging Face transformers folder, as paddlellm export-hf writes).", "choices": ["paddle", "hf"]})
 
 
@@ -76,7 +76,7 @@ class MergeTPArgument:
     dtype: Optional[str] = field(default=None, metadata={"help": "dtype of the merged weights (default: as stored in the shards).", "choices": DTYPES})
     with_tokenizer: Optional[bool] = field(default=None, metadata={"help": "Save the tokenizer with the merged weights (default: when the folder holds one)."})
     device: Optional[str] = field(default=None, metadata={"help": "Accepted for compatibility: shards are merged in host memory on one process, with no GPU or launcher."})
-    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the folder: llama chatglm chatglm_v2 bloom gpt-3 opt glm."})
+    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the folder: llama chatglm chatglm_v2 bloom gpt-3 opt glm qwen2."})
 
 
 def main_tp(argv=None) -> int:
@@ -96,7 +96,8 @@ def main_tp(argv=None) -> int:
                                 device=args.device, family_name=args.family)
     except UserError as e:
         fail(str(e))
-    print(f"merge-tp: merged {degree} tensor-parallel {'LoRA ' if kind == 'lora' else ''}shards into {out}", file=sys.stderr)
+    what = "pipeline stages" if kind == "stages" else f"tensor-parallel {'LoRA ' if kind == 'lora' else ''}shards"
+    print(f"merge-tp: merged {degree} {what} into {out}", file=sys.stderr)
     return 0
 
 

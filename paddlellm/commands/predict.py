@@ -57,7 +57,7 @@ class PredictArgument:
     device: Optional[str] = field(default=None, metadata={"help": "cpu, gpu or gpu:N (default: gpu when this paddle build has CUDA and a GPU is present, else cpu)."})
     dtype: Optional[str] = field(default=None, metadata={"help": "Weight dtype (default: the dtype saved with the model/adapter, else float32). float16/bfloat16 need a GPU.", "choices": DTYPES})
     gpt: bool = field(default=False, metadata={"help": "PaddleNLP's flag for GPT checkpoints (GPTForCausalLM). The family is read from the model folder, so this only matters when it can't be: it then means --family gpt-3."})
-    family: Optional[str] = field(default=None, metadata={"help": "Model family, for a model name or folder that does not record one: llama chatglm chatglm_v2 bloom gpt-3 opt glm. A folder that records another family is refused."})
+    family: Optional[str] = field(default=None, metadata={"help": "Model family, for a model name or folder that does not record one: llama chatglm chatglm_v2 bloom gpt-3 opt glm qwen2. A folder that records another family is refused."})
     resume: bool = field(default=False, metadata={"help": "Continue an interrupted run from <output_file>.partial instead of starting over."})
     quant_runtime: str = field(default="float32", metadata={"help": "Quantized folders (paddlellm quant): float32 dequantizes the weights when loading; int8 keeps the integer weights resident and dequantizes each layer during the forward (less memory).", "choices": ["float32", "int8"]})
     mode: Optional[str] = field(default=None, metadata={"help": "dynamic (the default), or static: run a folder written by export_model.py with paddle.inference (chosen by itself for such a folder).", "choices": ["dynamic", "static"]})

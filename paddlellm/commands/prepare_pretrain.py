@@ -12,7 +12,7 @@ from ..pretrain_data import create
 @dataclass
 class PreprocessArgument:
     model_name_or_path: str = field(default=None, metadata={"help": "Tokenizer source: a model folder (also an output folder of ours) or a PaddleNLP model name."})
-    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the model folder: llama chatglm chatglm_v2 bloom gpt-3 opt glm."})
+    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the model folder: llama chatglm chatglm_v2 bloom gpt-3 opt glm qwen2."})
     input_path: str = field(default=None, metadata={"help": "A file or a folder (walked recursively, in sorted order): *.jsonl (one JSON document per line), *.jsonl.zst (needs the zstandard package), *.txt (documents separated by blank lines)."})
     output_prefix: str = field(default=None, metadata={"help": "Writes OUTPUT_PREFIX.bin, OUTPUT_PREFIX.idx and OUTPUT_PREFIX.json."})
     data_format: str = field(default="JSON", metadata={"help": "Format of the .jsonl input (JSON, as PaddleNLP)."})

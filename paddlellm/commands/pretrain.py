@@ -33,7 +33,7 @@ class ModelArgument:
     tokenizer_name_or_path: Optional[str] = field(default=None, metadata={"help": "Tokenizer source when it differs from model_name_or_path."})
     config_name: Optional[str] = field(default=None, metadata={"help": "Config source when it differs from model_name_or_path (from-scratch training)."})
     model_type: Optional[str] = field(default=None, metadata={"help": "Accepted for compatibility with PaddleNLP's files; the family comes from the model (or --family)."})
-    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the model folder: llama chatglm chatglm_v2 bloom gpt-3 opt glm."})
+    family: Optional[str] = field(default=None, metadata={"help": "Model family when it can't be read from the model folder: llama chatglm chatglm_v2 bloom gpt-3 opt glm qwen2."})
     continue_training: bool = field(default=False, metadata={"help": "true: start from the model's weights; false: a fresh random model with its config (seeded)."})
     objective: Optional[str] = field(default=None, metadata={"help": "causal (plain next-token LM) or gmask (GLM / ChatGLM v1 blank infilling); default: the family's own (see llm/<family>/README.md)."})
     dtype: str = field(default="float32", metadata={"help": "Weight dtype: float32, float16 or bfloat16 (use with --fp16/--bf16 on GPUs)."})

@@ -20,7 +20,7 @@ from ..tokenizer_training import corpus_lines, train_bpe, train_sentencepiece
 
 @dataclass
 class TinyArgument:
-    family: str = field(default="llama", metadata={"help": "Model family: llama, chatglm, chatglm_v2, bloom, gpt-3, opt, glm."})
+    family: str = field(default="llama", metadata={"help": "Model family: llama, chatglm, chatglm_v2, bloom, gpt-3, opt, glm, qwen2."})
     output: str = field(default=None, metadata={"help": "Folder to write the tiny checkpoint into (required)."})
     vocab_size: int = field(default=600, metadata={"help": "Tokenizer (and model) vocabulary size; beyond what the bundled corpus can learn, reserved tokens fill it."})
     hidden_size: Optional[int] = field(default=None, metadata={"help": "Override the family's tiny hidden size."})

@@ -21,6 +21,7 @@ _MODULES = {
     "gpt-3": "gpt",
     "opt": "opt",
     "glm": "glm",
+    "qwen2": "qwen2",
 }
 
 
@@ -127,9 +128,9 @@ python create_pretraining_data.py --model_name_or_path {fam.example_checkpoint} 
 python run_pretrain.py {folder}/pretrain_argument.json    # objective: {objectives}
 ```
 
-| Pretrain | SFT | LoRA | Prefix Tuning | InTokens packing | PTQ / GPTQ | Shift / Smooth | tensor parallel (GPU only, not testable here) |
-|---|---|---|---|---|---|---|---|
-| {yes("pretrain")} | {yes("sft")} | {yes("lora")} | {yes("prefix")} | {yes("intokens")} | yes | {"yes" if fam.shift_smooth_pairing else "no (norm -> Linear pairing not declared)"} | {yes("tensor_parallel")} |
+| Pretrain | SFT | LoRA | Prefix Tuning | InTokens packing | PTQ / GPTQ | Shift / Smooth | tensor parallel (SFT, LoRA) | pipeline parallel (SFT) |
+|---|---|---|---|---|---|---|---|---|
+| {yes("pretrain")} | {yes("sft")} | {yes("lora")} | {yes("prefix")} | {yes("intokens")} | yes | {"yes" if fam.shift_smooth_pairing else "no (norm -> Linear pairing not declared)"} | {yes("tensor_parallel")} | {"yes (" + fam.pipe_model_class + ")" if fam.pipe_model_class else "no (paddlenlp has no *Pipe class)"} |
 
 Quantized folders (int8, or int4 two per byte, with scales) load in `predict_generation.py` and
 `flask_server.py` like any model folder (`--quant_runtime int8` keeps the integer weights resident).

@@ -110,6 +110,9 @@ class Family:
     hf_buffers: Tuple[str, ...] = (r"\.rotary_emb\.inv_freq$",)
     # (head, embeddings) transformers names of an LM head paddlenlp keeps untied: exported tied when equal.
     hf_tied_head: Optional[Tuple[str, str]] = None
+    pipe_model_class: Optional[str] = None  # paddlenlp's pipeline-parallel (*Pipe) class; None: no pipeline parallel
+    # {checkpoint key: key whose tensor-parallel split it shares}: tied weights paddlenlp's TP mappings leave out
+    tp_tied_keys: Dict[str, str] = field(default_factory=dict)
     cpu_patches: Tuple[str, ...] = ()  # names in paddlellm.cpu_kernels.PATCHES applied to models trained or run on CPU
     # paddlellm.decode_loop reproduces paddlenlp's generate() token for token for this family (tested per
     # family in tests/test_decode_loop.py); False keeps generate() for predict and serve.
@@ -189,9 +192,27 @@ class Family:
         overrides = {**self.model_config_overrides(), **config_overrides}
         if hf.is_hf_folder(path):  # a transformers folder: converted in memory by paddlellm/formats/hf.py
             model = hf.load_model(self, path, dtype=dtype, **overrides)
+        elif int(overrides.get("tensor_parallel_degree") or 1) > 1:  # this rank's shard of every split weight
+            from ..cpu_parallel import whole_tensor_split_actions
+
+            cls = self.paddlenlp_class("model_class")
+            with whole_tensor_split_actions(cls, self.tp_tied_keys):
+                model = cls.from_pretrained(path, dtype=dtype, **overrides)
         else:
             model = self.paddlenlp_class("model_class").from_pretrained(path, dtype=dtype, **overrides)
         return self.adapt_model(model) if adapt else model
+
+    def load_pipe_model(self, path: str, dtype: str = "float32", **config_overrides):
+        """This process's pipeline stage of the model of folder `path` (paddlenlp's *Pipe class; needs fleet's
+        hybrid groups, i.e. a run under paddle.distributed.launch with pipeline_parallel_degree > 1)."""
+        overrides = {**self.model_config_overrides(), **config_overrides}
+        cls = self.paddlenlp_class("pipe_model_class")
+        if int(overrides.get("tensor_parallel_degree") or 1) > 1:
+            from ..cpu_parallel import whole_tensor_split_actions
+
+            with whole_tensor_split_actions(cls, self.tp_tied_keys):
+                return cls.from_pretrained(path, dtype=dtype, **overrides)
+        return cls.from_pretrained(path, dtype=dtype, **overrides)
 
     def new_model(self, path: str, dtype: str = "float32", **config_overrides):
         """A randomly initialised model with the config of model folder `path` (pretraining from scratch).

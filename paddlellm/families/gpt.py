@@ -116,6 +116,8 @@ FAMILY = GPTFamily(
     hf_buffers=(r"\.attn\.(masked_)?bias$",),  # causal-mask buffers transformers < 4.3x saved with GPT-2
     name_hints=("gpt",),
     supports=dict(pretrain=True, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
+    # the LM head is tied to the (vocabulary-split) embeddings, but the checkpoint also holds it by this name
+    tp_tied_keys={"lm_head.weight": "gpt.embeddings.word_embeddings.weight"},
     notes=(
         "No bos token: prompt and reply are concatenated as PaddleNLP's llm did; every reply ends with "
         "<|endoftext|> and is supervised. Pads with <|endoftext|> (GPT-2 has no pad token; the attention mask "

@@ -101,6 +101,7 @@ FAMILY = LlamaFamily(
     example_checkpoint="meta-llama/Llama-2-7b",
     name_hints=("llama",),
     supports=dict(pretrain=True, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
+    pipe_model_class="LlamaForCausalLMPipe",
     hf_architecture="LlamaForCausalLM",
     hf_model_type="llama",
     # input_layernorm -> q/k/v (separate), post_attention_layernorm -> gate/up (read in parallel)

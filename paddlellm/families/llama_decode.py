@@ -42,15 +42,23 @@ def _inner(model):
 
 def unsupported(model) -> Optional[str]:
     """Why the runner can't reproduce this model's forward, or None when it can."""
-    import paddle
     from paddlenlp.transformers import LlamaForCausalLM
-    from paddlenlp.transformers.llama.modeling import LlamaAttention, LlamaRotaryEmbedding, get_use_casual_mask
+    from paddlenlp.transformers.llama.modeling import LlamaAttention, LlamaRotaryEmbedding
 
     inner = _inner(model)
     if not isinstance(inner, LlamaForCausalLM):
         return f"not a LlamaForCausalLM ({type(inner).__name__})"
+    return unsupported_layers(inner, inner.llama, LlamaAttention, LlamaRotaryEmbedding)
+
+
+def unsupported_layers(inner, base, attention_class, rotary_class) -> Optional[str]:
+    """Why the runner can't drive causal LM `inner` whose decoder is `base` (layers of attention_class with a rotary
+    module of rotary_class: LLaMA's, or Qwen2's of the same design), or None when it can."""
+    import paddle
+    from paddlenlp.transformers.llama.modeling import get_use_casual_mask  # Qwen2's model reads the same switch
+
     cfg = inner.config
-    layers = getattr(inner.llama, "layers", None)
+    layers = getattr(base, "layers", None)
     if not layers:
         return "no decoder layers (a static-graph shell)"
     checks = {
@@ -73,13 +81,13 @@ def unsupported(model) -> Optional[str]:
     if bad:
         return ", ".join(bad)
     attn = layers[0].self_attn
-    if not isinstance(attn, LlamaAttention) or getattr(attn, "kv_indices", None) is not None \
+    if not isinstance(attn, attention_class) or getattr(attn, "kv_indices", None) is not None \
             or getattr(attn, "reshard_layer", None) is not None:
         return "an attention layer of another kind"
-    if not isinstance(attn.rotary_emb, LlamaRotaryEmbedding) or type(attn.rotary_emb).forward is not LlamaRotaryEmbedding.forward:
+    if not isinstance(attn.rotary_emb, rotary_class) or type(attn.rotary_emb).forward is not rotary_class.forward:
         # linear and llama3 scaling only change the precomputed table (read through forward); dynamic NTK does not
         return f"rotary embedding {type(attn.rotary_emb).__name__}"
-    if inner.llama.embed_tokens.weight.dtype != paddle.float32:
+    if base.embed_tokens.weight.dtype != paddle.float32:
         return "weights not float32"
     return None
 
@@ -102,11 +110,14 @@ def prefill_chunks(lengths) -> list:
 class LlamaDecoder:
     """prefill(inputs, capacity) -> [batch, vocab] logits of the prompt's last position; step(tokens) -> the next."""
 
+    BASE = "llama"  # the causal LM's attribute holding the decoder (embed_tokens, layers, norm)
+
     def __init__(self, model):
         inner = _inner(model)
         cfg = inner.config
         self.model = inner
-        self.layers = list(inner.llama.layers)
+        self.base = getattr(inner, self.BASE)
+        self.layers = list(self.base.layers)
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
         self.groups = self.heads // self.kv_heads  # query heads per key/value head (grouped-query attention)
@@ -114,9 +125,13 @@ class LlamaDecoder:
         self.scale = 1 / math.sqrt(self.head_dim)
         self.rotary = self.layers[0].self_attn.rotary_emb  # every layer's is the same module type and table
 
+    @staticmethod
+    def unsupported(model) -> Optional[str]:
+        return unsupported(model)
+
     @classmethod
     def for_model(cls, model) -> Optional["LlamaDecoder"]:
-        return None if unsupported(model) is not None else cls(model)
+        return None if cls.unsupported(model) is not None else cls(model)
 
     # ------------------------------------------------------------------ pieces
     def _rotary(self, positions, length: int):
@@ -124,7 +139,7 @@ class LlamaDecoder:
         from ..cpu_kernels import rotary_tables
 
         # the module's own [1, length, 1, D] tables (its first argument is read for its dtype only)
-        cos, sin = self.rotary(self.model.llama.embed_tokens.weight, seq_len=length)
+        cos, sin = self.rotary(self.base.embed_tokens.weight, seq_len=length)
         return rotary_tables(cos, sin, positions)
 
     def _qkv(self, layer, x, cos, sin):
@@ -159,7 +174,7 @@ class LlamaDecoder:
 
     def _logits(self, hidden_last):
         """[B, 1, h] last hidden state -> [B, vocab] logits."""
-        return self.model.lm_head(self.model.llama.norm(hidden_last))[:, -1, :]
+        return self.model.lm_head(self.base.norm(hidden_last))[:, -1, :]
 
     # ------------------------------------------------------------------ generation
     def prefill(self, inputs: Dict, capacity: int):
@@ -207,7 +222,7 @@ class LlamaDecoder:
                 allowed = pick(mask)[:, cols].astype("bool")[:, None, None, :] & causal[None, None]
                 chunk_mask = paddle.where(allowed, paddle.zeros([1]), paddle.full([1], minimum))
                 cos, sin = pick(cos_all)[:, cols], pick(sin_all)[:, cols]
-                hidden = self.model.llama.embed_tokens(pick(ids)[:, cols])
+                hidden = self.base.embed_tokens(pick(ids)[:, cols])
                 for i, layer in enumerate(self.layers):
                     q, k, v = self._qkv(layer, layer.input_layernorm(hidden), cos, sin)
                     hidden = self._attend(layer, hidden, q, k, v, chunk_mask)
@@ -251,7 +266,7 @@ class LlamaDecoder:
         mask = self.mask.reshape([batch, 1, 1, self.capacity])
         cos, sin = self._rotary(self.positions, slot + 1)
         with paddle.no_grad():
-            hidden = self.model.llama.embed_tokens(tokens)
+            hidden = self.base.embed_tokens(tokens)
             for layer, (k_cache, v_cache) in zip(self.layers, self.cache):
                 q, k, v = self._qkv(layer, layer.input_layernorm(hidden), cos, sin)
                 k_cache[:, :, slot:slot + 1, :] = k

@@ -490,7 +490,11 @@ def write_tokenizer(family, tokenizer, out: str) -> None:
             for name in ("vocab.json", "merges.txt"):
                 shutil.copy(os.path.join(tmp, family.tokenizer_files["vocab_file" if name == "vocab.json" else "merges_file"]),
                             os.path.join(out, name))
-            _write_tokenizer_json(out, tokenizer, add_bos=bool(family.hf_tokenizer_config(tokenizer).get("add_bos_token")))
+            own_writer = getattr(family, "hf_tokenizer_json", None)  # a family whose tokenizer.json is not GPT-2's (Qwen2)
+            if own_writer is not None:
+                own_writer(out, tokenizer)
+            else:
+                _write_tokenizer_json(out, tokenizer, add_bos=bool(family.hf_tokenizer_config(tokenizer).get("add_bos_token")))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     special = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if getattr(tokenizer, k, None)}

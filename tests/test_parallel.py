@@ -1,0 +1,257 @@
+"""Tensor and pipeline parallelism on two CPU processes (python -m paddle.distributed.launch --nproc_per_node 2).
+
+Tensor parallel (TP=2) runs paddle's model-parallel layers with paddlellm/cpu_parallel.py's CPU ops. For every
+family, SFT and LoRA under TP=2 must report the loss curve of one process and, once merge_tp_params.py has
+merged the per-rank shards, hold one process's weights (to float rounding) and give its logits. All TP runs
+share one launch (tests/parallel_runs.py), so the launcher and paddle start once.
+"""
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import BASE_ENV, FAMILIES, ROOT, STEP_DATA, run_cmd  # noqa: F401
+
+os.environ["PADDLELLM_NO_PROGRESS"] = "1"
+
+# Three optimisation steps on the four STEP_DATA examples (batch 4); Adam with eps=1 so the update depends on the
+# gradient's scale, no clipping, no warm-up. The final evaluation runs on dev (= train).
+STEPS = ["--max_steps", "3", "--learning_rate", "0.05", "--adam_epsilon", "1.0", "--max_grad_norm", "0",
+         "--logging_steps", "1", "--evaluation_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "true",
+         "--src_length", "32", "--tgt_length", "16", "--seed", "3", "--warmup_steps", "0",
+         "--per_device_train_batch_size", "4"]
+KINDS = ["sft", "lora"]
+
+
+def finetune(*argv):
+    from paddlellm.commands import finetune as ft
+
+    assert ft.run(list(argv)) == 0
+
+
+def losses(out):
+    with open(os.path.join(out, "log_history.json"), encoding="utf-8") as f:
+        return [row["loss"] for row in json.load(f) if "loss" in row]
+
+
+def eval_loss(out):
+    with open(os.path.join(out, "eval_results.json"), encoding="utf-8") as f:
+        return json.load(f)["eval_loss"]
+
+
+def weights(folder):
+    """{name: array} of a model folder (model.safetensors) or a LoRA folder (lora_model_state.pdparams)."""
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        from safetensors.numpy import load_file
+
+        return load_file(os.path.join(folder, "model.safetensors"))
+    import paddle
+
+    return {k: v.numpy() for k, v in paddle.load(os.path.join(folder, "lora_model_state.pdparams")).items()}
+
+
+def tp_ready_model(tiny_dir, family, root):
+    """The family's tiny model, rebuilt with a vocabulary of even size when the default one is odd (TP splits it)."""
+    from paddlellm.commands.tiny import build_tiny
+
+    path = tiny_dir(family)
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        vocab = json.load(f)["vocab_size"]
+    if vocab % 2 == 0:
+        return path
+    # the tokenizer trainer's target is 600 plus the family's extra special tokens: aim that much lower
+    return build_tiny(family, str(root / f"{family}_even"), vocab_size=600 - (vocab - 600))
+
+
+def test_cpu_ops_match_one_process_maths(tmp_path):
+    """Each replaced op's forward and backward on two processes against the same maths on whole tensors."""
+    logs = str(tmp_path / "logs")
+    proc = run_cmd([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", logs,
+                    os.path.join(ROOT, "tests", "parallel_ops_check.py")], check=False, timeout=300)
+    texts = [open(p, errors="replace").read() for p in sorted(glob.glob(os.path.join(logs, "workerlog.*")))]
+    assert proc.returncode == 0, "\n".join(t[-3000:] for t in texts)
+    checked = [line for line in texts[0].splitlines() if line.startswith("checked ")]
+    assert len(checked) == 13 and "ALL OPS CHECKED" in texts[0]
+    assert "checked c_softmax_with_cross_entropy gradient" in checked
+
+
+@pytest.fixture(scope="module")
+def step_data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tpdata")
+    for name in ("train.json", "dev.json"):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in STEP_DATA))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def tp_runs(tiny_dir, step_data_dir, tmp_path_factory):
+    """Per (family, kind): the one-process run's folder and the TP=2 run's folder (all TP runs in one launch).
+
+    LoRA starts both runs from one saved, untrained adapter (lora_B = 0): a fresh TP adapter draws its random
+    lora_A per rank and could not match one process's draw."""
+    root = tmp_path_factory.mktemp("tp")
+    runs, launched = {}, []
+    for family in FAMILIES:
+        model = tp_ready_model(tiny_dir, family, root)
+        start = str(root / f"{family}_lora_start")
+        finetune("--model_name_or_path", model, "--dataset_name_or_path", step_data_dir, "--output_dir", start,
+                 "--lora", "true", "--lora_rank", "4", *STEPS, "--max_steps", "1", "--learning_rate", "0", "--do_eval", "false")
+        for kind in KINDS:
+            extra = ["--lora_path", start] if kind == "lora" else []
+            one, two = str(root / f"{family}_{kind}_1"), str(root / f"{family}_{kind}_tp2")
+            common = ["--model_name_or_path", model, "--dataset_name_or_path", step_data_dir, *extra, *STEPS]
+            finetune(*common, "--output_dir", one)
+            launched.append([*common, "--output_dir", two, "--tensor_parallel_degree", "2"])
+            runs[family, kind] = (model, one, two)
+    plan = root / "runs.json"
+    plan.write_text(json.dumps(launched))
+    logs = str(root / "logs")
+    proc = run_cmd([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", logs,
+                    os.path.join(ROOT, "tests", "parallel_runs.py"), str(plan)], check=False, timeout=1200)
+    texts = [open(p, errors="replace").read() for p in sorted(glob.glob(os.path.join(logs, "workerlog.*")))]
+    assert proc.returncode == 0, "\n".join(t[-4000:] for t in texts) + proc.stderr[-2000:]
+    assert "CPU tensor parallel: c_identity, mp_allreduce, c_concat, c_split, c_softmax_with_cross_entropy" in texts[0]
+    return runs
+
+
+def merged(tp_folder):
+    """merge_tp_params.py's output for a TP output folder (merged once per folder)."""
+    out = tp_folder + "_merged"
+    if not os.path.isdir(out):
+        run_cmd([sys.executable, os.path.join(ROOT, "merge_tp_params.py"), "--model_name_or_path", tp_folder,
+                 "--merge_model_path", out], env={"PADDLELLM_NO_PROGRESS": "1"}, timeout=300)
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tensor_parallel_matches_one_process(tp_runs, family, kind):
+    model, one, two = tp_runs[family, kind]
+    shards = sorted(os.listdir(two))
+    prefix = "lora_model_state" if kind == "lora" else "model_state"
+    assert f"{prefix}.tp00.pdparams" in shards and f"{prefix}.tp01.pdparams" in shards  # the Trainer's per-rank shards
+    expected = losses(one)
+    assert len(expected) == 3 and expected[-1] < expected[0]  # the run really trained
+    assert losses(two) == pytest.approx(expected, rel=1e-5)
+    assert eval_loss(two) == pytest.approx(eval_loss(one), rel=1e-5)
+    got, ref = weights(merged(two)), weights(one)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert got[k].shape == ref[k].shape, k
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=f"{family} {kind}: {k}")
+    start = weights(model) if kind == "sft" else weights(os.path.join(os.path.dirname(one), f"{family}_lora_start"))
+    assert max(float(np.abs(ref[k] - start[k]).max()) for k in ref) > 1e-3  # the weights compared did move
+
+
+def folder_logits(model_name_or_path=None, lora_path=None):
+    """Logits of two src/tgt examples (laid out as in training) from a folder loaded as predict loads it."""
+    import paddle
+
+    from paddlellm.families import logits_of
+    from paddlellm.loading import load_for_inference
+
+    model, tok, fam, _ = load_for_inference(model_name_or_path, lora_path)
+    model.eval()
+    examples = [fam.encode(tok, [s], [t], 32, 16) for s, t in (("spell: 1 2 3", "one two three"), ("hello", "hi"))]
+    batch = fam.build_batch([[e] for e in examples], tok.pad_token_id)
+    inputs = {k: paddle.to_tensor(v) for k, v in batch.items() if k not in ("labels", "loss_mask")}
+    with paddle.no_grad():
+        return logits_of(model(**inputs)).astype("float32").numpy()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_shards_give_one_process_logits(tp_runs, family, kind):
+    model, one, two = tp_runs[family, kind]
+    if kind == "sft":
+        got, ref = folder_logits(merged(two)), folder_logits(one)
+    else:  # a merged LoRA folder records its base model, as the one-process adapter folder does
+        got, ref = folder_logits(lora_path=merged(two)), folder_logits(lora_path=one)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def test_predict_on_merged_tp_folder(tp_runs, tmp_path):
+    _, one, two = tp_runs["llama", "sft"]
+    data = tmp_path / "prompts.json"
+    data.write_text("".join(json.dumps({"src": s}) + "\n" for s in ("spell: 1 2", "spell: 7 8 9", "hello")))
+    outputs = []
+    for folder in (one, merged(two)):
+        out = str(tmp_path / f"{os.path.basename(folder)}.json")
+        run_cmd([sys.executable, os.path.join(ROOT, "predict_generation.py"), "--model_name_or_path", folder,
+                 "--data_file", str(data), "--output_file", out, "--src_length", "32", "--tgt_length", "6"],
+                env={"PADDLELLM_NO_PROGRESS": "1"}, timeout=300)
+        with open(out, encoding="utf-8") as f:
+            outputs.append([json.loads(line)["output"] for line in f])
+    assert len(outputs[0]) == 3 and outputs[1] == outputs[0]
+
+
+def test_tensor_parallel_sizes_must_divide(tiny_dir):
+    # (prefix tuning under TP and too few processes: tests/test_data_errors.py)
+    from paddlellm.arguments import UserError
+    from paddlellm.families import get_family
+    from paddlellm.tuning import check_tensor_parallel_shapes
+
+    folder = tiny_dir("chatglm_v2")  # its tiny vocabulary (600 + 9 special tokens) is odd
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        vocab = json.load(f)["vocab_size"]
+    assert vocab % 2 == 1
+    with pytest.raises(UserError) as e:
+        check_tensor_parallel_shapes(get_family("chatglm_v2"), folder, 2)
+    assert str(e.value) == (f"--tensor_parallel_degree 2: {folder}/config.json has vocab_size {vocab}, which does not "
+                            "split into 2 equal parts; choose a degree that divides it")
+    check_tensor_parallel_shapes(get_family("llama"), tiny_dir("llama"), 2)  # 600 words, 4 heads: fine
+
+
+# ------------------------------------------------------------------ pipeline parallel (LLaMA)
+def test_pipeline_parallel_llama_matches_one_process(tp_runs, step_data_dir, tmp_path):
+    model, one, _ = tp_runs["llama", "sft"]
+    out, logs = str(tmp_path / "pp2"), str(tmp_path / "logs")
+    proc = run_cmd([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", logs,
+                    os.path.join(ROOT, "finetune_generation.py"), "--model_name_or_path", model,
+                    "--dataset_name_or_path", step_data_dir, "--output_dir", out, "--pipeline_parallel_degree", "2", *STEPS],
+                   check=False, timeout=600)
+    texts = [open(p, errors="replace").read() for p in sorted(glob.glob(os.path.join(logs, "workerlog.*")))]
+    assert proc.returncode == 0, "\n".join(t[-4000:] for t in texts) + proc.stderr[-2000:]
+    assert len(texts) == 2  # rank 0 logs (the others log warnings only); rank 1 wrote stage 1's weights
+    assert "CPU pipeline parallel: stages exchange activations with gloo's isend/irecv" in texts[0]
+    assert "full fine-tuning, pipeline stage 0 of 2" in texts[0]
+    assert "pipeline parallel: evaluation is off" in texts[0]
+    assert {"model_state.pp00.pdparams", "model_state.pp01.pdparams"} <= set(os.listdir(out))
+    assert losses(out) == pytest.approx(losses(one), rel=1e-5)  # the same loss curve, step by step
+    got, ref = weights(merged(out)), weights(one)  # merge_tp_params.py joins the stages
+    assert got.keys() == ref.keys()
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(folder_logits(merged(out)), folder_logits(one), rtol=1e-5, atol=1e-5)
+    # a stage missing: one line, nothing written
+    import shutil
+
+    partial, target = str(tmp_path / "partial"), str(tmp_path / "partial-merged")
+    shutil.copytree(out, partial)
+    os.remove(os.path.join(partial, "model_state.pp01.pdparams"))
+    proc = run_cmd([sys.executable, os.path.join(ROOT, "merge_tp_params.py"), "--model_name_or_path", partial,
+                    "--merge_model_path", target], check=False, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"error: {partial}: pipeline stages pp01 are missing"
+    assert not os.path.exists(target)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model_name_or_path", "bloom"], "--pipeline_parallel_degree 2: paddlenlp has no pipeline-parallel model class for the bloom "
+                                        "family; use tensor_parallel_degree or data parallel instead"),
+    (["--model_name_or_path", "llama", "--lora", "true"],
+     "--pipeline_parallel_degree 2 with LoRA: pipeline parallel fine-tunes whole models (SFT) without packing here; "
+     "use tensor_parallel_degree or data parallel for it"),
+    (["--model_name_or_path", "llama"], "--pipeline_parallel_degree 2: the model is split over 2 processes but this run has 1; "
+                                        "start it with python -m paddle.distributed.launch --nproc_per_node 2 finetune_generation.py ..."),
+])
+def test_pipeline_parallel_refusals(tiny_dir, step_data_dir, tmp_path, extra, message):
+    extra = [tiny_dir(a) if i and extra[i - 1] == "--model_name_or_path" else a for i, a in enumerate(extra)]
+    out = str(tmp_path / "out")
+    proc = run_cmd([sys.executable, os.path.join(ROOT, "finetune_generation.py"), *extra, "--dataset_name_or_path", step_data_dir,
+                    "--output_dir", out, "--pipeline_parallel_degree", "2"], check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {message}"
+    assert not os.path.exists(out)
