@@ -55,7 +55,7 @@ def _with_custom(builtin, custom):
     return LogitsProcessorList([p for p in builtin._processors.values() if type(p) not in given] + custom)
 
 
-def decode_ids(model, inputs, max_new_tokens: int, eos_token_id: int, pad_token_id: Optional[int], top_k: int = 1,
+def decode_ids(model, inputs, max_new_tokens: int, eos_token_id, pad_token_id: Optional[int], top_k: int = 1,
                top_p: float = 1.0, temperature: float = 1.0, repetition_penalty: float = 1.0,
                logits_processors=None, streamer=None, runner=None):
     """Generate up to max_new_tokens for a left-padded batch; returns the [batch, steps] tensor of new ids.
@@ -63,7 +63,7 @@ def decode_ids(model, inputs, max_new_tokens: int, eos_token_id: int, pad_token_
     The same result as ``model.generate(**inputs, max_new_tokens=..., decode_strategy=greedy_search|sampling,
     ...)[0]`` with these settings (top_k=1 is greedy). logits_processors (a paddlenlp LogitsProcessorList or a
     list, each called (input_ids so far, logits) -> logits) combine with paddlenlp's own ones as in
-    generate(); streamer gets put([batch, 1] tokens) every step and end() at the end. runner (a family's
+    generate(); eos_token_id is one stop id or a list of them; streamer gets put([batch, 1] tokens) every step and end() at the end. runner (a family's
     decode_runner, e.g. LLaMA's in-place KV cache) computes each step's logits instead of the model's forward.
     """
     import paddle
@@ -75,8 +75,9 @@ def decode_ids(model, inputs, max_new_tokens: int, eos_token_id: int, pad_token_
     keep_freed_memory()
     config = model.config
     gc = _generation_settings(model)
+    stops = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]  # generate() takes a list too
     if pad_token_id is None:  # as generate()'s set_pad_token_id
-        pad_token_id = eos_token_id
+        pad_token_id = stops[0]
     model_kwargs = dict(inputs)
     input_ids = model_kwargs.pop("input_ids")
     model_kwargs["use_cache"] = True
@@ -126,7 +127,8 @@ def decode_ids(model, inputs, max_new_tokens: int, eos_token_id: int, pad_token_
         input_ids = paddle.concat([input_ids, next_tokens], axis=1)
         if streamer is not None:
             streamer.put(next_tokens.cpu())
-        unfinished = paddle.logical_and(unfinished, next_tokens != eos_token_id)
+        for stop in stops:  # as generate()'s get_unfinished_flag
+            unfinished = paddle.logical_and(unfinished, next_tokens != stop)
         if step + 1 == max_new_tokens or not bool(unfinished.any()):
             break
         if runner is None:

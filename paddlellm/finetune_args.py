@@ -23,6 +23,7 @@ class ModelArgument:
     prefix_path: Optional[str] = field(default=None, metadata={"help": "Start from this prefix (a folder saved by a prefix tuning run)."})
     num_prefix_tokens: int = field(default=128, metadata={"help": "Number of prefix tokens."})
     prefix_projection: bool = field(default=False, metadata={"help": "Reparametrise the prefix through an MLP."})
+    chat_template: Optional[str] = field(default=None, metadata={"help": "Chat template: a Jinja file, or none for the family's own format. Default: the model folder's own (chat_template.jinja or tokenizer_config.json chat_template) if it has one, else the family's format."})
 
 
 @dataclass

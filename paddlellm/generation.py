@@ -15,14 +15,14 @@ def generate_ids(model, tokenizer, family, prompts: List[List[int]], max_new_tok
     import paddle
 
     inputs = {k: paddle.to_tensor(v) for k, v in _generation_inputs(family, tokenizer, prompts, max_new_tokens).items()}
-    stop = family.stop_token_id(tokenizer)
-    ids = generate_batch(model, family, inputs, max_new_tokens, stop, tokenizer.pad_token_id, top_k=top_k, top_p=top_p,
-                         temperature=temperature, repetition_penalty=repetition_penalty, own_loop=own_loop)
+    stops = family.stop_token_ids(tokenizer)  # the family's end of reply, and a checkpoint's other eos ids
+    ids = generate_batch(model, family, inputs, max_new_tokens, stops[0] if len(stops) == 1 else stops, tokenizer.pad_token_id,
+                         top_k=top_k, top_p=top_p, temperature=temperature, repetition_penalty=repetition_penalty, own_loop=own_loop)
     replies = []
     for row in ids.numpy().tolist():
         reply = []
         for t in row:
-            if t == stop:
+            if t in stops:
                 break
             reply.append(t)
         replies.append(reply)
@@ -50,13 +50,13 @@ def uses_own_loop(model, family, sampling: bool) -> bool:
                for name in ("generate", strategy))
 
 
-def generate_batch(model, family, inputs, max_new_tokens: int, eos_token_id: int, pad_token_id, top_k: int = 1,
+def generate_batch(model, family, inputs, max_new_tokens: int, eos_token_id, pad_token_id, top_k: int = 1,
                    top_p: float = 1.0, temperature: float = 1.0, repetition_penalty: float = 1.0,
                    logits_processors=None, streamer=None, own_loop: Optional[bool] = None):
     """[batch, steps] tensor of new token ids for the family's generation inputs (paddle tensors).
 
     Runs the lean decode loop where it gives exactly what generate() gives (uses_own_loop), else
-    generate(). top_k=1 is greedy. logits_processors: a paddlenlp LogitsProcessorList (run after the
+    generate(). eos_token_id: one stop id or a list (a row ends at any of them). top_k=1 is greedy. logits_processors: a paddlenlp LogitsProcessorList (run after the
     built-in ones); streamer: gets put([batch, 1]) per step and end(). own_loop: force one path (tests and
     the benchmark compare both); None chooses.
     """

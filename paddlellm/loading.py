@@ -13,22 +13,24 @@ from .files import read_meta
 
 def load_for_inference(model_name_or_path: Optional[str] = None, lora_path: Optional[str] = None,
                        prefix_path: Optional[str] = None, dtype: str = "float32", family=None, mode: Optional[str] = None,
-                       quant_runtime: str = "float32"):
+                       quant_runtime: str = "float32", chat_template: Optional[str] = None):
     """Returns (model, tokenizer, family, meta). A LoRA/prefix folder alone is enough: it records its base model.
 
     mode: "dynamic", "static" (a folder written by export_model.py) or None (static exactly when the folder is one).
-    quant_runtime (quantized folders only): "float32" dequantizes the weights at load, "int8" keeps them resident."""
+    quant_runtime (quantized folders only): "float32" dequantizes the weights at load, "int8" keeps them resident.
+    chat_template: the run's --chat_template (None: the tokenizer folder's own, "none", or a file; Family.load_tokenizer)."""
     base, lora_path, prefix_path, family, meta = resolve_model(model_name_or_path, lora_path, prefix_path,
                                                                family.name if family is not None else None)
     # --- static-graph exports (export_model.py): a 0-layer generate() host answered by paddle.inference ---
     from .formats.static import check_static_request, load_static
 
     if check_static_request(base, mode, lora_path, prefix_path):
-        model, tokenizer = load_static(base, family)
+        model, tokenizer = load_static(base, family, chat_template=chat_template)
         return model, tokenizer, family, meta
     # --- end static-graph exports ---
     adapter = lora_path or prefix_path
-    tokenizer = family.load_tokenizer(adapter if adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else base)
+    tokenizer = family.load_tokenizer(adapter if adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else base,
+                                      chat_template=chat_template)
     # --- quantized folders (paddlellm quant output): see paddlellm/formats/quantized.py
     from .formats.quantized import is_quantized_folder, load_quantized_model
 

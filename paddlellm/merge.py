@@ -30,15 +30,18 @@ def _first_line(e: BaseException) -> str:
 
 
 def save_tokenizer(family, sources: List[str], out: str, required: bool = True) -> bool:
-    """Save the tokenizer of the first folder in `sources` that holds one into `out`."""
+    """Save the tokenizer of the first folder in `sources` that holds one into `out`, with its chat template and
+    stop tokens (formats.hf.save_tokenizer; call it after the weights are written)."""
+    from .formats.hf import save_tokenizer as save_with_template
+
     for src in sources:
-        if src and os.path.isfile(os.path.join(src, "tokenizer_config.json")):
-            family.load_tokenizer(src).save_pretrained(out)
+        if src and any(os.path.isfile(os.path.join(src, n)) for n in ("tokenizer_config.json", "tokenizer.json")):
+            save_with_template(family.load_tokenizer(src), out)
             return True
     if required:
         for src in sources:  # a model name (not a folder): let paddlenlp resolve it
             if src and not os.path.isdir(src):
-                family.load_tokenizer(src).save_pretrained(out)
+                save_with_template(family.load_tokenizer(src), out)
                 return True
         raise UserError(f"no tokenizer found in {', '.join(repr(s) for s in sources if s)}")
     return False
@@ -78,7 +81,7 @@ def merge_lora(model_name_or_path: Optional[str], lora_path: str, out: str, dtyp
         inner.save_pretrained(stage, state_dict=state, safe_serialization=True)
         if with_tokenizer:
             save_tokenizer(family, [lora_path, base], stage)
-        merged_meta = {k: v for k, v in meta.items() if k in ("src_length", "tgt_length", "chat_format")}
+        merged_meta = {k: v for k, v in meta.items() if k in ("src_length", "tgt_length", "chat_format", "chat_template")}
         merged_meta.update(family=family.name, kind="base", dtype=out_dtype,
                            merged_from={"base_model": os.path.abspath(base) if os.path.isdir(base) else base,
                                         "lora_path": os.path.abspath(lora_path)})
@@ -409,7 +412,7 @@ def export_hf(model_name_or_path: Optional[str], out: str, dtype: Optional[str] 
         model = family.load_model(source, dtype="float32")
         tokenizer = family.load_tokenizer(source)
         export_model(family, model, tokenizer, stage, dtype)
-        out_meta = {k: v for k, v in meta.items() if k in ("src_length", "tgt_length", "chat_format")}
+        out_meta = {k: v for k, v in meta.items() if k in ("src_length", "tgt_length", "chat_format", "chat_template")}
         out_meta.update(family=family.name, kind="base", format="transformers", dtype=dtype,
                         exported_from=os.path.abspath(lora_path or base) if os.path.isdir(lora_path or base) else base)
         _write_json(os.path.join(stage, META_FILE), out_meta)

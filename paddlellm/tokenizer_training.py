@@ -77,3 +77,24 @@ def train_bpe(vocab_path: str, merges_path: str, vocab_size: int, special: List[
     os.replace(vocab_file, vocab_path)
     os.replace(merges_file, merges_path)
     os.rmdir(out)
+
+
+def train_tokenizer_json(path: str, vocab_size: int, special: List[str], lines: List[str], bos: str = None) -> None:
+    """Train a byte-level BPE in the shape of today's checkpoints without tokenizer.model (SmolLM2, Llama 3):
+    one tokenizer.json holding vocabulary, merges, the `special` tokens as added tokens (first ids), digits
+    split one by one, and a post-processor that opens every sequence with `bos` (None: adds nothing)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    special = list(dict.fromkeys(special))
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=special,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.save(path)

@@ -7,7 +7,9 @@ import os
 from typing import Dict, List
 
 from .arguments import UserError, check_can_create, check_sampling, dump_args, require_at_least
+from .chat_template import check_choice as check_chat_template
 from .files import META_FILE, write_json
+from .formats.hf import save_tokenizer
 
 log = logging.getLogger("paddlellm")
 
@@ -40,6 +42,7 @@ def check_ranges(model_args, data_args, gen_args, training: Dict) -> None:
     if training.get("output_dir"):
         check_can_create(training["output_dir"], "output_dir")
     check_sampling(top_k=gen_args.top_k, top_p=gen_args.top_p)
+    check_chat_template(model_args.chat_template)
     check_adapter_folders(m.lora_path, m.prefix_path)
     from .formats.quantized import refuse_if_quantized
     from .formats.static import refuse_if_static
@@ -150,7 +153,7 @@ def save_outputs(trainer, tokenizer, family, kind, model_args, data_args, gen_ar
     trainer.save_final_model(out, kind)  # a full model as model.safetensors, like every other command's output
     if not training_args.should_save:
         return
-    tokenizer.save_pretrained(out)
+    chosen = save_tokenizer(tokenizer, out)  # with its chat template and stop tokens, so the output chats the same way
     base = model_args.model_name_or_path
     meta = {
         "family": family.name,
@@ -160,6 +163,7 @@ def save_outputs(trainer, tokenizer, family, kind, model_args, data_args, gen_ar
         "tgt_length": data_args.tgt_length,
         "dtype": model_args.dtype,
         "chat_format": family.name,
+        "chat_template": chosen,
     }
     if kind == "lora":
         meta["lora_rank"] = model_args.lora_rank

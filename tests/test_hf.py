@@ -135,10 +135,11 @@ def test_unreadable_transformers_folders_are_refused_in_one_line(tmp_path, capsy
     chatglm2 = write_fake(tmp_path / "chatglm2", {"model_type": "chatglm_v2", "architectures": ["ChatGLMModel"]})
     glm4 = write_fake(tmp_path / "glm4", {"model_type": "glm", "architectures": ["GlmForCausalLM"]})
     cfg = json.load(open(fixture("llama") + "/config.json"))
-    scaled = write_fake(tmp_path / "llama3", dict(cfg, rope_parameters={"rope_type": "llama3", "factor": 8.0}))
+    scaled = write_fake(tmp_path / "yarn", dict(cfg, rope_parameters={"rope_type": "yarn", "factor": 8.0}))
     no_sp = str(tmp_path / "no_sp")
     shutil.copytree(fixture("llama"), no_sp)
     os.remove(os.path.join(no_sp, "tokenizer.model"))
+    os.remove(os.path.join(no_sp, "tokenizer.json"))  # with it, LlamaTokenizerFast reads the folder (test_real_checkpoints.py)
     shard = str(tmp_path / "shard")
     shutil.copytree(fixture("llama-sharded"), shard)
     os.remove(os.path.join(shard, "model-00002-of-00003.safetensors"))
@@ -147,8 +148,8 @@ def test_unreadable_transformers_folders_are_refused_in_one_line(tmp_path, capsy
     cases = [
         (chatglm2, "transformers-format chatglm_v2 checkpoint can't be read: transformers has no ChatGLM2-6B architecture"),
         (glm4, "its own 'glm' model type is GLM-4"),
-        (scaled, "RoPE scaling 'llama3'"),
-        (no_sp, "needs the sentencepiece model tokenizer.model"),
+        (scaled, "rope_parameters rope_type 'yarn' is not supported (paddlellm reproduces 'default', 'linear' and 'llama3')"),
+        (no_sp, "needs the sentencepiece model tokenizer.model or a tokenizer.json"),
         (shard, "model-00002-of-00003.safetensors (listed in its index) is missing"),
     ]
     from paddlellm.commands.predict import main as predict

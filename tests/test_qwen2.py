@@ -1,6 +1,6 @@
 """Qwen2 against the transformers-made tiny Qwen2 (tests/fixtures/hf/qwen2, see make_hf_chat_fixtures.py): its tokenizer
-gives transformers' ids, the family's ChatML format gives the ids of transformers' chat template (without the template's
-default system turn), the label mask of a multi-turn conversation is exact, and greedy generation gives transformers'
+gives transformers' ids, the folder's chat template gives the ids of transformers' apply_chat_template and the family's
+own ChatML format (--chat_template none) the same without the template's default system turn, the label mask of a multi-turn conversation is exact, and greedy generation gives transformers'
 tokens, one prompt at a time and left-padded together. Logits and export-hf are covered in test_hf.py."""
 import json
 import os
@@ -55,29 +55,38 @@ def test_tokenizer_gives_transformers_ids_and_text(qwen2):
 
 
 def test_chatml_prompts_and_label_mask_equal_the_chat_template(qwen2):
+    """The folder's chat template (used by default) gives transformers' apply_chat_template ids exactly, its default
+    system turn and a conversation's own system message included; --chat_template none gives the family's own ChatML,
+    the same ids without the template's default system turn. Both supervise exactly every reply and its <|im_end|>."""
     fam, tok, _ = qwen2
+    own = fam.load_tokenizer(FOLDER, chat_template="none")
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     newline = fam.encode_text(tok, "\n")
     for conv in read("chat.json")["conversations"]:
         src, tgt = turns(conv["messages"])
+        system = conv["messages"][0]["content"] if conv["messages"][0]["role"] == "system" else None
         # the prompt for the final reply: transformers' apply_chat_template(..., add_generation_prompt=True)
-        assert fam.generation_prompt(tok, src, tgt[:-1], 4096) == without_system(conv["prompt_ids"], tok)
-        # the training example: the whole conversation (but the "\n" after the last <|im_end|>), shifted once
-        ex = fam.encode(tok, src, tgt, 4096, 4096)
-        full = without_system(conv["full_ids"], tok)
-        assert full[-2:] == [im_end] + newline
-        assert ex.input_ids == full[:-2] and len(ex.labels) == len(ex.input_ids)
-        # supervised: exactly every reply and its <|im_end|>
-        want = [IGNORE] * len(ex.labels)
-        pos = 0
-        for q, a in zip(src, tgt):
-            prompt = fam.encode_text(tok, ("\n" if pos else "") + f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
-            reply = fam.encode_text(tok, a) + [im_end]
-            pos += len(prompt)
-            want[pos - 1 : pos - 1 + len(reply)] = reply
-            pos += len(reply)
-        assert ex.labels == want
-        assert sum(l != IGNORE for l in ex.labels) == sum(len(fam.encode_text(tok, a)) + 1 for a in tgt)
+        assert fam.generation_prompt(tok, src, tgt[:-1], 4096, system=system) == conv["prompt_ids"]
+        if system is None:
+            assert fam.generation_prompt(own, src, tgt[:-1], 4096) == without_system(conv["prompt_ids"], tok)
+        cases = [(own, without_system(conv["full_ids"], tok))] if system else \
+            [(tok, conv["full_ids"]), (own, without_system(conv["full_ids"], tok))]
+        for t, full in cases:
+            # the training example: the whole conversation (but the "\n" after the last <|im_end|>), shifted once
+            ex = fam.encode(t, src, tgt, 4096, 4096)
+            assert full[-2:] == [im_end] + newline
+            assert ex.input_ids == full[:-2] and len(ex.labels) == len(ex.input_ids)
+            # supervised: exactly every reply and its <|im_end|>
+            want = [IGNORE] * len(ex.labels)
+            pos = len(conv["full_ids"]) - len(without_system(conv["full_ids"], tok)) if t is tok else 0
+            for i, (q, a) in enumerate(zip(src, tgt)):
+                prompt = fam.encode_text(tok, ("\n" if i else "") + f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
+                reply = fam.encode_text(tok, a) + [im_end]
+                pos += len(prompt)
+                want[pos - 1 : pos - 1 + len(reply)] = reply
+                pos += len(reply)
+            assert ex.labels == want
+            assert sum(l != IGNORE for l in ex.labels) == sum(len(fam.encode_text(tok, a)) + 1 for a in tgt)
 
 
 @pytest.mark.parametrize("own_loop", [True, False], ids=["decode_loop", "generate"])

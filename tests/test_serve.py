@@ -44,7 +44,7 @@ def test_parse_openai_forms():
     r = parse_openai({"model": "anything", "user": "u", "messages": [
         {"role": "system", "content": "be brief"}, {"role": "user", "content": "a"}, {"role": "user", "content": [{"type": "text", "text": "b"}]},
         {"role": "assistant", "content": "r"}, {"role": "user", "content": "c"}], "max_tokens": 5, "stop": "\n"}, DEFAULTS, 64)
-    assert (r.user_turns, r.bot_turns, r.max_new_tokens, r.stop) == (["be brief\na\nb", "c"], ["r"], 5, ("\n",))
+    assert (r.user_turns, r.bot_turns, r.max_new_tokens, r.stop, r.system) == (["a\nb", "c"], ["r"], 5, ("\n",), "be brief")
     # OpenAI semantics: no top-k by default, so temperature sampling; temperature 0 is greedy
     assert not parse_openai({"messages": [{"role": "user", "content": "a"}]}, DEFAULTS, 64).sampling.greedy
     assert parse_openai({"messages": [{"role": "user", "content": "a"}], "temperature": 0}, DEFAULTS, 64).sampling.greedy

@@ -181,7 +181,9 @@ def _train(family, model_args, data_args, dpo, training, train_records, dev_reco
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log.setLevel(logging.INFO if training_args.local_rank in (-1, 0) else logging.WARNING)
     try:
-        tokenizer = family.load_tokenizer(model_args.model_name_or_path)
+        tokenizer = family.load_tokenizer(model_args.model_name_or_path, chat_template=model_args.chat_template)
+    except UserError:
+        raise
     except Exception as e:  # a wrong path or name: one line, not paddlenlp's traceback
         raise UserError(f"model_name_or_path {model_args.model_name_or_path!r}: can't load its tokenizer "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

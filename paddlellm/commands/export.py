@@ -303,7 +303,7 @@ def export(args: ExportArgument, base: str, lora_path: Optional[str], prefix_pat
                            "prefix_path": os.path.abspath(prefix_path) if prefix_path else None},
             }
             write_json(os.path.join(stage, META_NAME), static_meta)
-            own = {k: v for k, v in meta.items() if k in ("src_length", "tgt_length", "chat_format")}
+            own = {k: v for k, v in meta.items() if k in ("src_length", "tgt_length", "chat_format", "chat_template")}
             own.update({k: getattr(args, k) for k in ("src_length", "tgt_length") if getattr(args, k)})
             own.update(family=family.name, kind="static", dtype=dtype)
             from ..families import META_FILE

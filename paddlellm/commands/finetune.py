@@ -126,7 +126,9 @@ def _setup(family, model_args, data_args, training, train_records, dev_records, 
     log.setLevel(logging.INFO if training_args.local_rank in (-1, 0) else logging.WARNING)
     source = tokenizer_from or model_args.model_name_or_path
     try:
-        tokenizer = family.load_tokenizer(source)
+        tokenizer = family.load_tokenizer(source, chat_template=model_args.chat_template)
+    except UserError:
+        raise
     except Exception as e:  # a wrong path or name: one line, not paddlenlp's traceback
         raise UserError(f"model_name_or_path {source!r}: can't load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     train_examples, train_stats = (encode_records(family, tokenizer, train_records, data_args.src_length, data_args.tgt_length, "train")
@@ -202,7 +204,8 @@ def _evaluate_only(family, model_args, data_args, gen_args, training, dev_record
     what = f"{base}" + (f" with the LoRA adapters in {lora_path}" if lora_path else f" with the prefix in {prefix_path}" if prefix_path else "")
     log.info(f"evaluation-only run (do_train false): evaluating {what} on the dev set of {data_args.dataset_name_or_path}; "
              f"nothing is trained or saved except the results in {training_args.output_dir}")
-    model, tokenizer, family, _ = load_for_inference(base, lora_path, prefix_path, dtype=m.dtype, family=family)
+    model, tokenizer, family, _ = load_for_inference(base, lora_path, prefix_path, dtype=m.dtype, family=family,
+                                                     chat_template=m.chat_template)
     trainer = build_trainer(model, tokenizer, family, training_args, [], dev_examples, dev_records, data_args, gen_args)
     trainer.guard_run = False  # no training to protect: a failing evaluation is the command's failure
     metrics = trainer.evaluate()

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from ..arguments import UserError, check_can_create, check_sampling, fail, make_dir, parse_args, require_at_least
+from ..chat_template import check_choice as check_chat_template
 from ..files import write_text_atomic
 from ..runtime import select_device
 
@@ -60,6 +61,7 @@ class PredictArgument:
     resume: bool = field(default=False, metadata={"help": "Continue an interrupted run from <output_file>.partial instead of starting over."})
     quant_runtime: str = field(default="float32", metadata={"help": "Quantized folders (paddlellm quant): float32 dequantizes the weights when loading; int8 keeps the integer weights resident and dequantizes each layer during the forward (less memory).", "choices": ["float32", "int8"]})
     mode: Optional[str] = field(default=None, metadata={"help": "dynamic (the default), or static: run a folder written by export_model.py with paddle.inference (chosen by itself for such a folder).", "choices": ["dynamic", "static"]})
+    chat_template: Optional[str] = field(default=None, metadata={"help": "Chat template: a Jinja file, or none for the family's own format. Default: the model folder's own (chat_template.jinja or tokenizer_config.json chat_template) if it has one, else the family's format."})
     inference_model: bool = field(default=False, metadata={"help": "PaddleNLP's fused InferenceModel classes: refused (they need the GPU-only paddlenlp_ops); use --mode static."})
 
 
@@ -78,6 +80,7 @@ def parse(argv=None) -> PredictArgument:
     try:
         require_at_least({name: getattr(args, name) for name in ("batch_size", "src_length", "tgt_length")})
         check_sampling(args.top_k, args.top_p, args.temperature, args.repetition_penalty)
+        check_chat_template(args.chat_template)
     except UserError as e:
         fail(str(e))
     if not 0 <= args.seed < SEED_LIMIT:
@@ -204,7 +207,7 @@ def journal_header(args: PredictArgument, settings: Dict, data_digest: str, coun
         "data_sha256": data_digest,
         "records": count,
         "settings": {k: settings[k] for k in ("model", "lora_path", "prefix_path", "src_length", "tgt_length", "dtype")}
-        | {k: getattr(args, k) for k in ("top_k", "top_p", "temperature", "repetition_penalty", "seed")},
+        | {k: getattr(args, k) for k in ("top_k", "top_p", "temperature", "repetition_penalty", "seed", "chat_template")},
     }
 
 
@@ -420,7 +423,7 @@ def _run(args: PredictArgument, items: List[Item], settings: Dict) -> int:
     try:
         model, tokenizer, family, _ = load_for_inference(settings["model"], settings["lora_path"], settings["prefix_path"],
                                                          settings["dtype"], family=settings["family"], mode=args.mode,
-                                                         quant_runtime=args.quant_runtime)
+                                                         quant_runtime=args.quant_runtime, chat_template=args.chat_template)
     except UserError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as e:

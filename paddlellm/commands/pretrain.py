@@ -452,7 +452,9 @@ def save_outputs(trainer, tokenizer, family, objective, model_args, data_args, e
     trainer.save_final_model(out, "full")  # model.safetensors, like every other command's output
     if not args.should_save:
         return
-    tokenizer.save_pretrained(out)
+    from ..formats.hf import save_tokenizer
+
+    chosen = save_tokenizer(tokenizer, out)  # with its chat template and stop tokens
     base = model_args.model_name_or_path
     write_json(os.path.join(out, META_FILE), {
         "family": family.name,
@@ -460,6 +462,7 @@ def save_outputs(trainer, tokenizer, family, objective, model_args, data_args, e
         "base_model": os.path.abspath(base) if os.path.isdir(base) else base,
         "dtype": model_args.dtype,
         "chat_format": family.name,
+        "chat_template": chosen,
         "pretrain": {"objective": objective, "max_seq_length": data_args.max_seq_length,
                      "continue_training": model_args.continue_training, "steps": trainer.state.global_step},
     })

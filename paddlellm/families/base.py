@@ -117,6 +117,9 @@ class Family:
     # paddlellm.decode_loop reproduces paddlenlp's generate() token for token for this family (tested per
     # family in tests/test_decode_loop.py); False keeps generate() for predict and serve.
     own_decode_loop: bool = True
+    # paddlenlp class that reads a tokenizer.json-only folder (transformers checkpoints without tokenizer.model,
+    # and our outputs of such a tokenizer); None: the family's tokenizer class reads every folder.
+    fast_tokenizer_class: Optional[str] = None
     # This family's config keys of common settings it names otherwise (e.g. Bloom's n_layer for num_hidden_layers):
     # the tiny command's overrides, given by the common names, are written under these keys.
     config_keys: Dict[str, str] = field(default_factory=dict)
@@ -127,13 +130,31 @@ class Family:
         module = importlib.import_module("paddlenlp.transformers")
         return getattr(module, getattr(self, attr))
 
-    def load_tokenizer(self, path: str):
+    def load_tokenizer(self, path: str, chat_template: Optional[str] = None):
+        """The tokenizer of a model folder, carrying the run's chat template and stop tokens.
+
+        chat_template: None = the folder's own template if it has one, "none" = the family's own format, or a
+        template file (see paddlellm/chat_template.py). Prefix-LM families keep their own format (their prompts
+        end with mask tokens a template does not place). The stop tokens: generation_config.json's eos_token_id
+        (one id or a list) besides the family's end-of-reply token."""
+        from .. import chat_template as templates
         from ..formats import hf
 
-        if hf.is_hf_folder(path):  # a transformers folder: read through paddlellm/formats/hf.py
-            return hf.load_tokenizer(self, path)
-        tok = self.paddlenlp_class("tokenizer_class").from_pretrained(path)
-        self.fix_tokenizer(tok)
+        if hf.is_hf_folder(path) or hf.fast_tokenizer_file(self, path):  # transformers / tokenizer.json folders
+            tok = hf.load_tokenizer(self, path)
+        else:
+            tok = self.paddlenlp_class("tokenizer_class").from_pretrained(path)
+            self.fix_tokenizer(tok)
+        if self.prefix_lm:
+            if chat_template and chat_template != templates.NONE:
+                from ..arguments import UserError
+
+                raise UserError(f"--chat_template: the {self.name} family's prompts end with its own mask tokens; "
+                                f"it keeps its own chat format (pass none)")
+            templates.attach(tok, None)
+        else:
+            templates.attach(tok, templates.resolve(chat_template, path))
+        setattr(tok, hf.STOP_ATTR, hf.read_stop_ids(path) if isinstance(path, str) else [])
         return tok
 
     def fix_tokenizer(self, tokenizer) -> None:
@@ -255,6 +276,15 @@ class Family:
         """The token that ends a generated reply."""
         return self.reply_end_ids(tokenizer)[-1]
 
+    def stop_token_ids(self, tokenizer) -> List[int]:
+        """Every token that ends a generated reply: stop_token_id first, then the model folder's
+        generation_config.json eos_token_id ones (e.g. Llama 3's <|eot_id|> and <|eom_id|>)."""
+        out = [self.stop_token_id(tokenizer)]
+        for t in getattr(tokenizer, "paddlellm_stop_ids", None) or []:
+            if t not in out:
+                out.append(t)
+        return out
+
     def encode_text(self, tokenizer, text: str) -> List[int]:
         """Plain token ids of a piece of text, without any special tokens."""
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -268,6 +298,10 @@ class Family:
         `src_length` tokens: the oldest whole turns are dropped first, then the final prompt loses its
         beginning. Causal families supervise every kept reply; prefix-LM families supervise the final one.
         """
+        from .. import chat_template as templates
+
+        if templates.of(tokenizer) is not None:
+            return self._encode_with_template(tokenizer, src, tgt, src_length, tgt_length)
         ids, sup, truncated = self._context(tokenizer, src, tgt[:-1], src_length)
         final_reply = self.encode_text(tokenizer, tgt[-1]) + self.reply_end_ids(tokenizer)
         if len(final_reply) > tgt_length:
@@ -322,9 +356,62 @@ class Family:
         """Attach positions (hook: 2-D position families override)."""
         return Example(input_ids, labels, list(range(len(input_ids))), prefix_len, None, truncated)
 
-    def generation_prompt(self, tokenizer, src: Sequence[str], history: Sequence[str], src_length: int) -> List[int]:
-        """Token ids of the prompt for generating the reply to src[-1]; history holds the earlier replies."""
-        return self._context(tokenizer, src, history, src_length)[0]
+    def generation_prompt(self, tokenizer, src: Sequence[str], history: Sequence[str], src_length: int,
+                          system: Optional[str] = None) -> List[int]:
+        """Token ids of the prompt for generating the reply to src[-1]; history holds the earlier replies.
+
+        system: a system message; with a chat template it is the template's system message, in the family's
+        own format (which has no system slot) it opens the first prompt, on a line of its own."""
+        from .. import chat_template as templates
+
+        template = templates.of(tokenizer)
+        if template is None:
+            if system:
+                src = ["\n".join([system, src[0]])] + list(src[1:])
+            return self._context(tokenizer, src, history, src_length)[0]
+        tokens = templates.special_tokens(tokenizer)
+        for first in range(len(src)):  # the oldest whole turns go first (re-rendered: a system message stays)
+            msgs = templates.ChatTemplate.messages(src[first:], history[first:], system)
+            ids = self.encode_text(tokenizer, template.render(msgs, True, tokens))
+            if len(ids) <= src_length:
+                return ids
+        return ids[-src_length:]  # the final prompt alone is too long: it loses its beginning
+
+    # ------------------------------------------------------------------ chat templates (paddlellm/chat_template.py)
+    def _template_context(self, tokenizer, src, history, system=None):
+        """[(ids, supervised)] pieces of the conversation up to the final prompt, plus the final reply's piece."""
+        from .. import chat_template as templates
+
+        template = templates.of(tokenizer)
+        pieces = template.pieces(src, history, templates.special_tokens(tokenizer), system)
+        return templates.encode_pieces(pieces, lambda t: self.encode_text(tokenizer, t), self.stop_token_ids(tokenizer))
+
+    def _encode_with_template(self, tokenizer, src, tgt, src_length: int, tgt_length: int, system=None) -> Optional[Example]:
+        """encode() through the tokenizer's chat template: the same truncation rules, the replies supervised up
+        to and including their end-of-turn token (what the template puts after it is context)."""
+        truncated = False
+        for first in range(len(src)):  # the oldest whole turns go first (re-rendered: a system message stays)
+            pieces = self._template_context(tokenizer, src[first:], tgt[first:], system)
+            context = pieces[:-1]
+            if sum(len(ids) for ids, _ in context) <= src_length:
+                break
+            truncated = True
+        ids = [t for p, _ in context for t in p]
+        sup = [s and not self.prefix_lm for _, f in context for s in f]
+        if len(ids) > src_length:  # the final prompt alone is too long: it loses its beginning
+            ids, sup, truncated = ids[-src_length:], sup[-src_length:], True
+        reply, flags = pieces[-1]
+        n = sum(flags)  # the supervised part (the reply and its end-of-turn token); the rest is the next turn's context
+        if n > tgt_length:
+            n, truncated = tgt_length, True
+        prefix_len = len(ids) if self.prefix_lm else 0
+        ids += reply[:n]
+        sup += [True] * n
+        if not any(sup[1:]):
+            return None
+        labels = [t if s else IGNORE for t, s in zip(ids[1:], sup[1:])]
+        input_ids = ids[:-1]
+        return self.make_example(input_ids, labels, min(prefix_len, len(input_ids)), truncated)
 
     # ------------------------------------------------------------------ batches
     def build_batch(self, rows: List[List[Example]], pad_id: int, seq_len: Optional[int] = None) -> Dict[str, np.ndarray]:

@@ -6,15 +6,18 @@ class LlamaFamily(Family):
     def fix_tokenizer(self, tokenizer) -> None:
         # LLaMA has no pad token; PaddleNLP's llm scripts pad with <unk> (id 0), never with </s>,
         # so a padded position can't be mistaken for the end of a reply.
+        # A tokenizer.json checkpoint may have no <unk> either (Llama 3): pad with the end-of-sequence token then.
         if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.unk_token
+            tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+
+    def bos_ids(self, tokenizer):
+        # A tokenizer.json checkpoint that opens no sequence with a BOS (SmolLM2) gets none in the own format either.
+        return super().bos_ids(tokenizer) if getattr(tokenizer, "add_bos_token", True) else []
 
     # transformers LlamaForCausalLM: paddlenlp's own converter mapping (names, Linear transposes) is right.
     def hf_config_to_paddle(self, hf):
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind != "default":
-            raise ValueError(f"RoPE scaling {kind!r} (rope_parameters/rope_scaling) is not supported")
+        rope_kwargs = self._rope_to_paddle(rope, "rope_parameters" if hf.get("rope_parameters") else "rope_scaling")
         if hf.get("attention_bias") or hf.get("mlp_bias"):
             raise ValueError("attention_bias/mlp_bias: paddlenlp's LLaMA has no biases")
         if hf.get("hidden_act", "silu") != "silu":
@@ -28,7 +31,25 @@ class LlamaFamily(Family):
         out["num_key_value_heads"] = hf.get("num_key_value_heads") or heads
         out["rope_theta"] = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         out["seq_length"] = hf.get("max_position_embeddings", 2048)
+        out.update(rope_kwargs)
         return out
+
+    # transformers rope types paddlenlp's LlamaAttention._init_rope reproduces: "llama3" (Llama 3.1/3.2) through
+    # its rope_scaling dict, "linear" through rope_scaling_type + rope_scaling_factor.
+    LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+    def _rope_to_paddle(self, rope, where: str):
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind == "default":
+            return {}
+        if kind == "linear":
+            return {"rope_scaling_type": "linear", "rope_scaling_factor": float(rope["factor"])}
+        if kind == "llama3":
+            missing = [k for k in self.LLAMA3_KEYS if k not in rope]
+            if missing:
+                raise ValueError(f"{where} of type 'llama3' lacks {', '.join(missing)}")
+            return {"rope_scaling": {"rope_type": "llama3", **{k: rope[k] for k in self.LLAMA3_KEYS}}}
+        raise ValueError(f"{where} rope_type {kind!r} is not supported (paddlellm reproduces 'default', 'linear' and 'llama3')")
 
     def hf_config_from_paddle(self, config):
         keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -36,6 +57,13 @@ class LlamaFamily(Family):
                 "bos_token_id", "eos_token_id", "pad_token_id")
         out = {k: getattr(config, k) for k in keys}
         out.update(hidden_act="silu", attention_bias=False, mlp_bias=False)
+        scaling = getattr(config, "rope_scaling", None)
+        if isinstance(scaling, dict) and scaling.get("rope_type") == "llama3":
+            out["rope_scaling"] = {"rope_type": "llama3", **{k: scaling[k] for k in self.LLAMA3_KEYS}}
+        elif getattr(config, "rope_scaling_type", None) == "linear":
+            out["rope_scaling"] = {"rope_type": "linear", "factor": float(config.rope_scaling_factor)}
+        elif getattr(config, "rope_scaling_type", None) is not None:
+            raise ValueError(f"rope_scaling_type {config.rope_scaling_type!r} has no transformers equivalent here")
         return out
 
     def hf_tokenizer_config(self, tokenizer):
@@ -58,6 +86,7 @@ FAMILY = LlamaFamily(
     config_class="LlamaConfig",
     model_class="LlamaForCausalLM",
     tokenizer_class="LlamaTokenizer",
+    fast_tokenizer_class="LlamaTokenizerFast",
     tokenizer_kind="sentencepiece",
     tokenizer_files={"vocab_file": "sentencepiece.bpe.model"},
     special_tokens={"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"},

@@ -84,8 +84,9 @@ def unsupported_layers(inner, base, attention_class, rotary_class) -> Optional[s
     if not isinstance(attn, attention_class) or getattr(attn, "kv_indices", None) is not None \
             or getattr(attn, "reshard_layer", None) is not None:
         return "an attention layer of another kind"
-    if type(attn.rotary_emb) is not rotary_class:
-        return f"rotary embedding {type(attn.rotary_emb).__name__}"  # scaled variants: left to paddlenlp
+    if not isinstance(attn.rotary_emb, rotary_class) or type(attn.rotary_emb).forward is not rotary_class.forward:
+        # linear and llama3 scaling only change the precomputed table (read through forward); dynamic NTK does not
+        return f"rotary embedding {type(attn.rotary_emb).__name__}"
     if base.embed_tokens.weight.dtype != paddle.float32:
         return "weights not float32"
     return None

@@ -86,8 +86,8 @@ def _cached_rotary_tables(self, x, seq_len=None):
 
 class Qwen2Family(Family):
     # ------------------------------------------------------------------ tokenizer
-    def load_tokenizer(self, path: str):
-        tok = super().load_tokenizer(path)
+    def load_tokenizer(self, path: str, chat_template=None):
+        tok = super().load_tokenizer(path, chat_template=chat_template)
         vocab = tok.get_vocab()
         _register_added_tokens(tok, [t for t in hf_added_tokens(path) if t in vocab])
         return tok

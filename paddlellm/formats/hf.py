@@ -14,6 +14,7 @@ layout, tokenizer files. Families without a transformers architecture of the sam
 from __future__ import annotations
 
 import atexit
+import importlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import shutil
 import struct
 import sys
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ..arguments import UserError
 from ..files import write_json as _write_json
@@ -315,15 +316,20 @@ def _bpe_files(path: str):
 
 
 def load_tokenizer(family, path: str):
-    """The family's paddlenlp tokenizer built from a transformers folder's tokenizer files and special tokens."""
-    check_folder(family, path)
+    """The family's paddlenlp tokenizer built from a transformers folder's tokenizer files and special tokens,
+    or from a folder whose tokenizer is a fast tokenizer.json only (see fast_tokenizer_file)."""
+    if is_hf_folder(path):
+        check_folder(family, path)
+    fast = fast_tokenizer_file(family, path)
+    if fast:
+        return load_fast_tokenizer(family, path, fast)
     cls = family.paddlenlp_class("tokenizer_class")
     special = {k: v for k, v in special_tokens(path).items() if k in family.special_tokens or k == "pad_token"}
     if family.tokenizer_kind == "sentencepiece":
         model_file = os.path.join(path, "tokenizer.model")
         if not os.path.isfile(model_file):
-            raise UserError(f"{path}: the {family.name} tokenizer needs the sentencepiece model tokenizer.model, which this "
-                            f"folder lacks (paddlenlp's {family.tokenizer_class} can't read tokenizer.json)")
+            raise UserError(f"{path}: the {family.name} tokenizer needs the sentencepiece model tokenizer.model or a "
+                            f"tokenizer.json, which this folder lacks")
         (arg,) = family.tokenizer_files
         tok = cls(**{arg: model_file}, **special)
     else:
@@ -336,14 +342,148 @@ def load_tokenizer(family, path: str):
     return tok
 
 
+# --------------------------------------------------------------------------- fast tokenizers (tokenizer.json)
+TOKENIZER_JSON = "tokenizer.json"
+
+
+def fast_tokenizer_file(family, path) -> Optional[str]:
+    """tokenizer.json of a folder whose tokenizer is read by the family's fast class: the family declares one
+    (fast_tokenizer_class), and the folder has tokenizer.json but none of the slow tokenizer's files (a
+    transformers checkpoint without tokenizer.model, or our own output of such a tokenizer). Else None."""
+    if not getattr(family, "fast_tokenizer_class", None) or not isinstance(path, str) or not os.path.isdir(path):
+        return None
+    tj = os.path.join(path, TOKENIZER_JSON)
+    slow = set(family.tokenizer_files.values()) | ({"tokenizer.model"} if family.tokenizer_kind == "sentencepiece" else set())
+    if not os.path.isfile(tj) or any(os.path.isfile(os.path.join(path, n)) for n in slow):
+        return None
+    return tj
+
+
+def _processor_specials(proc) -> Tuple[List[str], List[str]]:
+    """(tokens before $A, tokens after $A) that a tokenizer.json post-processor adds to a single sequence."""
+    if not proc:
+        return [], []
+    kind = proc.get("type")
+    if kind == "Sequence":
+        before, after = [], []
+        for p in proc.get("processors") or []:
+            b, a = _processor_specials(p)
+            before, after = b + before, after + a
+        return before, after
+    if kind == "TemplateProcessing":
+        before, after, seen = [], [], False
+        for piece in proc.get("single") or []:
+            if "Sequence" in piece:
+                seen = True
+            elif "SpecialToken" in piece:
+                (after if seen else before).append(piece["SpecialToken"]["id"])
+        return before, after
+    if kind in ("BertProcessing", "RobertaProcessing"):
+        return [proc["cls"][0]], [proc["sep"][0]]
+    return [], []  # ByteLevel and the like add no token
+
+
+def load_fast_tokenizer(family, path: str, tokenizer_json: str):
+    """The family's paddlenlp fast tokenizer (e.g. LlamaTokenizerFast) of a tokenizer.json, giving the ids
+    transformers gives for the same folder.
+
+    paddlenlp's LlamaTokenizerFast opens every sequence with a BOS by default, and its __init__ replaces the
+    file's post-processor by its own (update_post_processor). The checkpoint decides instead:
+    tokenizer_config.json's add_bos_token / add_eos_token when it has them, else whether the file's own
+    post-processor puts a special token before / after the text. When the two agree, the file's post-processor
+    is put back, so encoding follows it exactly and a saved or exported tokenizer.json keeps it."""
+    from tokenizers import Tokenizer
+
+    try:
+        with open(tokenizer_json, encoding="utf-8") as f:
+            spec = json.load(f)
+        backend = Tokenizer.from_file(tokenizer_json)
+    except Exception as e:
+        raise UserError(f"{tokenizer_json}: not a readable tokenizer.json ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    cfg_path = os.path.join(path, "tokenizer_config.json")
+    cfg = {}
+    if os.path.isfile(cfg_path):
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    before, after = _processor_specials(spec.get("post_processor"))
+    add_bos = bool(cfg["add_bos_token"]) if cfg.get("add_bos_token") is not None else bool(before)
+    add_eos = bool(cfg["add_eos_token"]) if cfg.get("add_eos_token") is not None else bool(after)
+    special = special_tokens(path)
+    if before and not special.get("bos_token"):
+        special["bos_token"] = before[-1]
+    if after and not special.get("eos_token"):
+        special["eos_token"] = after[0]
+    for flag, on, name in (("add_bos_token", add_bos, "bos_token"), ("add_eos_token", add_eos, "eos_token")):
+        if on and not special.get(name):
+            raise UserError(f"{path}: {flag} is set but the tokenizer names no {name} (tokenizer_config.json)")
+    kwargs = {k: special.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}  # None: the file has none
+    cls = getattr(importlib.import_module("paddlenlp.transformers"), family.fast_tokenizer_class)
+    tok = cls(tokenizer_file=tokenizer_json, add_bos_token=add_bos, add_eos_token=add_eos, **kwargs)
+    if bool(before) == add_bos and bool(after) == add_eos and backend.post_processor is not None:
+        tok._tokenizer.post_processor = backend.post_processor  # the file's own (see the docstring)
+    family.fix_tokenizer(tok)
+    return tok
+
+
+def is_fast(tokenizer) -> bool:
+    """Whether a paddlenlp tokenizer is a fast one (backed by a `tokenizers` Tokenizer)."""
+    return hasattr(tokenizer, "_tokenizer") and hasattr(tokenizer._tokenizer, "post_processor")
+
+
+# --------------------------------------------------------------------------- stop tokens and saving
+STOP_ATTR = "paddlellm_stop_ids"  # the generation_config.json eos ids a tokenizer carries
+GENERATION_CONFIG = "generation_config.json"
+
+
+def read_stop_ids(path: str) -> List[int]:
+    """generation_config.json's eos_token_id of a folder (one id or a list), as a list ([] without one)."""
+    p = os.path.join(path, GENERATION_CONFIG) if isinstance(path, str) else ""
+    if not p or not os.path.isfile(p):
+        return []
+    try:
+        with open(p, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+    except (OSError, ValueError):
+        return []
+    ids = eos if isinstance(eos, list) else [eos]
+    return [int(i) for i in ids if isinstance(i, int)]
+
+
+def save_tokenizer(tokenizer, out: str) -> str:
+    """tokenizer.save_pretrained(out), plus what it leaves out: the chat template (chat_template.jinja) and the
+    stop tokens (merged into out/generation_config.json; call it after the model is saved). Returns what to
+    record in paddlellm_meta.json as "chat_template" (where the template came from, or "none")."""
+    from .. import chat_template
+
+    tokenizer.save_pretrained(out)
+    chosen = chat_template.save(tokenizer, out)
+    write_stop_ids(out, getattr(tokenizer, STOP_ATTR, None) or [])
+    return chosen
+
+
+def write_stop_ids(out: str, stops: List[int]) -> None:
+    if len(stops) < 2:
+        return  # one stop token: the config's eos_token_id says it
+    p = os.path.join(out, GENERATION_CONFIG)
+    gen = {}
+    if os.path.isfile(p):
+        with open(p, encoding="utf-8") as f:
+            gen = json.load(f)
+    gen["eos_token_id"] = list(stops)
+    _write_json(p, gen)
+
+
 # --------------------------------------------------------------------------- export
 def write_tokenizer(family, tokenizer, out: str) -> None:
     """Tokenizer files transformers' AutoTokenizer reads: tokenizer.model (sentencepiece) or vocab.json +
     merges.txt + tokenizer.json (byte-level BPE), tokenizer_config.json and special_tokens_map.json."""
     tmp = tempfile.mkdtemp(prefix="paddlellm-tok-")
+    fast = is_fast(tokenizer)
     try:
         tokenizer.save_pretrained(tmp)
-        if family.tokenizer_kind == "sentencepiece":
+        if fast:  # tokenizer.json as is: vocabulary, added tokens, normalizer, pre-tokenizer and post-processor
+            shutil.copy(os.path.join(tmp, TOKENIZER_JSON), os.path.join(out, TOKENIZER_JSON))
+        elif family.tokenizer_kind == "sentencepiece":
             (name,) = family.tokenizer_files.values()
             shutil.copy(os.path.join(tmp, name), os.path.join(out, "tokenizer.model"))
         else:
@@ -359,9 +499,22 @@ def write_tokenizer(family, tokenizer, out: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     special = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if getattr(tokenizer, k, None)}
     cfg = dict(special, model_max_length=int(min(getattr(tokenizer, "model_max_length", 10 ** 6) or 10 ** 6, 10 ** 9)))
-    cfg.update(family.hf_tokenizer_config(tokenizer))
+    if fast:
+        # transformers' PreTrainedTokenizerFast encodes with tokenizer.json's post-processor (which the fast
+        # loader kept or built to match add_bos_token / add_eos_token)
+        cfg.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=bool(tokenizer.add_bos_token),
+                   add_eos_token=bool(tokenizer.add_eos_token))
+    else:
+        cfg.update(family.hf_tokenizer_config(tokenizer))
+    from .. import chat_template
+
+    template = chat_template.of(tokenizer)
+    if template is not None:  # transformers 5 reads chat_template.jinja, older versions tokenizer_config.json
+        cfg["chat_template"] = template.text
+        chat_template.save(tokenizer, out)
     _write_json(os.path.join(out, "tokenizer_config.json"), cfg)
     _write_json(os.path.join(out, "special_tokens_map.json"), special)
+    write_stop_ids(out, getattr(tokenizer, STOP_ATTR, None) or [])
 
 
 def _write_tokenizer_json(out: str, tokenizer, add_bos: bool = False) -> None:

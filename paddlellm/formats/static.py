@@ -226,7 +226,7 @@ def build_shell(family, path: str, meta: Dict):
     return model
 
 
-def load_static(path: str, family, tokenizer_path: Optional[str] = None):
+def load_static(path: str, family, tokenizer_path: Optional[str] = None, chat_template: Optional[str] = None):
     """(shell model with the static forward, tokenizer) of an export folder."""
     meta = read_static_meta(path)
     predictor, config = create_predictor(path, meta)
@@ -242,5 +242,5 @@ def load_static(path: str, family, tokenizer_path: Optional[str] = None):
         model.eval()
     # object.__setattr__: paddle's Layer.__setattr__ would otherwise wrap or refuse a plain callable.
     object.__setattr__(shell, "forward", StaticForward(predictor, config, meta))
-    tokenizer = family.load_tokenizer(tokenizer_path or path)
+    tokenizer = family.load_tokenizer(tokenizer_path or path, chat_template=chat_template)
     return model, tokenizer

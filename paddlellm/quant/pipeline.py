@@ -193,7 +193,7 @@ def _write_folder(out, plan, model, tensors, result, wrappers, data_args, q, mod
         write_json(os.path.join(stage, "weight_scales.json"), result.weight_scales)
         if plan.a8:
             write_json(os.path.join(stage, "act_scales.json"), result.act_scales)
-        meta = {k: v for k, v in plan.meta.items() if k in ("chat_format",)}
+        meta = {k: v for k, v in plan.meta.items() if k in ("chat_format", "chat_template")}
         meta.update(family=family.name, kind="quantized", quant_type=plan.quant_type, method=plan.method, dtype="float32",
                     src_length=plan.meta.get("src_length") or data_args.src_length,
                     tgt_length=plan.meta.get("tgt_length") or data_args.tgt_length,

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from ..arguments import UserError, check_sampling, fail, parse_args, require_at_least
+from ..chat_template import check_choice as check_chat_template
 from . import responses
 from .engine import Channel, Engine
 from .scheduler import Request, RequestGroup, Scheduler
@@ -67,6 +68,7 @@ class ServeArgument:
     title: str = field(default="paddlellm chat", metadata={"help": "Title of the chat UI page."})
     model_name: Optional[str] = field(default=None, metadata={"help": "Model name reported by the OpenAI endpoints (default: the model folder's name)."})
     api_key: Optional[str] = field(default=None, metadata={"help": "Require this key on every endpoint (header 'Authorization: Bearer KEY' or 'X-API-Key: KEY'; the UI asks for it as the password). Default: $PADDLELLM_API_KEY, else no key."})
+    chat_template: Optional[str] = field(default=None, metadata={"help": "Chat template: a Jinja file, or none for the family's own format. Default: the model folder's own (chat_template.jinja or tokenizer_config.json chat_template) if it has one, else the family's format."})
     max_batch_size: int = field(default=8, metadata={"help": "Most requests generated together in one batch (same sampling parameters)."})
     max_queue: int = field(default=64, metadata={"help": "Most requests waiting for the model; more are answered 429."})
     batch_wait_ms: float = field(default=5.0, metadata={"help": "How long the model thread waits for more compatible requests before starting a batch that is not full."})
@@ -380,6 +382,7 @@ def check_args(args: ServeArgument) -> None:
     if args.max_logprobs < 0:
         raise UserError(f"--max_logprobs must be >= 0, got {args.max_logprobs}")
     check_sampling(args.top_k, args.top_p, args.temperature, args.repetition_penalty)  # the defaults of every request
+    check_chat_template(args.chat_template)
     if args.batch_wait_ms < 0 or args.debug_step_delay < 0:
         raise UserError("--batch_wait_ms and --debug_step_delay must be >= 0")
 
@@ -481,7 +484,7 @@ def load_engine(args: ServeArgument, world: int) -> Engine:
 
     try:
         model, tokenizer, family, _ = load_for_inference(args.model_name_or_path, args.lora_path, args.prefix_path, args.dtype,
-                                                         mode=args.mode, quant_runtime=args.quant_runtime)
+                                                         mode=args.mode, quant_runtime=args.quant_runtime, chat_template=args.chat_template)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot load the model: {type(e).__name__}: {e}") from None
     return Engine(model, tokenizer, family, args.src_length, channel, args.debug_step_delay)

@@ -74,14 +74,14 @@ class _BatchSink:
 
     def feed(self, cols) -> None:
         """Take in new generated steps: cols is [batch, k] token ids."""
-        stop = self.engine.stop_id
+        stops = self.engine.stop_ids
         for b, req in enumerate(self.reqs):
             if self.done[b]:
                 continue
             natural_stop = False
             for j, t in enumerate(cols[b]):
                 t = int(t)
-                if t == stop:
+                if t in stops:
                     natural_stop = True
                     break
                 self.tokens[b].append(t)
@@ -211,7 +211,8 @@ class Engine:
         self.src_length = src_length
         self.channel = channel
         self.step_delay = step_delay
-        self.stop_id = family.stop_token_id(tokenizer)
+        self.stop_ids = family.stop_token_ids(tokenizer)  # any of them ends a reply (generation_config eos lists)
+        self.stop_id = self.stop_ids[0]  # the one a row forced to end is given
         _cache_special_ids(tokenizer)
         self.lock = threading.Lock()  # the tokenizer is shared by HTTP threads and the model thread
         self.scheduler: Optional[Scheduler] = None
@@ -239,7 +240,8 @@ class Engine:
                                     "its prompt attends bidirectionally", "echo")
         else:
             with self.lock:
-                prompt = self.family.generation_prompt(self.tokenizer, chat.user_turns, chat.bot_turns, self.src_length)
+                prompt = self.family.generation_prompt(self.tokenizer, chat.user_turns, chat.bot_turns, self.src_length,
+                                                       system=chat.system)
             if self.max_positions:  # never generate past the position table
                 max_new = max(1, min(max_new, self.max_positions - len(prompt)))
 
@@ -427,7 +429,7 @@ class Engine:
         inputs = {k: paddle.to_tensor(v) for k, v in self.family.generation_inputs(self.tokenizer, prompts, **extra).items()}
         origin_len = inputs["input_ids"].shape[1]
         # max_length too: paddlenlp replaces a max_new_tokens equal to its default (20) by the model's max_length.
-        kwargs: Dict[str, Any] = dict(max_new_tokens=max(max_new), max_length=max(max_new), eos_token_id=self.stop_id,
+        kwargs: Dict[str, Any] = dict(max_new_tokens=max(max_new), max_length=max(max_new), eos_token_id=self.stop_ids if len(self.stop_ids) > 1 else self.stop_id,
                                       pad_token_id=self.tokenizer.pad_token_id, use_cache=True, repetition_penalty=s.repetition_penalty)
         if s.greedy:
             kwargs["decode_strategy"] = "greedy_search"

@@ -57,6 +57,7 @@ class ChatRequest:
     echo: bool = False  # /v1/completions: the reply starts with the prompt (and its log-probabilities)
     prompt_text: Optional[str] = None  # /v1/completions: raw prompt text (no chat format), encoded with special tokens
     prompt_ids: Optional[List[int]] = None  # /v1/completions: the prompt as token ids
+    system: Optional[str] = None  # system message(s), joined by newlines (Family.generation_prompt places it)
 
     @property
     def raw(self) -> bool:
@@ -191,8 +192,9 @@ def _message_text(content, where: str) -> str:
 
 
 def parse_openai(data: Dict, defaults: Sampling, max_length: int, max_logprobs: int = 20) -> ChatRequest:
-    """POST /v1/chat/completions: messages of role system/user/assistant. System messages are put before
-    the first user message (the chat formats have no system slot); consecutive messages of one role are
+    """POST /v1/chat/completions: messages of role system/user/assistant. System messages go to the model's
+    chat template as its system message, or before the first user message in a family's own format (which
+    has no system slot; see Family.generation_prompt); consecutive messages of one role are
     joined with a newline. `n` replies; `logprobs` (true/false) with `top_logprobs` alternatives (at most
     max_logprobs). Unknown fields (model, user, ...) are ignored."""
     messages = data.get("messages")
@@ -216,8 +218,6 @@ def parse_openai(data: Dict, defaults: Sampling, max_length: int, max_logprobs: 
         raise ApiError(400, "the conversation must start with a user message (after any system message)")
     if turns[-1][0] != "user":
         raise ApiError(400, "the last message must be a user message")
-    if system:
-        turns[0][1] = "\n".join(system + [turns[0][1]])
     n, stream, stop = _openai_common(data)
     logprobs = None
     if _flag(data, "logprobs"):
@@ -229,7 +229,7 @@ def parse_openai(data: Dict, defaults: Sampling, max_length: int, max_logprobs: 
     openai_defaults = dataclasses.replace(defaults, top_k=0)
     max_new, sampling = parse_sampling(data, openai_defaults, max_length, ("max_completion_tokens", "max_tokens"))
     return ChatRequest([t for r, t in turns if r == "user"], [t for r, t in turns if r == "assistant"], max_new, sampling, stream, stop,
-                       n=n, logprobs=logprobs)
+                       n=n, logprobs=logprobs, system="\n".join(system) if system else None)
 
 
 def _openai_common(data: Dict) -> Tuple[int, bool, Tuple[str, ...]]:
