@@ -343,7 +343,10 @@ def merge_tp(folder: str, out: str, dtype: Optional[str] = None, with_tokenizer:
     else:
         actions = (lora_actions if kind == "lora" else tp_actions)(model_class, config, keys, degree)
     for key, same in family.tp_tied_keys.items():  # a tied weight saved under a second name (GPT's lm_head)
-        if key in keys and same in actions and key not in actions:
+        # split like its twin in a Trainer's TP save; a shard holding the whole tensor (as paddlenlp's own split
+        # mappings, which leave the name out, cut it) is replicated and taken from rank 0
+        if key in keys and same in actions and key not in actions and \
+                list(shards[0][key].shape) == list(shards[0][same].shape):
             actions[key] = actions[same]
     with progress_bar(len(keys), "merge-tp: merging", "tensor") as bar:
         state = merge_state(shards, actions, on_tensor=lambda: bar.update(1))

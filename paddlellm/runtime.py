@@ -97,16 +97,16 @@ def check_training_device(training: Dict, dtype: str = "float32", family=None) -
     if pp > 1 and family is not None and not family.pipe_model_class:
         raise UserError(f"--pipeline_parallel_degree {pp}: paddlenlp has no pipeline-parallel model class for the {family.name} "
                         "family; use tensor_parallel_degree or data parallel instead")
-    world = int(os.environ.get("PADDLE_TRAINERS_NUM") or 1)  # processes paddle.distributed.launch started
-    if tp * pp > 1 and world % (tp * pp):
-        what = " x ".join(f"--{k}_parallel_degree {d}" for k, d in (("tensor", tp), ("pipeline", pp)) if d > 1)
-        raise UserError(f"{what}: the model is split over {tp * pp} processes but this run has {world}; start it with "
-                        f"python -m paddle.distributed.launch --nproc_per_node {tp * pp} finetune_generation.py ...")
     for key in ("tensor_parallel_degree", "sharding_parallel_degree"):
         if key == "tensor_parallel_degree" and family is not None:
             continue
         if int(training.get(key, 1) or 1) > 1 and not gpu:
             raise UserError(f"--{key} {training[key]}: tensor and sharding parallelism need GPUs (paddlepaddle-gpu); on CPU use data parallel: python -m paddle.distributed.launch --nproc_per_node N ...")
+    world = int(os.environ.get("PADDLE_TRAINERS_NUM") or 1)  # processes paddle.distributed.launch started
+    if tp * pp > 1 and world % (tp * pp):
+        what = " x ".join(f"--{k}_parallel_degree {d}" for k, d in (("tensor", tp), ("pipeline", pp)) if d > 1)
+        raise UserError(f"{what}: the model is split over {tp * pp} processes but this run has {world}; start it with "
+                        f"python -m paddle.distributed.launch --nproc_per_node {tp * pp} finetune_generation.py ...")
     for flag in ("fp16", "bf16"):
         if training.get(flag) and not gpu:
             # the shipped configs set fp16: true for GPUs; say exactly which override turns it off
