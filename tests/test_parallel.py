@@ -119,10 +119,11 @@ def tp_runs(tiny_dir, step_data_dir, tmp_path_factory):
 
 def merged(tp_folder):
     """merge_tp_params.py's output for a TP output folder (merged once per folder)."""
+    from paddlellm.commands.merge import main_tp  # merge_tp_params.py's entry, in this process (the script: test_merge)
+
     out = tp_folder + "_merged"
     if not os.path.isdir(out):
-        run_cmd([sys.executable, os.path.join(ROOT, "merge_tp_params.py"), "--model_name_or_path", tp_folder,
-                 "--merge_model_path", out], env={"PADDLELLM_NO_PROGRESS": "1"}, timeout=300)
+        assert main_tp(["--model_name_or_path", tp_folder, "--merge_model_path", out]) == 0
     return out
 
 

@@ -217,7 +217,7 @@ def test_greedy_chat_replies_equal_transformers_generate(name, tmp_path):
             f.write(json.dumps({"src": users, "tgt": replies[:-1]} if len(users) > 1 else {"src": users[0]}) + "\n")
     out = tmp_path / "out.json"
     run_cmd([sys.executable, "predict_generation.py", "--model_name_or_path", folder, "--data_file", str(data),
-             "--output_file", str(out), "--tgt_length", "12", "--src_length", "128"])
+        "--output_file", str(out), "--tgt_length", "12", "--src_length", "128"])
     got = [json.loads(l)["output"] for l in out.read_text().splitlines()]
     assert got == [c["generate_text"].replace("<|im_end|>", "").strip() for c in rows]
 
@@ -295,7 +295,7 @@ def test_lora_on_chat_template_checkpoint_merges_and_exports_back(tmp_path):
 def tiny_chat(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tiny_chat") / "m")
     run_cmd([sys.executable, "-m", "paddlellm.cli", "tiny", "--family", "llama", "--output", out, "--tokenizer_format", "json",
-             "--chat_template", "chatml", "--num_key_value_heads", "2", "--tie_word_embeddings", "true"])
+        "--chat_template", "chatml", "--num_key_value_heads", "2", "--tie_word_embeddings", "true"])
     return out
 
 
@@ -317,27 +317,30 @@ def test_tiny_has_the_shape_of_a_real_checkpoint(tiny_chat, llama_family):
 def test_every_command_on_a_tokenizer_json_chat_model(tiny_chat, tmp_path):
     """SFT, predict, quant, static export (and predict on it), serve's chat and prepare-pretrain on a tiny model
     with a tokenizer.json only, a ChatML template, GQA and tied embeddings: each output keeps the template."""
+    from paddlellm.cli import run_command
     from paddlellm.loading import load_for_inference
 
-    py = sys.executable
+    def run(command, *argv):  # in this process, as the scripts call it (paddle's import paid once)
+        assert run_command(command, list(argv)) == 0
+
     sft = str(tmp_path / "sft")
-    run_cmd([py, "finetune_generation.py", "--model_name_or_path", tiny_chat, "--dataset_name_or_path", os.path.join(ROOT, "data"),
-             "--output_dir", sft, "--max_steps", "2", "--per_device_train_batch_size", "4", "--evaluation_strategy", "no",
-             "--save_strategy", "no", "--disable_tqdm", "true", "--src_length", "32", "--tgt_length", "8"])
+    run("finetune", "--model_name_or_path", tiny_chat, "--dataset_name_or_path", os.path.join(ROOT, "data"),
+        "--output_dir", sft, "--max_steps", "2", "--per_device_train_batch_size", "4", "--evaluation_strategy", "no",
+        "--save_strategy", "no", "--disable_tqdm", "true", "--src_length", "32", "--tgt_length", "8")
     data = tmp_path / "in.json"
     data.write_text(json.dumps({"src": ["spell: 1", "spell: 2"], "tgt": ["one"]}) + "\n")
     outs = {}
     quant = str(tmp_path / "quant")
-    run_cmd([py, "-m", "paddlellm.cli", "quant", "--model_name_or_path", sft, "--output_dir", quant, "--do_ptq", "--quant_type", "WINT8",
-             "--ptq_step", "1", "--dataset_name_or_path", os.path.join(ROOT, "data"), "--src_length", "32", "--tgt_length", "8",
-             "--do_eval", "false"])
+    run("quant", "--model_name_or_path", sft, "--output_dir", quant, "--do_ptq", "--quant_type", "WINT8",
+        "--ptq_step", "1", "--dataset_name_or_path", os.path.join(ROOT, "data"), "--src_length", "32", "--tgt_length", "8",
+        "--do_eval", "false")
     static = str(tmp_path / "static")
-    run_cmd([py, "export_model.py", "--model_name_or_path", sft, "--output_path", static])
+    run("export", "--model_name_or_path", sft, "--output_path", static)
     for name, folder in (("sft", sft), ("quant", quant), ("static", static)):
         assert os.path.isfile(os.path.join(folder, "chat_template.jinja")), name
         out = tmp_path / f"{name}.out"
-        run_cmd([py, "predict_generation.py", "--model_name_or_path", folder, "--data_file", str(data), "--output_file", str(out),
-                 "--tgt_length", "6", "--src_length", "64"])
+        run("predict", "--model_name_or_path", folder, "--data_file", str(data), "--output_file", str(out),
+            "--tgt_length", "6", "--src_length", "64")
         outs[name] = json.loads(out.read_text())["output"]
     from paddlellm.generation import decode, generate_ids
 
@@ -348,8 +351,8 @@ def test_every_command_on_a_tokenizer_json_chat_model(tiny_chat, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "a.txt").write_text("spell one two three\n\nfour five six\n")
-    run_cmd([py, "create_pretraining_data.py", "--model_name_or_path", tiny_chat, "--input_path", str(corpus),
-             "--output_prefix", str(tmp_path / "pt" / "corpus"), "--append_eos"])
+    run("prepare-pretrain", "--model_name_or_path", tiny_chat, "--input_path", str(corpus),
+        "--output_prefix", str(tmp_path / "pt" / "corpus"), "--append_eos")
     assert any(n.endswith(".bin") or n.endswith(".npy") for n in os.listdir(tmp_path / "pt"))
 
 
