@@ -65,18 +65,7 @@ def _turns(value, field: str, where: str) -> List[str]:
 def read_records(path: str, require_tgt: bool = True) -> List[Record]:
     """Read and validate one JSONL file. With require_tgt=False (prediction) tgt may be absent."""
     records: List[Record] = []
-    for lineno, line in _lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}: each line must be a JSON object with 'src' and 'tgt', got {type(obj).__name__}")
-        if "src" not in obj:
-            raise DataError(f"{where}: missing field 'src'")
+    for where, obj in json_objects(path, "'src' and 'tgt'"):
         src = _turns(obj["src"], "src", where)
         if "tgt" not in obj or (obj["tgt"] is None and not require_tgt):
             if require_tgt:
@@ -92,6 +81,24 @@ def read_records(path: str, require_tgt: bool = True) -> List[Record]:
     if not records:
         raise DataError(f"{path}: file holds no examples")
     return records
+
+
+def json_objects(path: str, fields: str):
+    """(where, object) of every non-blank line of a JSONL file, where = "file:line". A line that is not JSON, not an
+    object or has no 'src' is a DataError naming it (`fields` says in that message which fields a line holds)."""
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: each line must be a JSON object with {fields}, got {type(obj).__name__}")
+        if "src" not in obj:
+            raise DataError(f"{where}: missing field 'src'")
+        yield where, obj
 
 
 def _lines(path: str):

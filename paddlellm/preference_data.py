@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .data import DataError, _lines, _turns, split_files
+from .data import DataError, _turns, json_objects, split_files
 
 log = logging.getLogger("paddlellm")
 
@@ -75,18 +75,7 @@ def _check_responses(obj, where: str):
 def read_preference_records(path: str) -> List[PreferenceRecord]:
     """Read and validate one preference JSONL file."""
     records: List[PreferenceRecord] = []
-    for lineno, line in _lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}: each line must be a JSON object with 'src', 'tgt', 'response' and 'sort', got {type(obj).__name__}")
-        if "src" not in obj:
-            raise DataError(f"{where}: missing field 'src'")
+    for where, obj in json_objects(path, "'src', 'tgt', 'response' and 'sort'"):
         src = _turns(obj["src"], "src", where)
         tgt_value = obj.get("tgt")
         if tgt_value is None or tgt_value == []:

@@ -147,6 +147,28 @@ def build_model(family, model_args, training_args, tokenizer):
     return model, kind
 
 
+def training_setup(training: Dict, family, source: str, chat_template=None):
+    """(TrainingArguments, tokenizer) of a training run: paddlenlp's TrainingArguments from the resolved dict
+    (a bad value is one UserError line), seeded, this rank's logging, and the tokenizer of `source`."""
+    from paddlenlp.trainer import TrainingArguments, set_seed
+
+    try:
+        training_args = TrainingArguments(**training)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"training arguments: {e}") from None
+    set_seed(training_args.seed)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log.setLevel(logging.INFO if training_args.local_rank in (-1, 0) else logging.WARNING)
+    try:
+        tokenizer = family.load_tokenizer(source, chat_template=chat_template)
+    except UserError:
+        raise
+    except Exception as e:  # a wrong path or name: one line, not paddlenlp's traceback
+        raise UserError(f"model_name_or_path {source!r}: can't load its tokenizer "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return training_args, tokenizer
+
+
 def save_outputs(trainer, tokenizer, family, kind, model_args, data_args, gen_args, training_args) -> None:
     """Save the model (or only the adapters), tokenizer, resolved arguments and our metadata."""
     out = training_args.output_dir

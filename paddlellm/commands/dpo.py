@@ -20,7 +20,7 @@ from ..arguments import UserError, fail, make_dir, parse_args
 from ..files import write_json
 from ..finetune_args import TRAINING_DEFAULTS, GenerateArgument, ModelArgument
 from ..runtime import check_training_device
-from ..tuning import build_model, check_ranges, resolve_family, save_outputs
+from ..tuning import build_model, check_ranges, resolve_family, save_outputs, training_setup
 
 log = logging.getLogger("paddlellm")
 
@@ -168,25 +168,10 @@ def reference_model(family, model_args, training_args):
 
 
 def _train(family, model_args, data_args, dpo, training, train_records, dev_records) -> int:
-    from paddlenlp.trainer import TrainingArguments, set_seed
-
     from ..checkpoints import prepare_resume
     from ..preference_trainer import build_preference_trainer
 
-    try:
-        training_args = TrainingArguments(**training)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"training arguments: {e}") from None
-    set_seed(training_args.seed)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    log.setLevel(logging.INFO if training_args.local_rank in (-1, 0) else logging.WARNING)
-    try:
-        tokenizer = family.load_tokenizer(model_args.model_name_or_path, chat_template=model_args.chat_template)
-    except UserError:
-        raise
-    except Exception as e:  # a wrong path or name: one line, not paddlenlp's traceback
-        raise UserError(f"model_name_or_path {model_args.model_name_or_path!r}: can't load its tokenizer "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    training_args, tokenizer = training_setup(training, family, model_args.model_name_or_path, model_args.chat_template)
     train, train_stats, dev = _encode(family, tokenizer, data_args, train_records, dev_records)
     kind = "lora" if dpo.lora else "full"
     last, unusable = prepare_resume(training_args, kind)  # before the model loads: a broken checkpoint is one line

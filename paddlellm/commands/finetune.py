@@ -11,7 +11,7 @@ from typing import Optional
 from ..arguments import UserError, fail, make_dir, parse_args
 from ..files import write_json
 from ..finetune_args import TRAINING_DEFAULTS, DataArgument, GenerateArgument, ModelArgument, QuantArgument
-from ..tuning import build_model, check_ranges, resolve_family, save_outputs
+from ..tuning import build_model, check_ranges, resolve_family, save_outputs, training_setup
 from ..runtime import check_training_device
 
 log = logging.getLogger("paddlellm")
@@ -113,24 +113,10 @@ def _pack(family, data_args, train_examples, dev_examples, prefix: bool = False)
 
 def _setup(family, model_args, data_args, training, train_records, dev_records, tokenizer_from: Optional[str] = None):
     """TrainingArguments, logging, tokenizer and the encoded (and, with intokens, packed) examples."""
-    from paddlenlp.trainer import TrainingArguments, set_seed
-
     from ..data import encode_records
 
-    try:
-        training_args = TrainingArguments(**training)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"training arguments: {e}") from None
-    set_seed(training_args.seed)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    log.setLevel(logging.INFO if training_args.local_rank in (-1, 0) else logging.WARNING)
-    source = tokenizer_from or model_args.model_name_or_path
-    try:
-        tokenizer = family.load_tokenizer(source, chat_template=model_args.chat_template)
-    except UserError:
-        raise
-    except Exception as e:  # a wrong path or name: one line, not paddlenlp's traceback
-        raise UserError(f"model_name_or_path {source!r}: can't load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    training_args, tokenizer = training_setup(training, family, tokenizer_from or model_args.model_name_or_path,
+                                              model_args.chat_template)
     train_examples, train_stats = (encode_records(family, tokenizer, train_records, data_args.src_length, data_args.tgt_length, "train")
                                    if train_records else ([], {}))
     dev_examples, _ = (encode_records(family, tokenizer, dev_records, data_args.src_length, data_args.tgt_length, "dev")
