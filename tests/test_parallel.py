@@ -309,6 +309,16 @@ def pretrain_tp_runs(tiny_dir, tmp_path_factory):
     return runs
 
 
+def merged_here(tp_folder):
+    """merge_tp_params.py's work (paddlellm.merge.merge_tp) in this process: no second start of paddle."""
+    from paddlellm.merge import merge_tp
+
+    out = tp_folder + "_merged"
+    if not os.path.isdir(out):
+        assert merge_tp(tp_folder, out) == ("model", 2)  # a whole model from 2 tensor-parallel shards
+    return out
+
+
 def assert_tp_shards(folder):
     assert {"model_state.tp00.pdparams", "model_state.tp01.pdparams"} <= set(os.listdir(folder))  # the Trainer's per-rank shards
 
@@ -321,7 +331,7 @@ def test_pretraining_tensor_parallel_matches_one_process(pretrain_tp_runs, famil
     assert len(expected) == 3
     assert losses(two) == pytest.approx(expected, rel=1e-5)
     assert eval_loss(two) == pytest.approx(eval_loss(one), rel=1e-5)
-    got, ref = weights(merged(two)), weights(one)
+    got, ref = weights(merged_here(two)), weights(one)
     assert got.keys() == ref.keys()
     for k in ref:
         assert got[k].shape == ref[k].shape, k
@@ -337,15 +347,15 @@ def test_pretraining_from_scratch_tensor_parallel_shards_merge(pretrain_tp_runs,
     model, data, _, _, fresh = pretrain_tp_runs[family]
     assert_tp_shards(fresh)
     rows = losses(fresh)
-    with open(os.path.join(merged(fresh), "config.json"), encoding="utf-8") as f:
+    with open(os.path.join(merged_here(fresh), "config.json"), encoding="utf-8") as f:
         vocab = json.load(f)["vocab_size"]
     assert vocab == 640  # padded to a multiple of 128 (then split in two), as one process pads it
     assert len(rows) == 3 and rows[0] > 0.75 * np.log(vocab)  # a fresh model starts near ln(V)
     check = str(tmp_path / "check")
-    pretrain("--model_name_or_path", merged(fresh), "--input_dir", data, *PRETRAIN_STEPS, "--continue_training", "true",
+    pretrain("--model_name_or_path", merged_here(fresh), "--input_dir", data, *PRETRAIN_STEPS, "--continue_training", "true",
              "--learning_rate", "0", "--min_learning_rate", "0", "--max_steps", "1", "--output_dir", check)
     assert eval_loss(check) == pytest.approx(eval_loss(fresh), rel=1e-5)
-    ref, got = weights(merged(fresh)), weights(check)
+    ref, got = weights(merged_here(fresh)), weights(check)
     assert got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref)  # learning rate 0: nothing moved
     start = weights(model)  # and the fresh model is not the tiny model's weights
     assert max(float(np.abs(ref[k] - start[k]).max()) for k in ref if ref[k].shape == start[k].shape) > 1e-2
