@@ -3,7 +3,8 @@
 Tensor parallel (TP=2) runs paddle's model-parallel layers with paddlellm/cpu_parallel.py's CPU ops. For every
 family, SFT and LoRA under TP=2 must report the loss curve of one process and, once merge_tp_params.py has
 merged the per-rank shards, hold one process's weights (to float rounding) and give its logits. All TP runs
-share one launch (tests/parallel_runs.py), so the launcher and paddle start once.
+share one launch (tests/parallel_runs.py), so the launcher and paddle start once. Pretraining (LLaMA, GPT-3)
+under TP=2 does the same when continued; from scratch, its merged shards are the model the TP run evaluated.
 """
 import glob
 import json
@@ -203,6 +204,12 @@ def test_tensor_parallel_sizes_must_divide(tiny_dir):
     assert str(e.value) == (f"--tensor_parallel_degree 2: {folder}/config.json has vocab_size {vocab}, which does not "
                             "split into 2 equal parts; choose a degree that divides it")
     check_tensor_parallel_shapes(get_family("llama"), tiny_dir("llama"), 2)  # 600 words, 4 heads: fine
+    # pretraining from scratch checks the vocabulary it pads, not config.json's
+    check_tensor_parallel_shapes(get_family("chatglm_v2"), folder, 2, {"vocab_size": (640, "--pad_vocab_to_multiple_of 128 gives")})
+    with pytest.raises(UserError) as e:
+        check_tensor_parallel_shapes(get_family("llama"), tiny_dir("llama"), 2, {"vocab_size": (603, "--pad_vocab_to_multiple_of 3 gives")})
+    assert str(e.value) == ("--tensor_parallel_degree 2: --pad_vocab_to_multiple_of 3 gives vocab_size 603, which does not split "
+                            "into 2 equal parts; choose a degree that divides it")
 
 
 # ------------------------------------------------------------------ pipeline parallel (LLaMA)
