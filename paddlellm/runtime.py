@@ -81,11 +81,12 @@ def select_device(device: Optional[str]) -> str:
     return device
 
 
-def check_training_device(training: Dict, dtype: str = "float32", family=None) -> None:
+def check_training_device(training: Dict, dtype: str = "float32", family=None, script: str = "finetune_generation.py") -> None:
     """Refuse what this device can't do, with one clear line (before anything is written).
 
     Tensor parallel runs on CPU processes too (paddlellm.cpu_parallel) for a `family` that supports it;
-    without a family (callers that do not install the CPU ops) it is refused on CPU as before."""
+    without a family (callers that do not install the CPU ops) it is refused on CPU as before. `script`: the
+    command's script, named in the hint for starting enough processes."""
     import paddle
 
     gpu = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
@@ -106,7 +107,7 @@ def check_training_device(training: Dict, dtype: str = "float32", family=None) -
     if tp * pp > 1 and world % (tp * pp):
         what = " x ".join(f"--{k}_parallel_degree {d}" for k, d in (("tensor", tp), ("pipeline", pp)) if d > 1)
         raise UserError(f"{what}: the model is split over {tp * pp} processes but this run has {world}; start it with "
-                        f"python -m paddle.distributed.launch --nproc_per_node {tp * pp} finetune_generation.py ...")
+                        f"python -m paddle.distributed.launch --nproc_per_node {tp * pp} {script} ...")
     for flag in ("fp16", "bf16"):
         if training.get(flag) and not gpu:
             # the shipped configs set fp16: true for GPUs; say exactly which override turns it off

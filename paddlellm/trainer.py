@@ -132,9 +132,10 @@ class SFTTrainer(CheckpointMixin, Trainer):
             logs["loss"] = round(self._window[0] / self._window[1], 8)
             self._window = [0.0, 0]
         if "loss" in logs and self._rate_mark is not None:
-            # real (non-padding) tokens per second over the logging window, all processes together
+            # real (non-padding) tokens per second over the logging window, all data-parallel replicas together
+            # (tensor- and pipeline-parallel ranks of one replica read the same tokens: counted once)
             now, (then, seen) = time.time(), self._rate_mark
-            rate = (self.real_tokens - seen) * max(self.args.world_size, 1) / max(now - then, 1e-9)
+            rate = (self.real_tokens - seen) * max(self.args.dataset_world_size, 1) / max(now - then, 1e-9)
             logs["tokens_per_second"] = round(rate, 1)
             self._rate_mark = (now, self.real_tokens)
         super().log(logs, **kwargs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 from .arguments import UserError, check_can_create, check_sampling, dump_args, require_at_least
 from .chat_template import check_choice as check_chat_template
@@ -71,31 +71,43 @@ def all_linear_targets(model) -> List[str]:
     return [f".*{s}$" for s in suffixes]
 
 
-def check_tensor_parallel_shapes(family, path: str, tp: int) -> None:
-    """Sizes tensor parallel splits over the processes must be divisible by the degree (paddlenlp asserts deep inside)."""
+def check_tensor_parallel_shapes(family, path: str, tp: int, sizes: Optional[Dict[str, Tuple[int, str]]] = None) -> None:
+    """Sizes tensor parallel splits over the processes must be divisible by the degree (paddlenlp asserts deep inside).
+
+    `sizes`: {config key: (value, where it comes from)} for values the run sets itself instead of config.json's
+    (pretraining's padded vocabulary)."""
     try:
         config = family.paddlenlp_class("config_class").from_pretrained(path)
     except Exception:  # not a paddlenlp folder (e.g. transformers'): its loader reports problems itself
         return
     for name in ("vocab_size", "num_attention_heads", "num_key_value_heads", "multi_query_group_num"):
-        value = getattr(config, name, None)
+        value, where = (sizes or {}).get(name) or (getattr(config, name, None), f"{path}/config.json has")
         if isinstance(value, int) and value > 0 and value % tp:
-            raise UserError(f"--tensor_parallel_degree {tp}: {path}/config.json has {name} {value}, which does not split "
+            raise UserError(f"--tensor_parallel_degree {tp}: {where} {name} {value}, which does not split "
                             f"into {tp} equal parts; choose a degree that divides it")
+
+
+def tensor_parallel_overrides(family, path: str, training_args, sizes: Optional[Dict[str, Tuple[int, str]]] = None) -> Dict:
+    """Config overrides that build this process's shard of a tensor-parallel model (empty without tensor parallel).
+
+    Shared by fine-tuning and pretraining. Installs paddle's model-parallel ops on CPU (through gloo; a no-op on
+    GPUs) and checks the split sizes of `path`'s config (`sizes`: see check_tensor_parallel_shapes).
+    tensor_parallel_output false: the model gathers full-vocabulary logits, so the loss, evaluation and generation
+    read them as in one process (paddlenlp's parallel loss is left to pretraining-size vocabularies)."""
+    tp = max(training_args.tensor_parallel_degree, 1)
+    if tp <= 1:
+        return {}
+    from .cpu_parallel import install
+
+    install()  # on CPU: paddle's model-parallel ops through gloo (no-op on GPUs)
+    check_tensor_parallel_shapes(family, path, tp, sizes)
+    return dict(tensor_parallel_degree=tp, tensor_parallel_rank=training_args.tensor_parallel_rank, tensor_parallel_output=False)
 
 
 def build_model(family, model_args, training_args, tokenizer):
     """Load the base model and wrap it for LoRA or Prefix Tuning as asked. Returns (model, kind)."""
     tp = max(training_args.tensor_parallel_degree, 1)
-    extra = {}
-    if tp > 1:
-        # tensor_parallel_output false: the model gathers full-vocabulary logits, so the loss, evaluation and
-        # generation read them as in one process (paddlenlp's parallel loss is left to pretraining-size vocabularies)
-        extra = dict(tensor_parallel_degree=tp, tensor_parallel_rank=training_args.tensor_parallel_rank, tensor_parallel_output=False)
-        from .cpu_parallel import install
-
-        install()  # on CPU: paddle's model-parallel ops through gloo (no-op on GPUs)
-        check_tensor_parallel_shapes(family, model_args.model_name_or_path, tp)
+    extra = tensor_parallel_overrides(family, model_args.model_name_or_path, training_args)
     if max(training_args.pipeline_parallel_degree, 1) > 1:  # this process's stage of paddlenlp's *Pipe model
         from .cpu_parallel import install_pipeline
 

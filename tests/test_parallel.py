@@ -3,7 +3,8 @@
 Tensor parallel (TP=2) runs paddle's model-parallel layers with paddlellm/cpu_parallel.py's CPU ops. For every
 family, SFT and LoRA under TP=2 must report the loss curve of one process and, once merge_tp_params.py has
 merged the per-rank shards, hold one process's weights (to float rounding) and give its logits. All TP runs
-share one launch (tests/parallel_runs.py), so the launcher and paddle start once.
+share one launch (tests/parallel_runs.py), so the launcher and paddle start once. Pretraining (LLaMA, GPT-3)
+under TP=2 does the same when continued; from scratch, its merged shards are the model the TP run evaluated.
 """
 import glob
 import json
@@ -204,6 +205,12 @@ def test_tensor_parallel_sizes_must_divide(tiny_dir):
     assert str(e.value) == (f"--tensor_parallel_degree 2: {folder}/config.json has vocab_size {vocab}, which does not "
                             "split into 2 equal parts; choose a degree that divides it")
     check_tensor_parallel_shapes(get_family("llama"), tiny_dir("llama"), 2)  # 600 words, 4 heads: fine
+    # pretraining from scratch checks the vocabulary it pads, not config.json's
+    check_tensor_parallel_shapes(get_family("chatglm_v2"), folder, 2, {"vocab_size": (640, "--pad_vocab_to_multiple_of 128 gives")})
+    with pytest.raises(UserError) as e:
+        check_tensor_parallel_shapes(get_family("llama"), tiny_dir("llama"), 2, {"vocab_size": (603, "--pad_vocab_to_multiple_of 3 gives")})
+    assert str(e.value) == ("--tensor_parallel_degree 2: --pad_vocab_to_multiple_of 3 gives vocab_size 603, which does not split "
+                            "into 2 equal parts; choose a degree that divides it")
 
 
 # ------------------------------------------------------------------ pipeline parallel (LLaMA)
@@ -256,3 +263,107 @@ def test_pipeline_parallel_refusals(tiny_dir, step_data_dir, tmp_path, extra, me
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == f"error: {message}"
     assert not os.path.exists(out)
+
+
+# ------------------------------------------------------------------ pretraining (run_pretrain.py) with tensor parallel
+PRETRAIN_FAMILIES = ["llama", "gpt-3"]
+# Three steps of 4 samples x 16 tokens, no warm-up, cosine decay, a final evaluation on 8 fixed samples. Adam with
+# eps=1 (as STEPS): with the default 1e-8, float rounding of a tiny second moment grows into 1e-5 weight differences.
+PRETRAIN_STEPS = ["--split", "90,10,0", "--max_seq_length", "16", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+                  "--learning_rate", "0.05", "--min_learning_rate", "0.005", "--adam_epsilon", "1.0", "--warmup_steps", "0", "--max_steps", "3",
+                  "--logging_steps", "1", "--evaluation_strategy", "no", "--do_eval", "true", "--eval_samples", "8",
+                  "--save_strategy", "no", "--seed", "7", "--disable_tqdm", "true"]
+
+
+def pretrain(*argv):
+    from paddlellm.commands.pretrain import run
+
+    assert run(list(argv)) == 0
+
+
+@pytest.fixture(scope="module")
+def pretrain_tp_runs(tiny_dir, tmp_path_factory):
+    """Per family: (model, data prefix, one-process continued run, TP=2 continued run, TP=2 run from scratch).
+
+    The TP runs share one launch. Continued training starts both runs from the same weights; from scratch each
+    rank draws its own shards, so that run is checked through its merged shards (test below)."""
+    from test_pretrain import corpus_texts
+
+    from paddlellm.commands.prepare_pretrain import main as prepare
+
+    root = tmp_path_factory.mktemp("pretrain_tp")
+    src = root / "corpus.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts(80)), encoding="utf-8")
+    runs, launched = {}, []
+    for family in PRETRAIN_FAMILIES:
+        model = tp_ready_model(tiny_dir, family, root)
+        data = str(root / f"{family}_data" / "corpus")
+        assert prepare(["--model_name_or_path", model, "--input_path", str(src), "--output_prefix", data, "--append_eos"]) == 0
+        common = ["--model_name_or_path", model, "--input_dir", data, *PRETRAIN_STEPS]
+        one, two, fresh = (str(root / f"{family}_{name}") for name in ("continued_1", "continued_tp2", "scratch_tp2"))
+        pretrain(*common, "--continue_training", "true", "--output_dir", one)
+        launched += [[*common, "--continue_training", "true", "--output_dir", two, "--tensor_parallel_degree", "2"],
+                     [*common, "--output_dir", fresh, "--tensor_parallel_degree", "2"]]
+        runs[family] = (model, data, one, two, fresh)
+    plan = root / "runs.json"
+    plan.write_text(json.dumps(launched))
+    logs = str(root / "logs")
+    proc = run_cmd([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", logs,
+                    os.path.join(ROOT, "tests", "parallel_runs.py"), str(plan), "pretrain"], check=False, timeout=600)
+    texts = [open(p, errors="replace").read() for p in sorted(glob.glob(os.path.join(logs, "workerlog.*")))]
+    assert proc.returncode == 0, "\n".join(t[-4000:] for t in texts) + proc.stderr[-2000:]
+    assert "CPU tensor parallel: c_identity, mp_allreduce, c_concat, c_split, c_softmax_with_cross_entropy" in texts[0]
+    assert "tensor_parallel_degree        : 2" in texts[0]
+    return runs
+
+
+def merged_here(tp_folder):
+    """merge_tp_params.py's work (paddlellm.merge.merge_tp) in this process: no second start of paddle."""
+    from paddlellm.merge import merge_tp
+
+    out = tp_folder + "_merged"
+    if not os.path.isdir(out):
+        assert merge_tp(tp_folder, out) == ("model", 2)  # a whole model from 2 tensor-parallel shards
+    return out
+
+
+def assert_tp_shards(folder):
+    assert {"model_state.tp00.pdparams", "model_state.tp01.pdparams"} <= set(os.listdir(folder))  # the Trainer's per-rank shards
+
+
+@pytest.mark.parametrize("family", PRETRAIN_FAMILIES)
+def test_pretraining_tensor_parallel_matches_one_process(pretrain_tp_runs, family):
+    model, _, one, two, _ = pretrain_tp_runs[family]
+    assert_tp_shards(two)
+    expected = losses(one)
+    assert len(expected) == 3
+    assert losses(two) == pytest.approx(expected, rel=1e-5)
+    assert eval_loss(two) == pytest.approx(eval_loss(one), rel=1e-5)
+    got, ref = weights(merged_here(two)), weights(one)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert got[k].shape == ref[k].shape, k
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=f"{family}: {k}")
+    start = weights(model)
+    assert max(float(np.abs(ref[k] - start[k]).max()) for k in ref) > 1e-3  # the weights compared did move
+
+
+@pytest.mark.parametrize("family", PRETRAIN_FAMILIES)
+def test_pretraining_from_scratch_tensor_parallel_shards_merge(pretrain_tp_runs, family, tmp_path):
+    """Fresh shards can't equal one process's draw; merged, they are the model the TP run evaluated: one process
+    continuing from the merged folder with learning rate 0 reports the TP run's final eval_loss."""
+    model, data, _, _, fresh = pretrain_tp_runs[family]
+    assert_tp_shards(fresh)
+    rows = losses(fresh)
+    with open(os.path.join(merged_here(fresh), "config.json"), encoding="utf-8") as f:
+        vocab = json.load(f)["vocab_size"]
+    assert vocab == 640  # padded to a multiple of 128 (then split in two), as one process pads it
+    assert len(rows) == 3 and rows[0] > 0.75 * np.log(vocab)  # a fresh model starts near ln(V)
+    check = str(tmp_path / "check")
+    pretrain("--model_name_or_path", merged_here(fresh), "--input_dir", data, *PRETRAIN_STEPS, "--continue_training", "true",
+             "--learning_rate", "0", "--min_learning_rate", "0", "--max_steps", "1", "--output_dir", check)
+    assert eval_loss(check) == pytest.approx(eval_loss(fresh), rel=1e-5)
+    ref, got = weights(merged_here(fresh)), weights(check)
+    assert got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref)  # learning rate 0: nothing moved
+    start = weights(model)  # and the fresh model is not the tiny model's weights
+    assert max(float(np.abs(ref[k] - start[k]).max()) for k in ref if ref[k].shape == start[k].shape) > 1e-2

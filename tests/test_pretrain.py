@@ -325,7 +325,9 @@ def test_refusals_are_one_line(tiny_dir, data_of, tmp_path, capsys):
     assert _error(capsys, *common, "--input_dir", data, "--use_flash_attention", "true") == (
         "error: --use_flash_attention: needs a GPU (paddlepaddle-gpu); set it to false to train on CPU")
     assert _error(capsys, *common, "--input_dir", data, "--bf16", "true") == "error: --bf16: mixed precision needs a GPU here; pass --bf16 false to train in float32 on CPU"
-    assert _error(capsys, *common, "--input_dir", data, "--tensor_parallel_degree", "2").startswith("error: --tensor_parallel_degree 2: tensor and sharding")
+    assert _error(capsys, *common, "--input_dir", data, "--tensor_parallel_degree", "2") == (  # runs under the launcher: tests/test_parallel.py
+        "error: --tensor_parallel_degree 2: the model is split over 2 processes but this run has 1; start it with "
+        "python -m paddle.distributed.launch --nproc_per_node 2 run_pretrain.py ...")
     assert _error(capsys, *common[:-4], "--input_dir", data) == (
         "error: max_steps is required (pretraining counts steps; the samples it needs are drawn from the corpus)")
     assert not os.path.exists(out)  # nothing left behind
@@ -448,7 +450,7 @@ def test_paddlenlp_pretrain_file_parses_and_gpu_settings_are_refused_in_one_line
     assert training["amp_master_grad"] is True and training["distributed_dataloader"] is False
     with pytest.raises(SystemExit):
         parse([str(path), "--output_dir", str(tmp_path / "o")])
-    assert capsys.readouterr().err.strip() == "error: pipeline parallel is not supported; use data parallel (and tensor parallel on GPUs)"
+    assert capsys.readouterr().err.strip() == "error: pipeline parallel is not supported; use data parallel or tensor parallel"
 
 
 def test_blend_of_two_prefixes_and_folder_of_prefixes(tiny_dir, data_of, tmp_path):

@@ -100,7 +100,7 @@ def parse(argv=None):
         if (training.get("learning_rate") or 0) < 0 or extra.min_learning_rate < 0:
             raise UserError("learning rates must not be negative")
         if int(training.get("pipeline_parallel_degree") or 1) > 1 or model_args.virtual_pp_degree > 1:
-            raise UserError("pipeline parallel is not supported; use data parallel (and tensor parallel on GPUs)")
+            raise UserError("pipeline parallel is not supported; use data parallel or tensor parallel")
         check_can_create(training["output_dir"], "output_dir")
     except UserError as e:
         fail(str(e))
@@ -112,13 +112,14 @@ def parse(argv=None):
     return model_args, data_args, extra, training
 
 
-def check_device(model_args, extra, training: Dict) -> bool:
-    """Refuse GPU-only options on CPU in one line; returns whether a GPU is used."""
+def check_device(model_args, extra, training: Dict, family) -> bool:
+    """Refuse GPU-only options on CPU in one line; returns whether a GPU is used. Tensor parallel runs on CPU
+    processes too, for the families that support it (paddlellm/cpu_parallel.py)."""
     import paddle
 
     from ..runtime import check_training_device as check_training
 
-    check_training(training)
+    check_training(training, family=family, script="run_pretrain.py")
     gpu = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
     for name in GPU_ONLY:
         if getattr(model_args, name) and not gpu:
@@ -282,22 +283,29 @@ class PretrainCollator:
 
 # --------------------------------------------------------------------------- training
 def build_model(family, model_args, training_args, tokenizer, gpu: bool):
-    """A fresh seeded model from the config (continue_training false), or the model's weights (true)."""
+    """A fresh seeded model from the config (continue_training false), or the model's weights (true).
+
+    Under tensor parallel each process builds its shard, as fine-tuning does (tuning.tensor_parallel_overrides).
+    From scratch, every process draws its own shards' random values, so the model is not the one a single
+    process would draw with the same seed; continued training starts from the same weights as one process."""
+    from ..tuning import tensor_parallel_overrides
+
     path = model_args.model_name_or_path
     overrides = {}
     if gpu:  # PaddleNLP's GPU switches, passed to the config as its run_pretrain.py does
         overrides.update({k: True for k in GPU_ONLY if getattr(model_args, k)})
-    tp = max(training_args.tensor_parallel_degree, 1)
-    if tp > 1:
-        overrides.update(tensor_parallel_degree=tp, tensor_parallel_rank=training_args.tensor_parallel_rank)
     if model_args.continue_training:
+        overrides.update(tensor_parallel_overrides(family, path, training_args))
         return family.load_model(path, dtype=model_args.dtype, **overrides)
     config_path = model_args.config_name or path
     multiple = model_args.pad_vocab_to_multiple_of
+    sizes = {}
     if multiple > 1:
         config = family.paddlenlp_class("config_class").from_pretrained(config_path)
         vocab = max(int(config.vocab_size), len(tokenizer))
         overrides["vocab_size"] = -(-vocab // multiple) * multiple
+        sizes["vocab_size"] = (overrides["vocab_size"], f"--pad_vocab_to_multiple_of {multiple} gives")
+    overrides.update(tensor_parallel_overrides(family, config_path, training_args, sizes))
     return family.new_model(config_path, dtype=model_args.dtype, **overrides)
 
 
@@ -362,7 +370,7 @@ def run(argv=None) -> int:
         from ..runtime import setup_runtime
 
         setup_runtime()
-        gpu = check_device(model_args, extra, training)
+        gpu = check_device(model_args, extra, training, family)
         make_dir(output_dir, "output_dir")
         import paddle
 
@@ -431,7 +439,7 @@ def _train(family, objective, prefixes, model_args, data_args, extra, training, 
     if trainer.total[1]:  # token-weighted mean over the whole run (PaddleNLP's is a mean of batch means)
         metrics["train_loss"] = trainer.total[0] / trainer.total[1]
     runtime = metrics.get("train_runtime") or 0
-    metrics["train_tokens_per_second"] = round(trainer.real_tokens * max(args.world_size, 1) / runtime, 1) if runtime else 0.0
+    metrics["train_tokens_per_second"] = round(trainer.real_tokens * max(args.dataset_world_size, 1) / runtime, 1) if runtime else 0.0  # TP ranks share tokens
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     if args.do_eval:
