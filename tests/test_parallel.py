@@ -118,14 +118,25 @@ def tp_runs(tiny_dir, step_data_dir, tmp_path_factory):
     return runs
 
 
-def merged(tp_folder):
-    """merge_tp_params.py's output for a TP output folder (merged once per folder)."""
-    from paddlellm.commands.merge import main_tp  # merge_tp_params.py's entry, in this process (the script: test_merge)
+def merged(tp_folder, expect=None):
+    """merge_tp_params.py's work (paddlellm.merge.merge_tp) on a TP output folder, in this process (no second start
+    of paddle; the script itself: test_merge), once per folder. expect: the (kind, degree) it must report."""
+    from paddlellm.merge import merge_tp
 
     out = tp_folder + "_merged"
     if not os.path.isdir(out):
-        assert main_tp(["--model_name_or_path", tp_folder, "--merge_model_path", out]) == 0
+        kind_degree = merge_tp(tp_folder, out)
+        assert expect is None or kind_degree == expect
     return out
+
+
+def assert_merged_equals(got, ref, start, label):
+    """The merged weights equal one process's (rtol 1e-5, atol 1e-6), and they moved from `start`."""
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert got[k].shape == ref[k].shape, k
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=f"{label}: {k}")
+    assert max(float(np.abs(ref[k] - start[k]).max()) for k in ref) > 1e-3  # the weights compared did move
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -139,13 +150,8 @@ def test_tensor_parallel_matches_one_process(tp_runs, family, kind):
     assert len(expected) == 3 and expected[-1] < expected[0]  # the run really trained
     assert losses(two) == pytest.approx(expected, rel=1e-5)
     assert eval_loss(two) == pytest.approx(eval_loss(one), rel=1e-5)
-    got, ref = weights(merged(two)), weights(one)
-    assert got.keys() == ref.keys()
-    for k in ref:
-        assert got[k].shape == ref[k].shape, k
-        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=f"{family} {kind}: {k}")
     start = weights(model) if kind == "sft" else weights(os.path.join(os.path.dirname(one), f"{family}_lora_start"))
-    assert max(float(np.abs(ref[k] - start[k]).max()) for k in ref) > 1e-3  # the weights compared did move
+    assert_merged_equals(weights(merged(two)), weights(one), start, f"{family} {kind}")
 
 
 def folder_logits(model_name_or_path=None, lora_path=None):
@@ -318,13 +324,8 @@ def pretrain_tp_runs(tiny_dir, tmp_path_factory):
 
 
 def merged_here(tp_folder):
-    """merge_tp_params.py's work (paddlellm.merge.merge_tp) in this process: no second start of paddle."""
-    from paddlellm.merge import merge_tp
-
-    out = tp_folder + "_merged"
-    if not os.path.isdir(out):
-        assert merge_tp(tp_folder, out) == ("model", 2)  # a whole model from 2 tensor-parallel shards
-    return out
+    """A pretraining run's shards merged: a whole model from 2 tensor-parallel shards."""
+    return merged(tp_folder, expect=("model", 2))
 
 
 def assert_tp_shards(folder):
@@ -339,13 +340,7 @@ def test_pretraining_tensor_parallel_matches_one_process(pretrain_tp_runs, famil
     assert len(expected) == 3
     assert losses(two) == pytest.approx(expected, rel=1e-5)
     assert eval_loss(two) == pytest.approx(eval_loss(one), rel=1e-5)
-    got, ref = weights(merged_here(two)), weights(one)
-    assert got.keys() == ref.keys()
-    for k in ref:
-        assert got[k].shape == ref[k].shape, k
-        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=f"{family}: {k}")
-    start = weights(model)
-    assert max(float(np.abs(ref[k] - start[k]).max()) for k in ref) > 1e-3  # the weights compared did move
+    assert_merged_equals(weights(merged_here(two)), weights(one), weights(model), family)
 
 
 @pytest.mark.parametrize("family", PRETRAIN_FAMILIES)
