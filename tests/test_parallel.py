@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import BASE_ENV, FAMILIES, ROOT, STEP_DATA, run_cmd  # noqa: F401
+from conftest import FAMILIES, ROOT, run_cmd
 
 os.environ["PADDLELLM_NO_PROGRESS"] = "1"
 
@@ -80,15 +80,7 @@ def test_cpu_ops_match_one_process_maths(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def step_data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tpdata")
-    for name in ("train.json", "dev.json"):
-        (d / name).write_text("".join(json.dumps(r) + "\n" for r in STEP_DATA))
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def tp_runs(tiny_dir, step_data_dir, tmp_path_factory):
+def tp_runs(tiny_dir, step_data, tmp_path_factory):
     """Per (family, kind): the one-process run's folder and the TP=2 run's folder (all TP runs in one launch).
 
     LoRA starts both runs from one saved, untrained adapter (lora_B = 0): a fresh TP adapter draws its random
@@ -98,12 +90,12 @@ def tp_runs(tiny_dir, step_data_dir, tmp_path_factory):
     for family in FAMILIES:
         model = tp_ready_model(tiny_dir, family, root)
         start = str(root / f"{family}_lora_start")
-        finetune("--model_name_or_path", model, "--dataset_name_or_path", step_data_dir, "--output_dir", start,
+        finetune("--model_name_or_path", model, "--dataset_name_or_path", step_data, "--output_dir", start,
                  "--lora", "true", "--lora_rank", "4", *STEPS, "--max_steps", "1", "--learning_rate", "0", "--do_eval", "false")
         for kind in KINDS:
             extra = ["--lora_path", start] if kind == "lora" else []
             one, two = str(root / f"{family}_{kind}_1"), str(root / f"{family}_{kind}_tp2")
-            common = ["--model_name_or_path", model, "--dataset_name_or_path", step_data_dir, *extra, *STEPS]
+            common = ["--model_name_or_path", model, "--dataset_name_or_path", step_data, *extra, *STEPS]
             finetune(*common, "--output_dir", one)
             launched.append([*common, "--output_dir", two, "--tensor_parallel_degree", "2"])
             runs[family, kind] = (model, one, two)
@@ -220,12 +212,12 @@ def test_tensor_parallel_sizes_must_divide(tiny_dir):
 
 
 # ------------------------------------------------------------------ pipeline parallel (LLaMA)
-def test_pipeline_parallel_llama_matches_one_process(tp_runs, step_data_dir, tmp_path):
+def test_pipeline_parallel_llama_matches_one_process(tp_runs, step_data, tmp_path):
     model, one, _ = tp_runs["llama", "sft"]
     out, logs = str(tmp_path / "pp2"), str(tmp_path / "logs")
     proc = run_cmd([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", logs,
                     os.path.join(ROOT, "finetune_generation.py"), "--model_name_or_path", model,
-                    "--dataset_name_or_path", step_data_dir, "--output_dir", out, "--pipeline_parallel_degree", "2", *STEPS],
+                    "--dataset_name_or_path", step_data, "--output_dir", out, "--pipeline_parallel_degree", "2", *STEPS],
                    check=False, timeout=600)
     texts = [open(p, errors="replace").read() for p in sorted(glob.glob(os.path.join(logs, "workerlog.*")))]
     assert proc.returncode == 0, "\n".join(t[-4000:] for t in texts) + proc.stderr[-2000:]
@@ -261,10 +253,10 @@ def test_pipeline_parallel_llama_matches_one_process(tp_runs, step_data_dir, tmp
     (["--model_name_or_path", "llama"], "--pipeline_parallel_degree 2: the model is split over 2 processes but this run has 1; "
                                         "start it with python -m paddle.distributed.launch --nproc_per_node 2 finetune_generation.py ..."),
 ])
-def test_pipeline_parallel_refusals(tiny_dir, step_data_dir, tmp_path, extra, message):
+def test_pipeline_parallel_refusals(tiny_dir, step_data, tmp_path, extra, message):
     extra = [tiny_dir(a) if i and extra[i - 1] == "--model_name_or_path" else a for i, a in enumerate(extra)]
     out = str(tmp_path / "out")
-    proc = run_cmd([sys.executable, os.path.join(ROOT, "finetune_generation.py"), *extra, "--dataset_name_or_path", step_data_dir,
+    proc = run_cmd([sys.executable, os.path.join(ROOT, "finetune_generation.py"), *extra, "--dataset_name_or_path", step_data,
                     "--output_dir", out, "--pipeline_parallel_degree", "2"], check=False, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == f"error: {message}"

@@ -279,8 +279,10 @@ class Family:
     def stop_token_ids(self, tokenizer) -> List[int]:
         """Every token that ends a generated reply: stop_token_id first, then the model folder's
         generation_config.json eos_token_id ones (e.g. Llama 3's <|eot_id|> and <|eom_id|>)."""
+        from ..formats.hf import STOP_ATTR  # set by load_tokenizer
+
         out = [self.stop_token_id(tokenizer)]
-        for t in getattr(tokenizer, "paddlellm_stop_ids", None) or []:
+        for t in getattr(tokenizer, STOP_ATTR, None) or []:
             if t not in out:
                 out.append(t)
         return out
@@ -397,21 +399,19 @@ class Family:
                 break
             truncated = True
         ids = [t for p, _ in context for t in p]
-        sup = [s and not self.prefix_lm for _, f in context for s in f]
+        sup = [s for _, f in context for s in f]  # causal only: load_tokenizer gives prefix-LM families no template
         if len(ids) > src_length:  # the final prompt alone is too long: it loses its beginning
             ids, sup, truncated = ids[-src_length:], sup[-src_length:], True
         reply, flags = pieces[-1]
         n = sum(flags)  # the supervised part (the reply and its end-of-turn token); the rest is the next turn's context
         if n > tgt_length:
             n, truncated = tgt_length, True
-        prefix_len = len(ids) if self.prefix_lm else 0
         ids += reply[:n]
         sup += [True] * n
         if not any(sup[1:]):
             return None
         labels = [t if s else IGNORE for t, s in zip(ids[1:], sup[1:])]
-        input_ids = ids[:-1]
-        return self.make_example(input_ids, labels, min(prefix_len, len(input_ids)), truncated)
+        return self.make_example(ids[:-1], labels, 0, truncated)
 
     # ------------------------------------------------------------------ batches
     def build_batch(self, rows: List[List[Example]], pad_id: int, seq_len: Optional[int] = None) -> Dict[str, np.ndarray]:
