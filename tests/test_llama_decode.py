@@ -5,7 +5,7 @@ import pytest
 
 from paddlellm import cpu_kernels
 from paddlellm.families import get_family
-from paddlellm.families import llama_decode
+from paddlellm.families import decode_core, llama_decode
 
 LLAMA = get_family("llama")
 # 11 prompts of scattered lengths (more than one prefill chunk of PREFILL_ROWS rows, not sorted by length)
@@ -27,7 +27,7 @@ def _inputs(tok, texts, new, fam=LLAMA):
     from paddlellm.generation import _generation_inputs
 
     prompts = [fam.generation_prompt(tok, [t], [], 64) for t in texts]
-    assert len(texts) > llama_decode.PREFILL_ROWS
+    assert len(texts) > decode_core.PREFILL_ROWS
     return {k: paddle.to_tensor(v) for k, v in _generation_inputs(fam, tok, prompts, new).items()}
 
 
@@ -69,7 +69,7 @@ def test_every_step_gives_the_models_own_logits(loaded, grow, monkeypatch):
     """Prefill and 6 steps against the model's full forward over everything so far (no cache), row by row; also
     with a cache that starts small and grows (copied into a larger one) on the way."""
     if grow:
-        monkeypatch.setattr(llama_decode, "KV_GROW", grow)
+        monkeypatch.setattr(decode_core, "KV_GROW", grow)
     model, tok = loaded
     _check_steps(model, tok, grow)
 
@@ -156,9 +156,9 @@ def test_same_tokens_as_the_model_forward_and_generate(loaded, settings, monkeyp
 
 
 def test_prefill_chunks_group_rows_of_similar_length():
-    chunks = [c.tolist() for c in llama_decode.prefill_chunks([100, 280, 150, 200, 120, 110, 100, 100])]
+    chunks = [c.tolist() for c in decode_core.prefill_chunks([100, 280, 150, 200, 120, 110, 100, 100])]
     assert chunks == [[1], [3, 2], [4, 5, 0, 6, 7]]  # each row >= 3/4 of its chunk's longest; longest first
-    assert [len(c) for c in llama_decode.prefill_chunks([7] * 20)] == [8, 8, 4]  # at most PREFILL_ROWS rows
+    assert [len(c) for c in decode_core.prefill_chunks([7] * 20)] == [8, 8, 4]  # at most PREFILL_ROWS rows
 
 
 def test_a_growing_cache_gives_the_same_tokens(loaded, monkeypatch):
@@ -169,7 +169,7 @@ def test_a_growing_cache_gives_the_same_tokens(loaded, monkeypatch):
     inputs = _inputs(tok, TEXTS, 12)
     args = (model, LLAMA, dict(inputs), 12, LLAMA.stop_token_id(tok), tok.pad_token_id)
     reference = generate_batch(*args, own_loop=False).numpy()
-    monkeypatch.setattr(llama_decode, "KV_GROW", 3)
+    monkeypatch.setattr(decode_core, "KV_GROW", 3)
     grown = generate_batch(*args, own_loop=True).numpy()
     np.testing.assert_array_equal(grown, reference)
 
