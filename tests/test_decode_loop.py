@@ -9,6 +9,8 @@ from paddlellm.families import names
 
 TEXTS = ["hello there", "spell: 1 2 3 4 5 6 and more words here", "x y z w", "one two three four five six seven eight nine ten"]
 NEW = 10
+# families whose own loop runs a decode runner (families/*_decode.py, KV cache in place) on CPU instead of the forward
+WITH_RUNNER = {"llama", "qwen2", "gpt-3", "opt", "bloom"}
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +29,11 @@ def loaded(tiny_dir):
     return get
 
 
-def run(model, tok, fam, own_loop, max_new=NEW, stop=None, seed=None, **settings):
+def run(model, tok, fam, own_loop, max_new=NEW, stop=None, seed=None, runners=None, **settings):
+    """runners: a list that gets the runner the decode loop was given (None: the model's forward)."""
     import paddle
 
+    from paddlellm import decode_loop
     from paddlellm.generation import _generation_inputs, generate_batch
 
     prompts = [fam.generation_prompt(tok, [t], [], 32) for t in TEXTS]
@@ -37,7 +41,18 @@ def run(model, tok, fam, own_loop, max_new=NEW, stop=None, seed=None, **settings
     stop = fam.stop_token_id(tok) if stop is None else stop
     if seed is not None:
         paddle.seed(seed)
-    out = generate_batch(model, fam, inputs, max_new, stop, tok.pad_token_id, own_loop=own_loop, **settings)
+    real_decode = decode_loop.decode_ids
+
+    def spy(*a, **kw):
+        runners.append(kw.get("runner"))
+        return real_decode(*a, **kw)
+
+    if runners is not None:
+        decode_loop.decode_ids = spy
+    try:
+        out = generate_batch(model, fam, inputs, max_new, stop, tok.pad_token_id, own_loop=own_loop, **settings)
+    finally:
+        decode_loop.decode_ids = real_decode
     return out.numpy()
 
 
@@ -51,7 +66,9 @@ def test_loop_matches_generate(loaded, name):
 
     greedy = run(model, tok, fam, own_loop=False)
     assert greedy.shape == (len(TEXTS), NEW)
-    np.testing.assert_array_equal(run(model, tok, fam, own_loop=True), greedy)
+    runners = []
+    np.testing.assert_array_equal(run(model, tok, fam, own_loop=True, runners=runners), greedy)
+    assert (runners[0] is not None) == (name in WITH_RUNNER)  # the own loop below runs through the runner where one exists
 
     # Rows that end early: stop at the token row 0 produced at step 3 (random weights rarely emit the real
     # stop token), so finished rows get pad tokens while the others go on, and the batch may end early.

@@ -95,6 +95,11 @@ class BloomFamily(Family):
     def hf_tokenizer_config(self, tokenizer):
         return {"tokenizer_class": "BloomTokenizerFast", "add_prefix_space": False}
 
+    def decode_runner(self, model):
+        from .bloom_decode import BloomDecoder
+
+        return BloomDecoder.for_model(model)
+
     def prefix_hooks(self):
         # BloomAttention concatenates its cache on axis 1: [batch, prefix_len, heads, head_dim] per layer,
         # the layout bloom_postprocess_past_key_value returns. BloomForCausalLM takes it as `cache`, and

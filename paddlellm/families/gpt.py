@@ -79,6 +79,11 @@ class GPTFamily(Family):
     def hf_tokenizer_config(self, tokenizer):
         return {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False}
 
+    def decode_runner(self, model):
+        from .gpt_decode import GPTDecoder
+
+        return GPTDecoder.for_model(model)
+
     def prefix_hooks(self):
         # GPT's cache per layer is [batch, prefix_len, heads, head_dim] (concatenated on axis 1), the
         # layout llama_postprocess_past_key_value returns; the default prefix mask padding fits GPTModel.

@@ -238,6 +238,11 @@ class OPTFamily(Family):
         # OPT opens every sequence with </s>: transformers' GPT2Tokenizer does so with add_bos_token.
         return {"tokenizer_class": "GPT2Tokenizer", "add_bos_token": True, "add_prefix_space": False}
 
+    def decode_runner(self, model):
+        from .opt_decode import OPTDecoder
+
+        return OPTDecoder.for_model(model)
+
     def prefix_hooks(self):
         # The default prefix mask padding (ones before the 2-D mask) is right for OPT; note that positions,
         # being cumsum(mask) - 1, then start at num_prefix_tokens (as with HF OPT + PEFT prefix tuning),

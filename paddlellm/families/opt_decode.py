@@ -1,0 +1,98 @@
+"""OPT's decode runner (OPTFamily.decode_runner): paddlenlp's OPTForCausalLM driven with a KV cache written in place.
+
+A families/decode_core.DecodeCore (cache preallocated and grown by KV_GROW, prompts prefilled in chunks of rows of
+similar length, left padding) with OPT's layers, as paddlenlp's OPTModel computes them:
+
+- positions come from the attention mask, as OPTLearnedPositionEmbedding derives them: cumsum(mask) - 1 (a padding
+  hole does not advance them), looked up at position + offset (2) in the model's own position embedding; each step
+  the next one (+1);
+- the model's own sublayers: word embeddings, project_in/project_out (word_embed_proj_dim != hidden_size, e.g.
+  OPT-350m), norm1/norm2, q/k/v and out projections, linear1/linear2 with the layer's activation, the final layer
+  norm (only with normalize_before, as TransformerDecoder builds it), the lm_head; so LoRA and quantized layers act as
+  in the model;
+- pre- or post-LayerNorm as the layers' normalize_before says; scores q * head_dim ** -0.5 against k plus the mask
+  (OPTModel adds finfo.min for padding and again for future keys; the runner adds it once: the same softmax on every
+  query row that attends anything).
+
+Configurations it does not reproduce get None from for_model (unsupported() says why).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from .decode_core import DecodeCore, common_unsupported, inner
+
+
+def unsupported(model) -> Optional[str]:
+    """Why the runner can't reproduce this model's forward, or None when it can."""
+    from paddlenlp.transformers import OPTForCausalLM
+    from paddlenlp.transformers.opt.modeling import MultiHeadAttention, TransformerDecoderLayer
+
+    model = inner(model)
+    if not isinstance(model, OPTForCausalLM):
+        return f"not an OPTForCausalLM ({type(model).__name__})"
+    layers = getattr(model.opt.decoder, "layers", None)
+    if not layers:
+        return "no decoder layers (a static-graph shell)"
+    bad = common_unsupported(model, model.opt.embeddings.word_embeddings.weight.dtype)
+    if getattr(layers[0].self_attn, "fuse_attention_qkv", False):
+        bad.append("fuse_attention_qkv")
+    if bad:
+        return ", ".join(bad)
+    if type(layers[0]) is not TransformerDecoderLayer or type(layers[0].self_attn) is not MultiHeadAttention:
+        return "a decoder layer of another kind"
+    return None
+
+
+class OPTDecoder(DecodeCore):
+    """prefill(inputs, capacity) -> [batch, vocab] logits of the prompt's last position; step(tokens) -> the next."""
+
+    def __init__(self, model):
+        model = inner(model)
+        cfg = model.config
+        self.model = model
+        self.base = model.opt
+        self.layers = list(self.base.decoder.layers)
+        self.heads = self.kv_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+
+    @staticmethod
+    def unsupported(model) -> Optional[str]:
+        return unsupported(model)
+
+    def _positions(self, inputs, keep):
+        import paddle
+
+        return paddle.cumsum(keep.astype("int64"), axis=-1) - 1  # OPTLearnedPositionEmbedding.forward
+
+    def _embed(self, ids, positions):
+        import paddle
+
+        emb = self.base.embeddings
+        hidden = emb.word_embeddings(ids)
+        if emb.project_in is not None:
+            hidden = emb.project_in(hidden)
+        table = emb.position_embeddings
+        return hidden + paddle.nn.Embedding.forward(table, positions + table.offset)
+
+    def _layer(self, i, layer, hidden, ctx, bias, kv):
+        attn = layer.self_attn
+        pre = layer.normalize_before
+        x = layer.norm1(hidden) if pre else hidden
+        q, k, v = (proj(x).reshape([0, 0, self.heads, self.head_dim]).transpose([0, 2, 1, 3])
+                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        k, v = kv(k, v)
+        hidden = hidden + attn.out_proj(self._attention(q, k, v, bias, self.head_dim ** -0.5))
+        if not pre:
+            hidden = layer.norm1(hidden)
+        x = layer.norm2(hidden) if pre else hidden
+        hidden = hidden + layer.linear2(layer.activation(layer.linear1(x)))
+        return hidden if pre else layer.norm2(hidden)
+
+    def _logits(self, hidden_last):
+        decoder = self.base.decoder
+        if decoder.final_layer_norm is not None:
+            hidden_last = decoder.final_layer_norm(hidden_last)
+        if decoder.project_out is not None:
+            hidden_last = decoder.project_out(hidden_last)
+        return self.model.lm_head(hidden_last)[:, -1, :]
