@@ -30,6 +30,11 @@ class ChatGLMv2Family(Family):
     # (True = may attend), and rotary embeddings are gathered by the given [batch, seq] position_ids,
     # which generate() extends by +1 per step (without them it would use arange and ignore left padding).
 
+    def decode_runner(self, model):
+        from .chatglm_v2_decode import ChatGLMv2Decoder
+
+        return ChatGLMv2Decoder.for_model(model)
+
     def prefix_hooks(self):
         # Cache layout per layer: [prefix_len, batch, kv_groups, head_dim] (sequence first), which is
         # what chatglm_postprocess_past_key_value produces. The default prefix mask padding (ones before
