@@ -104,6 +104,11 @@ class ChatGLMFamily(BlankInfillingFamily):
         ChatGLMTokenizer(vocab_file=path, num_image_tokens=0, **self.special_tokens).save_pretrained(out_dir)
         return self.load_tokenizer(out_dir)
 
+    def decode_runner(self, model):
+        from .chatglm_decode import ChatGLMDecoder
+
+        return ChatGLMDecoder.for_model(model)
+
     def prefix_hooks(self):
         from paddlenlp.peft.prefix import chatglm_postprocess_past_key_value
 
