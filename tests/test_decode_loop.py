@@ -11,7 +11,7 @@ TEXTS = ["hello there", "spell: 1 2 3 4 5 6 and more words here", "x y z w", "on
 NEW = 10
 # families whose own loop runs a decode runner (families/*_decode.py, KV cache in place) on CPU instead of the forward
 WITH_RUNNER = {"llama", "qwen2", "gpt-3", "opt", "bloom"}
-WITH_RUNNER |= {"chatglm_v2", "chatglm"}  # families/chatglm_v2_decode.py, chatglm_decode.py
+WITH_RUNNER |= {"chatglm_v2", "chatglm", "glm"}  # families/chatglm_v2_decode.py, chatglm_decode.py, glm_decode.py
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,13 @@ import pytest
 
 from paddlellm import cpu_kernels
 from paddlellm.families import decode_core, get_family
-from paddlellm.families import chatglm_decode, chatglm_v2_decode
+from paddlellm.families import chatglm_decode, chatglm_v2_decode, glm_decode
 
 # 10 prompts of scattered lengths: more than one prefill chunk of PREFILL_ROWS rows, not sorted by length
 TEXTS = ["hi", "spell: 1 2 3 4 5 6 7 8 and more words here", "x y", "one two three four five", "a", "spell: 9 8 7",
          "hello there how are you today", "z", "one two", "q w e r t y"]
-RUNNERS = {"chatglm_v2": chatglm_v2_decode.ChatGLMv2Decoder, "chatglm": chatglm_decode.ChatGLMDecoder}
+RUNNERS = {"chatglm_v2": chatglm_v2_decode.ChatGLMv2Decoder, "chatglm": chatglm_decode.ChatGLMDecoder,
+           "glm": glm_decode.GLMDecoder}
 STEPS = 4
 
 
@@ -119,7 +120,7 @@ def test_runners_decline_what_they_do_not_reproduce(loaded, tiny_dir):
 
     for name, runner in RUNNERS.items():
         model, _, fam = loaded(name)
-        other = loaded("llama")[0]
+        other = loaded("chatglm" if name == "glm" else "glm")[0]
         assert runner.unsupported(other).startswith("not a ")
         model.train()
         try:
@@ -131,11 +132,14 @@ def test_runners_decline_what_they_do_not_reproduce(loaded, tiny_dir):
     one_d = get_family("chatglm").new_model(tiny_dir("chatglm"), position_encoding_2d=False)
     one_d.eval()
     assert chatglm_decode.unsupported(one_d) == "position_encoding_2d False"
+    scaled = get_family("glm").new_model(tiny_dir("glm"), attention_scale=2.0)
+    scaled.eval()
+    assert glm_decode.unsupported(scaled) == "attention_scale > 1"
     flash = get_family("chatglm_v2").new_model(tiny_dir("chatglm_v2"), use_flash_attention=True)
     flash.eval()
     assert chatglm_v2_decode.unsupported(flash) == "use_flash_attention"
-    # v1 takes the 4-D prompt mask its model takes: a 2-D one is refused by name, not misread
-    model, tok, fam = loaded("chatglm")
+    # v1/GLM take the 4-D prompt mask their models take: a 2-D one is refused by name, not misread
+    model, tok, fam = loaded("glm")
     inputs = _inputs(fam, tok, hole=False)
     inputs["attention_mask"] = inputs["attention_mask"][:, 0, -1, :]
     with pytest.raises(ValueError, match="attention mask"), paddle.no_grad():

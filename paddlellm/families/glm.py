@@ -241,6 +241,11 @@ class GLMFamily(BlankInfillingFamily):
         GLMChineseTokenizer(model_file=path, **self.special_tokens).save_pretrained(out_dir)
         return self.load_tokenizer(out_dir)
 
+    def decode_runner(self, model):
+        from .glm_decode import GLMDecoder
+
+        return GLMDecoder.for_model(model)
+
     def prefix_hooks(self):
         return glm_postprocess_past_key_value, pad_attention_mask_ones
 
