@@ -8,7 +8,12 @@ stride kernels off while generating, the family's decode runner where it has one
 greedy replies for the same 16 prompts (log-normal lengths, median ~48, up to 200 tokens) in length-bucketed
 batches of 8, 32 new tokens each. Arms interleaved, best of --rounds; the replies of both arms must be equal.
 
+With --arms runner both arms have the CPU kernels on and only the family's decode runner differs: *off* has
+family.decode_runner return None (the decode loop drives the model's own forward, cache concatenated each step),
+*on* is the default (KV cache written in place, families/*_decode.py).
+
     python bench/generate_families.py [--families llama,bloom] [--rounds 2] [--out bench/results/generate_families.json]
+    python bench/generate_families.py --arms runner --families llama,gpt-3,opt,bloom   # -> generate_families_runners.json
 """
 from __future__ import annotations
 
@@ -61,8 +66,14 @@ def main() -> int:
     ap.add_argument("--families", default=",".join(SHAPES))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--new_tokens", type=int, default=32)
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "generate_families.json"))
+    ap.add_argument("--arms", choices=["kernels", "runner"], default="kernels",
+                    help="kernels: PADDLELLM_CPU_KERNELS=0 against the default; runner: the decode runner off against on")
+    ap.add_argument("--out", default=None, help="default bench/results/generate_families.json "
+                                                "(generate_families_runners.json with --arms runner)")
     args = ap.parse_args()
+    runner_arms = args.arms == "runner"
+    if args.out is None:
+        args.out = str(REPO / "bench" / "results" / ("generate_families_runners.json" if runner_arms else "generate_families.json"))
 
     from paddlellm.runtime import setup_runtime
 
@@ -81,9 +92,10 @@ def main() -> int:
         family = get_family(name)
         with tempfile.TemporaryDirectory() as tmp:
             folder = build(family, tmp)
-            os.environ[OFF] = "0"
+            if not runner_arms:
+                os.environ[OFF] = "0"
             plain, tok, _, _ = load_for_inference(folder)
-            os.environ.pop(OFF)
+            os.environ.pop(OFF, None)
             patched, _, _, _ = load_for_inference(folder)
             # prompts as predict builds them (the family's template and special tokens: ChatGLM needs its gMASK),
             # from n random words each
@@ -93,9 +105,13 @@ def main() -> int:
             best = {"off": 0.0, "on": 0.0}
             same = True
             for r in range(args.rounds):
-                os.environ[OFF] = "0"
+                if runner_arms:
+                    family.decode_runner = lambda model: None  # this instance only: the model's own forward
+                else:
+                    os.environ[OFF] = "0"
                 off, replies_off = run(plain, tok, family, prompts, args.new_tokens)
-                os.environ.pop(OFF)
+                os.environ.pop(OFF, None)
+                family.__dict__.pop("decode_runner", None)
                 on, replies_on = run(patched, tok, family, prompts, args.new_tokens)
                 same = same and replies_on == replies_off
                 best = {"off": max(best["off"], off), "on": max(best["on"], on)}
@@ -115,7 +131,7 @@ def main() -> int:
 
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
            "threads": os.environ.get("OMP_NUM_THREADS"), "prompts": lengths, "batch": 8, "new_tokens": args.new_tokens,
-           "rounds": args.rounds, "load_average_at_end": os.getloadavg(), "results": results}
+           "rounds": args.rounds, "arms": args.arms, "load_average_at_end": os.getloadavg(), "results": results}
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
     print(f"saved {args.out}")

@@ -20,7 +20,8 @@ The other per-step cost this removes is not Python: the KV cache grows by concat
 (one new [batch, heads, length, head_dim] tensor per layer, key and value, per step) and glibc returns each
 such block (above its mmap threshold) to the system when freed, so every step page-faults fresh memory
 in; see cpu_runtime.keep_freed_memory (set for every command by runtime.setup_runtime, and here again for
-callers that did not go through it). A family's decode_runner (LLaMA's) avoids the concatenation itself.
+callers that did not go through it). A family's decode_runner (families/decode_core.py: LLaMA, Qwen2, GPT, OPT,
+Bloom) avoids the concatenation itself.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def decode_ids(model, inputs, max_new_tokens: int, eos_token_id, pad_token_id: O
     ...)[0]`` with these settings (top_k=1 is greedy). logits_processors (a paddlenlp LogitsProcessorList or a
     list, each called (input_ids so far, logits) -> logits) combine with paddlenlp's own ones as in
     generate(); eos_token_id is one stop id or a list of them; streamer gets put([batch, 1] tokens) every step and end() at the end. runner (a family's
-    decode_runner, e.g. LLaMA's in-place KV cache) computes each step's logits instead of the model's forward.
+    decode_runner: an in-place KV cache) computes each step's logits instead of the model's forward.
     """
     import paddle
     import paddle.nn.functional as F

@@ -148,3 +148,19 @@ def test_unsupported_configurations_use_the_models_forward(loaded):
         runner.step(paddle.to_tensor([[8]]))
         with pytest.raises(ValueError, match="holds 4 tokens"):
             runner.step(paddle.to_tensor([[9]]))
+
+
+@pytest.mark.parametrize("fixture", ["opt-proj", "bloom", "gpt2"])
+def test_transformers_checkpoints_give_their_own_logits(fixture, monkeypatch):
+    """transformers' tiny checkpoints, converted on load: OPT with word_embed_proj_dim 16 != hidden 32 (project_in and
+    project_out, as OPT-350m), BLOOM, GPT-2 (its fused c_attn split into q/k/v)."""
+    import os
+
+    from paddlellm.loading import load_for_inference
+
+    from conftest import ROOT
+
+    model, tok, fam, _ = load_for_inference(os.path.join(ROOT, "tests", "fixtures", "hf", fixture))
+    if fixture == "opt-proj":
+        assert model.opt.embeddings.project_in is not None and model.opt.decoder.project_out is not None
+    _check_steps(model, fam, _inputs(fam, tok, hole=fixture == "bloom"), monkeypatch)
