@@ -7,7 +7,7 @@ runs the attention through bmm-layout transposes of the whole cache. The runner 
 [batch, heads, capacity, head_dim] key/value buffers, writes each new pair into its slot and attends batch-first:
 
 - every weight-bearing piece is the model's own sublayer (word embedding, LayerNorms, query_key_value, dense,
-  MLP, final LayerNorm, lm_head), so LoRA layers, quantized layers and our CPU patches act as in the model;
+  MLP, final LayerNorm, the lm_head's weight), so LoRA layers, quantized layers and our CPU patches act as in the model;
 - 2-D rotary positions as ChatGLMAttention applies them: the first half of each head rotated by the position,
   the second by the block position, each with rotate_half, from the cos/sin table the model builds (entry
   (t, j) is cos/sin of the float32 product t * inv_freq_j, whatever the table's length);
@@ -184,4 +184,13 @@ class ChatGLMDecoder(BlankInfillingMasks, DecodeCore):
         return normed * self.alpha + layer.mlp(normed)
 
     def _logits(self, hidden_last):
-        return self.model.lm_head(self.stack.final_layernorm(hidden_last))[:, -1, :].astype("float32")
+        import paddle
+        from paddlenlp.transformers.chatglm.modeling import ChatGLMHead
+
+        hidden = self.stack.final_layernorm(hidden_last)
+        head = self.model.lm_head
+        if type(head) is ChatGLMHead:
+            # ChatGLMHead's F.linear(h, weight.T) as one product with the weight read transposed: the same sums
+            # without copying the [vocab, hidden] weight (paddle's .T is a dense copy while generating) every step
+            return paddle.matmul(hidden, head.decoder_weight, transpose_y=True)[:, -1, :]
+        return head(hidden)[:, -1, :].astype("float32")

@@ -10,8 +10,8 @@ capacity, head_dim] each, the keys already divided by sqrt(head_dim) as the mode
 and computes each step's projection for the new token only:
 
 - every weight-bearing piece is the model's own sublayer (word, position and block-position embeddings,
-  LayerNorms, query_key_value, dense, MLP, final LayerNorm; logits against the word embedding, as GLMModel),
-  so LoRA layers, quantized layers and our CPU patches act as in the model;
+  LayerNorms, query_key_value, dense, MLP, final LayerNorm; logits against the word embedding as GLMModel takes
+  them, read transposed by the product instead of copied transposed each step), so LoRA layers, quantized layers and our CPU patches act as in the model;
 - attention is GLMAttention's (attention_scale 1): q . (k / sqrt(head_dim)), times the 0/1 mask, - 65504 where
   masked, softmax, times v;
 - positions are read where paddlenlp's prepare_inputs_for_generation reads them: the column of position_ids at
@@ -140,6 +140,8 @@ class GLMDecoder(BlankInfillingMasks, DecodeCore):
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     def _logits(self, hidden_last):
-        import paddle.nn.functional as F
+        import paddle
 
-        return F.linear(self.stack.final_layernorm(hidden_last), self.glm.word_embeddings.weight.T)[:, -1, :]
+        # GLMModel's F.linear(h, weight.T) as one product with the weight read transposed: the same sums without
+        # copying the [vocab, hidden] embedding (paddle's .T is a dense copy while generating) at every step
+        return paddle.matmul(self.stack.final_layernorm(hidden_last), self.glm.word_embeddings.weight, transpose_y=True)[:, -1, :]
