@@ -97,6 +97,25 @@ def test_every_step_gives_the_models_own_logits(loaded, name, monkeypatch):
     assert _check_steps(model, fam, _inputs(fam, tok)) > 0.1
 
 
+@pytest.mark.parametrize("name,overrides", [
+    ("chatglm_v2", dict(apply_residual_connection_post_layernorm=True, apply_query_key_layer_scaling=False,
+                        post_layer_norm=False, multi_query_group_num=1)),
+    ("chatglm", dict(attention_scale=False)),
+], ids=["chatglm_v2-post-norm-residual-one-group", "chatglm-no-attention-scale"])
+def test_config_variants_give_the_models_own_logits(loaded, tiny_dir, name, overrides, monkeypatch):
+    """The branches the tiny configs do not take: ChatGLM2's residual after the norm, no query-key layer scaling,
+    no final norm, a single multi-query group; ChatGLM v1 without attention_scale (scores still times layer_id + 1)."""
+    import paddle
+
+    _, tok, fam = loaded(name)
+    paddle.seed(1)
+    model = fam.new_model(tiny_dir(name), **overrides)
+    model.eval()
+    assert all(getattr(model.config, k) == v for k, v in overrides.items())
+    monkeypatch.setattr(decode_core, "KV_GROW", 2)
+    _check_steps(model, fam, _inputs(fam, tok))
+
+
 def test_lora_layers_act_as_in_the_model(loaded, tiny_dir, monkeypatch):
     """ChatGLM2 with LoRA on query_key_value and dense (LoRA B set non-zero, so the adapters change the logits): the
     runner drives the LoRA layers themselves."""
