@@ -163,6 +163,11 @@ def test_runners_decline_what_they_do_not_reproduce(loaded, tiny_dir):
     inputs["attention_mask"] = inputs["attention_mask"][:, 0, -1, :]
     with pytest.raises(ValueError, match="attention mask"), paddle.no_grad():
         fam.decode_runner(model).prefill(inputs, inputs["input_ids"].shape[1] + 1)
+    # a GLM mask laid out past the prompt (paddlenlp would read the later rows from it) is refused, not misread
+    inputs = _inputs(fam, tok, hole=False)
+    inputs["attention_mask"] = paddle.nn.functional.pad(inputs["attention_mask"].astype("float32"), [0, 1, 0, 1])
+    with pytest.raises(ValueError, match="laid out"), paddle.no_grad():
+        fam.decode_runner(model).prefill(inputs, inputs["input_ids"].shape[1] + 1)
 
 
 @pytest.mark.parametrize("name", list(RUNNERS))

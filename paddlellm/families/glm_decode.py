@@ -84,9 +84,11 @@ class GLMDecoder(BlankInfillingMasks, DecodeCore):
     # ------------------------------------------------------------------ masks and positions
     def _keep_mask(self, inputs):
         mask = inputs.get("attention_mask")
-        if mask is not None and len(mask.shape) == 4:  # as prepare_inputs_for_generation: the prompt's square
-            length = inputs["input_ids"].shape[1]
-            inputs = dict(inputs, attention_mask=mask[:, :, :length, :length])
+        length = inputs["input_ids"].shape[1]
+        if mask is not None and len(mask.shape) == 4 and tuple(mask.shape[2:]) != (length, length):
+            # paddlenlp's GLM would read later steps' rows from such a mask, not the prompt's last row extended
+            raise ValueError("the GLMDecoder decode runner takes a [batch, 1, length, length] attention mask of the prompt "
+                             "(not one laid out for the new tokens)")
         return super()._keep_mask(inputs)
 
     def _last_positions(self, positions):
