@@ -119,7 +119,7 @@ def test_gpt_fused_qkv_and_post_norm(loaded, tiny_dir, monkeypatch):
     _check_steps(model, fam, _inputs(fam, tok, hole=False), monkeypatch)
 
 
-def test_unsupported_configurations_use_the_models_forward(loaded):
+def test_unsupported_configurations_use_the_models_forward(loaded, tiny_dir):
     import paddle
 
     for name, runner in RUNNERS.items():
@@ -139,9 +139,9 @@ def test_unsupported_configurations_use_the_models_forward(loaded):
         assert BloomDecoder.unsupported(bloom) == "use_long_sequence_strategies"
     finally:
         bloom.config.use_long_sequence_strategies = False
-    half = loaded("gpt-3")[0]
-    assert GPTDecoder.unsupported(half.to(dtype="float16")) == "weights not float32"
-    half.to(dtype="float32")
+    half = get_family("gpt-3").load_model(tiny_dir("gpt-3"), dtype="float16")  # not .to(): it casts the int mask buffer too
+    half.eval()
+    assert GPTDecoder.unsupported(half) == "weights not float32"
     with paddle.no_grad():  # the capacity asked is the most it holds
         runner = get_family("opt").decode_runner(loaded("opt")[0])
         runner.prefill({"input_ids": paddle.to_tensor([[5, 6, 7]])}, capacity=4)
@@ -164,3 +164,28 @@ def test_transformers_checkpoints_give_their_own_logits(fixture, monkeypatch):
     if fixture == "opt-proj":
         assert model.opt.embeddings.project_in is not None and model.opt.decoder.project_out is not None
     _check_steps(model, fam, _inputs(fam, tok, hole=fixture == "bloom"), monkeypatch)
+
+
+@pytest.mark.parametrize("name", sorted(RUNNERS))
+def test_kernels_off_turns_the_runner_off_with_the_same_tokens(loaded, name, monkeypatch):
+    """PADDLELLM_CPU_KERNELS=0: the decode loop gets no runner (the model's own forward); greedy tokens unchanged."""
+    import paddle
+
+    from paddlellm import cpu_kernels, decode_loop
+    from paddlellm.generation import generate_batch
+
+    model, tok, fam = loaded(name)
+    inputs = _inputs(fam, tok, hole=False)
+    used = []
+    real_decode = decode_loop.decode_ids
+    monkeypatch.setattr(decode_loop, "decode_ids", lambda *a, **kw: used.append(kw.get("runner")) or real_decode(*a, **kw))
+
+    def run():
+        with paddle.no_grad():
+            return generate_batch(model, fam, dict(inputs), 6, fam.stop_token_id(tok), tok.pad_token_id, own_loop=True).numpy()
+
+    on = run()
+    monkeypatch.setenv(cpu_kernels.DISABLE_VAR, "0")
+    off = run()
+    assert isinstance(used[0], RUNNERS[name]) and used[1] is None
+    np.testing.assert_array_equal(on, off)
