@@ -29,6 +29,8 @@ from typing import Optional
 
 from .decode_core import DecodeCore, common_unsupported, inner
 
+TABLE_MIN = 64  # rows of the first rotary cos/sin table; it doubles (rebuilt whole) when a position passes its end
+
 
 def unsupported(model) -> Optional[str]:
     """Why the runner can't reproduce this model's forward, or None when it can."""
@@ -128,7 +130,7 @@ class ChatGLMDecoder(BlankInfillingMasks, DecodeCore):
         import paddle
 
         if upto > self.table_len:
-            self.table_len = max(upto, 2 * self.table_len, 64)
+            self.table_len = max(upto, 2 * self.table_len, TABLE_MIN)
             t = paddle.arange(start=0, end=self.table_len, dtype="float32")
             emb = paddle.einsum("i,j->ij", t, self.inv_freq)
             emb = paddle.concat([emb, emb], axis=-1)
