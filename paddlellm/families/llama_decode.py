@@ -97,12 +97,18 @@ class LlamaDecoder(DecodeCore):
 
     # ------------------------------------------------------------------ DecodeCore hooks
     def _context(self, positions, length: int):
-        """cos and sign-folded sin for positions [B, L] -> [B, L, 1, D] (cpu_kernels.rotary_tables)."""
+        """cos and sign-folded sin for positions [B, L] (cpu_kernels.rotary_tables), tiled once per forward over
+        the query heads and the key/value heads: [B, L, H, D] and [B, L, KV, D]. paddle's CPU multiply is
+        several times slower broadcasting [B, L, 1, D] over the heads than on same-shape operands (the same
+        values: exact)."""
+        import paddle
+
         from ..cpu_kernels import rotary_tables
 
         # the module's own [1, length, 1, D] tables (its first argument is read for its dtype only)
         cos, sin = self.rotary(self.base.embed_tokens.weight, seq_len=length)
-        return rotary_tables(cos, sin, positions)
+        cos, sin = rotary_tables(cos, sin, positions)
+        return tuple(paddle.tile(t, [1, 1, heads, 1]) for heads in (self.heads, self.kv_heads) for t in (cos, sin))
 
     def _embed(self, ids, positions):
         return self.base.embed_tokens(ids)
@@ -117,13 +123,14 @@ class LlamaDecoder(DecodeCore):
         return self.model.lm_head(self.base.norm(hidden_last))[:, -1, :]
 
     # ------------------------------------------------------------------ pieces
-    def _qkv(self, layer, x, cos, sin):
-        """q, k, v of layer for hidden x [B, L, h]: [B, H or KV, L, D] each, rotary applied to q and k."""
+    def _qkv(self, layer, x, cos_q, sin_q, cos_k, sin_k):
+        """q, k, v of layer for hidden x [B, L, h]: [B, H or KV, L, D] each, rotary applied to q and k (tables
+        from _context)."""
         from ..cpu_kernels import rotate
 
         attn = layer.self_attn
-        q = rotate(attn.q_proj(x).reshape([0, 0, self.heads, self.head_dim]), cos, sin)
-        k = rotate(attn.k_proj(x).reshape([0, 0, self.kv_heads, self.head_dim]), cos, sin)
+        q = rotate(attn.q_proj(x).reshape([0, 0, self.heads, self.head_dim]), cos_q, sin_q)
+        k = rotate(attn.k_proj(x).reshape([0, 0, self.kv_heads, self.head_dim]), cos_k, sin_k)
         v = attn.v_proj(x).reshape([0, 0, self.kv_heads, self.head_dim])
         return (t.transpose([0, 2, 1, 3]) for t in (q, k, v))
 
