@@ -95,4 +95,17 @@ class OPTDecoder(DecodeCore):
             hidden_last = decoder.final_layer_norm(hidden_last)
         if decoder.project_out is not None:
             hidden_last = decoder.project_out(hidden_last)
-        return self.model.lm_head(hidden_last)[:, -1, :]
+        return self._head(hidden_last)[:, -1, :]
+
+    def _head(self, hidden):
+        """The lm_head. OPTLMHead.forward casts its [vocab, h] weight to the hidden state's dtype, a copy of the
+        whole (tied) embedding every step even when the dtypes already agree: 67 ms against a 10 ms product at
+        vocabulary 49152 x 576. The same product without that copy when they agree (the same values: exact);
+        any other head (LoRA, quantized, a subclass) runs its own forward."""
+        import paddle
+        from paddlenlp.transformers.opt.modeling import OPTLMHead
+
+        head = self.model.lm_head
+        if type(head) is OPTLMHead and type(head).forward is OPTLMHead.forward and head.decoder_weight.dtype == hidden.dtype:
+            return paddle.matmul(hidden, head.decoder_weight, transpose_y=True)
+        return head(hidden)
