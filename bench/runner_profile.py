@@ -2,13 +2,19 @@
 (issue 21): LLaMA (or Qwen2) hidden 576, 30 layers, 9 heads with 3 key/value heads, intermediate 1536, vocabulary
 49152, tied embeddings, built with `paddlellm tiny` overrides.
 
-In one process, interleaved, best of --rounds, for batch sizes --batches (prompts of about --prompt tokens):
+In one process, interleaved, best of --rounds, for batch sizes --batches (prompts of --prompt tokens; at batch > 1
+row r is left-padded by 3r, so the runner prefills the rows in chunks of similar length):
   forward   the model's own forward over the prompt (inside generating(): last-position logits, as the loop runs it)
   prefill   the decode runner's prefill of the same prompt (logits compared with the forward's)
-  step      one runner decode step (mean of --steps)
+  step      one runner decode step (mean of --steps after the first; capacity prompt + --new_tokens)
   head      the step's output head alone (final norm + lm_head on [B, 1, h])
+  step/nocopy, head/nocopy   the same with llama_decode.HEAD_COPY_MIN out of reach (the tied head's product on the
+            transposed embedding, as before the runner kept its [h, vocab] copy)
 
-    OMP_NUM_THREADS=2 python bench/runner_profile.py [--family llama] [--batches 1,8] [--rounds 3]
+Times are the process's CPU time (--clock cpu, the default: on a shared machine it counts the work, not the
+waiting; run with OMP_NUM_THREADS=1 so spinning threads do not count) or wall time (--clock wall).
+
+    OMP_NUM_THREADS=1 python bench/runner_profile.py [--family llama|qwen2] [--batches 1,8] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -35,6 +41,8 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--new_tokens", type=int, default=64, help="the runner's capacity is prompt + this (>= --steps)")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     args = ap.parse_args()
 
     from paddlellm.runtime import setup_runtime
@@ -44,12 +52,15 @@ def main() -> int:
     import paddle
 
     from paddlellm.commands.tiny import build_tiny
+    from paddlellm.families import llama_decode
     from paddlellm.cpu_kernels import generating
     from paddlellm.loading import load_for_inference
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model or build_tiny(args.family, os.path.join(tmp, args.family), args.vocab_size, **REAL)
         model, _, fam, _ = load_for_inference(folder)
+    saved = llama_decode.HEAD_COPY_MIN
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     batches = [int(b) for b in args.batches.split(",")]
     rng = np.random.default_rng(0)
     best: dict = {}
@@ -63,36 +74,41 @@ def main() -> int:
                 ids[row, : row * 3] = 0
             inputs = {"input_ids": paddle.to_tensor(ids), "attention_mask": paddle.to_tensor(mask)}
             positions = paddle.to_tensor(np.maximum(np.cumsum(mask, 1) - 1, 0))
-            runner = fam.decode_runner(model)
             times = {}
             with paddle.no_grad(), generating():
-                start = time.perf_counter()
+                start = clock()
                 out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], position_ids=positions,
                             use_cache=True, return_dict=True)
-                times["forward"] = time.perf_counter() - start
-                start = time.perf_counter()
-                logits = runner.prefill(dict(inputs, position_ids=positions), args.prompt + args.steps)
-                times["prefill"] = time.perf_counter() - start
-                worst_diff = max(worst_diff, float((logits - out.logits[:, -1, :]).abs().max()))
-                tokens = paddle.to_tensor(rng.integers(3, 500, size=[batch, 1]))
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    runner.step(tokens)
-                times["step"] = (time.perf_counter() - start) / args.steps
-                hidden = paddle.randn([batch, 1, REAL["hidden_size"]])
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    runner._logits(hidden)
-                times["head"] = (time.perf_counter() - start) / args.steps
+                times["forward"] = clock() - start
+                for arm, copy_min in (("", saved), ("/nocopy", 10 ** 9)):
+                    llama_decode.HEAD_COPY_MIN = copy_min
+                    runner = fam.decode_runner(model)
+                    start = clock()
+                    logits = runner.prefill(dict(inputs, position_ids=positions), args.prompt + max(args.steps, args.new_tokens))
+                    if not arm:
+                        times["prefill"] = clock() - start
+                    worst_diff = max(worst_diff, float((logits - out.logits[:, -1, :]).abs().max()))
+                    tokens = paddle.to_tensor(rng.integers(3, 500, size=[batch, 1]))
+                    runner.step(tokens)  # the first step (it may set up the step's pieces, e.g. a tied head's copy)
+                    start = clock()
+                    for _ in range(args.steps):
+                        runner.step(tokens)
+                    times["step" + arm] = (clock() - start) / args.steps
+                    hidden = paddle.randn([batch, 1, REAL["hidden_size"]])
+                    start = clock()
+                    for _ in range(args.steps):
+                        runner._logits(hidden)
+                    times["head" + arm] = (clock() - start) / args.steps
+                llama_decode.HEAD_COPY_MIN = saved
             for k, v in times.items():
                 best[(batch, k)] = min(best.get((batch, k), float("inf")), v)
-    print(f"{args.family} real shape, vocab {args.vocab_size}, prompt {args.prompt}, best of {args.rounds} rounds, "
+    print(f"{args.family} real shape, {args.clock} time, vocab {args.vocab_size}, prompt {args.prompt}, best of {args.rounds} rounds, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}, load average {os.getloadavg()[0]:.1f}; "
           f"largest |runner - forward| logit {worst_diff:.1e}")
-    print(f"{'batch':>5s} {'forward ms':>10s} {'prefill ms':>10s} {'step ms':>8s} {'head ms':>8s}")
+    cols = (("forward", 10), ("prefill", 10), ("step", 8), ("head", 8), ("step/nocopy", 11), ("head/nocopy", 11))
+    print(f"{'batch':>5s} " + " ".join(f"{k + ' ms':>{w}s}" for k, w in cols))
     for batch in batches:
-        print(f"{batch:5d} " + " ".join(f"{best[(batch, k)] * 1000:{w}.1f}" for k, w in
-                                        (("forward", 10), ("prefill", 10), ("step", 8), ("head", 8))))
+        print(f"{batch:5d} " + " ".join(f"{best[(batch, k)] * 1000:{w}.1f}" for k, w in cols))
     return 0
 
 

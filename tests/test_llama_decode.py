@@ -114,6 +114,7 @@ def _check_steps(model, tok, grow, fam=LLAMA):
         if grow:
             prompt = inputs["input_ids"].shape[1]
             assert first == prompt + 2 and runner.capacity == runner.max_capacity == prompt + 6  # it grew, to the cap
+    return runner
 
 
 @pytest.mark.parametrize("settings", [{}, {"top_k": 0, "top_p": 0.9, "temperature": 0.7, "seed": 3},
@@ -175,7 +176,7 @@ def test_a_growing_cache_gives_the_same_tokens(loaded, monkeypatch):
 
 
 @pytest.mark.parametrize("source", ["tiny", "transformers"])
-def test_qwen2_runner_gives_the_models_own_logits_and_generates_its_tokens(source, tiny_dir):
+def test_qwen2_runner_gives_the_models_own_logits_and_generates_its_tokens(source, tiny_dir, monkeypatch):
     """Qwen2's runner (families/qwen2_decode.py: this runner on Qwen2's layers) on the tiny Qwen2 (grouped-query
     attention, random q/k/v biases, tied embeddings) and on transformers' tiny Qwen2 (trained biases, untied head):
     the model's own logits at every step, generate()'s tokens greedy and sampled."""
@@ -194,7 +195,9 @@ def test_qwen2_runner_gives_the_models_own_logits_and_generates_its_tokens(sourc
     runner = fam.decode_runner(model)
     assert isinstance(runner, Qwen2Decoder) and runner.kv_heads == 2 and runner.groups == 2
     assert LLAMA.decode_runner(model) is None and llama_decode.unsupported(model).startswith("not a LlamaForCausalLM")
-    _check_steps(model, tok, None, fam)
+    monkeypatch.setattr(llama_decode, "HEAD_COPY_MIN", 0)  # the tied head's [h, vocab] copy, logits and tokens
+    ran = _check_steps(model, tok, None, fam)
+    assert (ran._head_t is not None) == (source == "tiny")  # tied here; transformers' fixture is untied
     for settings in ({}, {"top_k": 0, "top_p": 0.9, "temperature": 0.7}):
         def run(own_loop):
             paddle.seed(3)
@@ -202,3 +205,17 @@ def test_qwen2_runner_gives_the_models_own_logits_and_generates_its_tokens(sourc
                                   own_loop=own_loop, **settings).numpy()
 
         np.testing.assert_array_equal(run(True), run(False))
+
+
+def test_tied_head_copy_gives_the_models_own_logits(loaded, llama, monkeypatch):
+    """Tied embeddings: with HEAD_COPY_MIN reached the runner's head is a product on its own [h, vocab] copy of the
+    embedding; the same logits as the model's transposed product, every step."""
+    from paddlellm.families import llama_decode
+
+    _, tok = loaded
+    tied = LLAMA.new_model(llama, tie_word_embeddings=True)
+    tied.eval()
+    assert tied.lm_head.transpose_y
+    monkeypatch.setattr(llama_decode, "HEAD_COPY_MIN", 0)
+    runner = _check_steps(tied, tok, None)
+    assert runner._head_t is not None and runner._head_t.shape == [tied.config.hidden_size, tied.config.vocab_size]

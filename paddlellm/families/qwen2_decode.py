@@ -27,3 +27,9 @@ class Qwen2Decoder(LlamaDecoder):
     @staticmethod
     def unsupported(model) -> Optional[str]:
         return unsupported(model)
+
+    @staticmethod
+    def _head_class():
+        from paddlenlp.transformers.qwen2.modeling import Qwen2LMHead
+
+        return Qwen2LMHead
