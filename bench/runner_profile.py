@@ -8,7 +8,7 @@ row r is left-padded by 3r, so the runner prefills the rows in chunks of similar
   prefill   the decode runner's prefill of the same prompt (logits compared with the forward's)
   step      one runner decode step (mean of --steps after the first; capacity prompt + --new_tokens)
   head      the step's output head alone (final norm + lm_head on [B, 1, h])
-  step/nocopy, head/nocopy   the same with llama_decode.HEAD_COPY_MIN out of reach (the tied head's product on the
+  step/nocopy, head/nocopy   the same with decode_core.HEAD_COPY_MIN out of reach (the tied head's product on the
             transposed embedding, as before the runner kept its [h, vocab] copy)
 
 Times are the process's CPU time (--clock cpu, the default: on a shared machine it counts the work, not the
@@ -52,14 +52,14 @@ def main() -> int:
     import paddle
 
     from paddlellm.commands.tiny import build_tiny
-    from paddlellm.families import llama_decode
+    from paddlellm.families import decode_core
     from paddlellm.cpu_kernels import generating
     from paddlellm.loading import load_for_inference
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model or build_tiny(args.family, os.path.join(tmp, args.family), args.vocab_size, **REAL)
         model, _, fam, _ = load_for_inference(folder)
-    saved = llama_decode.HEAD_COPY_MIN
+    saved = decode_core.HEAD_COPY_MIN
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     batches = [int(b) for b in args.batches.split(",")]
     rng = np.random.default_rng(0)
@@ -81,7 +81,7 @@ def main() -> int:
                             use_cache=True, return_dict=True)
                 times["forward"] = clock() - start
                 for arm, copy_min in (("", saved), ("/nocopy", 10 ** 9)):
-                    llama_decode.HEAD_COPY_MIN = copy_min
+                    decode_core.HEAD_COPY_MIN = copy_min
                     runner = fam.decode_runner(model)
                     start = clock()
                     logits = runner.prefill(dict(inputs, position_ids=positions), args.prompt + max(args.steps, args.new_tokens))
@@ -99,7 +99,7 @@ def main() -> int:
                     for _ in range(args.steps):
                         runner._logits(hidden)
                     times["head" + arm] = (clock() - start) / args.steps
-                llama_decode.HEAD_COPY_MIN = saved
+                decode_core.HEAD_COPY_MIN = saved
             for k, v in times.items():
                 best[(batch, k)] = min(best.get((batch, k), float("inf")), v)
     print(f"{args.family} real shape, {args.clock} time, vocab {args.vocab_size}, prompt {args.prompt}, best of {args.rounds} rounds, "

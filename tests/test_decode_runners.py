@@ -48,9 +48,9 @@ def _inputs(fam, tok, hole: bool):
     return {k: paddle.to_tensor(v) for k, v in inputs.items()}
 
 
-def _check_steps(model, fam, inputs, monkeypatch, grow=2):
+def _check_steps(model, fam, inputs, monkeypatch, grow=2, runners=None):
     """Prefill and STEPS steps against the model's full forward over everything so far (no cache), with a cache that
-    starts `grow` slots past the prompt and grows on the way."""
+    starts `grow` slots past the prompt and grows on the way (the runner appended to `runners` when given)."""
     import paddle
 
     from paddlellm.families import logits_of
@@ -77,6 +77,8 @@ def _check_steps(model, fam, inputs, monkeypatch, grow=2):
                 seen["position_ids"] = paddle.concat([seen["position_ids"], seen["position_ids"][:, -1:] + 1], axis=1)
             got = runner.step(nxt)
         assert runner.capacity == runner.max_capacity == prompt + STEPS  # it grew, to the cap
+    if runners is not None:
+        runners.append(runner)
     return np.abs(got.numpy()).max()
 
 
@@ -189,3 +191,23 @@ def test_kernels_off_turns_the_runner_off_with_the_same_tokens(loaded, name, mon
     off = run()
     assert isinstance(used[0], RUNNERS[name]) and used[1] is None
     np.testing.assert_array_equal(on, off)
+
+
+@pytest.mark.parametrize("name", sorted(RUNNERS))
+def test_batch_one_tied_head_copy_gives_the_models_logits_and_tokens(loaded, name, monkeypatch):
+    """Batch 1, tied embeddings, HEAD_COPY_MIN reached: the steps' head is a product on the runner's [h, vocab] copy
+    (DecodeCore._tied_head); the model's own logits every step and generate()'s greedy tokens."""
+    import paddle
+
+    from paddlellm.generation import _generation_inputs, generate_batch
+
+    monkeypatch.setattr(decode_core, "HEAD_COPY_MIN", 0)
+    model, tok, fam = loaded(name)
+    one = {k: paddle.to_tensor(v) for k, v in _generation_inputs(fam, tok, [fam.generation_prompt(tok, [TEXTS[1]], [], 64)], 8).items()}
+    runners = []
+    _check_steps(model, fam, one, monkeypatch, runners=runners)
+    weight = model.get_input_embeddings().weight
+    assert runners[0]._head_t is not None and runners[0]._head_t.shape == weight.shape[::-1]
+    with paddle.no_grad():
+        args = (model, fam, one, 8, fam.stop_token_id(tok), tok.pad_token_id)
+        np.testing.assert_array_equal(generate_batch(*args, own_loop=True).numpy(), generate_batch(*args, own_loop=False).numpy())

@@ -27,7 +27,7 @@ def _inputs(tok, texts, new, fam=LLAMA):
     from paddlellm.generation import _generation_inputs
 
     prompts = [fam.generation_prompt(tok, [t], [], 64) for t in texts]
-    assert len(texts) > decode_core.PREFILL_ROWS
+    assert len(texts) > decode_core.PREFILL_ROWS or len(texts) == 1
     return {k: paddle.to_tensor(v) for k, v in _generation_inputs(fam, tok, prompts, new).items()}
 
 
@@ -88,12 +88,12 @@ def test_grouped_query_attention_gives_the_models_own_logits(loaded, llama):
     np.testing.assert_array_equal(generate_batch(*args, own_loop=True).numpy(), generate_batch(*args, own_loop=False).numpy())
 
 
-def _check_steps(model, tok, grow, fam=LLAMA):
+def _check_steps(model, tok, grow, fam=LLAMA, texts=None):
     import paddle
 
     from paddlellm.families import logits_of
 
-    inputs = _inputs(tok, TEXTS, 6, fam)
+    inputs = _inputs(tok, texts or TEXTS, 6, fam)
     ids, mask, pos = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
     rng = np.random.default_rng(0)
     with paddle.no_grad():
@@ -102,11 +102,11 @@ def _check_steps(model, tok, grow, fam=LLAMA):
         first = runner.capacity
         for step in range(7):
             want = logits_of(model(input_ids=ids, attention_mask=mask, position_ids=pos))[:, -1, :]
-            assert got.shape == want.shape == [len(TEXTS), model.config.vocab_size]
+            assert got.shape == want.shape == [len(texts or TEXTS), model.config.vocab_size]
             np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5, rtol=1e-5, err_msg=f"step {step}")
             if step == 6:
                 break
-            nxt = paddle.to_tensor(rng.integers(3, model.config.vocab_size, size=[len(TEXTS), 1]))
+            nxt = paddle.to_tensor(rng.integers(3, model.config.vocab_size, size=[len(texts or TEXTS), 1]))
             ids = paddle.concat([ids, nxt], axis=1)
             mask = paddle.concat([mask, paddle.ones_like(nxt)], axis=1)
             pos = paddle.concat([pos, pos[:, -1:] + 1], axis=1)
@@ -195,8 +195,9 @@ def test_qwen2_runner_gives_the_models_own_logits_and_generates_its_tokens(sourc
     runner = fam.decode_runner(model)
     assert isinstance(runner, Qwen2Decoder) and runner.kv_heads == 2 and runner.groups == 2
     assert LLAMA.decode_runner(model) is None and llama_decode.unsupported(model).startswith("not a LlamaForCausalLM")
-    monkeypatch.setattr(llama_decode, "HEAD_COPY_MIN", 0)  # the tied head's [h, vocab] copy, logits and tokens
-    ran = _check_steps(model, tok, None, fam)
+    _check_steps(model, tok, None, fam)
+    monkeypatch.setattr(decode_core, "HEAD_COPY_MIN", 0)  # batch 1: the tied head's [h, vocab] copy
+    ran = _check_steps(model, tok, None, fam, texts=TEXTS[1:2])
     assert (ran._head_t is not None) == (source == "tiny")  # tied here; transformers' fixture is untied
     for settings in ({}, {"top_k": 0, "top_p": 0.9, "temperature": 0.7}):
         def run(own_loop):
@@ -208,14 +209,21 @@ def test_qwen2_runner_gives_the_models_own_logits_and_generates_its_tokens(sourc
 
 
 def test_tied_head_copy_gives_the_models_own_logits(loaded, llama, monkeypatch):
-    """Tied embeddings: with HEAD_COPY_MIN reached the runner's head is a product on its own [h, vocab] copy of the
-    embedding; the same logits as the model's transposed product, every step."""
-    from paddlellm.families import llama_decode
+    """Tied embeddings, batch 1, HEAD_COPY_MIN reached: the steps' head is a product on the runner's own [h, vocab]
+    copy of the embedding (DecodeCore._tied_head); the model's logits every step, generate()'s greedy tokens. A
+    batch of several rows keeps the transposed product."""
+    import paddle
+
+    from paddlellm.generation import generate_batch
 
     _, tok = loaded
     tied = LLAMA.new_model(llama, tie_word_embeddings=True)
     tied.eval()
     assert tied.lm_head.transpose_y
-    monkeypatch.setattr(llama_decode, "HEAD_COPY_MIN", 0)
-    runner = _check_steps(tied, tok, None)
+    monkeypatch.setattr(decode_core, "HEAD_COPY_MIN", 0)
+    runner = _check_steps(tied, tok, None, texts=TEXTS[1:2])
     assert runner._head_t is not None and runner._head_t.shape == [tied.config.hidden_size, tied.config.vocab_size]
+    assert _check_steps(tied, tok, None)._head_t is None
+    with paddle.no_grad():
+        args = (tied, LLAMA, _inputs(tok, TEXTS[1:2], 8), 8, LLAMA.stop_token_id(tok), tok.pad_token_id)
+        np.testing.assert_array_equal(generate_batch(*args, own_loop=True).numpy(), generate_batch(*args, own_loop=False).numpy())

@@ -110,4 +110,10 @@ class BloomDecoder(DecodeCore):
         return layer.mlp(normed, normed if self.post_residual else attended)
 
     def _logits(self, hidden_last):
-        return self.model.lm_head(self.base.ln_f(hidden_last), self.model.config.tensor_parallel_output)[:, -1, :]
+        hidden = self.base.ln_f(hidden_last)
+        from paddlenlp.transformers.bloom.modeling import BloomLMHead
+
+        head = self.model.lm_head
+        if type(head) is BloomLMHead and type(head).forward is BloomLMHead.forward and head.decoder_weight.dtype == hidden.dtype:
+            return self._tied_head(hidden, head.decoder_weight)[:, -1, :]  # DecodeCore._tied_head: its batch-1 copy
+        return head(hidden, self.model.config.tensor_parallel_output)[:, -1, :]

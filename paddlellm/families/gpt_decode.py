@@ -93,4 +93,11 @@ class GPTDecoder(DecodeCore):
         return hidden if self.pre_norm else layer.norm2(hidden)
 
     def _logits(self, hidden_last):
-        return self.model.lm_head(self.base.decoder.norm(hidden_last))[:, -1, :]
+        hidden = self.base.decoder.norm(hidden_last)
+        from paddlenlp.transformers.gpt.modeling import GPTLMHead
+
+        head = self.model.lm_head
+        if type(head) is GPTLMHead and type(head).forward is GPTLMHead.forward and head.transpose_y \
+                and not head.config.sequence_parallel and head.weight.dtype == hidden.dtype:
+            return self._tied_head(hidden, head.weight)[:, -1, :]  # DecodeCore._tied_head: its batch-1 copy
+        return head(hidden)[:, -1, :]

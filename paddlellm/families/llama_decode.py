@@ -28,7 +28,6 @@ from typing import Optional
 from .decode_core import DecodeCore, common_unsupported, inner
 
 _inner = inner  # qwen2_decode's import name
-HEAD_COPY_MIN = 32  # tied heads: the runner keeps a [h, vocab] copy of the embedding when this many tokens may still come
 
 
 def unsupported(model) -> Optional[str]:
@@ -78,8 +77,6 @@ class LlamaDecoder(DecodeCore):
     """prefill(inputs, capacity) -> [batch, vocab] logits of the prompt's last position; step(tokens) -> the next."""
 
     BASE = "llama"  # the causal LM's attribute holding the decoder (embed_tokens, layers, norm)
-    _head_t = None  # a tied head's [h, vocab] copy of the embedding, for this runner's batch (_head)
-    _stepping = False  # True after the prefill: the head copy is made by the first step, not the prompt's pass
 
     def __init__(self, model):
         model = inner(model)
@@ -97,12 +94,6 @@ class LlamaDecoder(DecodeCore):
     @staticmethod
     def unsupported(model) -> Optional[str]:
         return unsupported(model)
-
-    def prefill(self, inputs, capacity: int):
-        self._head_t, self._stepping = None, False
-        logits = super().prefill(inputs, capacity)
-        self._stepping = True
-        return logits
 
     # ------------------------------------------------------------------ DecodeCore hooks
     def _context(self, positions, length: int):
@@ -132,23 +123,14 @@ class LlamaDecoder(DecodeCore):
         return self._head(self.base.norm(hidden_last))[:, -1, :]
 
     def _head(self, hidden):
-        """The lm_head. A tied head (transpose_y: the [vocab, h] embedding) is a product against the transposed
-        weight, which paddle's CPU matmul runs about 1.3-1.9x slower than against a [h, vocab] one (vocab 49152 x
-        576: 9.6 against 5.1 ms at batch 1, 45 against 33 ms at batch 8, one thread). When at least HEAD_COPY_MIN
-        tokens may still come, the runner keeps that [h, vocab] copy for its batch (one copy of the embedding
-        while the batch runs, made once by the first step: ~70 ms) and computes the same product on it (float rounding only:
-        the summation order of a matrix-vector product); any other head runs its own forward."""
-        import paddle
-
+        """The lm_head; a tied one (transpose_y: the [vocab, h] embedding) through DecodeCore._tied_head, any
+        other head (untied, LoRA, quantized, a subclass) by its own forward."""
         head = self.model.lm_head
-        if self._head_t is None:
-            cls = self._head_class()
-            plain = type(head) is cls and type(head).forward is cls.forward and head.transpose_y \
-                and not head.config.sequence_parallel and head.weight.dtype == hidden.dtype
-            if not plain or not self._stepping or self.max_capacity - self.next_slot < HEAD_COPY_MIN:
-                return head(hidden)
-            self._head_t = head.weight.t().contiguous()
-        return paddle.matmul(hidden, self._head_t)
+        cls = self._head_class()
+        if type(head) is cls and type(head).forward is cls.forward and head.transpose_y \
+                and not head.config.sequence_parallel and head.weight.dtype == hidden.dtype:
+            return self._tied_head(hidden, head.weight)
+        return head(hidden)
 
     @staticmethod
     def _head_class():

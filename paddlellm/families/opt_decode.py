@@ -101,11 +101,11 @@ class OPTDecoder(DecodeCore):
         """The lm_head. OPTLMHead.forward casts its [vocab, h] weight to the hidden state's dtype, a copy of the
         whole (tied) embedding every step even when the dtypes already agree: 67 ms against a 10 ms product at
         vocabulary 49152 x 576. The same product without that copy when they agree (the same values: exact);
-        any other head (LoRA, quantized, a subclass) runs its own forward."""
-        import paddle
+        the product goes through DecodeCore._tied_head; any other head (LoRA, quantized, a subclass) runs its own
+        forward."""
         from paddlenlp.transformers.opt.modeling import OPTLMHead
 
         head = self.model.lm_head
         if type(head) is OPTLMHead and type(head).forward is OPTLMHead.forward and head.decoder_weight.dtype == hidden.dtype:
-            return paddle.matmul(hidden, head.decoder_weight, transpose_y=True)
+            return self._tied_head(hidden, head.decoder_weight)
         return head(hidden)
