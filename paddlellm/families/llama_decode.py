@@ -8,7 +8,8 @@ capacity, head_dim], each new key/value written into its slot, prompts prefilled
 length, cache growth by KV_GROW) adds LLaMA's layers:
 
 - every weight-bearing piece is the model's own sublayer (embedding, RMSNorms, q/k/v/o projections, MLP,
-  final norm, lm_head), so LoRA layers, quantized layers and our CPU patches act as they do in the model;
+  final norm, lm_head), so LoRA layers, quantized layers and our CPU patches act as they do in the model; a plain
+  tied lm_head's product is computed by DecodeCore._tied_head (at batch 1 on a [h, vocab] copy);
 - attention is paddlenlp's formula (q * 1/sqrt(d) against k, + additive mask of 0 / finfo.min, softmax, times
   v) over the whole capacity: slots not written yet are masked like padding, so their weight is exactly 0;
 - positions, masks and rotary tables follow paddlenlp's generation rules (left padding, position_ids from
