@@ -11,11 +11,13 @@ same values in fewer, cheaper CPU operations:
                      RMSNorm as one autograd node with a hand-written backward, x*x instead of pow
   llama_rotary       rotary embedding without slices: q*cos + roll(q, d/2)*sin_signed, where the
                      sign of rotate_half is folded into sin (-x2*s == x2*(-s) exactly)
-  llama_supervised_loss, chatglm_v2_supervised_loss
+  <family>_supervised_loss (llama, chatglm_v2, gpt, opt, bloom, chatglm, glm, qwen2)
                      in training with labels, the lm_head and cross-entropy run on the
                      supervised positions only (prompt and padding positions add exactly 0 to the
                      loss and its gradient); the training forward then returns logits=None, as
-                     paddlenlp's own fused-loss path does
+                     paddlenlp's own fused-loss path does. Tied heads (GPT, OPT, Bloom, ChatGLM v1,
+                     GLM, Qwen2) are the same product with the embedding matrix; GLM keeps its
+                     loss_mask weighting
   llama_segment_attention
                      attention computed per block of the mask instead of over the whole [seq, seq]
                      square: a packed row of 512 tokens holding seven examples attends within each
@@ -27,7 +29,8 @@ same values in fewer, cheaper CPU operations:
                      Python-level `in` on a tensor at every decode step (45% of a step), only to build
                      positions that are not used when position_ids are given, as they always are here;
                      with position_ids it returns the same inputs without the scan
-  llama_last_logits  while generating (inside `generating()`), the lm_head runs on the last position
+  <family>_last_logits (llama, gpt, opt, bloom, chatglm, glm, qwen2)
+                     while generating (inside `generating()`), the lm_head runs on the last position
                      only: generation reads nothing else, and over a long prompt the [prompt, vocab]
                      product was a quarter of the prefill's work (ChatGLM2 does this itself with
                      return_last_logit)
@@ -50,7 +53,7 @@ import logging
 import os
 import threading
 import types
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 DISABLE_VAR = "PADDLELLM_CPU_KERNELS"
 _OFF_VALUES = {"0", "false", "off", "no"}
@@ -300,27 +303,58 @@ def _patch_llama_rotary(model) -> int:
     return 1
 
 
-def _lm_output(output_cls, return_dict: bool, outputs, loss, logits):
+def _hidden_of(outputs):
+    """The decoder's last hidden states from its outputs: a bare tensor (GPT/OPT without cache or return_dict), a
+    tuple or a ModelOutput (first entry)."""
+    import paddle
+
+    return outputs if isinstance(outputs, paddle.Tensor) else outputs[0]
+
+
+def _rest_of(outputs):
+    """What a causal LM returns after (loss, logits) without return_dict: the decoder's outputs after the hidden
+    states; None when the decoder returned a bare tensor (GPT and OPT then return the bare logits, or (loss, logits))."""
+    import paddle
+
+    return None if isinstance(outputs, paddle.Tensor) else tuple(outputs[1:])
+
+
+def _lm_output(output_cls, return_dict: bool, outputs, loss, logits, rest: Callable = _rest_of):
     """A causal LM's output from its decoder's `outputs`, as paddlenlp's forwards build it: output_cls(...), or
-    without return_dict the tuple (loss, logits, *rest), loss left out when there is none."""
+    without return_dict the tuple (loss, logits, *rest(outputs)), loss left out when there is none."""
     if not return_dict:
-        return ((loss, logits) if loss is not None else (logits,)) + tuple(outputs[1:])
-    return output_cls(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        more = rest(outputs)
+        if more is None:
+            return (loss, logits) if loss is not None else logits
+        return ((loss, logits) if loss is not None else (logits,)) + more
+    fields = {k: getattr(outputs, k, None) for k in ("past_key_values", "hidden_states", "attentions")}
+    return output_cls(loss=loss, logits=logits, **{k: v for k, v in fields.items() if k in output_cls.__dataclass_fields__})
+
+
+def _return_dict(self, sig, a, none_means_tuple: bool) -> bool:
+    """The forward's return_dict as the model's own forward resolves it: None means the config's use_return_dict, or
+    a tuple for forwards that test `if return_dict:` (ChatGLM v1, GLM)."""
+    rd = a["return_dict"] if "return_dict" in a else sig.parameters["return_dict"].default
+    if rd is None:
+        return False if none_means_tuple else self.config.use_return_dict
+    return bool(rd)
 
 
 # ------------------------------------------------------------------ loss on supervised positions only
 def _patch_supervised_loss(model, backbone: Callable, head: Callable, output_class: str, fallback_args=(),
-                           seq_first: bool = False) -> int:
+                           seq_first: bool = False, rest: Callable = _rest_of, none_means_tuple: bool = False,
+                           fallback: Callable = None, weight_arg: str = None) -> int:
     """In training with labels: the output head and cross-entropy on the supervised positions only.
 
-    backbone(model, arguments, return_dict) runs the model's decoder: outputs[0] = hidden [batch, seq, h],
-    or [seq, batch, h] when seq_first (ChatGLM2); head(model) is the output projection, which takes hidden
-    states in that layout. The loss is the mean over supervised tokens (labels != -100),
-    which is what the trainer's token weighting assumes. (paddlenlp's LLaMA criterion divides by the
-    tokens whose loss is > 0, which differs only when a float32 token loss rounds to exactly 0.)
-    Anything else (eval, no labels, tensor/sequence parallel, the arguments in fallback_args) runs the
-    model's own forward.
+    backbone(model, arguments, return_dict) runs the model's decoder: its hidden states (_hidden_of) are
+    [batch, seq, h], or [seq, batch, h] when seq_first (ChatGLM v1/v2); head(model) is the output projection,
+    which takes hidden states in that layout. The loss is the mean over supervised tokens (labels != -100),
+    which is what the trainer's token weighting assumes. (paddlenlp's LLaMA/GPT/Qwen2 criteria divide by the
+    tokens whose loss is > 0, which differs only when a float32 token loss rounds to exactly 0; OPT and ChatGLM
+    v1 divide by every position, which families.base.with_supervised_token_mean_loss rescales to this mean.)
+    With weight_arg (GLM's loss_mask), the loss is sum(token loss * weight) / sum(weight) as that model computes
+    it, over the positions of non-zero weight. Anything else (eval, no labels, tensor/sequence parallel, the
+    arguments in fallback_args, fallback(model, arguments) true) runs the model's own forward.
     """
     import paddle
     import paddle.nn.functional as F
@@ -336,22 +370,27 @@ def _patch_supervised_loss(model, backbone: Callable, head: Callable, output_cla
             labels = a.get("labels")
             if (labels is None or not self.training or cfg.tensor_parallel_degree > 1
                     or getattr(cfg, "sequence_parallel", False) or getattr(cfg, "use_fused_linear_cross_entropy", False)
-                    or any(a.get(k) for k in fallback_args)):
+                    or any(a.get(k) for k in fallback_args) or (fallback is not None and fallback(self, a))):
                 return previous(self, *args, **kwargs)
-            flat = (labels.transpose([1, 0]) if seq_first else labels).flatten()  # the order of hidden's rows
-            keep = paddle.nonzero(flat != IGNORE).flatten()
+            order = (lambda t: t.transpose([1, 0])) if seq_first else (lambda t: t)  # to the order of hidden's rows
+            flat = order(labels).flatten()
+            weight = order(a[weight_arg].reshape(labels.shape)).flatten().astype("float32") if weight_arg else None
+            keep = paddle.nonzero((weight != 0) if weight_arg else (flat != IGNORE)).flatten()
             if keep.shape[0] == 0:
                 return previous(self, *args, **kwargs)
-            return_dict = a.get("return_dict")
-            return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+            return_dict = _return_dict(self, sig, a, none_means_tuple)
             outputs = backbone(self, a, return_dict)
-            hidden = outputs[0]
+            hidden = _hidden_of(outputs)
             picked = paddle.gather(hidden.reshape([-1, hidden.shape[-1]]), keep)  # [supervised, hidden]
             logits = head(self)(picked.unsqueeze(1 if seq_first else 0))  # one sequence of the supervised rows
             logits = logits.reshape([-1, logits.shape[-1]]).astype("float32")
             target = paddle.gather(flat, keep).unsqueeze(-1)
-            loss = F.cross_entropy(logits, target, reduction="sum") / keep.shape[0]
-            return _lm_output(output_cls, return_dict, outputs, loss, None)
+            if weight_arg:
+                token_loss = F.cross_entropy(logits, target, reduction="none").flatten()
+                loss = (token_loss * paddle.gather(weight, keep)).sum() / weight.sum()
+            else:
+                loss = F.cross_entropy(logits, target, reduction="sum") / keep.shape[0]
+            return _lm_output(output_cls, return_dict, outputs, loss, None, rest)
         return forward
 
     _replace_forward(model, make)
@@ -376,16 +415,125 @@ def _patch_chatglm_v2_supervised_loss(model) -> int:
                                   fallback_args=("return_last_logit",), seq_first=True)
 
 
+# the decoders of the other families, called as their ForCausalLM forwards call them (a = the bound arguments)
+def _gpt_backbone(self, a, return_dict):
+    return self.gpt(
+        a.get("input_ids"), position_ids=a.get("position_ids"), attention_mask=a.get("attention_mask"),
+        inputs_embeds=a.get("inputs_embeds"), use_cache=a.get("use_cache", False), past_key_values=a.get("past_key_values"),
+        output_attentions=a.get("output_attentions") if a.get("output_attentions") is not None else self.config.output_attentions,
+        output_hidden_states=a.get("output_hidden_states", False), return_dict=return_dict)
+
+
+def _opt_backbone(self, a, return_dict):
+    cfg = self.config
+    return self.opt(
+        a.get("input_ids"), attention_mask=a.get("attention_mask"), inputs_embeds=a.get("inputs_embeds"),
+        use_cache=a.get("use_cache", False), cache=a.get("cache"),
+        output_attentions=a.get("output_attentions") if a.get("output_attentions") is not None else cfg.output_attentions,
+        output_hidden_states=(a.get("output_hidden_states") if a.get("output_hidden_states") is not None
+                              else cfg.output_hidden_states), return_dict=return_dict)
+
+
+def _bloom_backbone(self, a, return_dict):
+    return self.bloom(
+        a.get("input_ids"), past_key_values=a.get("cache"), attention_mask=a.get("attention_mask"),
+        position_ids=a.get("position_ids"), head_mask=a.get("head_mask"), inputs_embeds=a.get("inputs_embeds"),
+        use_cache=a.get("use_cache"), output_attentions=a.get("output_attentions"),
+        output_hidden_states=a.get("output_hidden_states"), return_dict=return_dict)
+
+
+def _bloom_head(self):
+    return lambda hidden: self.lm_head(hidden, self.config.tensor_parallel_output)
+
+
+def _chatglm_backbone(self, a, return_dict):
+    return self.chatglm(
+        input_ids=a.get("input_ids"), position_ids=a.get("position_ids"), attention_mask=a.get("attention_mask"),
+        cache=a.get("cache"), inputs_embeds=a.get("inputs_embeds"), use_cache=a.get("use_cache"), return_dict=return_dict)
+
+
+def _chatglm_rest(outputs) -> tuple:
+    """ChatGLM v1 without return_dict returns (loss, logits, transformer_outputs[1:]): the rest as one nested tuple."""
+    return (tuple(outputs[1:]),)
+
+
+def _glm_backbone(self, a, return_dict):
+    """GLMModel.forward up to its output head (GLMModel computes the logits itself when output_predict is set)."""
+    import paddle
+
+    glm, input_ids = self.glm, a.get("input_ids")
+    position_ids, attention_mask = a.get("position_ids"), a.get("attention_mask")
+    if position_ids is None:
+        n = input_ids.shape[-1]
+        position_ids = paddle.stack([paddle.arange(0, n, dtype="int64"), paddle.zeros([n], dtype="int64")], axis=0).unsqueeze(0)
+    if attention_mask is None:
+        attention_mask = paddle.zeros([input_ids.shape[0]])
+    return glm.transformer(glm.word_embeddings(input_ids), position_ids, attention_mask, a.get("cache"), return_dict)
+
+
+def _glm_head(self):
+    import paddle.nn.functional as F
+
+    return lambda hidden: F.linear(hidden, self.glm.word_embeddings.weight.T)  # as GLMModel (tied to the embeddings)
+
+
+def _glm_fallback(self, a) -> bool:
+    """GLM's own forward for label smoothing, or without a loss_mask (it then returns the unreduced token losses)."""
+    return a.get("loss_mask") is None or getattr(self.config, "label_smoothing", 0) > 0
+
+
+def _qwen2_backbone(self, a, return_dict):
+    cfg = self.config
+    return self.qwen2(
+        input_ids=a.get("input_ids"), position_ids=a.get("position_ids"), attention_mask=a.get("attention_mask"),
+        inputs_embeds=a.get("inputs_embeds"), use_cache=a.get("use_cache"), past_key_values=a.get("past_key_values"),
+        output_attentions=a.get("output_attentions") if a.get("output_attentions") is not None else cfg.output_attentions,
+        output_hidden_states=(a.get("output_hidden_states") if a.get("output_hidden_states") is not None
+                              else cfg.output_hidden_states), return_dict=return_dict)
+
+
+def _qwen2_head(self):
+    return lambda hidden: self.lm_head(hidden, tensor_parallel_output=False)
+
+
+# family -> (backbone, head, output class, keyword arguments of _patch_supervised_loss/_patch_last_logits)
+_HEADS = {
+    "gpt": (_gpt_backbone, lambda self: self.lm_head, "CausalLMOutputWithCrossAttentions", {}),
+    "opt": (_opt_backbone, lambda self: self.lm_head, "CausalLMOutputWithCrossAttentions", {}),
+    "bloom": (_bloom_backbone, _bloom_head, "CausalLMOutputWithCrossAttentions", {}),
+    "chatglm": (_chatglm_backbone, lambda self: self.lm_head, "CausalLMOutputWithPast",
+                {"seq_first": True, "rest": _chatglm_rest, "none_means_tuple": True}),
+    "glm": (_glm_backbone, _glm_head, "CausalLMOutputWithCrossAttentions", {"none_means_tuple": True}),
+    "qwen2": (_qwen2_backbone, _qwen2_head, "CausalLMOutputWithPast", {}),
+}
+_LOSS_ONLY = {"glm": {"fallback": _glm_fallback, "weight_arg": "loss_mask"},
+              "qwen2": {"fallback_args": ("attn_mask_startend_row_indices",)}}
+_LOGITS_ONLY = {"chatglm": {"after_head": lambda logits: logits.transpose([1, 0, 2]).astype("float32")}}
+
+
+def _supervised_loss_patch(family: str) -> Callable:
+    def patch(model) -> int:
+        backbone, head, output_class, kw = _HEADS[family]
+        return _patch_supervised_loss(model, backbone, head, output_class, **kw, **_LOSS_ONLY.get(family, {}))
+    return patch
+
+
+def _last_logits_patch(family: str) -> Callable:
+    def patch(model) -> int:
+        backbone, head, output_class, kw = _HEADS[family]
+        return _patch_last_logits(model, backbone, head, output_class, **kw, **_LOGITS_ONLY.get(family, {}))
+    return patch
+
+
 # ------------------------------------------------------------------ attention per mask block
 _MAX_GROUPS = 96  # more query groups than this in a row (an unusual mask): the full masked product is cheaper
 
 
-def _query_groups(mask) -> "Optional[list]":
+def _query_groups(mask) -> Optional[list]:
     """Per row of a [B, 1, S, S] additive mask (0 = attend, finfo.min = not): a list of query groups
     (q0, q1, k0, k1, kind) that reproduce it, kind "causal" (queries q0..q1-1 attend keys q0..q), "rect" (every
     query attends keys k0..k1-1) or "self" (each query attends only itself); None when the mask is not of
     that shape (or its values are not just 0 and finfo.min)."""
-    import numpy as np
     import paddle
 
     m = mask.numpy()
@@ -396,7 +544,6 @@ def _query_groups(mask) -> "Optional[list]":
     if not (attend | (m == float(paddle.finfo(paddle.float32).min))).all() or not attend.any(-1).all():
         return None
     S = m.shape[-1]
-    idx = np.arange(S)
     first = attend.argmax(-1)
     last = S - 1 - attend[:, :, ::-1].argmax(-1)
     if not (attend.sum(-1) == last - first + 1).all():  # every query attends one contiguous key range
@@ -510,9 +657,11 @@ def _patch_llama_segment_attention(model) -> int:
     return 1 if n else 0
 
 
-def _patch_last_logits(model, backbone: Callable, head: Callable, output_class: str) -> int:
+def _patch_last_logits(model, backbone: Callable, head: Callable, output_class: str, seq_first: bool = False,
+                       rest: Callable = _rest_of, none_means_tuple: bool = False, after_head: Callable = None) -> int:
     """Inside `generating()`, in eval mode without labels: the head on the last position only ([batch, 1, vocab]
-    logits). backbone/head as in _patch_supervised_loss (batch-first hidden states). Anything else runs the
+    logits). backbone/head/seq_first/rest as in _patch_supervised_loss; after_head(logits) finishes the logits as the
+    model's forward does (ChatGLM v1: [1, batch, vocab] -> [batch, 1, vocab] float32). Anything else runs the
     model's own forward."""
     from paddlenlp.transformers import model_outputs
 
@@ -528,10 +677,13 @@ def _patch_last_logits(model, backbone: Callable, head: Callable, output_class: 
             a = sig.bind(self, *args, **kwargs).arguments
             if a.get("labels") is not None or a.get("attn_mask_startend_row_indices") is not None:
                 return previous(self, *args, **kwargs)
-            return_dict = a.get("return_dict")
-            return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+            return_dict = _return_dict(self, sig, a, none_means_tuple)
             outputs = backbone(self, a, return_dict)
-            return _lm_output(output_cls, return_dict, outputs, None, head(self)(outputs[0][:, -1:]))
+            hidden = _hidden_of(outputs)
+            logits = head(self)(hidden[-1:] if seq_first else hidden[:, -1:])
+            if after_head is not None:
+                logits = after_head(logits)
+            return _lm_output(output_cls, return_dict, outputs, None, logits, rest)
         return forward
 
     _replace_forward(model, make)
@@ -579,6 +731,8 @@ PATCHES: Dict[str, Callable] = {
     "llama_segment_attention": _patch_llama_segment_attention,
     "chatglm_generation_inputs": _patch_chatglm_generation_inputs,
     "chatglm_v2_supervised_loss": _patch_chatglm_v2_supervised_loss,
+    **{f"{f}_supervised_loss": _supervised_loss_patch(f) for f in _HEADS},
+    **{f"{f}_last_logits": _last_logits_patch(f) for f in _HEADS},
 }
 
 
