@@ -7,9 +7,10 @@ elementwise code that costs more than the matmuls around it (a profile of one LL
 cross-entropy and lm_head over every prompt and padding position). Each patch here computes the
 same values in fewer, cheaper CPU operations:
 
-  llama_rms_norm, chatglm_v2_rms_norm
+  llama_rms_norm, chatglm_v2_rms_norm, qwen2_rms_norm
                      RMSNorm as one autograd node with a hand-written backward, x*x instead of pow
-  llama_rotary       rotary embedding without slices: q*cos + roll(q, d/2)*sin_signed, where the
+  llama_rotary, qwen2_rotary
+                     rotary embedding without slices: q*cos + roll(q, d/2)*sin_signed, where the
                      sign of rotate_half is folded into sin (-x2*s == x2*(-s) exactly)
   <family>_supervised_loss (llama, chatglm_v2, gpt, opt, bloom, chatglm, glm, qwen2)
                      in training with labels, the lm_head and cross-entropy run on the
@@ -18,7 +19,7 @@ same values in fewer, cheaper CPU operations:
                      paddlenlp's own fused-loss path does. Tied heads (GPT, OPT, Bloom, ChatGLM v1,
                      GLM, Qwen2) are the same product with the embedding matrix; GLM keeps its
                      loss_mask weighting
-  llama_segment_attention
+  llama_segment_attention, qwen2_segment_attention
                      attention computed per block of the mask instead of over the whole [seq, seq]
                      square: a packed row of 512 tokens holding seven examples attends within each
                      example (causal blocks), padding tails attend their fixed key range, and positions
@@ -238,6 +239,12 @@ def _patch_llama_rms_norm(model) -> int:
     return _patch_rms_norm(model, LlamaRMSNorm, "variance_epsilon")
 
 
+def _patch_qwen2_rms_norm(model) -> int:
+    from paddlenlp.transformers.qwen2.modeling import Qwen2RMSNorm
+
+    return _patch_rms_norm(model, Qwen2RMSNorm, "variance_epsilon")
+
+
 def _patch_chatglm_v2_rms_norm(model) -> int:
     from paddlenlp.transformers.chatglm_v2.modeling import RMSNorm
 
@@ -245,27 +252,32 @@ def _patch_chatglm_v2_rms_norm(model) -> int:
 
 
 # ------------------------------------------------------------------ rotary embedding
-_original_llama_rotary = None
+_original_rotary: Dict[str, Callable] = {}  # paddlenlp modeling module -> its own apply_rotary_pos_emb
 
 
-def _llama_rotary(q, k, cos, sin, position_ids):
-    """paddlenlp's apply_rotary_pos_emb, with rotate_half(x) * sin computed as roll(x, d/2) * sin_signed, and the
-    cos/sin tables gathered at the positions and tiled over the heads once per forward (every layer gets the
-    same position_ids tensor): paddle's CPU multiply is several times slower when it broadcasts [.., 1, d]
-    over the heads than on same-shape operands, forward and backward. The tables are kept for the layers of
-    one forward only, so another model (another rotary base) never reads them."""
-    import paddle
+def _rotary(module: str) -> Callable:
+    """The patched apply_rotary_pos_emb of one paddlenlp modeling module (LLaMA's, Qwen2's: the same function)."""
 
-    if not _active() or position_ids is None:
-        return _original_llama_rotary(q, k, cos, sin, position_ids)
-    cached = getattr(_state, "rotary", None)  # per forward: _mark_active clears it
-    if cached is None or cached[0] is not position_ids or cached[1] != (q.shape, k.shape):
-        c, s = rotary_tables(cos, sin, position_ids)
-        tables = {heads: (paddle.tile(c, [1, 1, heads, 1]), paddle.tile(s, [1, 1, heads, 1])) for heads in {q.shape[2], k.shape[2]}}
-        cached = (position_ids, (q.shape, k.shape), tables)
-        _state.rotary = cached
-    tables = cached[2]
-    return rotate(q, *tables[q.shape[2]]), rotate(k, *tables[k.shape[2]])
+    def apply(q, k, cos, sin, position_ids):
+        """paddlenlp's apply_rotary_pos_emb, with rotate_half(x) * sin computed as roll(x, d/2) * sin_signed, and the
+        cos/sin tables gathered at the positions and tiled over the heads once per forward (every layer gets the
+        same position_ids tensor): paddle's CPU multiply is several times slower when it broadcasts [.., 1, d]
+        over the heads than on same-shape operands, forward and backward. The tables are kept for the layers of
+        one forward only, so another model (another rotary base) never reads them."""
+        import paddle
+
+        if not _active() or position_ids is None:
+            return _original_rotary[module](q, k, cos, sin, position_ids)
+        cached = getattr(_state, "rotary", None)  # per forward: _mark_active clears it
+        if cached is None or cached[0] is not position_ids or cached[1] != (q.shape, k.shape):
+            c, s = rotary_tables(cos, sin, position_ids)
+            tables = {heads: (paddle.tile(c, [1, 1, heads, 1]), paddle.tile(s, [1, 1, heads, 1])) for heads in {q.shape[2], k.shape[2]}}
+            cached = (position_ids, (q.shape, k.shape), tables)
+            _state.rotary = cached
+        tables = cached[2]
+        return rotate(q, *tables[q.shape[2]]), rotate(k, *tables[k.shape[2]])
+
+    return apply
 
 
 def rotary_tables(cos, sin, position_ids):
@@ -289,18 +301,26 @@ def rotate(x, cos, sin):
     return x * cos + paddle.roll(x, x.shape[-1] // 2, axis=-1) * sin
 
 
-def _patch_llama_rotary(model) -> int:
-    global _original_llama_rotary
-    from paddlenlp.transformers.llama import modeling
+def _patch_rotary(model, module: str, inner_name: str) -> int:
+    import importlib
 
-    inner = getattr(model, "llama", None)
-    if inner is None or not getattr(model.config, "rope", True):
+    modeling = importlib.import_module(f"paddlenlp.transformers.{module}.modeling")
+    inner = getattr(model, inner_name, None)
+    if inner is None or not getattr(model.config, "rope", True) or getattr(model.config, "use_fused_rope", False):
         return 0
-    if _original_llama_rotary is None:
-        _original_llama_rotary = modeling.apply_rotary_pos_emb
-        modeling.apply_rotary_pos_emb = _llama_rotary  # looked up by LlamaAttention.forward at call time
+    if module not in _original_rotary:
+        _original_rotary[module] = modeling.apply_rotary_pos_emb
+        modeling.apply_rotary_pos_emb = _rotary(module)  # looked up by the attention's forward at call time
     _mark_active(inner)
     return 1
+
+
+def _patch_llama_rotary(model) -> int:
+    return _patch_rotary(model, "llama", "llama")
+
+
+def _patch_qwen2_rotary(model) -> int:
+    return _patch_rotary(model, "qwen2", "qwen2")
 
 
 def _hidden_of(outputs):
@@ -573,36 +593,26 @@ def _query_groups(mask) -> Optional[list]:
     return rows
 
 
-_original_llama_attention = None
+_original_attention: Dict[str, Callable] = {}  # paddlenlp modeling module -> its scaled_dot_product_attention
 
 
-def _llama_segment_attention(query_states, config, key_states, value_states, attention_mask, output_attentions,
-                             alibi=None, attn_mask_startend_row_indices=None, sequence_parallel=False,
-                             reshard_layer=None, npu_is_casual=False, skip_recompute=False):
-    """paddlenlp's LLaMA scaled_dot_product_attention (same signature), computed per query group of the mask."""
+def _per_block_attention(query_states, key_states, value_states, attention_mask):
+    """softmax(q k^T / sqrt(d) + mask) v for q/k/v [batch, seq, heads, head_dim] (as many key/value heads as query
+    heads) and an additive [batch, 1, seq, seq] mask, computed per query group of the mask -> [batch, seq, heads *
+    head_dim]; None when the mask has no such groups (the caller then runs the full product)."""
     import math
 
     import paddle
     import paddle.nn.functional as F
 
-    def original():
-        return _original_llama_attention(query_states, config, key_states, value_states, attention_mask, output_attentions,
-                                         alibi=alibi, attn_mask_startend_row_indices=attn_mask_startend_row_indices,
-                                         sequence_parallel=sequence_parallel, reshard_layer=reshard_layer,
-                                         npu_is_casual=npu_is_casual, skip_recompute=skip_recompute)
-
     bsz, q_len, heads, head_dim = query_states.shape
-    if (output_attentions or alibi is not None or attn_mask_startend_row_indices is not None or sequence_parallel
-            or reshard_layer is not None or getattr(config, "use_flash_attention", False) or attention_mask is None
-            or query_states.dtype != paddle.float32 or key_states.shape[1] != q_len or len(attention_mask.shape) != 4):
-        return original()
     cached = getattr(_state, "groups", None)  # the layers of one forward share its mask: analyse it once
     if cached is None or cached[0] is not attention_mask:
         cached = (attention_mask, _query_groups(attention_mask))
         _state.groups = cached
     groups = cached[1]
     if groups is None:
-        return original()
+        return None
     scale = 1 / math.sqrt(head_dim)
     causal = {}
     # one split per tensor (its backward is one concat) instead of a slice per block (each slice's backward
@@ -633,6 +643,49 @@ def _llama_segment_attention(query_states, config, key_states, value_states, att
     return out.reshape([bsz, q_len, heads * head_dim])
 
 
+def _plain_inputs(query_states, key_states, attention_mask) -> bool:
+    """q/k/v and mask of the shape the per-block path takes: float32, self-attention over the whole row (no cache),
+    a 4-D additive mask."""
+    import paddle
+
+    return (attention_mask is not None and query_states.dtype == paddle.float32
+            and key_states.shape[1] == query_states.shape[1] and len(attention_mask.shape) == 4)
+
+
+def _llama_segment_attention(query_states, config, key_states, value_states, attention_mask, output_attentions,
+                             alibi=None, attn_mask_startend_row_indices=None, sequence_parallel=False,
+                             reshard_layer=None, npu_is_casual=False, skip_recompute=False):
+    """paddlenlp's LLaMA scaled_dot_product_attention (same signature), computed per query group of the mask."""
+    out = None
+    if (not (output_attentions or alibi is not None or attn_mask_startend_row_indices is not None or sequence_parallel
+             or reshard_layer is not None or getattr(config, "use_flash_attention", False))
+            and _plain_inputs(query_states, key_states, attention_mask)):
+        out = _per_block_attention(query_states, key_states, value_states, attention_mask)
+    if out is None:
+        out = _original_attention["llama"](query_states, config, key_states, value_states, attention_mask, output_attentions,
+                                           alibi=alibi, attn_mask_startend_row_indices=attn_mask_startend_row_indices,
+                                           sequence_parallel=sequence_parallel, reshard_layer=reshard_layer,
+                                           npu_is_casual=npu_is_casual, skip_recompute=skip_recompute)
+    return out
+
+
+def _qwen2_segment_attention(query_states, config, key_states, value_states, attention_mask, output_attentions,
+                             attn_mask_startend_row_indices=None, training=True, sequence_parallel=False,
+                             skip_recompute=False):
+    """paddlenlp's Qwen2 scaled_dot_product_attention (same signature; its key/value heads are already repeated to
+    the query heads), computed per query group of the mask; attention dropout in training takes paddlenlp's path."""
+    out = None
+    if (not (output_attentions or attn_mask_startend_row_indices is not None or sequence_parallel
+             or getattr(config, "use_flash_attention", False) or (training and getattr(config, "attention_dropout", 0) > 0))
+            and _plain_inputs(query_states, key_states, attention_mask)):
+        out = _per_block_attention(query_states, key_states, value_states, attention_mask)
+    if out is None:
+        out = _original_attention["qwen2"](query_states, config, key_states, value_states, attention_mask, output_attentions,
+                                           attn_mask_startend_row_indices=attn_mask_startend_row_indices, training=training,
+                                           sequence_parallel=sequence_parallel, skip_recompute=skip_recompute)
+    return out
+
+
 def _split_seq(t, spans, length):
     """The [1, span, ...] pieces of t [1, length, ...] for each (start, end) in spans: one split over the
     sequence when the spans tile it in order (query groups always do), else a slice per span."""
@@ -643,18 +696,28 @@ def _split_seq(t, spans, length):
     return [t[:, s:e] for s, e in spans]
 
 
-def _patch_llama_segment_attention(model) -> int:
-    global _original_llama_attention
-    from paddlenlp.transformers.llama import modeling
+def _patch_segment_attention(model, module: str, attention_class: str, inner_name: str, patched: Callable) -> int:
+    import importlib
 
-    if _original_llama_attention is None:
-        _original_llama_attention = modeling.scaled_dot_product_attention
+    modeling = importlib.import_module(f"paddlenlp.transformers.{module}.modeling")
+    if module not in _original_attention:
+        _original_attention[module] = modeling.scaled_dot_product_attention
     n = 0
     for layer in model.sublayers(include_self=True):
-        if isinstance(layer, modeling.LlamaAttention) and getattr(layer, "attn_func", None) is _original_llama_attention:
-            layer.attn_func = _llama_segment_attention
+        if isinstance(layer, getattr(modeling, attention_class)) and getattr(layer, "attn_func", None) is _original_attention[module]:
+            layer.attn_func = patched
             n += 1
+    if n and getattr(model, inner_name, None) is not None:
+        _mark_active(getattr(model, inner_name))  # the mask's groups are dropped when the forward ends
     return 1 if n else 0
+
+
+def _patch_llama_segment_attention(model) -> int:
+    return _patch_segment_attention(model, "llama", "LlamaAttention", "llama", _llama_segment_attention)
+
+
+def _patch_qwen2_segment_attention(model) -> int:
+    return _patch_segment_attention(model, "qwen2", "Qwen2Attention", "qwen2", _qwen2_segment_attention)
 
 
 def _patch_last_logits(model, backbone: Callable, head: Callable, output_class: str, seq_first: bool = False,
@@ -725,6 +788,9 @@ def _patch_chatglm_generation_inputs(model) -> int:
 PATCHES: Dict[str, Callable] = {
     "llama_rms_norm": _patch_llama_rms_norm,
     "chatglm_v2_rms_norm": _patch_chatglm_v2_rms_norm,
+    "qwen2_rms_norm": _patch_qwen2_rms_norm,
+    "qwen2_rotary": _patch_qwen2_rotary,
+    "qwen2_segment_attention": _patch_qwen2_segment_attention,
     "llama_rotary": _patch_llama_rotary,
     "llama_supervised_loss": _patch_llama_supervised_loss,
     "llama_last_logits": _patch_llama_last_logits,

@@ -305,18 +305,19 @@ def test_query_groups_of_packed_padded_and_other_masks(tiny_dir):
     assert cpu_kernels._query_groups(_additive(causal[None, None]) + paddle.full([1], 0.5)) is None
 
 
-def test_segment_attention_runs_on_packed_and_padded_batches(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("family", [f for f in PATCHED if f"{get_family(f).name}_segment_attention" in get_family(f).cpu_patches])
+def test_segment_attention_runs_on_packed_and_padded_batches(family, tiny_dir, monkeypatch):
     """The patched attention takes the per-block path (not its fallback) on both batch kinds the trainer makes,
     with the same logits as the unpatched model (the test above compares loss and gradients too)."""
     import paddle
 
-    path = tiny_dir("llama")
-    plain, patched = _models("llama", path)
+    path = tiny_dir(family)
+    plain, patched = _models(family, path)
     plain.eval(), patched.eval()
     seen = []
     real = cpu_kernels._query_groups
     monkeypatch.setattr(cpu_kernels, "_query_groups", lambda m: seen.append(real(m)) or seen[-1])
-    for name, batch in _batches("llama", path).items():
+    for name, batch in _batches(family, path).items():
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with paddle.no_grad():
             a, b = (logits_of(m(**inputs)).numpy() for m in (plain, patched))
