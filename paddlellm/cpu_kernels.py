@@ -19,12 +19,14 @@ same values in fewer, cheaper CPU operations:
                      paddlenlp's own fused-loss path does. Tied heads (GPT, OPT, Bloom, ChatGLM v1,
                      GLM, Qwen2) are the same product with the embedding matrix; GLM keeps its
                      loss_mask weighting
-  llama_segment_attention, qwen2_segment_attention
+  llama_segment_attention, qwen2_segment_attention, gpt_segment_attention, opt_segment_attention
                      attention computed per block of the mask instead of over the whole [seq, seq]
                      square: a packed row of 512 tokens holding seven examples attends within each
                      example (causal blocks), padding tails attend their fixed key range, and positions
                      that attend only themselves take their value row as it is (softmax of one score is
-                     exactly 1); the masked entries the full product computes add exactly 0
+                     exactly 1); the masked entries the full product computes add exactly 0 (GPT masks
+                     with -1e4, whose exp() is 0 in float32 too). Attention dropout in training, attention
+                     weights asked for, a cache or an irregular mask take paddlenlp's path
   chatglm_generation_inputs
                      ChatGLM v1's prepare_inputs_for_generation scans every row for [MASK]/[gMASK] with
                      Python-level `in` on a tensor at every decode step (45% of a step), only to build
@@ -549,19 +551,22 @@ def _last_logits_patch(family: str) -> Callable:
 _MAX_GROUPS = 96  # more query groups than this in a row (an unusual mask): the full masked product is cheaper
 
 
+# An additive mask entry at or below this blocks its key: exp(score - 1e4 - max) is exactly 0 in float32 for any score
+# within ~9900 of the row's largest (GPT masks with -1e4, LLaMA/Qwen2/OPT with finfo.min, OPT's 2-D path with -inf).
+_MASKED_AT = -1e4
+
+
 def _query_groups(mask) -> Optional[list]:
-    """Per row of a [B, 1, S, S] additive mask (0 = attend, finfo.min = not): a list of query groups
+    """Per row of a [B, 1, S, S] additive mask (0 = attend, <= -1e4 = not): a list of query groups
     (q0, q1, k0, k1, kind) that reproduce it, kind "causal" (queries q0..q1-1 attend keys q0..q), "rect" (every
     query attends keys k0..k1-1) or "self" (each query attends only itself); None when the mask is not of
-    that shape (or its values are not just 0 and finfo.min)."""
-    import paddle
-
+    that shape (or its values are not just 0 and <= -1e4)."""
     m = mask.numpy()
     if m.ndim != 4 or m.shape[1] != 1 or m.shape[2] != m.shape[3]:
         return None
     m = m[:, 0]
     attend = m == 0
-    if not (attend | (m == float(paddle.finfo(paddle.float32).min))).all() or not attend.any(-1).all():
+    if not (attend | (m <= _MASKED_AT)).all() or not attend.any(-1).all():
         return None
     S = m.shape[-1]
     first = attend.argmax(-1)
@@ -596,16 +601,22 @@ def _query_groups(mask) -> Optional[list]:
 _original_attention: Dict[str, Callable] = {}  # paddlenlp modeling module -> its scaled_dot_product_attention
 
 
-def _per_block_attention(query_states, key_states, value_states, attention_mask):
-    """softmax(q k^T / sqrt(d) + mask) v for q/k/v [batch, seq, heads, head_dim] (as many key/value heads as query
-    heads) and an additive [batch, 1, seq, seq] mask, computed per query group of the mask -> [batch, seq, heads *
-    head_dim]; None when the mask has no such groups (the caller then runs the full product)."""
+def _per_block_attention(query_states, key_states, value_states, attention_mask, heads_first: bool = False,
+                         scale: Optional[float] = None):
+    """softmax(q k^T * scale + mask) v for q/k/v [batch, seq, heads, head_dim] ([batch, heads, seq, head_dim] when
+    heads_first: OPT) with as many key/value heads as query heads, an additive [batch, 1, seq, seq] mask and scale
+    1/sqrt(head_dim) unless given, computed per query group of the mask -> [batch, seq, heads * head_dim]; None when
+    the mask has no such groups (the caller then runs the full product)."""
     import math
 
     import paddle
     import paddle.nn.functional as F
 
-    bsz, q_len, heads, head_dim = query_states.shape
+    if heads_first:
+        bsz, heads, q_len, head_dim = query_states.shape
+    else:
+        bsz, q_len, heads, head_dim = query_states.shape
+    seq_axis = 2 if heads_first else 1
     cached = getattr(_state, "groups", None)  # the layers of one forward share its mask: analyse it once
     if cached is None or cached[0] is not attention_mask:
         cached = (attention_mask, _query_groups(attention_mask))
@@ -613,22 +624,23 @@ def _per_block_attention(query_states, key_states, value_states, attention_mask)
     groups = cached[1]
     if groups is None:
         return None
-    scale = 1 / math.sqrt(head_dim)
+    scale = 1 / math.sqrt(head_dim) if scale is None else scale
     causal = {}
     # one split per tensor (its backward is one concat) instead of a slice per block (each slice's backward
     # writes into a zero tensor of the whole input's size)
     q_rows, k_rows, v_rows = ((paddle.split(t, bsz, axis=0) if bsz > 1 else [t]) for t in (query_states, key_states, value_states))
+    to_heads = (lambda t: t) if heads_first else (lambda t: t.transpose([0, 2, 1, 3]))  # [1, heads, n, head_dim]
     rows = []
     for b, row_groups in enumerate(groups):
-        q_parts = _split_seq(q_rows[b], [(q0, q1) for q0, q1, _, _, _ in row_groups], q_len)
-        k_parts = _split_seq(k_rows[b], [(k0, k1) for _, _, k0, k1, _ in row_groups], q_len)
-        v_parts = _split_seq(v_rows[b], [(k0, k1) for _, _, k0, k1, _ in row_groups], q_len)
+        q_parts = _split_seq(q_rows[b], [(q0, q1) for q0, q1, _, _, _ in row_groups], q_len, seq_axis)
+        k_parts = _split_seq(k_rows[b], [(k0, k1) for _, _, k0, k1, _ in row_groups], q_len, seq_axis)
+        v_parts = _split_seq(v_rows[b], [(k0, k1) for _, _, k0, k1, _ in row_groups], q_len, seq_axis)
         parts = []
         for (q0, q1, k0, k1, kind), q, k, v in zip(row_groups, q_parts, k_parts, v_parts):
             if kind == "self":  # softmax over one score is exactly 1: the output is the value row
                 parts.append(v)
                 continue
-            q, k = q.transpose([0, 2, 1, 3]), k.transpose([0, 2, 1, 3])
+            q, k = to_heads(q), to_heads(k)
             weights = paddle.matmul(q * scale, k, transpose_y=True)
             if kind == "causal":
                 n = q1 - q0
@@ -636,10 +648,12 @@ def _per_block_attention(query_states, key_states, value_states, attention_mask)
                     causal[n] = paddle.where(paddle.tril(paddle.ones([n, n], dtype="bool")), paddle.zeros([1]),
                                              paddle.full([1], paddle.finfo(paddle.float32).min))
                 weights = weights + causal[n]
-            out = paddle.matmul(F.softmax(weights, axis=-1), v.transpose([0, 2, 1, 3]))
-            parts.append(out.transpose([0, 2, 1, 3]))
-        rows.append(paddle.concat(parts, axis=1) if len(parts) > 1 else parts[0])
+            out = paddle.matmul(F.softmax(weights, axis=-1), to_heads(v))
+            parts.append(to_heads(out))
+        rows.append(paddle.concat(parts, axis=seq_axis) if len(parts) > 1 else parts[0])
     out = paddle.concat(rows, axis=0) if len(rows) > 1 else rows[0]
+    if heads_first:
+        out = out.transpose([0, 2, 1, 3])
     return out.reshape([bsz, q_len, heads * head_dim])
 
 
@@ -686,14 +700,14 @@ def _qwen2_segment_attention(query_states, config, key_states, value_states, att
     return out
 
 
-def _split_seq(t, spans, length):
-    """The [1, span, ...] pieces of t [1, length, ...] for each (start, end) in spans: one split over the
+def _split_seq(t, spans, length, axis: int = 1):
+    """The pieces of t (length positions on `axis`) for each (start, end) in spans: one split over the
     sequence when the spans tile it in order (query groups always do), else a slice per span."""
     import paddle
 
     if spans[0][0] == 0 and spans[-1][1] == length and all(a[1] == b[0] for a, b in zip(spans, spans[1:])):
-        return paddle.split(t, [e - s for s, e in spans], axis=1) if len(spans) > 1 else [t]
-    return [t[:, s:e] for s, e in spans]
+        return paddle.split(t, [e - s for s, e in spans], axis=axis) if len(spans) > 1 else [t]
+    return [paddle.slice(t, [axis], [s], [e]) for s, e in spans]
 
 
 def _patch_segment_attention(model, module: str, attention_class: str, inner_name: str, patched: Callable) -> int:
@@ -718,6 +732,87 @@ def _patch_llama_segment_attention(model) -> int:
 
 def _patch_qwen2_segment_attention(model) -> int:
     return _patch_segment_attention(model, "qwen2", "Qwen2Attention", "qwen2", _qwen2_segment_attention)
+
+
+def _gpt_core_attention(self, q, k, v, attention_mask=None, output_attentions=False):
+    """GPT's MultiHeadAttention._core_attention (q/k/v [batch, seq, heads, head_dim], mask additive with -1e4),
+    computed per query group of the mask; attention dropout in training, scale_qk_coeff and attention weights take
+    paddlenlp's path."""
+    cfg = self.config
+    if (not (output_attentions or cfg.scale_qk_coeff != 1.0 or (cfg.attention_probs_dropout_prob and self.training))
+            and _plain_inputs(q, k, attention_mask)):
+        out = _per_block_attention(q, k, v, attention_mask, scale=self.head_dim ** -0.5)  # as paddlenlp scales q
+        if out is not None:
+            return out
+    return type(self)._core_attention(self, q, k, v, attention_mask=attention_mask, output_attentions=output_attentions)
+
+
+def _patch_gpt_segment_attention(model) -> int:
+    from paddlenlp.transformers.gpt import modeling
+
+    if model.config.tensor_parallel_degree > 1 or getattr(model.config, "sequence_parallel", False):
+        return 0
+    n = 0
+    for layer in model.sublayers(include_self=True):
+        if isinstance(layer, modeling.MultiHeadAttention) and "_core_attention" not in vars(layer):
+            layer._core_attention = types.MethodType(_gpt_core_attention, layer)  # GPT's attention looks it up per call
+            n += 1
+    if n:
+        _mark_active(model.gpt)  # the mask's groups are dropped when the forward ends
+    return 1 if n else 0
+
+
+def _opt_attention_forward(self, query, key, value, attn_mask=None, use_cache=False, cache=None):
+    """OPT's MultiHeadAttention.forward with the product computed per query group of the mask. Its attention weights
+    are returned only for output_attentions (OPT's decoder layer drops them otherwise): when a patched OPTModel's
+    forward asks for them, or with attention dropout in training, a cache, or fused q/k/v, paddlenlp's forward runs."""
+    own = type(self).forward
+    if (getattr(_state, "opt_attentions", True) or (self.dropout and self.training) or use_cache or cache is not None
+            or self.fuse_attention_qkv or key is not query or value is not query):
+        return own(self, query, key, value, attn_mask, use_cache, cache)
+    import paddle
+
+    if attn_mask is None or len(attn_mask.shape) != 4 or query.dtype != paddle.float32:
+        return own(self, query, key, value, attn_mask, use_cache, cache)
+    q, k, v, _ = self._prepare_qkv(query, query, query, False, None)  # [batch, heads, seq, head_dim]
+    out = _per_block_attention(q, k, v, attn_mask, heads_first=True, scale=self.head_dim ** -0.5)
+    if out is None:
+        return own(self, query, key, value, attn_mask, use_cache, cache)
+    out = self.out_proj(out)
+    return (out, None) if self.need_weights else out
+
+
+def _patch_opt_segment_attention(model) -> int:
+    from paddlenlp.transformers.opt import modeling
+
+    cfg = model.config
+    if cfg.tensor_parallel_degree > 1:
+        return 0
+    n = 0
+    for layer in model.sublayers(include_self=True):
+        if isinstance(layer, modeling.MultiHeadAttention) and "forward" not in vars(layer):
+            _replace_forward(layer, lambda previous: _opt_attention_forward)
+            n += 1
+    if not n:
+        return 0
+    inner = model.opt
+    sig = inspect.signature(type(inner).forward)
+
+    def make(previous):
+        def forward(self, *args, **kwargs):
+            a = sig.bind(self, *args, **kwargs).arguments
+            wanted = a.get("output_attentions")
+            before = getattr(_state, "opt_attentions", True)
+            _state.opt_attentions = bool(wanted if wanted is not None else self.config.output_attentions)
+            try:
+                return previous(self, *args, **kwargs)
+            finally:
+                _state.opt_attentions = before
+        return forward
+
+    _replace_forward(inner, make)
+    _mark_active(inner)  # the mask's groups are dropped when the forward ends
+    return 1
 
 
 def _patch_last_logits(model, backbone: Callable, head: Callable, output_class: str, seq_first: bool = False,
@@ -791,6 +886,8 @@ PATCHES: Dict[str, Callable] = {
     "qwen2_rms_norm": _patch_qwen2_rms_norm,
     "qwen2_rotary": _patch_qwen2_rotary,
     "qwen2_segment_attention": _patch_qwen2_segment_attention,
+    "gpt_segment_attention": _patch_gpt_segment_attention,
+    "opt_segment_attention": _patch_opt_segment_attention,
     "llama_rotary": _patch_llama_rotary,
     "llama_supervised_loss": _patch_llama_supervised_loss,
     "llama_last_logits": _patch_llama_last_logits,
