@@ -19,13 +19,15 @@ same values in fewer, cheaper CPU operations:
                      paddlenlp's own fused-loss path does. Tied heads (GPT, OPT, Bloom, ChatGLM v1,
                      GLM, Qwen2) are the same product with the embedding matrix; GLM keeps its
                      loss_mask weighting
-  llama_segment_attention, qwen2_segment_attention, gpt_segment_attention, opt_segment_attention
+  llama_segment_attention, qwen2_segment_attention, gpt_segment_attention, opt_segment_attention,
+  bloom_segment_attention
                      attention computed per block of the mask instead of over the whole [seq, seq]
                      square: a packed row of 512 tokens holding seven examples attends within each
                      example (causal blocks), padding tails attend their fixed key range, and positions
                      that attend only themselves take their value row as it is (softmax of one score is
                      exactly 1); the masked entries the full product computes add exactly 0 (GPT masks
-                     with -1e4, whose exp() is 0 in float32 too). Attention dropout in training, attention
+                     with -1e4, whose exp() is 0 in float32 too; Bloom adds the ALiBi bias of each block's
+                     keys). Attention dropout in training, attention
                      weights asked for, a cache or an irregular mask take paddlenlp's path
   chatglm_generation_inputs
                      ChatGLM v1's prepare_inputs_for_generation scans every row for [MASK]/[gMASK] with
@@ -602,11 +604,13 @@ _original_attention: Dict[str, Callable] = {}  # paddlenlp modeling module -> it
 
 
 def _per_block_attention(query_states, key_states, value_states, attention_mask, heads_first: bool = False,
-                         scale: Optional[float] = None):
-    """softmax(q k^T * scale + mask) v for q/k/v [batch, seq, heads, head_dim] ([batch, heads, seq, head_dim] when
-    heads_first: OPT) with as many key/value heads as query heads, an additive [batch, 1, seq, seq] mask and scale
-    1/sqrt(head_dim) unless given, computed per query group of the mask -> [batch, seq, heads * head_dim]; None when
-    the mask has no such groups (the caller then runs the full product)."""
+                         scale: Optional[float] = None, bias: Optional[Callable] = None, as_4d: Optional[Callable] = None):
+    """softmax(q k^T * scale + bias + mask) v for q/k/v [batch, seq, heads, head_dim] ([batch, heads, seq, head_dim]
+    when heads_first: OPT) with as many key/value heads as query heads, an additive [batch, 1, seq, seq] mask (or
+    any mask that as_4d(mask) turns into one: Bloom's [batch * heads, seq, seq]) and scale 1/sqrt(head_dim) unless
+    given, computed per query group of the mask -> [batch, seq, heads * head_dim]. bias(row, k0, k1) is a
+    [1, heads, 1, k1 - k0] score bias of keys k0..k1-1 (Bloom's ALiBi). None when the mask has no such groups (the
+    caller then runs the full product)."""
     import math
 
     import paddle
@@ -619,7 +623,7 @@ def _per_block_attention(query_states, key_states, value_states, attention_mask,
     seq_axis = 2 if heads_first else 1
     cached = getattr(_state, "groups", None)  # the layers of one forward share its mask: analyse it once
     if cached is None or cached[0] is not attention_mask:
-        cached = (attention_mask, _query_groups(attention_mask))
+        cached = (attention_mask, _query_groups(as_4d(attention_mask) if as_4d is not None else attention_mask))
         _state.groups = cached
     groups = cached[1]
     if groups is None:
@@ -642,6 +646,8 @@ def _per_block_attention(query_states, key_states, value_states, attention_mask,
                 continue
             q, k = to_heads(q), to_heads(k)
             weights = paddle.matmul(q * scale, k, transpose_y=True)
+            if bias is not None:
+                weights = weights + bias(b, k0, k1)
             if kind == "causal":
                 n = q1 - q0
                 if n not in causal:
@@ -815,6 +821,54 @@ def _patch_opt_segment_attention(model) -> int:
     return 1
 
 
+def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, head_mask=None,
+                             use_cache=False, output_attentions=False):
+    """Bloom's attention forward with the product computed per query group of the mask, ALiBi added per block
+    (the bias of the block's keys: the same values the full product adds). A cache, head_mask, attention weights,
+    attention dropout in training, flash attention, pretraining_tp slices or tensor parallel take paddlenlp's path."""
+    import paddle
+    from paddlenlp.transformers.bloom.modeling import dropout_add
+
+    def own():
+        return type(self).forward(self, hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
+                                  head_mask=head_mask, use_cache=use_cache, output_attentions=output_attentions)
+
+    cfg = self.config
+    if (layer_past is not None or head_mask is not None or output_attentions or getattr(cfg, "use_flash_attention", False)
+            or (self.pretraining_tp > 1 and self.slow_but_exact) or (cfg.attention_dropout and self.training)
+            or cfg.tensor_parallel_degree > 1 or hidden_states.dtype != paddle.float32 or attention_mask is None
+            or len(attention_mask.shape) != 3):
+        return own()
+    q, k, v = self._split_heads(self.query_key_value(hidden_states))  # [batch, seq, heads, head_dim] each
+    bsz, length, heads = q.shape[0], q.shape[1], self.num_heads
+    if alibi.shape[-1] != length or attention_mask.shape[-1] != length:
+        return own()
+    slopes = alibi.reshape([bsz, heads, 1, length]) * self.beta  # as baddbmm scales it
+    slope_rows = paddle.split(slopes, bsz, axis=0) if bsz > 1 else [slopes]
+    out = _per_block_attention(q, k, v, attention_mask, scale=self.inv_norm_factor,
+                               bias=lambda b, k0, k1: paddle.slice(slope_rows[b], [3], [k0], [k1]),
+                               as_4d=lambda m: m.reshape([bsz, heads, length, length])[:, :1])
+    if out is None:
+        return own()
+    out = dropout_add(self.dense(out), residual, self.hidden_dropout, self.training)
+    return (out, (k, v) if use_cache is True else None)
+
+
+def _patch_bloom_segment_attention(model) -> int:
+    from paddlenlp.transformers.bloom import modeling
+
+    if model.config.tensor_parallel_degree > 1:
+        return 0
+    n = 0
+    for layer in model.sublayers(include_self=True):
+        if isinstance(layer, modeling.BloomAttention) and "forward" not in vars(layer):
+            _replace_forward(layer, lambda previous: _bloom_attention_forward)
+            n += 1
+    if n:
+        _mark_active(model.bloom)  # the mask's groups are dropped when the forward ends
+    return 1 if n else 0
+
+
 def _patch_last_logits(model, backbone: Callable, head: Callable, output_class: str, seq_first: bool = False,
                        rest: Callable = _rest_of, none_means_tuple: bool = False, after_head: Callable = None) -> int:
     """Inside `generating()`, in eval mode without labels: the head on the last position only ([batch, 1, vocab]
@@ -888,6 +942,7 @@ PATCHES: Dict[str, Callable] = {
     "qwen2_segment_attention": _patch_qwen2_segment_attention,
     "gpt_segment_attention": _patch_gpt_segment_attention,
     "opt_segment_attention": _patch_opt_segment_attention,
+    "bloom_segment_attention": _patch_bloom_segment_attention,
     "llama_rotary": _patch_llama_rotary,
     "llama_supervised_loss": _patch_llama_supervised_loss,
     "llama_last_logits": _patch_llama_last_logits,
