@@ -626,7 +626,9 @@ def _per_block_attention(query_states, key_states, value_states, attention_mask,
         cached = (attention_mask, _query_groups(as_4d(attention_mask) if as_4d is not None else attention_mask))
         _state.groups = cached
     groups = cached[1]
-    if groups is None:
+    if groups is not None and len(groups) == 1 < bsz:  # one mask row broadcast over the batch (GPT's causal-only mask)
+        groups = groups * bsz
+    if groups is None or len(groups) != bsz:
         return None
     scale = 1 / math.sqrt(head_dim) if scale is None else scale
     causal = {}

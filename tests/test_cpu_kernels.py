@@ -327,6 +327,27 @@ def test_segment_attention_runs_on_packed_and_padded_batches(family, tiny_dir, m
     assert len(seen) == 2  # analysed once per forward, not once per layer
 
 
+def test_segment_attention_with_one_mask_row_for_the_whole_batch(tiny_dir):
+    """Without an attention mask (pretraining) GPT builds one causal [1, 1, seq, seq] mask for every row: the per-block
+    path applies its groups to each row, with the unpatched model's loss and gradients."""
+    import paddle
+
+    path = tiny_dir("gpt-3")
+    plain, patched = _models("gpt-3", path)
+    ids = paddle.to_tensor(np.random.RandomState(0).randint(3, 500, size=[3, 20]).astype("int64"))
+    results = []
+    for m in (plain, patched):
+        m.train()
+        out = m(input_ids=ids, labels=ids)
+        out[0].backward()
+        results.append((float(out[0]), {n: p.grad.numpy().copy() for n, p in m.named_parameters() if p.grad is not None}))
+        m.clear_gradients()
+    (loss_a, ga), (loss_b, gb) = results
+    assert loss_b == pytest.approx(loss_a, rel=1e-5) and ga.keys() == gb.keys()
+    for n in ga:
+        np.testing.assert_allclose(gb[n], ga[n], atol=1e-5, rtol=1e-4, err_msg=n)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dense_views_same_logits_and_gradients_for_every_family(family, tiny_dir):
     """dense_views() is on for every family (training steps, evaluation, generation): the same forward and
