@@ -603,10 +603,10 @@ def _query_groups(mask) -> Optional[list]:
 _original_attention: Dict[str, Callable] = {}  # paddlenlp modeling module -> its scaled_dot_product_attention
 
 
-def _per_block_attention(query_states, key_states, value_states, attention_mask, heads_first: bool = False,
-                         scale: Optional[float] = None, bias: Optional[Callable] = None, as_4d: Optional[Callable] = None):
-    """softmax(q k^T * scale + bias + mask) v for q/k/v [batch, seq, heads, head_dim] ([batch, heads, seq, head_dim]
-    when heads_first: OPT) with as many key/value heads as query heads, an additive [batch, 1, seq, seq] mask (or
+def _per_block_attention(query_states, key_states, value_states, attention_mask, scale: Optional[float] = None,
+                         bias: Optional[Callable] = None, as_4d: Optional[Callable] = None):
+    """softmax(q k^T * scale + bias + mask) v for q/k/v [batch, seq, heads, head_dim] with as many key/value heads as
+    query heads, an additive [batch, 1, seq, seq] mask (or
     any mask that as_4d(mask) turns into one: Bloom's [batch * heads, seq, seq]) and scale 1/sqrt(head_dim) unless
     given, computed per query group of the mask -> [batch, seq, heads * head_dim]. bias(row, k0, k1) is a
     [1, heads, 1, k1 - k0] score bias of keys k0..k1-1 (Bloom's ALiBi). None when the mask has no such groups (the
@@ -616,11 +616,7 @@ def _per_block_attention(query_states, key_states, value_states, attention_mask,
     import paddle
     import paddle.nn.functional as F
 
-    if heads_first:
-        bsz, heads, q_len, head_dim = query_states.shape
-    else:
-        bsz, q_len, heads, head_dim = query_states.shape
-    seq_axis = 2 if heads_first else 1
+    bsz, q_len, heads, head_dim = query_states.shape
     cached = getattr(_state, "groups", None)  # the layers of one forward share its mask: analyse it once
     if cached is None or cached[0] is not attention_mask:
         cached = (attention_mask, _query_groups(as_4d(attention_mask) if as_4d is not None else attention_mask))
@@ -635,12 +631,12 @@ def _per_block_attention(query_states, key_states, value_states, attention_mask,
     # one split per tensor (its backward is one concat) instead of a slice per block (each slice's backward
     # writes into a zero tensor of the whole input's size)
     q_rows, k_rows, v_rows = ((paddle.split(t, bsz, axis=0) if bsz > 1 else [t]) for t in (query_states, key_states, value_states))
-    to_heads = (lambda t: t) if heads_first else (lambda t: t.transpose([0, 2, 1, 3]))  # [1, heads, n, head_dim]
+    to_heads = (lambda t: t.transpose([0, 2, 1, 3]))  # [1, n, heads, head_dim] <-> [1, heads, n, head_dim]
     rows = []
     for b, row_groups in enumerate(groups):
-        q_parts = _split_seq(q_rows[b], [(q0, q1) for q0, q1, _, _, _ in row_groups], q_len, seq_axis)
-        k_parts = _split_seq(k_rows[b], [(k0, k1) for _, _, k0, k1, _ in row_groups], q_len, seq_axis)
-        v_parts = _split_seq(v_rows[b], [(k0, k1) for _, _, k0, k1, _ in row_groups], q_len, seq_axis)
+        q_parts = _split_seq(q_rows[b], [(q0, q1) for q0, q1, _, _, _ in row_groups], q_len)
+        k_parts = _split_seq(k_rows[b], [(k0, k1) for _, _, k0, k1, _ in row_groups], q_len)
+        v_parts = _split_seq(v_rows[b], [(k0, k1) for _, _, k0, k1, _ in row_groups], q_len)
         parts = []
         for (q0, q1, k0, k1, kind), q, k, v in zip(row_groups, q_parts, k_parts, v_parts):
             if kind == "self":  # softmax over one score is exactly 1: the output is the value row
@@ -658,10 +654,8 @@ def _per_block_attention(query_states, key_states, value_states, attention_mask,
                 weights = weights + causal[n]
             out = paddle.matmul(F.softmax(weights, axis=-1), to_heads(v))
             parts.append(to_heads(out))
-        rows.append(paddle.concat(parts, axis=seq_axis) if len(parts) > 1 else parts[0])
+        rows.append(paddle.concat(parts, axis=1) if len(parts) > 1 else parts[0])
     out = paddle.concat(rows, axis=0) if len(rows) > 1 else rows[0]
-    if heads_first:
-        out = out.transpose([0, 2, 1, 3])
     return out.reshape([bsz, q_len, heads * head_dim])
 
 
@@ -708,14 +702,14 @@ def _qwen2_segment_attention(query_states, config, key_states, value_states, att
     return out
 
 
-def _split_seq(t, spans, length, axis: int = 1):
-    """The pieces of t (length positions on `axis`) for each (start, end) in spans: one split over the
+def _split_seq(t, spans, length):
+    """The [1, span, ...] pieces of t [1, length, ...] for each (start, end) in spans: one split over the
     sequence when the spans tile it in order (query groups always do), else a slice per span."""
     import paddle
 
     if spans[0][0] == 0 and spans[-1][1] == length and all(a[1] == b[0] for a, b in zip(spans, spans[1:])):
-        return paddle.split(t, [e - s for s, e in spans], axis=axis) if len(spans) > 1 else [t]
-    return [paddle.slice(t, [axis], [s], [e]) for s, e in spans]
+        return paddle.split(t, [e - s for s, e in spans], axis=1) if len(spans) > 1 else [t]
+    return [t[:, s:e] for s, e in spans]
 
 
 def _patch_segment_attention(model, module: str, attention_class: str, inner_name: str, patched: Callable) -> int:
@@ -782,8 +776,10 @@ def _opt_attention_forward(self, query, key, value, attn_mask=None, use_cache=Fa
 
     if attn_mask is None or len(attn_mask.shape) != 4 or query.dtype != paddle.float32:
         return own(self, query, key, value, attn_mask, use_cache, cache)
-    q, k, v, _ = self._prepare_qkv(query, query, query, False, None)  # [batch, heads, seq, head_dim]
-    out = _per_block_attention(q, k, v, attn_mask, heads_first=True, scale=self.head_dim ** -0.5)
+    # the projections of _prepare_qkv/compute_kv, left [batch, seq, heads, head_dim]: the per-block code splits the
+    # sequence axis, whose pieces are contiguous there (after paddlenlp's transpose to heads-first they are not)
+    q, k, v = (proj(query).reshape([0, 0, self.num_heads, self.head_dim]) for proj in (self.q_proj, self.k_proj, self.v_proj))
+    out = _per_block_attention(q, k, v, attn_mask, scale=self.head_dim ** -0.5)
     if out is None:
         return own(self, query, key, value, attn_mask, use_cache, cache)
     out = self.out_proj(out)
