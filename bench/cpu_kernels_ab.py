@@ -50,7 +50,10 @@ def examples(n, seed, family=None):
         ids = [rng.randrange(3, 1600) for _ in range(k)]
         src = max(1, min(round(k * rng.uniform(0.2, 0.8)), k - 2))
         labels = [IGNORE] * src + ids[src + 1:] + [2]
-        out.append(family.make_example(ids, labels, src, False) if family is not None else Example(ids, labels, list(range(k))))
+        if family is None:
+            out.append(Example(ids, labels, list(range(k))))
+        else:  # the prompt is a bidirectional prefix only in prefix-LM families (ChatGLM v1, GLM)
+            out.append(family.make_example(ids, labels, src if family.prefix_lm else 0, False))
     return out
 
 
