@@ -603,6 +603,20 @@ def _query_groups(mask) -> Optional[list]:
 _original_attention: Dict[str, Callable] = {}  # paddlenlp modeling module -> its scaled_dot_product_attention
 
 
+def _mask_groups(attention_mask, bsz: int, as_4d: Optional[Callable] = None) -> Optional[list]:
+    """The query groups of each of the bsz rows of the mask (_query_groups, of as_4d(mask) when given), analysed once
+    per forward (the layers share the mask tensor); a single mask row stands for every row (GPT's causal-only mask).
+    None when the mask has no such groups: callers check this before computing anything for the per-block path."""
+    cached = getattr(_state, "groups", None)
+    if cached is None or cached[0] is not attention_mask:
+        cached = (attention_mask, _query_groups(as_4d(attention_mask) if as_4d is not None else attention_mask))
+        _state.groups = cached
+    groups = cached[1]
+    if groups is not None and len(groups) == 1 < bsz:
+        groups = groups * bsz
+    return groups if groups is not None and len(groups) == bsz else None
+
+
 def _per_block_attention(query_states, key_states, value_states, attention_mask, scale: Optional[float] = None,
                          bias: Optional[Callable] = None, as_4d: Optional[Callable] = None):
     """softmax(q k^T * scale + bias + mask) v for q/k/v [batch, seq, heads, head_dim] with as many key/value heads as
@@ -617,14 +631,8 @@ def _per_block_attention(query_states, key_states, value_states, attention_mask,
     import paddle.nn.functional as F
 
     bsz, q_len, heads, head_dim = query_states.shape
-    cached = getattr(_state, "groups", None)  # the layers of one forward share its mask: analyse it once
-    if cached is None or cached[0] is not attention_mask:
-        cached = (attention_mask, _query_groups(as_4d(attention_mask) if as_4d is not None else attention_mask))
-        _state.groups = cached
-    groups = cached[1]
-    if groups is not None and len(groups) == 1 < bsz:  # one mask row broadcast over the batch (GPT's causal-only mask)
-        groups = groups * bsz
-    if groups is None or len(groups) != bsz:
+    groups = _mask_groups(attention_mask, bsz, as_4d)
+    if groups is None:
         return None
     scale = 1 / math.sqrt(head_dim) if scale is None else scale
     causal = {}
@@ -774,7 +782,8 @@ def _opt_attention_forward(self, query, key, value, attn_mask=None, use_cache=Fa
         return own(self, query, key, value, attn_mask, use_cache, cache)
     import paddle
 
-    if attn_mask is None or len(attn_mask.shape) != 4 or query.dtype != paddle.float32:
+    if (attn_mask is None or len(attn_mask.shape) != 4 or query.dtype != paddle.float32
+            or _mask_groups(attn_mask, query.shape[0]) is None):
         return own(self, query, key, value, attn_mask, use_cache, cache)
     # the projections of _prepare_qkv/compute_kv, left [batch, seq, heads, head_dim]: the per-block code splits the
     # sequence axis, whose pieces are contiguous there (after paddlenlp's transpose to heads-first they are not)
@@ -837,15 +846,17 @@ def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mas
             or cfg.tensor_parallel_degree > 1 or hidden_states.dtype != paddle.float32 or attention_mask is None
             or len(attention_mask.shape) != 3):
         return own()
-    q, k, v = self._split_heads(self.query_key_value(hidden_states))  # [batch, seq, heads, head_dim] each
-    bsz, length, heads = q.shape[0], q.shape[1], self.num_heads
-    if alibi.shape[-1] != length or attention_mask.shape[-1] != length:
+    bsz, length, heads = hidden_states.shape[0], hidden_states.shape[1], self.num_heads
+    as_4d = lambda m: m.reshape([bsz, heads, length, length])[:, :1]  # noqa: E731 (every head's rows are the same)
+    if (alibi.shape[-1] != length or list(attention_mask.shape) != [bsz * heads, length, length]
+            or _mask_groups(attention_mask, bsz, as_4d) is None):
         return own()
+    q, k, v = self._split_heads(self.query_key_value(hidden_states))  # [batch, seq, heads, head_dim] each
     slopes = alibi.reshape([bsz, heads, 1, length]) * self.beta  # as baddbmm scales it
     slope_rows = paddle.split(slopes, bsz, axis=0) if bsz > 1 else [slopes]
     out = _per_block_attention(q, k, v, attention_mask, scale=self.inv_norm_factor,
                                bias=lambda b, k0, k1: paddle.slice(slope_rows[b], [3], [k0], [k1]),
-                               as_4d=lambda m: m.reshape([bsz, heads, length, length])[:, :1])
+                               as_4d=as_4d)
     if out is None:
         return own()
     out = dropout_add(self.dense(out), residual, self.hidden_dropout, self.training)
