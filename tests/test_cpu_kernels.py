@@ -307,8 +307,9 @@ def test_query_groups_of_packed_padded_and_other_masks(tiny_dir):
 
 @pytest.mark.parametrize("family", [f for f in PATCHED if any(p.endswith("_segment_attention") for p in get_family(f).cpu_patches)])
 def test_segment_attention_runs_on_packed_and_padded_batches(family, tiny_dir, monkeypatch):
-    """The patched attention takes the per-block path (not its fallback) on both batch kinds the trainer makes,
-    with the same logits as the unpatched model (the test above compares loss and gradients too)."""
+    """The patched attention finds the blocks of both batch kinds the trainer makes (not its fallback; Bloom computes
+    per block for packed rows only), with the same logits as the unpatched model (the test above compares loss and
+    gradients too)."""
     import paddle
 
     path = tiny_dir(family)
