@@ -7,27 +7,35 @@ elementwise code that costs more than the matmuls around it (a profile of one LL
 cross-entropy and lm_head over every prompt and padding position). Each patch here computes the
 same values in fewer, cheaper CPU operations:
 
-  llama_rms_norm, chatglm_v2_rms_norm
+  llama_rms_norm, chatglm_v2_rms_norm, qwen2_rms_norm
                      RMSNorm as one autograd node with a hand-written backward, x*x instead of pow
-  llama_rotary       rotary embedding without slices: q*cos + roll(q, d/2)*sin_signed, where the
+  llama_rotary, qwen2_rotary
+                     rotary embedding without slices: q*cos + roll(q, d/2)*sin_signed, where the
                      sign of rotate_half is folded into sin (-x2*s == x2*(-s) exactly)
-  llama_supervised_loss, chatglm_v2_supervised_loss
+  <family>_supervised_loss (llama, chatglm_v2, gpt, opt, bloom, chatglm, glm, qwen2)
                      in training with labels, the lm_head and cross-entropy run on the
                      supervised positions only (prompt and padding positions add exactly 0 to the
                      loss and its gradient); the training forward then returns logits=None, as
-                     paddlenlp's own fused-loss path does
-  llama_segment_attention
+                     paddlenlp's own fused-loss path does. Tied heads (GPT, OPT, Bloom, ChatGLM v1,
+                     GLM, Qwen2) are the same product with the embedding matrix; GLM keeps its
+                     loss_mask weighting
+  llama_segment_attention, qwen2_segment_attention, gpt_segment_attention, opt_segment_attention,
+  bloom_segment_attention
                      attention computed per block of the mask instead of over the whole [seq, seq]
                      square: a packed row of 512 tokens holding seven examples attends within each
                      example (causal blocks), padding tails attend their fixed key range, and positions
                      that attend only themselves take their value row as it is (softmax of one score is
-                     exactly 1); the masked entries the full product computes add exactly 0
+                     exactly 1); the masked entries the full product computes add exactly 0 (GPT masks
+                     with -1e4, whose exp() is 0 in float32 too; Bloom adds the ALiBi bias of each block's
+                     keys). Attention dropout in training, attention
+                     weights asked for, a cache or an irregular mask take paddlenlp's path
   chatglm_generation_inputs
                      ChatGLM v1's prepare_inputs_for_generation scans every row for [MASK]/[gMASK] with
                      Python-level `in` on a tensor at every decode step (45% of a step), only to build
                      positions that are not used when position_ids are given, as they always are here;
                      with position_ids it returns the same inputs without the scan
-  llama_last_logits  while generating (inside `generating()`), the lm_head runs on the last position
+  <family>_last_logits (llama, gpt, opt, bloom, chatglm, glm, qwen2)
+                     while generating (inside `generating()`), the lm_head runs on the last position
                      only: generation reads nothing else, and over a long prompt the [prompt, vocab]
                      product was a quarter of the prefill's work (ChatGLM2 does this itself with
                      return_last_logit)
@@ -50,7 +58,7 @@ import logging
 import os
 import threading
 import types
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 DISABLE_VAR = "PADDLELLM_CPU_KERNELS"
 _OFF_VALUES = {"0", "false", "off", "no"}
@@ -235,6 +243,12 @@ def _patch_llama_rms_norm(model) -> int:
     return _patch_rms_norm(model, LlamaRMSNorm, "variance_epsilon")
 
 
+def _patch_qwen2_rms_norm(model) -> int:
+    from paddlenlp.transformers.qwen2.modeling import Qwen2RMSNorm
+
+    return _patch_rms_norm(model, Qwen2RMSNorm, "variance_epsilon")
+
+
 def _patch_chatglm_v2_rms_norm(model) -> int:
     from paddlenlp.transformers.chatglm_v2.modeling import RMSNorm
 
@@ -242,27 +256,32 @@ def _patch_chatglm_v2_rms_norm(model) -> int:
 
 
 # ------------------------------------------------------------------ rotary embedding
-_original_llama_rotary = None
+_original_rotary: Dict[str, Callable] = {}  # paddlenlp modeling module -> its own apply_rotary_pos_emb
 
 
-def _llama_rotary(q, k, cos, sin, position_ids):
-    """paddlenlp's apply_rotary_pos_emb, with rotate_half(x) * sin computed as roll(x, d/2) * sin_signed, and the
-    cos/sin tables gathered at the positions and tiled over the heads once per forward (every layer gets the
-    same position_ids tensor): paddle's CPU multiply is several times slower when it broadcasts [.., 1, d]
-    over the heads than on same-shape operands, forward and backward. The tables are kept for the layers of
-    one forward only, so another model (another rotary base) never reads them."""
-    import paddle
+def _rotary(module: str) -> Callable:
+    """The patched apply_rotary_pos_emb of one paddlenlp modeling module (LLaMA's, Qwen2's: the same function)."""
 
-    if not _active() or position_ids is None:
-        return _original_llama_rotary(q, k, cos, sin, position_ids)
-    cached = getattr(_state, "rotary", None)  # per forward: _mark_active clears it
-    if cached is None or cached[0] is not position_ids or cached[1] != (q.shape, k.shape):
-        c, s = rotary_tables(cos, sin, position_ids)
-        tables = {heads: (paddle.tile(c, [1, 1, heads, 1]), paddle.tile(s, [1, 1, heads, 1])) for heads in {q.shape[2], k.shape[2]}}
-        cached = (position_ids, (q.shape, k.shape), tables)
-        _state.rotary = cached
-    tables = cached[2]
-    return rotate(q, *tables[q.shape[2]]), rotate(k, *tables[k.shape[2]])
+    def apply(q, k, cos, sin, position_ids):
+        """paddlenlp's apply_rotary_pos_emb, with rotate_half(x) * sin computed as roll(x, d/2) * sin_signed, and the
+        cos/sin tables gathered at the positions and tiled over the heads once per forward (every layer gets the
+        same position_ids tensor): paddle's CPU multiply is several times slower when it broadcasts [.., 1, d]
+        over the heads than on same-shape operands, forward and backward. The tables are kept for the layers of
+        one forward only, so another model (another rotary base) never reads them."""
+        import paddle
+
+        if not _active() or position_ids is None:
+            return _original_rotary[module](q, k, cos, sin, position_ids)
+        cached = getattr(_state, "rotary", None)  # per forward: _mark_active clears it
+        if cached is None or cached[0] is not position_ids or cached[1] != (q.shape, k.shape):
+            c, s = rotary_tables(cos, sin, position_ids)
+            tables = {heads: (paddle.tile(c, [1, 1, heads, 1]), paddle.tile(s, [1, 1, heads, 1])) for heads in {q.shape[2], k.shape[2]}}
+            cached = (position_ids, (q.shape, k.shape), tables)
+            _state.rotary = cached
+        tables = cached[2]
+        return rotate(q, *tables[q.shape[2]]), rotate(k, *tables[k.shape[2]])
+
+    return apply
 
 
 def rotary_tables(cos, sin, position_ids):
@@ -286,41 +305,80 @@ def rotate(x, cos, sin):
     return x * cos + paddle.roll(x, x.shape[-1] // 2, axis=-1) * sin
 
 
-def _patch_llama_rotary(model) -> int:
-    global _original_llama_rotary
-    from paddlenlp.transformers.llama import modeling
+def _patch_rotary(model, module: str, inner_name: str) -> int:
+    import importlib
 
-    inner = getattr(model, "llama", None)
-    if inner is None or not getattr(model.config, "rope", True):
+    modeling = importlib.import_module(f"paddlenlp.transformers.{module}.modeling")
+    inner = getattr(model, inner_name, None)
+    if inner is None or not getattr(model.config, "rope", True) or getattr(model.config, "use_fused_rope", False):
         return 0
-    if _original_llama_rotary is None:
-        _original_llama_rotary = modeling.apply_rotary_pos_emb
-        modeling.apply_rotary_pos_emb = _llama_rotary  # looked up by LlamaAttention.forward at call time
+    if module not in _original_rotary:
+        _original_rotary[module] = modeling.apply_rotary_pos_emb
+        modeling.apply_rotary_pos_emb = _rotary(module)  # looked up by the attention's forward at call time
     _mark_active(inner)
     return 1
 
 
-def _lm_output(output_cls, return_dict: bool, outputs, loss, logits):
+def _patch_llama_rotary(model) -> int:
+    return _patch_rotary(model, "llama", "llama")
+
+
+def _patch_qwen2_rotary(model) -> int:
+    return _patch_rotary(model, "qwen2", "qwen2")
+
+
+def _hidden_of(outputs):
+    """The decoder's last hidden states from its outputs: a bare tensor (GPT/OPT without cache or return_dict), a
+    tuple or a ModelOutput (first entry)."""
+    import paddle
+
+    return outputs if isinstance(outputs, paddle.Tensor) else outputs[0]
+
+
+def _rest_of(outputs):
+    """What a causal LM returns after (loss, logits) without return_dict: the decoder's outputs after the hidden
+    states; None when the decoder returned a bare tensor (GPT and OPT then return the bare logits, or (loss, logits))."""
+    import paddle
+
+    return None if isinstance(outputs, paddle.Tensor) else tuple(outputs[1:])
+
+
+def _lm_output(output_cls, return_dict: bool, outputs, loss, logits, rest: Callable = _rest_of):
     """A causal LM's output from its decoder's `outputs`, as paddlenlp's forwards build it: output_cls(...), or
-    without return_dict the tuple (loss, logits, *rest), loss left out when there is none."""
+    without return_dict the tuple (loss, logits, *rest(outputs)), loss left out when there is none."""
     if not return_dict:
-        return ((loss, logits) if loss is not None else (logits,)) + tuple(outputs[1:])
-    return output_cls(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        more = rest(outputs)
+        if more is None:
+            return (loss, logits) if loss is not None else logits
+        return ((loss, logits) if loss is not None else (logits,)) + more
+    fields = {k: getattr(outputs, k, None) for k in ("past_key_values", "hidden_states", "attentions")}
+    return output_cls(loss=loss, logits=logits, **{k: v for k, v in fields.items() if k in output_cls.__dataclass_fields__})
+
+
+def _return_dict(self, sig, a, none_means_tuple: bool) -> bool:
+    """The forward's return_dict as the model's own forward resolves it: None means the config's use_return_dict, or
+    a tuple for forwards that test `if return_dict:` (ChatGLM v1, GLM)."""
+    rd = a["return_dict"] if "return_dict" in a else sig.parameters["return_dict"].default
+    if rd is None:
+        return False if none_means_tuple else self.config.use_return_dict
+    return bool(rd)
 
 
 # ------------------------------------------------------------------ loss on supervised positions only
 def _patch_supervised_loss(model, backbone: Callable, head: Callable, output_class: str, fallback_args=(),
-                           seq_first: bool = False) -> int:
+                           seq_first: bool = False, rest: Callable = _rest_of, none_means_tuple: bool = False,
+                           fallback: Callable = None, weight_arg: str = None) -> int:
     """In training with labels: the output head and cross-entropy on the supervised positions only.
 
-    backbone(model, arguments, return_dict) runs the model's decoder: outputs[0] = hidden [batch, seq, h],
-    or [seq, batch, h] when seq_first (ChatGLM2); head(model) is the output projection, which takes hidden
-    states in that layout. The loss is the mean over supervised tokens (labels != -100),
-    which is what the trainer's token weighting assumes. (paddlenlp's LLaMA criterion divides by the
-    tokens whose loss is > 0, which differs only when a float32 token loss rounds to exactly 0.)
-    Anything else (eval, no labels, tensor/sequence parallel, the arguments in fallback_args) runs the
-    model's own forward.
+    backbone(model, arguments, return_dict) runs the model's decoder: its hidden states (_hidden_of) are
+    [batch, seq, h], or [seq, batch, h] when seq_first (ChatGLM v1/v2); head(model) is the output projection,
+    which takes hidden states in that layout. The loss is the mean over supervised tokens (labels != -100),
+    which is what the trainer's token weighting assumes. (paddlenlp's LLaMA/GPT/Qwen2 criteria divide by the
+    tokens whose loss is > 0, which differs only when a float32 token loss rounds to exactly 0; OPT and ChatGLM
+    v1 divide by every position, which families.base.with_supervised_token_mean_loss rescales to this mean.)
+    With weight_arg (GLM's loss_mask), the loss is sum(token loss * weight) / sum(weight) as that model computes
+    it, over the positions of non-zero weight. Anything else (eval, no labels, tensor/sequence parallel, the
+    arguments in fallback_args, fallback(model, arguments) true) runs the model's own forward.
     """
     import paddle
     import paddle.nn.functional as F
@@ -336,22 +394,27 @@ def _patch_supervised_loss(model, backbone: Callable, head: Callable, output_cla
             labels = a.get("labels")
             if (labels is None or not self.training or cfg.tensor_parallel_degree > 1
                     or getattr(cfg, "sequence_parallel", False) or getattr(cfg, "use_fused_linear_cross_entropy", False)
-                    or any(a.get(k) for k in fallback_args)):
+                    or any(a.get(k) for k in fallback_args) or (fallback is not None and fallback(self, a))):
                 return previous(self, *args, **kwargs)
-            flat = (labels.transpose([1, 0]) if seq_first else labels).flatten()  # the order of hidden's rows
-            keep = paddle.nonzero(flat != IGNORE).flatten()
+            order = (lambda t: t.transpose([1, 0])) if seq_first else (lambda t: t)  # to the order of hidden's rows
+            flat = order(labels).flatten()
+            weight = order(a[weight_arg].reshape(labels.shape)).flatten().astype("float32") if weight_arg else None
+            keep = paddle.nonzero((weight != 0) if weight_arg else (flat != IGNORE)).flatten()
             if keep.shape[0] == 0:
                 return previous(self, *args, **kwargs)
-            return_dict = a.get("return_dict")
-            return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+            return_dict = _return_dict(self, sig, a, none_means_tuple)
             outputs = backbone(self, a, return_dict)
-            hidden = outputs[0]
+            hidden = _hidden_of(outputs)
             picked = paddle.gather(hidden.reshape([-1, hidden.shape[-1]]), keep)  # [supervised, hidden]
             logits = head(self)(picked.unsqueeze(1 if seq_first else 0))  # one sequence of the supervised rows
             logits = logits.reshape([-1, logits.shape[-1]]).astype("float32")
             target = paddle.gather(flat, keep).unsqueeze(-1)
-            loss = F.cross_entropy(logits, target, reduction="sum") / keep.shape[0]
-            return _lm_output(output_cls, return_dict, outputs, loss, None)
+            if weight_arg:
+                token_loss = F.cross_entropy(logits, target, reduction="none").flatten()
+                loss = (token_loss * paddle.gather(weight, keep)).sum() / weight.sum()
+            else:
+                loss = F.cross_entropy(logits, target, reduction="sum") / keep.shape[0]
+            return _lm_output(output_cls, return_dict, outputs, loss, None, rest)
         return forward
 
     _replace_forward(model, make)
@@ -376,27 +439,138 @@ def _patch_chatglm_v2_supervised_loss(model) -> int:
                                   fallback_args=("return_last_logit",), seq_first=True)
 
 
+# the decoders of the other families, called as their ForCausalLM forwards call them (a = the bound arguments)
+def _gpt_backbone(self, a, return_dict):
+    return self.gpt(
+        a.get("input_ids"), position_ids=a.get("position_ids"), attention_mask=a.get("attention_mask"),
+        inputs_embeds=a.get("inputs_embeds"), use_cache=a.get("use_cache", False), past_key_values=a.get("past_key_values"),
+        output_attentions=a.get("output_attentions") if a.get("output_attentions") is not None else self.config.output_attentions,
+        output_hidden_states=a.get("output_hidden_states", False), return_dict=return_dict)
+
+
+def _opt_backbone(self, a, return_dict):
+    cfg = self.config
+    return self.opt(
+        a.get("input_ids"), attention_mask=a.get("attention_mask"), inputs_embeds=a.get("inputs_embeds"),
+        use_cache=a.get("use_cache", False), cache=a.get("cache"),
+        output_attentions=a.get("output_attentions") if a.get("output_attentions") is not None else cfg.output_attentions,
+        output_hidden_states=(a.get("output_hidden_states") if a.get("output_hidden_states") is not None
+                              else cfg.output_hidden_states), return_dict=return_dict)
+
+
+def _bloom_backbone(self, a, return_dict):
+    return self.bloom(
+        a.get("input_ids"), past_key_values=a.get("cache"), attention_mask=a.get("attention_mask"),
+        position_ids=a.get("position_ids"), head_mask=a.get("head_mask"), inputs_embeds=a.get("inputs_embeds"),
+        use_cache=a.get("use_cache"), output_attentions=a.get("output_attentions"),
+        output_hidden_states=a.get("output_hidden_states"), return_dict=return_dict)
+
+
+def _bloom_head(self):
+    return lambda hidden: self.lm_head(hidden, self.config.tensor_parallel_output)
+
+
+def _chatglm_backbone(self, a, return_dict):
+    return self.chatglm(
+        input_ids=a.get("input_ids"), position_ids=a.get("position_ids"), attention_mask=a.get("attention_mask"),
+        cache=a.get("cache"), inputs_embeds=a.get("inputs_embeds"), use_cache=a.get("use_cache"), return_dict=return_dict)
+
+
+def _chatglm_rest(outputs) -> tuple:
+    """ChatGLM v1 without return_dict returns (loss, logits, transformer_outputs[1:]): the rest as one nested tuple."""
+    return (tuple(outputs[1:]),)
+
+
+def _glm_backbone(self, a, return_dict):
+    """GLMModel.forward up to its output head (GLMModel computes the logits itself when output_predict is set)."""
+    import paddle
+
+    glm, input_ids = self.glm, a.get("input_ids")
+    position_ids, attention_mask = a.get("position_ids"), a.get("attention_mask")
+    if position_ids is None:
+        n = input_ids.shape[-1]
+        position_ids = paddle.stack([paddle.arange(0, n, dtype="int64"), paddle.zeros([n], dtype="int64")], axis=0).unsqueeze(0)
+    if attention_mask is None:
+        attention_mask = paddle.zeros([input_ids.shape[0]])
+    return glm.transformer(glm.word_embeddings(input_ids), position_ids, attention_mask, a.get("cache"), return_dict)
+
+
+def _glm_head(self):
+    import paddle.nn.functional as F
+
+    return lambda hidden: F.linear(hidden, self.glm.word_embeddings.weight.T)  # as GLMModel (tied to the embeddings)
+
+
+def _glm_fallback(self, a) -> bool:
+    """GLM's own forward for label smoothing, or without a loss_mask (it then returns the unreduced token losses)."""
+    return a.get("loss_mask") is None or getattr(self.config, "label_smoothing", 0) > 0
+
+
+def _qwen2_backbone(self, a, return_dict):
+    cfg = self.config
+    return self.qwen2(
+        input_ids=a.get("input_ids"), position_ids=a.get("position_ids"), attention_mask=a.get("attention_mask"),
+        inputs_embeds=a.get("inputs_embeds"), use_cache=a.get("use_cache"), past_key_values=a.get("past_key_values"),
+        output_attentions=a.get("output_attentions") if a.get("output_attentions") is not None else cfg.output_attentions,
+        output_hidden_states=(a.get("output_hidden_states") if a.get("output_hidden_states") is not None
+                              else cfg.output_hidden_states), return_dict=return_dict)
+
+
+def _qwen2_head(self):
+    return lambda hidden: self.lm_head(hidden, tensor_parallel_output=False)
+
+
+# family -> (backbone, head, output class, keyword arguments of _patch_supervised_loss/_patch_last_logits)
+_HEADS = {
+    "gpt": (_gpt_backbone, lambda self: self.lm_head, "CausalLMOutputWithCrossAttentions", {}),
+    "opt": (_opt_backbone, lambda self: self.lm_head, "CausalLMOutputWithCrossAttentions", {}),
+    "bloom": (_bloom_backbone, _bloom_head, "CausalLMOutputWithCrossAttentions", {}),
+    "chatglm": (_chatglm_backbone, lambda self: self.lm_head, "CausalLMOutputWithPast",
+                {"seq_first": True, "rest": _chatglm_rest, "none_means_tuple": True}),
+    "glm": (_glm_backbone, _glm_head, "CausalLMOutputWithCrossAttentions", {"none_means_tuple": True}),
+    "qwen2": (_qwen2_backbone, _qwen2_head, "CausalLMOutputWithPast", {}),
+}
+_LOSS_ONLY = {"glm": {"fallback": _glm_fallback, "weight_arg": "loss_mask"},
+              "qwen2": {"fallback_args": ("attn_mask_startend_row_indices",)}}
+_LOGITS_ONLY = {"chatglm": {"after_head": lambda logits: logits.transpose([1, 0, 2]).astype("float32")}}
+
+
+def _supervised_loss_patch(family: str) -> Callable:
+    def patch(model) -> int:
+        backbone, head, output_class, kw = _HEADS[family]
+        return _patch_supervised_loss(model, backbone, head, output_class, **kw, **_LOSS_ONLY.get(family, {}))
+    return patch
+
+
+def _last_logits_patch(family: str) -> Callable:
+    def patch(model) -> int:
+        backbone, head, output_class, kw = _HEADS[family]
+        return _patch_last_logits(model, backbone, head, output_class, **kw, **_LOGITS_ONLY.get(family, {}))
+    return patch
+
+
 # ------------------------------------------------------------------ attention per mask block
 _MAX_GROUPS = 96  # more query groups than this in a row (an unusual mask): the full masked product is cheaper
 
 
-def _query_groups(mask) -> "Optional[list]":
-    """Per row of a [B, 1, S, S] additive mask (0 = attend, finfo.min = not): a list of query groups
+# An additive mask entry at or below this blocks its key: exp(score - 1e4 - max) is exactly 0 in float32 for any score
+# within ~9900 of the row's largest (GPT masks with -1e4, LLaMA/Qwen2/OPT with finfo.min, OPT's 2-D path with -inf).
+_MASKED_AT = -1e4
+
+
+def _query_groups(mask) -> Optional[list]:
+    """Per row of a [B, 1, S, S] additive mask (0 = attend, <= -1e4 = not): a list of query groups
     (q0, q1, k0, k1, kind) that reproduce it, kind "causal" (queries q0..q1-1 attend keys q0..q), "rect" (every
     query attends keys k0..k1-1) or "self" (each query attends only itself); None when the mask is not of
-    that shape (or its values are not just 0 and finfo.min)."""
-    import numpy as np
-    import paddle
-
+    that shape (or its values are not just 0 and <= -1e4)."""
     m = mask.numpy()
     if m.ndim != 4 or m.shape[1] != 1 or m.shape[2] != m.shape[3]:
         return None
     m = m[:, 0]
     attend = m == 0
-    if not (attend | (m == float(paddle.finfo(paddle.float32).min))).all() or not attend.any(-1).all():
+    if not (attend | (m <= _MASKED_AT)).all() or not attend.any(-1).all():
         return None
     S = m.shape[-1]
-    idx = np.arange(S)
     first = attend.argmax(-1)
     last = S - 1 - attend[:, :, ::-1].argmax(-1)
     if not (attend.sum(-1) == last - first + 1).all():  # every query attends one contiguous key range
@@ -426,41 +600,46 @@ def _query_groups(mask) -> "Optional[list]":
     return rows
 
 
-_original_llama_attention = None
+_original_attention: Dict[str, Callable] = {}  # paddlenlp modeling module -> its scaled_dot_product_attention
 
 
-def _llama_segment_attention(query_states, config, key_states, value_states, attention_mask, output_attentions,
-                             alibi=None, attn_mask_startend_row_indices=None, sequence_parallel=False,
-                             reshard_layer=None, npu_is_casual=False, skip_recompute=False):
-    """paddlenlp's LLaMA scaled_dot_product_attention (same signature), computed per query group of the mask."""
+def _mask_groups(attention_mask, bsz: int, as_4d: Optional[Callable] = None) -> Optional[list]:
+    """The query groups of each of the bsz rows of the mask (_query_groups, of as_4d(mask) when given), analysed once
+    per forward (the layers share the mask tensor); a single mask row stands for every row (GPT's causal-only mask).
+    None when the mask has no such groups: callers check this before computing anything for the per-block path."""
+    cached = getattr(_state, "groups", None)
+    if cached is None or cached[0] is not attention_mask:
+        cached = (attention_mask, _query_groups(as_4d(attention_mask) if as_4d is not None else attention_mask))
+        _state.groups = cached
+    groups = cached[1]
+    if groups is not None and len(groups) == 1 < bsz:
+        groups = groups * bsz
+    return groups if groups is not None and len(groups) == bsz else None
+
+
+def _per_block_attention(query_states, key_states, value_states, attention_mask, scale: Optional[float] = None,
+                         bias: Optional[Callable] = None, as_4d: Optional[Callable] = None):
+    """softmax(q k^T * scale + bias + mask) v for q/k/v [batch, seq, heads, head_dim] with as many key/value heads as
+    query heads, an additive [batch, 1, seq, seq] mask (or
+    any mask that as_4d(mask) turns into one: Bloom's [batch * heads, seq, seq]) and scale 1/sqrt(head_dim) unless
+    given, computed per query group of the mask -> [batch, seq, heads * head_dim]. bias(row, k0, k1) is a
+    [1, heads, 1, k1 - k0] score bias of keys k0..k1-1 (Bloom's ALiBi). None when the mask has no such groups (the
+    caller then runs the full product)."""
     import math
 
     import paddle
     import paddle.nn.functional as F
 
-    def original():
-        return _original_llama_attention(query_states, config, key_states, value_states, attention_mask, output_attentions,
-                                         alibi=alibi, attn_mask_startend_row_indices=attn_mask_startend_row_indices,
-                                         sequence_parallel=sequence_parallel, reshard_layer=reshard_layer,
-                                         npu_is_casual=npu_is_casual, skip_recompute=skip_recompute)
-
     bsz, q_len, heads, head_dim = query_states.shape
-    if (output_attentions or alibi is not None or attn_mask_startend_row_indices is not None or sequence_parallel
-            or reshard_layer is not None or getattr(config, "use_flash_attention", False) or attention_mask is None
-            or query_states.dtype != paddle.float32 or key_states.shape[1] != q_len or len(attention_mask.shape) != 4):
-        return original()
-    cached = getattr(_state, "groups", None)  # the layers of one forward share its mask: analyse it once
-    if cached is None or cached[0] is not attention_mask:
-        cached = (attention_mask, _query_groups(attention_mask))
-        _state.groups = cached
-    groups = cached[1]
+    groups = _mask_groups(attention_mask, bsz, as_4d)
     if groups is None:
-        return original()
-    scale = 1 / math.sqrt(head_dim)
+        return None
+    scale = 1 / math.sqrt(head_dim) if scale is None else scale
     causal = {}
     # one split per tensor (its backward is one concat) instead of a slice per block (each slice's backward
     # writes into a zero tensor of the whole input's size)
     q_rows, k_rows, v_rows = ((paddle.split(t, bsz, axis=0) if bsz > 1 else [t]) for t in (query_states, key_states, value_states))
+    to_heads = (lambda t: t.transpose([0, 2, 1, 3]))  # [1, n, heads, head_dim] <-> [1, heads, n, head_dim]
     rows = []
     for b, row_groups in enumerate(groups):
         q_parts = _split_seq(q_rows[b], [(q0, q1) for q0, q1, _, _, _ in row_groups], q_len)
@@ -471,19 +650,64 @@ def _llama_segment_attention(query_states, config, key_states, value_states, att
             if kind == "self":  # softmax over one score is exactly 1: the output is the value row
                 parts.append(v)
                 continue
-            q, k = q.transpose([0, 2, 1, 3]), k.transpose([0, 2, 1, 3])
+            q, k = to_heads(q), to_heads(k)
             weights = paddle.matmul(q * scale, k, transpose_y=True)
+            if bias is not None:
+                weights = weights + bias(b, k0, k1)
             if kind == "causal":
                 n = q1 - q0
                 if n not in causal:
                     causal[n] = paddle.where(paddle.tril(paddle.ones([n, n], dtype="bool")), paddle.zeros([1]),
                                              paddle.full([1], paddle.finfo(paddle.float32).min))
                 weights = weights + causal[n]
-            out = paddle.matmul(F.softmax(weights, axis=-1), v.transpose([0, 2, 1, 3]))
-            parts.append(out.transpose([0, 2, 1, 3]))
+            out = paddle.matmul(F.softmax(weights, axis=-1), to_heads(v))
+            parts.append(to_heads(out))
         rows.append(paddle.concat(parts, axis=1) if len(parts) > 1 else parts[0])
     out = paddle.concat(rows, axis=0) if len(rows) > 1 else rows[0]
     return out.reshape([bsz, q_len, heads * head_dim])
+
+
+def _plain_inputs(query_states, key_states, attention_mask) -> bool:
+    """q/k/v and mask of the shape the per-block path takes: float32, self-attention over the whole row (no cache),
+    a 4-D additive mask."""
+    import paddle
+
+    return (attention_mask is not None and query_states.dtype == paddle.float32
+            and key_states.shape[1] == query_states.shape[1] and len(attention_mask.shape) == 4)
+
+
+def _llama_segment_attention(query_states, config, key_states, value_states, attention_mask, output_attentions,
+                             alibi=None, attn_mask_startend_row_indices=None, sequence_parallel=False,
+                             reshard_layer=None, npu_is_casual=False, skip_recompute=False):
+    """paddlenlp's LLaMA scaled_dot_product_attention (same signature), computed per query group of the mask."""
+    out = None
+    if (not (output_attentions or alibi is not None or attn_mask_startend_row_indices is not None or sequence_parallel
+             or reshard_layer is not None or getattr(config, "use_flash_attention", False))
+            and _plain_inputs(query_states, key_states, attention_mask)):
+        out = _per_block_attention(query_states, key_states, value_states, attention_mask)
+    if out is None:
+        out = _original_attention["llama"](query_states, config, key_states, value_states, attention_mask, output_attentions,
+                                           alibi=alibi, attn_mask_startend_row_indices=attn_mask_startend_row_indices,
+                                           sequence_parallel=sequence_parallel, reshard_layer=reshard_layer,
+                                           npu_is_casual=npu_is_casual, skip_recompute=skip_recompute)
+    return out
+
+
+def _qwen2_segment_attention(query_states, config, key_states, value_states, attention_mask, output_attentions,
+                             attn_mask_startend_row_indices=None, training=True, sequence_parallel=False,
+                             skip_recompute=False):
+    """paddlenlp's Qwen2 scaled_dot_product_attention (same signature; its key/value heads are already repeated to
+    the query heads), computed per query group of the mask; attention dropout in training takes paddlenlp's path."""
+    out = None
+    if (not (output_attentions or attn_mask_startend_row_indices is not None or sequence_parallel
+             or getattr(config, "use_flash_attention", False) or (training and getattr(config, "attention_dropout", 0) > 0))
+            and _plain_inputs(query_states, key_states, attention_mask)):
+        out = _per_block_attention(query_states, key_states, value_states, attention_mask)
+    if out is None:
+        out = _original_attention["qwen2"](query_states, config, key_states, value_states, attention_mask, output_attentions,
+                                           attn_mask_startend_row_indices=attn_mask_startend_row_indices, training=training,
+                                           sequence_parallel=sequence_parallel, skip_recompute=skip_recompute)
+    return out
 
 
 def _split_seq(t, spans, length):
@@ -496,23 +720,173 @@ def _split_seq(t, spans, length):
     return [t[:, s:e] for s, e in spans]
 
 
-def _patch_llama_segment_attention(model) -> int:
-    global _original_llama_attention
-    from paddlenlp.transformers.llama import modeling
+def _patch_segment_attention(model, module: str, attention_class: str, inner_name: str, patched: Callable) -> int:
+    import importlib
 
-    if _original_llama_attention is None:
-        _original_llama_attention = modeling.scaled_dot_product_attention
+    modeling = importlib.import_module(f"paddlenlp.transformers.{module}.modeling")
+    if module not in _original_attention:
+        _original_attention[module] = modeling.scaled_dot_product_attention
     n = 0
     for layer in model.sublayers(include_self=True):
-        if isinstance(layer, modeling.LlamaAttention) and getattr(layer, "attn_func", None) is _original_llama_attention:
-            layer.attn_func = _llama_segment_attention
+        if isinstance(layer, getattr(modeling, attention_class)) and getattr(layer, "attn_func", None) is _original_attention[module]:
+            layer.attn_func = patched
             n += 1
+    if n and getattr(model, inner_name, None) is not None:
+        _mark_active(getattr(model, inner_name))  # the mask's groups are dropped when the forward ends
     return 1 if n else 0
 
 
-def _patch_last_logits(model, backbone: Callable, head: Callable, output_class: str) -> int:
+def _patch_llama_segment_attention(model) -> int:
+    return _patch_segment_attention(model, "llama", "LlamaAttention", "llama", _llama_segment_attention)
+
+
+def _patch_qwen2_segment_attention(model) -> int:
+    return _patch_segment_attention(model, "qwen2", "Qwen2Attention", "qwen2", _qwen2_segment_attention)
+
+
+def _gpt_core_attention(self, q, k, v, attention_mask=None, output_attentions=False):
+    """GPT's MultiHeadAttention._core_attention (q/k/v [batch, seq, heads, head_dim], mask additive with -1e4),
+    computed per query group of the mask; attention dropout in training, scale_qk_coeff and attention weights take
+    paddlenlp's path."""
+    cfg = self.config
+    if (not (output_attentions or cfg.scale_qk_coeff != 1.0 or (cfg.attention_probs_dropout_prob and self.training))
+            and _plain_inputs(q, k, attention_mask)):
+        out = _per_block_attention(q, k, v, attention_mask, scale=self.head_dim ** -0.5)  # as paddlenlp scales q
+        if out is not None:
+            return out
+    return type(self)._core_attention(self, q, k, v, attention_mask=attention_mask, output_attentions=output_attentions)
+
+
+def _patch_gpt_segment_attention(model) -> int:
+    from paddlenlp.transformers.gpt import modeling
+
+    if model.config.tensor_parallel_degree > 1 or getattr(model.config, "sequence_parallel", False):
+        return 0
+    n = 0
+    for layer in model.sublayers(include_self=True):
+        if isinstance(layer, modeling.MultiHeadAttention) and "_core_attention" not in vars(layer):
+            layer._core_attention = types.MethodType(_gpt_core_attention, layer)  # GPT's attention looks it up per call
+            n += 1
+    if n:
+        _mark_active(model.gpt)  # the mask's groups are dropped when the forward ends
+    return 1 if n else 0
+
+
+def _opt_attention_forward(self, query, key, value, attn_mask=None, use_cache=False, cache=None):
+    """OPT's MultiHeadAttention.forward with the product computed per query group of the mask. Its attention weights
+    are returned only for output_attentions (OPT's decoder layer drops them otherwise): when a patched OPTModel's
+    forward asks for them, or with attention dropout in training, a cache, or fused q/k/v, paddlenlp's forward runs."""
+    own = type(self).forward
+    if (getattr(_state, "opt_attentions", True) or (self.dropout and self.training) or use_cache or cache is not None
+            or self.fuse_attention_qkv or key is not query or value is not query):
+        return own(self, query, key, value, attn_mask, use_cache, cache)
+    import paddle
+
+    if (attn_mask is None or len(attn_mask.shape) != 4 or query.dtype != paddle.float32
+            or _mask_groups(attn_mask, query.shape[0]) is None):
+        return own(self, query, key, value, attn_mask, use_cache, cache)
+    # the projections of _prepare_qkv/compute_kv, left [batch, seq, heads, head_dim]: the per-block code splits the
+    # sequence axis, whose pieces are contiguous there (after paddlenlp's transpose to heads-first they are not)
+    q, k, v = (proj(query).reshape([0, 0, self.num_heads, self.head_dim]) for proj in (self.q_proj, self.k_proj, self.v_proj))
+    out = _per_block_attention(q, k, v, attn_mask, scale=self.head_dim ** -0.5)
+    if out is None:
+        return own(self, query, key, value, attn_mask, use_cache, cache)
+    out = self.out_proj(out)
+    return (out, None) if self.need_weights else out
+
+
+def _patch_opt_segment_attention(model) -> int:
+    from paddlenlp.transformers.opt import modeling
+
+    cfg = model.config
+    if cfg.tensor_parallel_degree > 1:
+        return 0
+    n = 0
+    for layer in model.sublayers(include_self=True):
+        if isinstance(layer, modeling.MultiHeadAttention) and "forward" not in vars(layer):
+            _replace_forward(layer, lambda previous: _opt_attention_forward)
+            n += 1
+    if not n:
+        return 0
+    inner = model.opt
+    sig = inspect.signature(type(inner).forward)
+
+    def make(previous):
+        def forward(self, *args, **kwargs):
+            a = sig.bind(self, *args, **kwargs).arguments
+            wanted = a.get("output_attentions")
+            before = getattr(_state, "opt_attentions", True)
+            _state.opt_attentions = bool(wanted if wanted is not None else self.config.output_attentions)
+            try:
+                return previous(self, *args, **kwargs)
+            finally:
+                _state.opt_attentions = before
+        return forward
+
+    _replace_forward(inner, make)
+    _mark_active(inner)  # the mask's groups are dropped when the forward ends
+    return 1
+
+
+def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, head_mask=None,
+                             use_cache=False, output_attentions=False):
+    """Bloom's attention forward with the product computed per query group of the mask, ALiBi added per block
+    (the bias of the block's keys: the same values the full product adds). A cache, head_mask, attention weights,
+    attention dropout in training, flash attention, pretraining_tp slices or tensor parallel take paddlenlp's path."""
+    import paddle
+    from paddlenlp.transformers.bloom.modeling import dropout_add
+
+    def own():
+        return type(self).forward(self, hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
+                                  head_mask=head_mask, use_cache=use_cache, output_attentions=output_attentions)
+
+    cfg = self.config
+    if (layer_past is not None or head_mask is not None or output_attentions or getattr(cfg, "use_flash_attention", False)
+            or (self.pretraining_tp > 1 and self.slow_but_exact) or (cfg.attention_dropout and self.training)
+            or cfg.tensor_parallel_degree > 1 or hidden_states.dtype != paddle.float32 or attention_mask is None
+            or len(attention_mask.shape) != 3):
+        return own()
+    bsz, length, heads = hidden_states.shape[0], hidden_states.shape[1], self.num_heads
+    as_4d = lambda m: m.reshape([bsz, heads, length, length])[:, :1]  # noqa: E731 (every head's rows are the same)
+    if alibi.shape[-1] != length or list(attention_mask.shape) != [bsz * heads, length, length]:
+        return own()
+    groups = _mask_groups(attention_mask, bsz, as_4d)
+    # rows of one example and its padding (unpacked batches): the ALiBi slices per block cost what skipping the
+    # padding saves (bench: 0.93-0.97x), so only packed rows take the per-block path
+    if groups is None or all(len(row) <= 2 for row in groups):
+        return own()
+    q, k, v = self._split_heads(self.query_key_value(hidden_states))  # [batch, seq, heads, head_dim] each
+    slopes = alibi.reshape([bsz, heads, 1, length]) * self.beta  # as baddbmm scales it
+    slope_rows = paddle.split(slopes, bsz, axis=0) if bsz > 1 else [slopes]
+    out = _per_block_attention(q, k, v, attention_mask, scale=self.inv_norm_factor,
+                               bias=lambda b, k0, k1: paddle.slice(slope_rows[b], [3], [k0], [k1]),
+                               as_4d=as_4d)
+    if out is None:
+        return own()
+    out = dropout_add(self.dense(out), residual, self.hidden_dropout, self.training)
+    return (out, (k, v) if use_cache is True else None)
+
+
+def _patch_bloom_segment_attention(model) -> int:
+    from paddlenlp.transformers.bloom import modeling
+
+    if model.config.tensor_parallel_degree > 1:
+        return 0
+    n = 0
+    for layer in model.sublayers(include_self=True):
+        if isinstance(layer, modeling.BloomAttention) and "forward" not in vars(layer):
+            _replace_forward(layer, lambda previous: _bloom_attention_forward)
+            n += 1
+    if n:
+        _mark_active(model.bloom)  # the mask's groups are dropped when the forward ends
+    return 1 if n else 0
+
+
+def _patch_last_logits(model, backbone: Callable, head: Callable, output_class: str, seq_first: bool = False,
+                       rest: Callable = _rest_of, none_means_tuple: bool = False, after_head: Callable = None) -> int:
     """Inside `generating()`, in eval mode without labels: the head on the last position only ([batch, 1, vocab]
-    logits). backbone/head as in _patch_supervised_loss (batch-first hidden states). Anything else runs the
+    logits). backbone/head/seq_first/rest as in _patch_supervised_loss; after_head(logits) finishes the logits as the
+    model's forward does (ChatGLM v1: [1, batch, vocab] -> [batch, 1, vocab] float32). Anything else runs the
     model's own forward."""
     from paddlenlp.transformers import model_outputs
 
@@ -528,10 +902,13 @@ def _patch_last_logits(model, backbone: Callable, head: Callable, output_class: 
             a = sig.bind(self, *args, **kwargs).arguments
             if a.get("labels") is not None or a.get("attn_mask_startend_row_indices") is not None:
                 return previous(self, *args, **kwargs)
-            return_dict = a.get("return_dict")
-            return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+            return_dict = _return_dict(self, sig, a, none_means_tuple)
             outputs = backbone(self, a, return_dict)
-            return _lm_output(output_cls, return_dict, outputs, None, head(self)(outputs[0][:, -1:]))
+            hidden = _hidden_of(outputs)
+            logits = head(self)(hidden[-1:] if seq_first else hidden[:, -1:])
+            if after_head is not None:
+                logits = after_head(logits)
+            return _lm_output(output_cls, return_dict, outputs, None, logits, rest)
         return forward
 
     _replace_forward(model, make)
@@ -573,12 +950,20 @@ def _patch_chatglm_generation_inputs(model) -> int:
 PATCHES: Dict[str, Callable] = {
     "llama_rms_norm": _patch_llama_rms_norm,
     "chatglm_v2_rms_norm": _patch_chatglm_v2_rms_norm,
+    "qwen2_rms_norm": _patch_qwen2_rms_norm,
+    "qwen2_rotary": _patch_qwen2_rotary,
+    "qwen2_segment_attention": _patch_qwen2_segment_attention,
+    "gpt_segment_attention": _patch_gpt_segment_attention,
+    "opt_segment_attention": _patch_opt_segment_attention,
+    "bloom_segment_attention": _patch_bloom_segment_attention,
     "llama_rotary": _patch_llama_rotary,
     "llama_supervised_loss": _patch_llama_supervised_loss,
     "llama_last_logits": _patch_llama_last_logits,
     "llama_segment_attention": _patch_llama_segment_attention,
     "chatglm_generation_inputs": _patch_chatglm_generation_inputs,
     "chatglm_v2_supervised_loss": _patch_chatglm_v2_supervised_loss,
+    **{f"{f}_supervised_loss": _supervised_loss_patch(f) for f in _HEADS},
+    **{f"{f}_last_logits": _last_logits_patch(f) for f in _HEADS},
 }
 
 

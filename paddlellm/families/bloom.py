@@ -118,6 +118,7 @@ FAMILY = BloomFamily(
     model_types=("bloom",),
     config_class="BloomConfig",
     model_class="BloomForCausalLM",
+    cpu_patches=("bloom_supervised_loss", "bloom_last_logits", "bloom_segment_attention"),
     tokenizer_class="BloomTokenizer",
     tokenizer_kind="bpe",
     tokenizer_files={"vocab_file": "vocab.json", "merges_file": "merges.txt"},

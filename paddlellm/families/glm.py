@@ -264,6 +264,7 @@ FAMILY = GLMFamily(
     model_types=("glm",),
     config_class="GLMConfig",
     model_class="GLMForConditionalGeneration",
+    cpu_patches=("glm_supervised_loss", "glm_last_logits"),
     tokenizer_class="GLMChineseTokenizer",
     tokenizer_kind="sentencepiece",
     tokenizer_files={"model_file": "cog-pretrain.model"},

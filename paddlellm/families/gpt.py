@@ -97,6 +97,7 @@ FAMILY = GPTFamily(
     model_types=("gpt", "gpt2"),
     config_class="GPTConfig",
     model_class="GPTForCausalLM",
+    cpu_patches=("gpt_supervised_loss", "gpt_last_logits", "gpt_segment_attention"),
     tokenizer_class="GPTTokenizer",
     tokenizer_kind="bpe",
     tokenizer_files={"vocab_file": "vocab.json", "merges_file": "merges.txt"},

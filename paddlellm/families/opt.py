@@ -255,6 +255,7 @@ FAMILY = OPTFamily(
     model_types=("opt",),
     config_class="OPTConfig",
     model_class="OPTForCausalLM",
+    cpu_patches=("opt_supervised_loss", "opt_last_logits", "opt_segment_attention"),
     tokenizer_class="GPTTokenizer",
     tokenizer_kind="bpe",
     tokenizer_files={"vocab_file": "vocab.json", "merges_file": "merges.txt"},

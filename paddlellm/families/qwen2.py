@@ -251,6 +251,7 @@ FAMILY = Qwen2Family(
     model_types=("qwen2",),
     config_class="Qwen2Config",
     model_class="Qwen2ForCausalLM",
+    cpu_patches=("qwen2_rms_norm", "qwen2_rotary", "qwen2_supervised_loss", "qwen2_last_logits", "qwen2_segment_attention"),
     tokenizer_class="Qwen2Tokenizer",
     tokenizer_kind="bpe",
     tokenizer_files={"vocab_file": "vocab.json", "merges_file": "merges.txt"},
