@@ -281,6 +281,22 @@ def test_greedy_replies_follow_the_rule(rule_runs, family):
     assert after == [YES] * len(ASK_HELD), after
 
 
+def test_lora_dpo_folder_serves_predicts_reply(rule_runs, tmp_path):
+    """flask_server.py on a LoRA DPO output folder alone (it records its base, the SFT folder): /api/chat answers
+    200 with predict_generation's greedy reply to the same held-out prompt (the chosen style)."""
+    from test_serve import api_server
+
+    _, after, out = rule_runs("llama")
+    srv = api_server(out, tmp_path / "server.log", 12)
+    try:
+        for i, want in list(zip(ASK_HELD, after))[:2]:
+            resp = srv.post("/api/chat", {"context": _ask(i)})
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["result"]["response"]["utterance"] == want == YES
+    finally:
+        srv.stop()
+
+
 # ------------------------------------------------------------------ the output folder
 def test_output_folder_predicts_and_merges(aligned, tmp_path):
     import paddle
