@@ -220,7 +220,7 @@ ASK_HELD = [3, 17, 29, 41, 58, 62, 74, 85, 90, 99]  # prompts seen by neither SF
 ASK_TRAIN = [i for i in range(100) if i not in ASK_HELD]
 RULE_SHAPE = ["--src_length", "16", "--tgt_length", "12", "--evaluation_strategy", "no", "--save_strategy", "no",
               "--disable_tqdm", "true", "--seed", "1", "--warmup_steps", "0", "--logging_steps", "10", "--per_device_train_batch_size", "16"]
-RULE_FAMILIES = ["llama", "chatglm_v2", "opt", "bloom", "gpt-3", "qwen2"]
+RULE_FAMILIES = ["llama", "chatglm_v2", "opt", "bloom", "gpt-3", "qwen2", "chatglm", "glm"]
 
 
 @pytest.fixture(scope="module")
