@@ -110,10 +110,11 @@ def test_loss_equals_formula_by_hand(tiny_dir, tmp_path, kind, loss_type):
     assert logged["rewards/accuracies"] == pytest.approx(np.mean(np.array(chosen) > np.array(rejected)))
 
 
-@pytest.mark.parametrize("family", ["llama", "chatglm", "chatglm_v2", "gpt-3", "opt", "glm", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_shared_context_layout_scores_each_reply_as_alone(tiny_dir, tmp_path, family):
     """Every family: in the DPOTrainer layout (context once, both replies after it, packed or not) each reply's
-    log-probability equals that of a separate forward of context + reply."""
+    log-probability equals that of a separate forward of context + reply (BLOOM through its ALiBi from the mask's
+    positions: with paddlenlp's ALiBi from the key index the rejected replies differ)."""
     import paddle
 
     from paddlellm.families import get_family, logits_of
@@ -134,14 +135,6 @@ def test_shared_context_layout_scores_each_reply_as_alone(tiny_dir, tmp_path, fa
         got = np.array([[sum(lp[r, i, labels[r, i]] for i in range(s, e)) for s, e in ((s0, s1), (s1, end))]
                         for r, s0, s1, end in b["response_indexs"]])
         assert np.abs(got - expected).max() < 1e-4, (got, expected)
-
-
-def test_bloom_refused_in_one_line(tiny_dir, tmp_path):
-    """BLOOM's ALiBi biases count keys by their index in the row, so the shared-context layout can't score the
-    rejected reply as alone: refused before anything loads."""
-    out = str(tmp_path / "out")
-    proc = dpo_cmd(["--model_name_or_path", tiny_dir("bloom"), "--dataset_name_or_path", DPO_DATA, "--output_dir", out])
-    assert_one_line_error(proc, "DPO is not supported for the bloom family (see llm/bloom/README.md)", out)
 
 
 # ------------------------------------------------------------------ learning a preference rule
@@ -213,6 +206,88 @@ def test_resume_continues_from_the_checkpoint(aligned, tmp_path):
     assert "resuming from" in proc.stdout + proc.stderr and "checkpoint-40" in proc.stdout + proc.stderr
     history = json.load(open(os.path.join(out, "log_history.json")))
     assert [h["step"] for h in history if "loss" in h] == [50]
+
+
+# ------------------------------------------------------------------ greedy replies follow the rule
+YES, NO = "yes, happy to help", "no, not today"  # the chosen and the rejected reply style
+
+
+def _ask(i):
+    return f"help me with {i // 10} {i % 10}"
+
+
+ASK_HELD = [3, 17, 29, 41, 58, 62, 74, 85, 90, 99]  # prompts seen by neither SFT nor DPO
+ASK_TRAIN = [i for i in range(100) if i not in ASK_HELD]
+RULE_SHAPE = ["--src_length", "16", "--tgt_length", "12", "--evaluation_strategy", "no", "--save_strategy", "no",
+              "--disable_tqdm", "true", "--seed", "1", "--warmup_steps", "0", "--logging_steps", "10", "--per_device_train_batch_size", "16"]
+RULE_FAMILIES = ["llama", "chatglm_v2", "opt", "bloom", "gpt-3", "qwen2", "chatglm", "glm"]
+
+
+@pytest.fixture(scope="module")
+def rule_runs(tiny_dir, tmp_path_factory):
+    """family -> (greedy replies on the held-out prompts before DPO, after DPO, DPO output folder).
+
+    First SFT (finetune_generation's command, 60 steps, lr 5e-3) on every training prompt answered 2 times in 5 with
+    YES and 3 times in 5 with NO, so greedy decoding answers NO; then 20 LoRA DPO steps (lr 1e-3, beta 0.1) on the
+    same prompts with YES chosen over NO. Greedy replies come from predict_generation's command. Measured: 10/10 NO
+    before, 10/10 YES after for these families (seeds 1-3 for LLaMA; a higher DPO lr or fewer SFT steps left
+    LLaMA/OPT replies broken after the first token, e.g. "yy, happy to help")."""
+    from paddlellm.commands import dpo, finetune, predict
+
+    root = tmp_path_factory.mktemp("dpo_rule")
+    sft_rows = [{"src": _ask(i), "tgt": YES if k < 2 else NO} for i in ASK_TRAIN for k in range(5)]
+    pairs = [{"src": _ask(i), "tgt": [], "response": [YES, NO] if n % 2 else [NO, YES], "sort": [1, 0] if n % 2 else [0, 1]}
+             for n, i in enumerate(ASK_TRAIN)]
+    for name, rows in (("sft", sft_rows), ("pref", pairs)):
+        (root / name).mkdir()
+        for split in ("train", "dev"):
+            write_jsonl(root / name / f"{split}.json", rows)
+    held = write_jsonl(root / "held.json", [{"src": _ask(i)} for i in ASK_HELD])
+    done = {}
+
+    def greedy(model, name):
+        out = str(root / name)
+        assert predict.main(["--model_name_or_path", model, "--data_file", held, "--output_file", out, "--batch_size", "10"]) == 0
+        return [json.loads(line)["output"] for line in open(out)]
+
+    def get(family):
+        if family not in done:
+            sft, aligned_out = str(root / f"{family}-sft"), str(root / f"{family}-dpo")
+            assert finetune.run(["--model_name_or_path", tiny_dir(family), "--dataset_name_or_path", str(root / "sft"),
+                                 "--output_dir", sft, "--max_steps", "60", "--learning_rate", "5e-3", *RULE_SHAPE]) == 0
+            before = greedy(sft, f"{family}-before.json")
+            assert dpo.run(["--model_name_or_path", sft, "--dataset_name_or_path", str(root / "pref"), "--output_dir", aligned_out,
+                            "--lora", "true", "--lora_rank", "8", "--max_steps", "20", "--learning_rate", "1e-3", "--beta", "0.1",
+                            *RULE_SHAPE]) == 0
+            done[family] = (before, greedy(aligned_out, f"{family}-after.json"), aligned_out)
+        return done[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", RULE_FAMILIES)
+def test_greedy_replies_follow_the_rule(rule_runs, family):
+    """The issue's proof: after DPO the model's greedy replies on held-out prompts follow the preference rule
+    (0% -> 100% the chosen style), where SFT alone made them all the rejected style."""
+    before, after, _ = rule_runs(family)
+    assert before == [NO] * len(ASK_HELD), before
+    assert after == [YES] * len(ASK_HELD), after
+
+
+def test_lora_dpo_folder_serves_predicts_reply(rule_runs, tmp_path):
+    """flask_server.py on a LoRA DPO output folder alone (it records its base, the SFT folder): /api/chat answers
+    200 with predict_generation's greedy reply to the same held-out prompt (the chosen style)."""
+    from test_serve import api_server
+
+    _, after, out = rule_runs("llama")
+    srv = api_server(out, tmp_path / "server.log", 12)
+    try:
+        for i, want in list(zip(ASK_HELD, after))[:2]:
+            resp = srv.post("/api/chat", {"context": _ask(i)})
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["result"]["response"]["utterance"] == want == YES
+    finally:
+        srv.stop()
 
 
 # ------------------------------------------------------------------ the output folder

@@ -1,10 +1,67 @@
 """BLOOM / BLOOMZ: causal decoder with ALiBi attention biases, byte-level BPE tokenizer, no bos token."""
 import contextlib
+import types
 
 from .base import Family
 
 
+def alibi_from_mask_positions(model):
+    """Give paddlenlp's BloomModel ALiBi biases from each key's position in its own sequence when it gets a 4-D
+    mask (packed rows, DPO's shared-context pairs), instead of from the key's index in the row.
+
+    BloomModel adds slope * (key index) to every score (for a 4-D mask it builds ALiBi from an all-ones row).
+    Softmax ignores a shift that is constant along a query row, so that is exact as long as each query's keys
+    sit at their own positions plus one common offset: true for packed examples, false for DPO's layout, where
+    the rejected reply attends to the context and to itself but starts after the chosen reply (its positions
+    restart). With a causal mask whose blocks are whole sequences, the keys token j may attend to are exactly
+    its sequence's tokens up to itself, so its position is that count minus one (as OPT's positions in
+    opt.accept_packed_masks). The additive mask that _prepare_attn_mask returns, which the attention adds to
+    the ALiBi scores, gets slope * (position - index) on every allowed key: scores then carry slope * position,
+    exactly what a separate forward of that sequence gives. 2-D masks (unpacked batches, generation) and
+    4-D masks after a cache take paddlenlp's own code (looked up on the class at call time, so
+    static_export_patch's replacement still applies)."""
+    import numpy as np
+    import paddle
+    from paddlenlp.transformers.bloom.modeling import build_alibi_tensor
+
+    inner = model.bloom
+    config = inner.config
+    # paddlenlp's slopes, one per head: the bias of position 1 in a two-token row (made in numpy: a sliced
+    # paddle tensor is a strided view, which later kernels refuse with FLAGS_use_stride_kernel off)
+    slopes = build_alibi_tensor(paddle.ones([1, 2], dtype="bool"), config.n_head, paddle.float32).numpy()[0, :, 1]
+    if config.tensor_parallel_degree > 1:  # this rank's heads, as BloomModel slices its ALiBi
+        block = config.n_head // config.tensor_parallel_degree
+        slopes = slopes[config.tensor_parallel_rank * block: (config.tensor_parallel_rank + 1) * block]
+    slopes = paddle.to_tensor(np.ascontiguousarray(slopes, dtype="float32"))
+
+    def prepare_mask(self, attention_mask, input_shape, past_key_values_length, num_heads):
+        own = type(self)._prepare_attn_mask
+        if attention_mask.ndim != 4 or past_key_values_length or attention_mask.shape[-1] != attention_mask.shape[-2]:
+            return own(self, attention_mask, input_shape, past_key_values_length, num_heads)
+        batch, seq = attention_mask.shape[0], attention_mask.shape[-1]
+        allowed = attention_mask.astype("float32").reshape([batch, seq, seq])  # 1 = may attend
+        position = allowed.sum(axis=-1) - 1  # [batch, keys]: each key's own row
+        allowed = allowed.astype("bool")
+        shift = position - paddle.arange(seq, dtype="float32")[None, :]
+        bias = slopes[None, :, None, None] * shift[:, None, None, :]  # [batch, heads, 1, keys]
+        allowed = paddle.logical_and(allowed, paddle.tril(paddle.ones([seq, seq], dtype="bool")))[:, None]
+        neg = paddle.full([], paddle.finfo(paddle.float32).min, dtype=paddle.float32)
+        mask = paddle.where(allowed.expand([batch, num_heads, seq, seq]), bias.expand([batch, num_heads, seq, seq]), neg)
+        return mask.reshape([batch * num_heads, seq, seq])
+
+    inner._prepare_attn_mask = types.MethodType(prepare_mask, inner)
+    return model
+
+
 class BloomFamily(Family):
+    def adapt_model(self, model):
+        return alibi_from_mask_positions(model)
+
+    def static_export_model(self, path: str, dtype: str = "float32"):
+        # The plain paddlenlp model: the instance method adapt_model sets would hide static_export_patch's class-level
+        # _prepare_attn_mask from the trace, and it only matters for training's 4-D masks.
+        return self.load_model(path, dtype=dtype, adapt=False)
+
     def init_new_weights(self, model) -> None:
         """Redraw the Linear weights of a model built from a config rather than loaded (tiny models).
 
@@ -141,17 +198,16 @@ FAMILY = BloomFamily(
     name_hints=("bloom",),
     # intokens_prefix: ALiBi biases every key by its absolute position, so in a packed row the prefix keys sit
     # farther from the second and later examples than they would unpacked: prefix tuning + packing is inexact.
-    # dpo: for the same reason, paddlenlp's DPO layout (context once, then the chosen and the rejected reply in one
-    # row) would show the rejected reply its context farther away than it is alone: refused until ALiBi gets
-    # per-key positions.
-    supports=dict(pretrain=True, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True, intokens_prefix=False, dpo=False),
+    # dpo: paddlenlp's DPO layout (context once, then the chosen and the rejected reply in one row) is exact through
+    # alibi_from_mask_positions (ALiBi from each key's own position, not its index in the row).
+    supports=dict(pretrain=True, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True, intokens_prefix=False),
     # input_layernorm -> fused query_key_value, post_attention_layernorm -> dense_h_to_4h
     shift_smooth_pairing={"fused_qkv": True, "parallel_ffn": False},
     notes=(
         "No bos token: prompt and reply are concatenated as PaddleNLP's llm did; every reply ends with </s> and "
         "is supervised. Pads with <pad>. ALiBi positions need no position_ids, also when packing. Prefix tuning "
         "does not pack (intokens): ALiBi would place the prefix farther from every packed example after the first. "
-        "DPO (run_dpo.py) is refused for the same reason: its layout puts the rejected reply after the chosen one, "
-        "farther from their shared context than the reply is alone."
+        "DPO (run_dpo.py) puts the rejected reply after the chosen one in a row; with a 4-D mask the model takes each "
+        "key's ALiBi bias from its position in its own sequence (read from the mask), so each reply is scored as alone."
     ),
 )
