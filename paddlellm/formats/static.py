@@ -6,6 +6,12 @@ on a 0-layer "shell" of the family's model class (a few MB: config, generation c
 prepare/update hooks), whose forward is answered by a paddle.inference predictor. Everything above the
 forward (bucketing, left padding, sampling, stop tokens, streaming) is therefore exactly dynamic mode's.
 
+Format 2 (LLaMA-design families, families/inplace_step.py) exports an in-place step program instead: the
+InPlaceRunner below keeps the KV cache preallocated and writes each step's new keys/values into their slots
+(the dynamic decode runner's design), and the decode loop drives it in place of the model's forward; the shell's
+forward (InPlaceForward) answers from the same program for the paths that keep generate(). Format-1 folders
+(every other family, prefix-tuning exports, and LLaMA folders exported before format 2) run as before.
+
 Two measured pitfalls of paddle.inference on CPU (paddle 3.3.1) are handled here:
 - oneDNN, on by default, gives wrong values for a residual add + RMSNorm when a sequence dim is fixed to 1:
   oneDNN is turned off (it is also slower here) and every batch/sequence dim is dynamic in the export;
