@@ -69,8 +69,11 @@ def generate_batch(model, family, inputs, max_new_tokens: int, eos_token_id, pad
         if own_loop if own_loop is not None else uses_own_loop(model, family, sampling):
             from .decode_loop import decode_ids
 
-            # on CPU, a family's runner (LLaMA: KV cache written in place) replaces the model's forward
-            runner = family.decode_runner(model) if wanted() else None
+            from .formats.static import inplace_runner
+
+            # an in-place static export's runner drives its program (KV cache written in place); on CPU, a family's
+            # runner (LLaMA: the same cache design) replaces the model's forward
+            runner = inplace_runner(model) or (family.decode_runner(model) if wanted() else None)
             return decode_ids(model, inputs, max_new_tokens, eos_token_id, pad_token_id, top_k=max(top_k, 0) if sampling else 1,
                               top_p=top_p, temperature=temperature, repetition_penalty=repetition_penalty,
                               logits_processors=logits_processors, streamer=streamer, runner=runner)

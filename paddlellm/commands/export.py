@@ -6,7 +6,12 @@ paddlenlp's generate() (see formats/static.py), so sampling settings stay run-ti
 seeded sampling give exactly dynamic mode's tokens. PaddleNLP's own export (the whole generation loop as
 one program) fails for top-p and for Bloom/OPT/GLM on CPU and is slower than dynamic mode there.
 
-How: generate() is run once on the dynamic model with its forward watched, for two batch shapes, to record
+LLaMA-design families (Family.static_step: LLaMA, Qwen2) export an in-place step program instead (format 2,
+families/inplace_step.py): it takes the runner's preallocated KV cache and returns only the new keys/values,
+which the runner writes into their slots, as the dynamic decode runner does; a prefix-tuning export keeps
+format 1 (paddlenlp's prefix wrapper hands the prefix to the forward as its past).
+
+How (format 1): generate() is run once on the dynamic model with its forward watched, for two batch shapes, to record
 which tensors it passes at prefill and at decode and the layout of the cache; every batch and sequence dim
 becomes dynamic in the specs; the step is traced with paddle.jit.to_static and saved; the saved program is
 reloaded with paddle.inference and must generate what the dynamic model generates before the folder is
@@ -23,7 +28,7 @@ from typing import Dict, List, Optional
 
 from ..arguments import UserError, check_can_create, fail, parse_args, require_at_least
 from ..files import write_json
-from ..formats.static import FORMAT_VERSION, META_NAME, PREFIX_DIR, container_classes, flatten, rebuild, template_of
+from ..formats.static import FORMAT_VERSION, INPLACE_VERSION, META_NAME, PREFIX_DIR, container_classes, flatten, rebuild, template_of
 
 DTYPES = ["float32", "float16", "bfloat16"]
 CACHE_KEYS = ("past_key_values", "cache")
@@ -238,6 +243,18 @@ def input_specs(desc: Dict, dtype: str):
     return specs
 
 
+def save_inplace(step, family, dtype: str, prefix: str) -> List[str]:
+    """Trace and save an in-place step layer (format 2); returns its input names in order."""
+    import paddle
+
+    step.eval()
+    specs = step.input_specs(dtype)
+    with family.static_export_patch():
+        static = paddle.jit.to_static(step, input_spec=[specs], full_graph=True)
+        paddle.jit.save(static, prefix)
+    return [spec.name for spec in specs]
+
+
 def save_program(model, family, desc: Dict, dtype: str, prefix: str) -> None:
     import paddle
 
@@ -274,11 +291,15 @@ def export(args: ExportArgument, base: str, lora_path: Optional[str], prefix_pat
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"can't load model {source!r}: {_cause(e)}") from None
         model.eval()
-        desc = describe(probe(model, tokenizer, family))
+        step = None if prefix_path else family.static_step(model)
+        desc = describe(probe(model, tokenizer, family)) if step is None else None
         bar.update()
         with Staging(args.output_path) as stage:
             try:
-                save_program(model, family, desc, dtype, os.path.join(stage, args.model_prefix))
+                if step is not None:
+                    names = save_inplace(step, family, dtype, os.path.join(stage, args.model_prefix))
+                else:
+                    save_program(model, family, desc, dtype, os.path.join(stage, args.model_prefix))
             except Exception as e:  # dy2static's errors are long tracebacks of library code: name the cause in one line
                 raise UserError(f"export: paddle could not turn the {family.name} forward into a static program: {_cause(e)}") from None
             bar.update()
@@ -292,16 +313,24 @@ def export(args: ExportArgument, base: str, lora_path: Optional[str], prefix_pat
                     if name == "prefix_config.json" or name.startswith(("prefix_model_state", "peft_model")):
                         shutil.copy(os.path.join(prefix_path, name), os.path.join(stage, PREFIX_DIR))
             static_meta = {
-                "format_version": FORMAT_VERSION, "family": family.name, "model_prefix": args.model_prefix, "dtype": dtype,
+                "format_version": FORMAT_VERSION if step is None else INPLACE_VERSION, "family": family.name,
+                "model_prefix": args.model_prefix, "dtype": dtype,
                 "paddle_version": paddle.__version__, "paddle_commit": getattr(paddle.version, "commit", None),
-                "input_names": desc["input_names"], "input_dtypes": desc["input_dtypes"], "input_specs": desc["input_specs"],
-                "cache_key": desc["cache_key"], "cache_template": desc["cache_template"], "cache_shapes": desc["cache_shapes"],
-                "output_template": desc["output_template"], "constants": desc["constants"],
+            }
+            if step is None:
+                static_meta.update({
+                    "input_names": desc["input_names"], "input_dtypes": desc["input_dtypes"], "input_specs": desc["input_specs"],
+                    "cache_key": desc["cache_key"], "cache_template": desc["cache_template"], "cache_shapes": desc["cache_shapes"],
+                    "output_template": desc["output_template"], "constants": desc["constants"]})
+            else:
+                static_meta.update({"input_names": names, "layers": len(step.layers), "kv_heads": step.kv_heads,
+                                    "head_dim": step.head_dim})
+            static_meta.update({
                 "prefix": PREFIX_DIR if prefix_path else None,
                 "source": {"model": os.path.abspath(base) if os.path.isdir(base) else base,
                            "lora_path": os.path.abspath(lora_path) if lora_path else None,
                            "prefix_path": os.path.abspath(prefix_path) if prefix_path else None},
-            }
+            })
             write_json(os.path.join(stage, META_NAME), static_meta)
             own = {k: v for k, v in meta.items() if k in ("src_length", "tgt_length", "chat_format", "chat_template")}
             own.update({k: getattr(args, k) for k in ("src_length", "tgt_length") if getattr(args, k)})

@@ -518,6 +518,13 @@ class Family:
         dy2static can't convert return the plain paddlenlp model when the patches don't matter for generation)."""
         return self.load_model(path, dtype=dtype)
 
+    def static_step(self, model):
+        """The layer exported as an in-place step program (format 2: the runner keeps the KV cache and writes it in
+        place, formats/static.py InPlaceRunner), or None to export the model's own forward with a concatenated
+        cache (format 1). Hook: LLaMA-design families return families/inplace_step.InPlaceStep when their decode
+        runner can drive the model."""
+        return None
+
     def static_export_patch(self):
         """A context manager active while the step program is traced (hook: library code that dy2static can't
         convert as is gets an equivalent version). Default: nothing."""

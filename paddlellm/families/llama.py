@@ -74,6 +74,12 @@ class LlamaFamily(Family):
 
         return LlamaDecoder.for_model(model)
 
+    def static_step(self, model):
+        # the in-place step program, built from the same layers as the decode runner, wherever that runner applies
+        from .inplace_step import InPlaceStep
+
+        return InPlaceStep(model, "llama") if self.decode_runner(model) is not None else None
+
     def prefix_hooks(self):
         from paddlenlp.peft.prefix import llama_postprocess_past_key_value
 

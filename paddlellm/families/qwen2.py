@@ -232,6 +232,12 @@ class Qwen2Family(Family):
                 layer.forward = types.MethodType(_cached_rotary_tables, layer)
         return model
 
+    def static_step(self, model):
+        # the in-place step program, built from the same layers as the decode runner, wherever that runner applies
+        from .inplace_step import InPlaceStep
+
+        return InPlaceStep(model, "qwen2") if self.decode_runner(model) is not None else None
+
     def prefix_hooks(self):
         # Qwen2Attention concatenates its cache on axis 1: [batch, prefix_len, kv_heads, head_dim] per layer, the
         # layout qwen_postprocess_past_key_value returns; the default prefix mask padding fits its 2-D and 4-D bool masks.

@@ -6,6 +6,12 @@ on a 0-layer "shell" of the family's model class (a few MB: config, generation c
 prepare/update hooks), whose forward is answered by a paddle.inference predictor. Everything above the
 forward (bucketing, left padding, sampling, stop tokens, streaming) is therefore exactly dynamic mode's.
 
+Format 2 (LLaMA-design families, families/inplace_step.py) exports an in-place step program instead: the
+InPlaceRunner below keeps the KV cache preallocated and writes each step's new keys/values into their slots
+(the dynamic decode runner's design), and the decode loop drives it in place of the model's forward; the shell's
+forward (InPlaceForward) answers from the same program for the paths that keep generate(). Format-1 folders
+(every other family, prefix-tuning exports, and LLaMA folders exported before format 2) run as before.
+
 Two measured pitfalls of paddle.inference on CPU (paddle 3.3.1) are handled here:
 - oneDNN, on by default, gives wrong values for a residual add + RMSNorm when a sequence dim is fixed to 1:
   oneDNN is turned off (it is also slower here) and every batch/sequence dim is dynamic in the export;
@@ -21,7 +27,12 @@ from typing import Dict, List, Optional
 
 from ..arguments import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the model forward with a concatenated cache (any family; prefix-tuning exports)
+INPLACE_VERSION = 2  # families/inplace_step.py's program: the runner keeps the KV cache and writes it in place
+FORMAT_VERSIONS = (FORMAT_VERSION, INPLACE_VERSION)
+KV_GROW = 64  # the in-place cache starts at prompt + this many slots (at most the capacity asked), grows by at least as many
+PREFILL_ROWS = 8  # most rows per prefill chunk (rows grouped by prompt length, each chunk over its own longest)
+PREFILL_FILL = 0.75  # a row joins a chunk only if its prompt is at least this share of the chunk's longest
 META_NAME = "static_meta.json"
 PREFIX_DIR = "prefix"  # prefix-tuning parameters of an export, beside the program
 
@@ -100,9 +111,9 @@ def read_static_meta(path: str) -> Dict:
         raise UserError(f"{path!r}: no {META_NAME} (not a complete static export); re-export it with export_model.py")
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{meta_path}: static export format {meta.get('format_version')!r}, this paddlellm reads format "
-                        f"{FORMAT_VERSION}; re-export it with this version's export_model.py")
+    if meta.get("format_version") not in FORMAT_VERSIONS:
+        raise UserError(f"{meta_path}: static export format {meta.get('format_version')!r}, this paddlellm reads formats "
+                        f"{', '.join(map(str, FORMAT_VERSIONS))}; re-export it with this version's export_model.py")
     import paddle
 
     saved_major = str(meta.get("paddle_version", "")).split(".")[0]
@@ -155,7 +166,9 @@ def create_predictor(path: str, meta: Dict):
     config.disable_glog_info()
     predictor = paddle_infer.create_predictor(config)
     names = list(predictor.get_input_names())
-    want = list(meta["input_names"]) + [f"cache_{i}" for i in range(len(meta["cache_shapes"]))]
+    want = list(meta["input_names"])
+    if meta["format_version"] == FORMAT_VERSION:
+        want += [f"cache_{i}" for i in range(len(meta["cache_shapes"]))]
     if names != want:
         raise UserError(f"{path!r}: the program's inputs {names} differ from {META_NAME}; re-export it with export_model.py")
     return predictor, config
@@ -211,6 +224,201 @@ class StaticForward:
         return rebuild(self.output_template, [t.clone() for t in outputs])
 
 
+
+# --------------------------------------------------------------------------- in-place exports (format 2)
+class InPlaceProgram:
+    """The step program of an in-place export (families/inplace_step.py) and what its runners share.
+
+    run(input_ids [B, L], positions [B, L], past_mask [B, C], new_mask [B, L, L], caches [B, kv, C, D] per layer
+    key then value) -> (last logits [B, vocab], new keys/values [B, kv, L, D] per layer)."""
+
+    def __init__(self, predictor, config, meta: Dict):
+        self.predictor = predictor
+        self.config = config
+        self.layers = meta["layers"]
+        self.kv_heads = meta["kv_heads"]
+        self.head_dim = meta["head_dim"]
+        self.dtype = meta["dtype"]
+        self._zeros_new: Dict[int, object] = {}
+
+    def run(self, input_ids, positions, past_mask, new_mask, caches):
+        feeds = [input_ids.astype("int64").contiguous(), positions.astype("int64").contiguous(), past_mask.contiguous(),
+                 new_mask.contiguous()] + [t.contiguous() for t in caches]
+        outputs = self.predictor.run(feeds)
+        _restore_math_threads()
+        # clone() the logits: run()'s outputs can live in memory the predictor reuses on its next run (the new
+        # keys/values are copied into the cache or concatenated before that)
+        return outputs[0].clone(), outputs[1:]
+
+    def empty_past(self, batch: int):
+        """A one-slot past, fully masked (weight exactly 0): the prompt step's cache and its mask."""
+        import paddle
+
+        zeros = paddle.zeros([batch, self.kv_heads, 1, self.head_dim], dtype=self.dtype)
+        return paddle.full([batch, 1], paddle.finfo(paddle.float32).min, dtype=self.dtype), [zeros] * (2 * self.layers)
+
+    def decode_mask(self, batch: int):
+        """new_mask of a one-token step: [B, 1, 1] zeros (a token attends to itself)."""
+        import paddle
+
+        if batch not in self._zeros_new:
+            self._zeros_new[batch] = paddle.zeros([batch, 1, 1], dtype=self.dtype)
+        return self._zeros_new[batch]
+
+
+def _additive(allowed):
+    """bool -> 0 where allowed, float32 min elsewhere."""
+    import paddle
+
+    return paddle.where(allowed, paddle.zeros([1], "float32"), paddle.full([1], paddle.finfo(paddle.float32).min, "float32"))
+
+
+def prefill_chunks(lengths) -> list:
+    """Row indices grouped for the prefill, longest prompts first: a chunk takes at most PREFILL_ROWS rows,
+    each at least PREFILL_FILL of its first (longest) row's length, so little padding is computed."""
+    import numpy as np
+
+    lengths = np.asarray(lengths)
+    chunks: list = []
+    for row in np.argsort(-lengths, kind="stable"):
+        if chunks and len(chunks[-1]) < PREFILL_ROWS and lengths[row] >= PREFILL_FILL * lengths[chunks[-1][0]]:
+            chunks[-1].append(row)
+        else:
+            chunks.append([row])
+    return [np.array(c) for c in chunks]
+
+
+class InPlaceRunner:
+    """The decode loop's runner over an in-place export (the dynamic DecodeCore runners' API): prefill(inputs,
+    capacity) -> [batch, vocab] logits of the prompt's last position; step(tokens [batch, 1]) -> the next.
+
+    It holds the KV cache preallocated as [batch, kv_heads, capacity, head_dim] per layer (the prompt plus
+    KV_GROW slots at first, grown by one copy when used up) with an additive mask over it, and writes each
+    step's new keys/values into their slot; the program attends over the whole capacity, unwritten slots masked.
+    The prompt runs in chunks of rows of similar length, each over its own longest prompt (no padding computed)."""
+
+    def __init__(self, program: InPlaceProgram):
+        self.program = program
+
+    def prefill(self, inputs: Dict, capacity: int):
+        import numpy as np
+        import paddle
+
+        ids = inputs["input_ids"]
+        batch, length = ids.shape
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = paddle.ones([batch, length], dtype="int64")
+        if len(mask.shape) != 2:
+            raise ValueError("the in-place static runner takes a [batch, length] attention mask")
+        positions = inputs.get("position_ids")
+        if positions is None:  # as LlamaForCausalLM.prepare_inputs_for_generation
+            positions = paddle.arange(length).expand((batch, length))
+        prog = self.program
+        self.max_capacity = capacity
+        capacity = min(capacity, length + KV_GROW)
+        keep = mask.astype("bool")
+        self.mask = paddle.concat([_additive(keep), paddle.full([batch, capacity - length], paddle.finfo(paddle.float32).min,
+                                                                "float32")], axis=1)
+        self.next_slot, self.capacity = length, capacity
+        self.positions = positions[:, -1:]
+
+        real = mask.numpy().astype(bool)
+        first = np.where(real.any(1), real.argmax(1), length)  # first attended column per row (left padding)
+        chunks = prefill_chunks(length - first)
+        pad = capacity - length
+        caches: List[List] = [[] for _ in range(2 * prog.layers)]
+        logits = []
+        for rows in chunks:
+            start = min(int(first[rows].min()), length - 1)
+            sel = paddle.to_tensor(rows) if len(chunks) > 1 else None
+            pick = (lambda t: paddle.gather(t, sel)) if sel is not None else (lambda t: t)
+            n, span = len(rows), length - start
+            causal = paddle.tril(paddle.ones([span, span], dtype="bool"))
+            new_mask = _additive(pick(keep)[:, start:][:, None, :] & causal[None])
+            past_mask, past = prog.empty_past(n)
+            last, kv = prog.run(pick(ids)[:, start:], pick(positions)[:, start:], past_mask, new_mask, past)
+            logits.append(last)
+            for i, t in enumerate(kv):
+                parts = [paddle.zeros([n, prog.kv_heads, start, prog.head_dim], prog.dtype)] if start else []
+                parts += [t] + ([paddle.zeros([n, prog.kv_heads, pad, prog.head_dim], prog.dtype)] if pad else [])
+                caches[i].append(paddle.concat(parts, axis=2) if len(parts) > 1 else t.clone())
+        if len(chunks) > 1:
+            back = paddle.to_tensor(np.argsort(np.concatenate(chunks)))
+            self.cache = [paddle.gather(paddle.concat(c), back) for c in caches]
+            return paddle.gather(paddle.concat(logits), back)
+        self.cache = [c[0] for c in caches]
+        return logits[0]
+
+    def _grow(self, capacity: int) -> None:
+        """Copy the cache and mask into room for `capacity` tokens (new slots masked like padding)."""
+        import paddle
+
+        prog, extra, batch = self.program, capacity - self.capacity, self.mask.shape[0]
+        self.mask = paddle.concat([self.mask, paddle.full([batch, extra], paddle.finfo(paddle.float32).min, "float32")], axis=1)
+        zeros = paddle.zeros([batch, prog.kv_heads, extra, prog.head_dim], prog.dtype)
+        self.cache = [paddle.concat([t, zeros], axis=2) for t in self.cache]
+        self.capacity = capacity
+
+    def step(self, tokens):
+        slot = self.next_slot
+        if slot >= self.capacity:
+            if self.capacity >= self.max_capacity:
+                raise ValueError(f"the KV cache holds {self.max_capacity} tokens; more were fed")
+            self._grow(min(self.max_capacity, self.capacity + max(KV_GROW, self.capacity // 2)))
+        self.positions = self.positions + 1
+        last, kv = self.program.run(tokens, self.positions, self.mask, self.program.decode_mask(tokens.shape[0]), self.cache)
+        for cache, new in zip(self.cache, kv):  # written in place: the slot of this token
+            cache[:, :, slot:slot + 1, :] = new
+        self.mask[:, slot] = 0.0  # attended from the next step on (generate() extends every row's mask by one)
+        self.next_slot += 1
+        return last
+
+
+class InPlaceForward:
+    """A model forward (generate()'s keyword arguments, (logits [B, L=1, vocab], cache) out) answered by an in-place
+    program, for the paths that keep paddlenlp's generate() (settings the decode loop does not reproduce). Its
+    cache is per layer (key, value) [B, kv_heads, length, head_dim], grown by concatenation as paddlenlp's is."""
+
+    def __init__(self, program: InPlaceProgram):
+        self.program = program
+        self.config = program.config  # the paddle.inference Config (oneDNN off on CPU)
+        self.cache_key = "past_key_values"
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **_ignored):
+        import paddle
+
+        prog = self.program
+        batch, length = input_ids.shape
+        past = [t for kv in past_key_values for t in kv] if past_key_values else None
+        done = past[0].shape[2] if past else 0
+        if attention_mask is None:
+            attention_mask = paddle.ones([batch, done + length], dtype="int64")
+        if len(attention_mask.shape) != 2:
+            raise ValueError("the in-place static forward takes a [batch, length] attention mask")
+        if position_ids is None:
+            position_ids = paddle.arange(done, done + length).expand((batch, length))
+        keep = attention_mask.astype("bool")
+        causal = paddle.tril(paddle.ones([length, length], dtype="bool"))
+        new_mask = _additive(keep[:, done:][:, None, :] & causal[None])
+        if past:
+            past_mask = _additive(keep[:, :done])
+        else:
+            past_mask, past = prog.empty_past(batch)
+        last, kv = prog.run(input_ids, position_ids, past_mask, new_mask, past)
+        if done:
+            kv = [paddle.concat([p, t], axis=2) for p, t in zip(past, kv)]
+        else:
+            kv = [t.clone() for t in kv]
+        return last.unsqueeze(1), tuple((kv[2 * i], kv[2 * i + 1]) for i in range(prog.layers))
+
+
+def inplace_runner(model) -> Optional[InPlaceRunner]:
+    """The decode loop's runner for the generate() host of an in-place export, or None for any other model."""
+    forward = model.__dict__.get("forward")
+    return InPlaceRunner(forward.program) if isinstance(forward, InPlaceForward) else None
+
+
 def build_shell(family, path: str, meta: Dict):
     """A 0-layer model of the family's class: hosts generate() (config, generation config, hooks), no weights to speak of."""
     from paddlenlp.generation import GenerationConfig
@@ -241,6 +449,10 @@ def load_static(path: str, family, tokenizer_path: Optional[str] = None, chat_te
         model = PrefixModelForCausalLM.from_pretrained(shell, os.path.join(path, meta["prefix"]), *family.prefix_hooks())
         model.eval()
     # object.__setattr__: paddle's Layer.__setattr__ would otherwise wrap or refuse a plain callable.
-    object.__setattr__(shell, "forward", StaticForward(predictor, config, meta))
+    if meta["format_version"] == INPLACE_VERSION:
+        forward = InPlaceForward(InPlaceProgram(predictor, config, meta))
+    else:
+        forward = StaticForward(predictor, config, meta)
+    object.__setattr__(shell, "forward", forward)
     tokenizer = family.load_tokenizer(tokenizer_path or path, chat_template=chat_template)
     return model, tokenizer

@@ -1,0 +1,101 @@
+"""The step program of an in-place static export (format 2) for LLaMA-design decoders (LLaMA, Qwen2).
+
+Format 1 exports the model's own forward, whose KV cache is a [batch, length, heads, head_dim] tensor per layer
+that every step grows by concatenation (and transposes before attending): several copies of the whole cache
+per layer per step. Like the dynamic decode runner (families/llama_decode.py), this program is built from the
+model's own sublayers (embedding, RMSNorms, q/k/v/o projections, MLP, final norm, lm_head) and never copies the
+cache:
+
+- inputs: input_ids [B, L] and positions [B, L] (int64); past_mask [B, C] additive (0 where attended, finfo.min
+  at padding and at slots not written yet); new_mask [B, L, L] additive over the L new tokens (causal and
+  padding); then per layer the past key and value [B, kv_heads, C, head_dim] (the runner's preallocated cache,
+  C = its capacity);
+- outputs: the last position's logits [B, vocab], then per layer the new key and value [B, kv_heads, L,
+  head_dim]; the runner (formats/static.py InPlaceRunner) writes them into its cache slots in place;
+- attention is a split softmax over the past capacity and the new block (one shared maximum and sum), so the
+  new keys are never concatenated onto the cache; masked slots get weight exactly 0;
+- rotary tables are the model's rotary module's own (so linear / llama3 scaling are kept), gathered at the
+  positions inside the program; rotate and the sign-folded sin are cpu_kernels' (the dynamic runner's).
+
+Every batch/sequence dim is dynamic (a fixed 1 triggers a oneDNN bug; see formats/static.py).
+"""
+from __future__ import annotations
+
+import math
+from typing import List
+
+import paddle
+import paddle.nn.functional as F
+
+from ..cpu_kernels import rotate  # imported here: dy2static's transformed forward can't resolve relative imports
+
+
+class InPlaceStep(paddle.nn.Layer):
+    """forward([input_ids, positions, past_mask, new_mask, past k/v per layer]) -> [logits, new k/v per layer]."""
+
+    def __init__(self, model, base_attr: str):
+        super().__init__()
+        from paddlenlp.peft import LoRAModel
+
+        inner = model.model if isinstance(model, LoRAModel) else model
+        cfg = inner.config
+        base = getattr(inner, base_attr)
+        self.embed_tokens = base.embed_tokens
+        self.layers = base.layers
+        self.norm = base.norm
+        self.lm_head = inner.lm_head
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
+        self.groups = self.heads // self.kv_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.scale = 1 / math.sqrt(self.head_dim)
+        rotary = self.layers[0].self_attn.rotary_emb
+        with paddle.no_grad():
+            # the module's own [1, length, 1, D] tables, as the dynamic runner reads them (x is read for its dtype)
+            cos, sin = rotary(self.embed_tokens.weight, seq_len=rotary.cos_cached.shape[1])
+            d = sin.shape[-1]
+            sign = paddle.concat([paddle.full([d // 2], -1.0, sin.dtype), paddle.full([d - d // 2], 1.0, sin.dtype)])
+            self.register_buffer("cos_table", cos[0, :, 0, :].clone())
+            self.register_buffer("sin_table", (sin[0, :, 0, :] * sign).clone())  # sign of rotate_half folded in
+
+    def input_specs(self, dtype: str = "float32") -> List:
+        from paddle.static import InputSpec
+
+        specs = [InputSpec([None, None], "int64", "input_ids"), InputSpec([None, None], "int64", "positions"),
+                 InputSpec([None, None], dtype, "past_mask"), InputSpec([None, None, None], dtype, "new_mask")]
+        for i in range(len(self.layers)):
+            for kind in ("k", "v"):
+                specs.append(InputSpec([None, self.kv_heads, None, self.head_dim], dtype, f"past_{kind}_{i}"))
+        return specs
+
+    def forward(self, feeds):
+        """feeds: [input_ids, positions, past_mask, new_mask, past k/v per layer] (one list: what input_specs names)."""
+        input_ids, positions, past_mask, new_mask = feeds[:4]
+        caches = feeds[4:]
+        cos = F.embedding(positions, self.cos_table).unsqueeze(2)  # [B, L, 1, D]
+        sin = F.embedding(positions, self.sin_table).unsqueeze(2)
+        past_mask = past_mask.unsqueeze([1, 2])  # [B, 1, 1, C]
+        new_mask = new_mask.unsqueeze(1)  # [B, 1, L, L]
+        if self.groups > 1:  # the G query heads of a key/value head attend as one [G * L] block
+            new_mask = paddle.tile(new_mask, [1, 1, self.groups, 1])
+        hidden = self.embed_tokens(input_ids)
+        out = []
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = rotate(attn.q_proj(x).reshape([0, 0, self.heads, self.head_dim]), cos, sin).transpose([0, 2, 1, 3])
+            k = rotate(attn.k_proj(x).reshape([0, 0, self.kv_heads, self.head_dim]), cos, sin).transpose([0, 2, 1, 3])
+            v = attn.v_proj(x).reshape([0, 0, self.kv_heads, self.head_dim]).transpose([0, 2, 1, 3])
+            out += [k, v]
+            q = (q * self.scale).reshape([0, self.kv_heads, -1, self.head_dim])  # [B, KV, G * L, D]
+            past = paddle.matmul(q, caches[2 * i], transpose_y=True) + past_mask  # [B, KV, G * L, C]
+            new = paddle.matmul(q, k, transpose_y=True) + new_mask  # [B, KV, G * L, L]
+            top = paddle.maximum(past.max(axis=-1, keepdim=True), new.max(axis=-1, keepdim=True))
+            past, new = paddle.exp(past - top), paddle.exp(new - top)
+            total = past.sum(axis=-1, keepdim=True) + new.sum(axis=-1, keepdim=True)
+            o = (paddle.matmul(past, caches[2 * i + 1]) + paddle.matmul(new, v)) / total  # [B, KV, G * L, D]
+            o = o.reshape([0, self.heads, -1, self.head_dim]).transpose([0, 2, 1, 3]).reshape([0, 0, self.heads * self.head_dim])
+            hidden = hidden + attn.o_proj(o)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        logits = self.lm_head(self.norm(hidden[:, -1:]))[:, -1, :]
+        return [logits] + out
