@@ -171,7 +171,7 @@ def export_hf(model_dir: str, out_dir: str) -> str:
 def bench_words(tokenizer) -> list:
     """Words the tokenizer holds as single pieces (a sentencepiece '\u2581word' or byte-level 'Ġword'), so that a
     text of k of them encodes to about k tokens."""
-    words = sorted({p[1:] for p in tokenizer.get_vocab() if p[:1] in ("\u2581", "\u0120") and p[1:].isalpha() and len(p) > 3})
+    words = sorted({p[1:] for p in tokenizer.get_vocab() if p[:1] in ("\u2581", "\u0120") and p[1:].isalpha() and len(p) > 2})
     if len(words) < 50:  # a tokenizer without such markers: the bundled corpus's words
         from paddlellm.tokenizer_training import corpus_lines
 

@@ -28,7 +28,7 @@ per setting, right after our arms) and each row gets its ratio to it; the model 
 "no peer"). Replies are compared with the peer's (greedy: the same tokens are expected).
 
     python bench/generate_throughput.py [--family llama] [--shape small|real] [--arms generate,loop,static] [--prompts 64]
-        [--new_tokens 32] [--rounds 2] [--peer_python PY] [--out ...]
+        [--new_tokens 32] [--rounds 2] [--threads N] [--peer_python PY] [--out ...]
 
 Output: bench/results/generate_throughput.json with neither --family nor --shape, else
 bench/results/generate_throughput_<family>_<shape>.json.
@@ -219,6 +219,10 @@ def main() -> int:
     parser.add_argument("--orders", default="in order,bucketed", help="batching orders for batch > 1: 'in order', 'bucketed'")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {sorted(ARMS)}")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best of them is kept")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="math threads of our arms and of the peer (default: paddlellm's CPU runtime choice). On a machine "
+                             "shared with other jobs use 1: torch's spinning OpenMP threads lose several times their speed "
+                             "when the cores are oversubscribed, which would be charged to the peer")
     parser.add_argument("--peer_python", default=None, help="a Python with torch + transformers: adds their generate() as a peer")
     parser.add_argument("--out", default=None, help="default: bench/results/generate_throughput[_<family>_<shape>].json")
     parser.add_argument("--peak_rss_of", help=argparse.SUPPRESS)  # internal: the per-mode memory child
@@ -231,6 +235,8 @@ def main() -> int:
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         parser.error(f"--arms: unknown {unknown}; choose from {sorted(ARMS)}")
+    if args.threads:  # before paddle loads; paddlellm's CPU runtime keeps thread counts the user set
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     args.out = args.out or str(benchlib.default_out("generate_throughput", args.family, args.shape))
     family_name, shape = args.family or "llama", args.shape or "small"
     peer_python = args.peer_python
