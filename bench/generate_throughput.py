@@ -167,13 +167,16 @@ def run_plan(model, tokenizer, family, prompts, batch_size, bucket, new_tokens, 
     plan = plan_batches(lengths, batch_size, bucket=bucket)
     padded = sum(max(lengths[i] for i in idx) * len(idx) for idx in plan)
     replies = [None] * len(prompts)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for idx in plan:
         for i, ids in zip(idx, arm(model, tokenizer, family, [prompts[i] for i in idx], new_tokens)):
             replies[i] = ids
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     tokens = sum(len(r) for r in replies)
     return {"seconds": round(seconds, 3), "generated_tokens": tokens, "tokens_per_second": round(tokens / seconds, 1),
+            # per second of this process's CPU time: with --threads 1 close to the work itself, far less disturbed by
+            # other processes than wall time
+            "tokens_per_cpu_second": round(tokens / max(cpu, 1e-9), 1),
             "prompt_tokens": sum(lengths), "padded_prompt_tokens": padded,
             "padding_fraction": round(1 - sum(lengths) / padded, 3)}, replies
 
@@ -322,13 +325,16 @@ def main() -> int:
         if peer is not None:
             p = peer["plans"][name]
             row["ratio_to_transformers"] = round(row["tokens_per_second"] / p["tokens_per_second"], 2)
+            if "tokens_per_cpu_second" in p:
+                row["ratio_to_transformers_cpu_time"] = round(row["tokens_per_cpu_second"] / p["tokens_per_cpu_second"], 2)
             ours, theirs = replies[(arm, b, label)], peer["replies"][name]
             row["same_replies_as_transformers"] = sum(x == y for x, y in zip(ours, theirs))
             row["same_first_token_as_transformers"] = sum(x[:1] == y[:1] for x, y in zip(ours, theirs))
             # share of generated tokens equal to the peer's up to the first difference (greedy: 1.0 when all agree)
             agree = sum(next((k for k, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y))) for x, y in zip(ours, theirs))
             row["agreeing_token_share"] = round(agree / max(sum(len(y) for y in theirs), 1), 4)
-            print(f"{arm:<9} batch {b:>2} {label:<14} paddlellm / transformers {row['ratio_to_transformers']:.2f}x; greedy replies "
+            print(f"{arm:<9} batch {b:>2} {label:<14} paddlellm / transformers {row['ratio_to_transformers']:.2f}x "
+                  f"(per CPU-second {row.get('ratio_to_transformers_cpu_time', float('nan')):.2f}x); greedy replies "
                   f"equal to the peer's: {row['same_replies_as_transformers']}/{len(ours)} (first token "
                   f"{row['same_first_token_as_transformers']}/{len(ours)}, tokens before a difference {100 * row['agreeing_token_share']:.1f}%)")
         results.append(row)
