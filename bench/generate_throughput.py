@@ -1,8 +1,11 @@
 """Batch-prediction throughput: generated tokens/s, length-bucketed batches against in-order batches.
 
-A mid-size LLaMA (hidden 512, 4 layers, 8 heads, vocab 8000; random weights) generates greedy replies
-for prompts whose lengths follow a long-tailed (log-normal) spread, as real instruction data does: most
-prompts are short, a few are long. Each setting runs the code path of predict_generation.py
+A random model of --family (default llama) at --shape (small, the default: hidden 512, 4 layers, 8 heads,
+vocab 8000; real: hidden 576, 30 layers, 9 heads / 3 key-value heads, intermediate 1536, vocab 49152, tied
+embeddings -- see benchlib.SHAPES), built by `paddlellm tiny`'s builder with the family's own tokenizer and
+loaded as predict loads it, generates greedy replies for prompts (the family's prompt format around n
+single-piece words) whose lengths follow a long-tailed (log-normal) spread, as real instruction data does:
+most prompts are short, a few are long. Each setting runs the code path of predict_generation.py
 (`paddlellm.commands.predict.plan_batches` + `paddlellm.generation.generate_ids`: left padding, attention mask,
 KV cache) at batch 1, 8 and 32, with batches formed
   in order -- consecutive prompts, as PaddleNLP's predict_generation.py batches them;
@@ -20,9 +23,15 @@ With the static arm, each mode's peak memory (VmHWM: load + the batch-8 bucketed
 process per mode, dynamic vs static, since a process's peak can only grow.
 With --peer_python (a Python with torch + transformers, e.g. /work/venv-gen/bin/python), the same weights,
 prompts and batches also run through transformers' generate() (bench/peer_transformers.py, a subprocess
-per setting, right after our arms) and each row gets its ratio to it.
+per setting, right after our arms) and each row gets its ratio to it; the model goes to transformers through
+`paddlellm export-hf` (families transformers has: llama, bloom, opt, gpt as GPT-2, qwen2; the others print
+"no peer"). Replies are compared with the peer's (greedy: the same tokens are expected).
 
-    python bench/generate_throughput.py [--arms generate,loop,static] [--prompts 64] [--new_tokens 32] [--rounds 2] [--peer_python PY] [--out ...]
+    python bench/generate_throughput.py [--family llama] [--shape small|real] [--arms generate,loop,static] [--prompts 64]
+        [--new_tokens 32] [--rounds 2] [--threads N] [--peer_python PY] [--out ...]
+
+Output: bench/results/generate_throughput.json with neither --family nor --shape, else
+bench/results/generate_throughput_<family>_<shape>.json.
 """
 from __future__ import annotations
 
@@ -39,8 +48,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-MODEL = dict(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-             num_attention_heads=8, max_position_embeddings=512)
+import benchlib  # noqa: E402  (bench/ is on sys.path when this file runs)
+
 BATCHES = (1, 8, 32)
 
 
@@ -52,25 +61,24 @@ def prompt_lengths(n: int, longest: int, seed: int = 0):
     return [int(x) for x in np.clip(rng.lognormal(mean=np.log(48), sigma=0.9, size=n), 4, longest).round()]
 
 
-def build(tmp: str):
-    """Model (random weights) + a real LLaMA tokenizer (for pad/eos ids and the family's stop rule)."""
-    import paddle
-    from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
+def build(tmp: str, family_name: str, shape: str):
+    """A model folder tmp/model (random weights, the family's tokenizer at the shape's vocabulary), loaded as
+    predict loads it (load_for_inference: the family's CPU kernels and decode runner where it has them)."""
+    from paddlellm.loading import load_for_inference
 
-    from paddlellm.families import get_family
-    from paddlellm.commands.tiny import build_tokenizer
-
-    family = get_family("llama")
-    tokenizer = build_tokenizer(family, tmp, 600)
-    paddle.seed(0)
-    config = LlamaConfig(**MODEL, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(config)
-    model.eval()
-    from paddlellm.cpu_kernels import apply
-
-    apply(family, model)  # as load_for_inference does for predict and serve (CPU formulations of the same maths)
+    folder = benchlib.build_model(family_name, shape, os.path.join(tmp, "model"))
+    model, tokenizer, family, _ = load_for_inference(folder)
     return model, tokenizer, family
+
+
+def make_prompts(family, tokenizer, lengths, seed: int = 1):
+    """The family's generation prompt (predict's: its special tokens and format) around n random single-piece
+    words for every n in lengths."""
+    import numpy as np
+
+    words = benchlib.bench_words(tokenizer)
+    rng = np.random.default_rng(seed)
+    return [family.generation_prompt(tokenizer, [" ".join(rng.choice(words, size=max(1, n - 2)))], [], 100000) for n in lengths]
 
 
 def arm_generate(model, tokenizer, family, prompts, new_tokens):
@@ -111,9 +119,7 @@ def export_static(model, tokenizer, tmp: str) -> str:
     """Save the model as a model folder, export it with export_model.py's code; returns the export folder."""
     import subprocess
 
-    folder, out = os.path.join(tmp, "model"), os.path.join(tmp, "static")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder, out = os.path.join(tmp, "model"), os.path.join(tmp, "static")  # the model folder build() wrote
     # In a child process, as a user runs it: in this process, the export (dy2static tracing and saving) left the
     # dynamic arms ~1.5x slower afterwards (measured: a batch-8 decode 0.27 s before, 0.43 s after), which would
     # have been charged to the dynamic loop, not to anything predict does.
@@ -161,33 +167,41 @@ def run_plan(model, tokenizer, family, prompts, batch_size, bucket, new_tokens, 
     plan = plan_batches(lengths, batch_size, bucket=bucket)
     padded = sum(max(lengths[i] for i in idx) * len(idx) for idx in plan)
     replies = [None] * len(prompts)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for idx in plan:
         for i, ids in zip(idx, arm(model, tokenizer, family, [prompts[i] for i in idx], new_tokens)):
             replies[i] = ids
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     tokens = sum(len(r) for r in replies)
     return {"seconds": round(seconds, 3), "generated_tokens": tokens, "tokens_per_second": round(tokens / seconds, 1),
+            # per second of this process's CPU time: with --threads 1 close to the work itself, far less disturbed by
+            # other processes than wall time
+            "tokens_per_cpu_second": round(tokens / max(cpu, 1e-9), 1),
             "prompt_tokens": sum(lengths), "padded_prompt_tokens": padded,
             "padding_fraction": round(1 - sum(lengths) / padded, 3)}, replies
 
 
-def peer_round(python: str, model, tokenizer, prompts, plans, new_tokens, tmp: str):
-    """One run of bench/peer_transformers.py on the same weights, prompts and batches (a subprocess)."""
+def peer_round(python: str, family, tokenizer, prompts, plans, new_tokens, tmp: str):
+    """One run of bench/peer_transformers.py on the same weights (`paddlellm export-hf` of the model folder), the
+    same batches and the very inputs (ids, attention mask) our arms feed, greedy (a subprocess)."""
     import json
     import subprocess
 
-    import numpy as np
+    from paddlellm.generation import _generation_inputs
 
-    weights = os.path.join(tmp, "weights.npz")
-    if not os.path.exists(weights):
-        # paddlenlp's LlamaForCausalLM names match transformers' once "llama." is "model."
-        np.savez(weights, **{k.replace("llama.", "model.", 1): v.numpy() for k, v in model.state_dict().items()})
-    cfg = model.config
-    job = {"model": dict(MODEL, rms_norm_eps=cfg.rms_norm_eps, rope_theta=getattr(cfg, "rope_theta", 10000.0)),
-           "weights": weights, "prompts": prompts, "pad_id": tokenizer.pad_token_id, "eos_id": tokenizer.eos_token_id,
-           "bos_id": tokenizer.bos_token_id, "new_tokens": new_tokens, "plans": plans,
-           "threads": int(os.environ.get("OMP_NUM_THREADS") or 1)}
+    hf_dir = os.path.join(tmp, "hf")
+    if not os.path.exists(hf_dir):
+        benchlib.export_hf(os.path.join(tmp, "model"), hf_dir)
+    batches = {}
+    for name, plan in plans.items():
+        batches[name] = []
+        for idx in plan:
+            inputs = _generation_inputs(family, tokenizer, [prompts[i] for i in idx], new_tokens)
+            batches[name].append({"rows": list(idx), "input_ids": [list(map(int, r)) for r in inputs["input_ids"]],
+                                  "attention_mask": [list(map(int, r)) for r in inputs["attention_mask"]]})
+    stops = family.stop_token_ids(tokenizer)
+    job = {"hf_dir": hf_dir, "batches": batches, "prompts": len(prompts), "pad_id": tokenizer.pad_token_id,
+           "eos_ids": list(stops), "new_tokens": new_tokens, "threads": int(os.environ.get("OMP_NUM_THREADS") or 1)}
     job_path, out_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "peer.json")
     with open(job_path, "w") as f:
         json.dump(job, f)
@@ -200,14 +214,20 @@ def peer_round(python: str, model, tokenizer, prompts, plans, new_tokens, tmp: s
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=benchlib.FAMILIES, default=None, help="model family (default llama)")
+    parser.add_argument("--shape", choices=sorted(benchlib.SHAPES), default=None, help="model shape (default small)")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes")
     parser.add_argument("--orders", default="in order,bucketed", help="batching orders for batch > 1: 'in order', 'bucketed'")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {sorted(ARMS)}")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best of them is kept")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="math threads of our arms and of the peer (default: paddlellm's CPU runtime choice). On a machine "
+                             "shared with other jobs use 1: torch's spinning OpenMP threads lose several times their speed "
+                             "when the cores are oversubscribed, which would be charged to the peer")
     parser.add_argument("--peer_python", default=None, help="a Python with torch + transformers: adds their generate() as a peer")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "generate_throughput.json"))
+    parser.add_argument("--out", default=None, help="default: bench/results/generate_throughput[_<family>_<shape>].json")
     parser.add_argument("--peak_rss_of", help=argparse.SUPPRESS)  # internal: the per-mode memory child
     parser.add_argument("--prompts_file", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -218,6 +238,15 @@ def main() -> int:
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         parser.error(f"--arms: unknown {unknown}; choose from {sorted(ARMS)}")
+    if args.threads:  # before paddle loads; paddlellm's CPU runtime keeps thread counts the user set
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    args.out = args.out or str(benchlib.default_out("generate_throughput", args.family, args.shape))
+    family_name, shape = args.family or "llama", args.shape or "small"
+    peer_python = args.peer_python
+    if peer_python and not benchlib.has_peer(family_name):
+        print(f"{family_name}: no peer (transformers has no such architecture); compare its time per token with "
+              f"llama's at --shape {shape}", flush=True)
+        peer_python = None
 
     from paddlellm.runtime import setup_runtime
 
@@ -228,11 +257,14 @@ def main() -> int:
 
     tmp_ctx = tempfile.TemporaryDirectory()
     tmp = tmp_ctx.name
-    model, tokenizer, family = build(tmp)
-    lengths = prompt_lengths(args.prompts, MODEL["max_position_embeddings"] - args.new_tokens)
-    rng = np.random.default_rng(1)
-    low = max(tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id) + 1
-    prompts = [[tokenizer.bos_token_id] + rng.integers(low, len(tokenizer), n - 1).tolist() for n in lengths]
+    model, tokenizer, family = build(tmp, family_name, shape)
+    # room for the family's prompt format and the reply within the shape's positions (GLM lays out both)
+    longest = min(benchlib.SHAPES[shape]["max_positions"], 512) - args.new_tokens - 16
+    prompts = make_prompts(family, tokenizer, prompt_lengths(args.prompts, longest))
+    prompts = [p[-longest:] if len(p) > longest else p for p in prompts]
+    lengths = [len(p) for p in prompts]
+    print(f"{family_name} at --shape {shape}: {sum(lengths)} prompt tokens in {len(prompts)} prompts (median "
+          f"{int(np.median(lengths))}, max {max(lengths)}), {args.new_tokens} new tokens each", flush=True)
     if "static" in arms:
         from paddlellm.generation import uses_own_loop
         from paddlellm.formats.static import load_static
@@ -263,9 +295,9 @@ def main() -> int:
                     best[key] = dict(row, arm=arm, batch_size=b, batching=label)
                 print(f"round {r + 1}  {arm:<9} batch {b:>2}  {label:<14} {row['tokens_per_second']:>7.1f} tokens/s "
                       f"({row['generated_tokens']} tokens in {row['seconds']:.1f} s, padding {100 * row['padding_fraction']:.0f}%)", flush=True)
-            if args.peer_python:  # right after our arms on the same setting, so it sees about the same load
+            if peer_python:  # right after our arms on the same setting, so it sees about the same load
                 name = f"{b}/{label}"
-                got = peer_round(args.peer_python, model, tokenizer, prompts, {name: plans[name]}, args.new_tokens, tmp)
+                got = peer_round(peer_python, family, tokenizer, prompts, {name: plans[name]}, args.new_tokens, tmp)
                 row = got["plans"][name]
                 print(f"round {r + 1}  {'peer':<9} batch {b:>2}  {label:<14} {row['tokens_per_second']:>7.1f} tokens/s", flush=True)
                 if peer is None:
@@ -283,6 +315,8 @@ def main() -> int:
     results = []
     for (arm, b, label), row in best.items():
         name = f"{b}/{label}"
+        # time per generated token: what families without a transformers peer are compared by (with llama's)
+        row["ms_per_token"] = round(1000 * row["seconds"] / max(row["generated_tokens"], 1), 2)
         if "generate" in arms and arm != "generate":
             row["speedup_vs_generate"] = round(row["tokens_per_second"] / best[("generate", b, label)]["tokens_per_second"], 2)
         if arm == "static" and "loop" in arms:  # static vs the dynamic decode loop predict runs on a model folder
@@ -291,7 +325,18 @@ def main() -> int:
         if peer is not None:
             p = peer["plans"][name]
             row["ratio_to_transformers"] = round(row["tokens_per_second"] / p["tokens_per_second"], 2)
-            row["same_replies_as_transformers"] = sum(x == y for x, y in zip(replies[(arm, b, label)], peer["replies"][name]))
+            if "tokens_per_cpu_second" in p:
+                row["ratio_to_transformers_cpu_time"] = round(row["tokens_per_cpu_second"] / p["tokens_per_cpu_second"], 2)
+            ours, theirs = replies[(arm, b, label)], peer["replies"][name]
+            row["same_replies_as_transformers"] = sum(x == y for x, y in zip(ours, theirs))
+            row["same_first_token_as_transformers"] = sum(x[:1] == y[:1] for x, y in zip(ours, theirs))
+            # share of generated tokens equal to the peer's up to the first difference (greedy: 1.0 when all agree)
+            agree = sum(next((k for k, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y))) for x, y in zip(ours, theirs))
+            row["agreeing_token_share"] = round(agree / max(sum(len(y) for y in theirs), 1), 4)
+            print(f"{arm:<9} batch {b:>2} {label:<14} paddlellm / transformers {row['ratio_to_transformers']:.2f}x "
+                  f"(per CPU-second {row.get('ratio_to_transformers_cpu_time', float('nan')):.2f}x); greedy replies "
+                  f"equal to the peer's: {row['same_replies_as_transformers']}/{len(ours)} (first token "
+                  f"{row['same_first_token_as_transformers']}/{len(ours)}, tokens before a difference {100 * row['agreeing_token_share']:.1f}%)")
         results.append(row)
     for b, label, _ in settings:
         same = {arm: replies[(arm, b, label)] for arm in arms}
@@ -305,9 +350,12 @@ def main() -> int:
                     "load_average_1min_per_round": loads,
                     "note": "shared machine: other processes ran meanwhile; arms interleaved, best of rounds kept"},
         "versions": {p: importlib.metadata.version(p) for p in ("paddlepaddle", "paddlenlp")},
-        "model": MODEL,
+        "family": family_name,
+        "shape": shape,
+        "model": benchlib.shape_of(family_name, shape),
+        "command": "python bench/generate_throughput.py " + " ".join(sys.argv[1:]),
         "prompts": {"count": len(prompts), "lengths": lengths, "median": int(np.median(lengths)), "max": max(lengths),
-                    "distribution": "log-normal, median 48, sigma 0.9"},
+                    "distribution": "log-normal, median 48, sigma 0.9 (words; the family's prompt format around them)"},
         "new_tokens": args.new_tokens,
         "decoding": "greedy, KV cache, left padding + attention mask",
         "arms": {a: ARMS[a].__doc__ for a in arms},
@@ -318,11 +366,9 @@ def main() -> int:
         out["static"] = {"driven_by": static_path, "peak_rss_mb": memory,
                          "peak_rss_what": "VmHWM of a fresh process per mode: load_for_inference + the batch-8 bucketed run"}
     if peer is not None:
-        out["peer"] = {"what": "transformers generate(), same weights/prompts/batches, greedy", "versions": peer["versions"],
+        out["peer"] = {"what": "transformers generate() on the export-hf folder, same weights/inputs/batches, greedy", "versions": peer["versions"],
                        "threads": peer["threads"], "results": peer["plans"]}
-    from benchlib import save_report
-
-    save_report(args.out, out)
+    benchlib.save_report(args.out, out)
     print(f"saved {args.out}")
     return 0
 

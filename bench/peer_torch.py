@@ -1,9 +1,10 @@
-"""Peer arm of bench/train_throughput.py: the same model shape and the very same batches, trained with
-transformers (+ PEFT for LoRA) on torch. Run by train_throughput.py with --peer_python, in a venv of its own
-(torch and transformers are never dependencies of paddlellm):
+"""Peer arm of bench/train_throughput.py: the same model weights (the bench's model folder written as a
+transformers folder by `paddlellm export-hf`) and the very same batches, trained with transformers (+ PEFT for
+LoRA, on every linear layer but the output head, as paddlellm's LoRA) on torch. Run by train_throughput.py with
+--peer_python, in a venv of its own (torch and transformers are never dependencies of paddlellm):
 
-    python3 -m venv /work/venv-peer && /work/venv-peer/bin/pip install torch transformers peft numpy
-    python bench/train_throughput.py --peer_python /work/venv-peer/bin/python
+    python3 -m venv /work/venv-hf && /work/venv-hf/bin/pip install torch==2.13.0 && /work/venv-hf/bin/pip install transformers peft
+    python bench/train_throughput.py --peer_python /work/venv-hf/bin/python
 
 Imports only torch/transformers/peft and the standard library (no paddle, no paddlellm). Reads the batches
 paddlellm's run fed to its model (token ids, labels, real length of each row) and replays them: unpacked
@@ -24,7 +25,7 @@ import time
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", required=True, help="JSON written by train_throughput.py's train child")
-    ap.add_argument("--model", required=True, help="JSON of the LLaMA shape (train_throughput.MODEL)")
+    ap.add_argument("--hf_dir", required=True, help="the model folder as `paddlellm export-hf` wrote it")
     ap.add_argument("--kind", choices=["sft", "lora"], required=True)
     ap.add_argument("--lora_rank", type=int, default=8)
     ap.add_argument("--lr", type=float, required=True)
@@ -36,20 +37,17 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
     import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    shape = json.loads(a.model)
     with open(a.batches) as f:
         batches = json.load(f)
-    cfg = LlamaConfig(**shape, tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
-    model = LlamaForCausalLM(cfg)
+    model = AutoModelForCausalLM.from_pretrained(a.hf_dir, dtype=torch.float32)
     if a.kind == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=a.lora_rank, lora_alpha=2 * a.lora_rank, lora_dropout=0.0, target_modules=[
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        model = get_peft_model(model, LoraConfig(r=a.lora_rank, lora_alpha=2 * a.lora_rank, lora_dropout=0.0, target_modules="all-linear"))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
@@ -57,6 +55,7 @@ def main() -> None:
     steps = [time.perf_counter()]
     cpu = [time.process_time()]
     real = []
+    first_loss = None
     for b in batches:
         ids = torch.tensor(b["input_ids"], dtype=torch.long)
         labels = torch.tensor(b["labels"], dtype=torch.long)
@@ -64,6 +63,8 @@ def main() -> None:
         mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
         logits = model(input_ids=ids, attention_mask=mask).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        if first_loss is None:
+            first_loss = float(loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # paddlellm's default max_grad_norm
         opt.step()
@@ -76,7 +77,7 @@ def main() -> None:
     tokens = sum(real[w:])
     print("RESULT " + json.dumps({
         "effective_tokens_per_s": tokens / secs, "effective_tokens_per_cpu_s": tokens / (cpu[-1] - cpu[w]), "timed_steps": len(batches) - w, "step_s": secs / (len(batches) - w),
-        "real_tokens": tokens, "final_loss": float(loss),
+        "real_tokens": tokens, "first_loss": first_loss, "final_loss": float(loss),
         "params": {"total": sum(p.numel() for p in model.parameters()), "trainable": sum(p.numel() for p in params)},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -1,8 +1,20 @@
 """Fine-tuning throughput with and without InTokens packing, for SFT and LoRA, on long-tailed data.
 
-A random-init LLaMA-shaped model (hidden 512, 4 layers, 8 heads, intermediate 1376, vocab 8000)
-is fine-tuned through paddlellm's own entry point on a generated dataset whose example lengths are
-log-normal (most 30-150 tokens, a tail up to ~500). Four arms: {SFT, LoRA} x {unpacked, intokens}.
+A random-init model of --family (default llama) at --shape (small, the default: hidden 512, 4 layers,
+8 heads, intermediate 1376, vocab 8000; real: hidden 576, 30 layers, 9 heads / 3 key-value heads,
+intermediate 1536, vocab 49152, tied embeddings -- see benchlib.SHAPES), built by `paddlellm tiny`'s
+builder with the family's own tokenizer, is fine-tuned through paddlellm's own entry point on a
+generated dataset whose example lengths are log-normal (most 30-150 tokens, a tail up to ~500). Four
+arms: {SFT, LoRA} x {unpacked, intokens}.
+
+    python bench/train_throughput.py --family bloom --shape small --arms sft_unpacked,lora_unpacked \
+        --steps 5 --threads 1 --peer_python /work/venv-hf/bin/python
+
+saves bench/results/train_throughput_<family>_<shape>.json (train_throughput.json with neither flag).
+With --peer_python the peer (bench/peer_torch.py: transformers + PEFT) trains the same weights (the model
+folder through `paddlellm export-hf`) on the very batches our arm was fed, for families transformers has
+(llama, bloom, opt, gpt as GPT-2, qwen2; the others print "no peer"), and the first step's losses of both
+are compared (the same weights and batch: equal within 1e-3 expected).
 
     python bench/train_throughput.py            # 20 timed steps per arm: ~4-5 min on an idle 2-core machine,
                                                 # up to ~10 min when arms are re-run (see below)
@@ -61,8 +73,11 @@ sys.path.insert(0, str(REPO))
 
 from benchlib import machine_info, matmul_gflops, save_report  # noqa: E402
 
-MODEL = dict(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-             num_attention_heads=8, max_position_embeddings=512, rms_norm_eps=1e-6)
+
+import benchlib  # noqa: E402
+
+BENCH = {"family": "llama", "shape": "small"}  # set by main from --family / --shape
+FIRST_LOSS_TOLERANCE = 1e-3
 MAX_LEN = 512                      # intokens_max_length, and src_length + tgt_length
 SRC_LEN, TGT_LEN = 256, 256
 LENGTHS = dict(median=70, sigma=0.6, lo=12, hi=500)  # total words (= tokens) of an example
@@ -140,36 +155,27 @@ def _lengths(rng: random.Random):
             return min(n, LENGTHS["hi"])
 
 
-def child_prepare(work: str) -> None:
+def child_prepare(work: str, family_name: str, shape: str) -> None:
     """Write the model folder and train.json; encode the data as the run will; report data stats."""
     from paddlellm import cpu_runtime
 
     cpu_runtime.configure(log=False)
     import numpy as np
-    import paddle
-    from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
 
     from paddlellm.data import pack_examples, read_split
-    from paddlellm.families import META_FILE, get_family
-    from paddlellm.commands.tiny import build_tokenizer
+    from paddlellm.families import get_family
 
-    family = get_family("llama")
+    family = get_family(benchlib.registry_name(family_name))
     model_dir, data_dir = os.path.join(work, "model"), os.path.join(work, "data")
-    os.makedirs(model_dir, exist_ok=True)
     os.makedirs(data_dir, exist_ok=True)
-    # The bundled corpus teaches ~1.6k pieces; build_tokenizer fills the 8000 with reserved pieces that encoding
-    # never produces, so the model's 8000 rows cost what a real vocabulary would and the tokenizer has them all.
-    tok = build_tokenizer(family, model_dir, MODEL["vocab_size"])
-    assert len(tok) == MODEL["vocab_size"], len(tok)
-    cfg = dict(MODEL, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    paddle.seed(SEED)
-    model = LlamaForCausalLM(LlamaConfig(**cfg))
-    model.save_pretrained(model_dir, safe_serialization=True)
-    with open(os.path.join(model_dir, META_FILE), "w") as f:
-        json.dump({"family": "llama", "kind": "base", "tiny": True, "seed": SEED}, f)
+    # paddlellm tiny's builder: the bundled corpus teaches ~1-1.6k tokens; reserved tokens that encoding never
+    # produces fill the shape's vocabulary, so the model's rows cost what a real vocabulary would.
+    benchlib.build_model(family_name, shape, model_dir, seed=SEED)
+    tok = family.load_tokenizer(model_dir)
+    assert len(tok) == benchlib.SHAPES[shape]["vocab"], len(tok)
 
-    # Words the tokenizer holds as single pieces, so an example of k words is k tokens.
-    words = sorted(p[1:] for p in tok.get_vocab() if p.startswith("\u2581") and p[1:].isalpha() and len(p) > 2)
+    # Words the tokenizer holds as single pieces, so an example of k words is about k tokens.
+    words = benchlib.bench_words(tok)
     rng = random.Random(SEED)
     with open(os.path.join(data_dir, "train.json"), "w") as f:
         for _ in range(N_EXAMPLES):
@@ -256,13 +262,23 @@ def child_train(argv) -> None:
         return t
 
     trainer_mod.build_trainer = build
+    first_loss = []  # the loss of the first training batch (before any update), compared with the peer's
+    orig_loss = trainer_mod.SFTTrainer.compute_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False):
+        out = orig_loss(self, model, inputs, return_outputs=return_outputs)
+        if not first_loss and model.training:
+            first_loss.append(float((out[0] if return_outputs else out).astype("float32")))
+        return out
+
+    trainer_mod.SFTTrainer.compute_loss = compute_loss
     from paddlellm.commands.finetune import run
 
     rc = run(argv)
     if os.environ.get("BENCH_BATCHES_OUT"):
         with open(os.environ["BENCH_BATCHES_OUT"], "w") as f:
             json.dump(fed[: holder["trainer"].state.global_step], f)
-    _result({"rc": rc, "batches": batches, "steps": steps, "params": holder.get("params"),
+    _result({"rc": rc, "batches": batches, "steps": steps, "params": holder.get("params"), "first_loss": first_loss[0] if first_loss else None,
              "real_tokens_trainer": holder["trainer"].real_tokens, "peak_rss_mb": _peak_rss_mb()})
 
 
@@ -272,9 +288,9 @@ def model_flops_per_token(kind: str, ctx: float, params: dict, supervised: float
     share of tokens only (the loss needs no logits at prompt positions), attention over the mean causal context.
     (Counting the head for every token, as before, put our packed MFU above 100% once the head ran on the
     supervised positions only.)"""
-    h, L, i, V = (MODEL[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"))
-    n_matmul = L * (4 * h * h + 3 * h * i) + h * V * supervised
-    attn = 12 * L * h * ctx
+    s = benchlib.shape_of(BENCH["family"], BENCH["shape"])
+    n_matmul = benchlib.matmul_weights(BENCH["family"], BENCH["shape"], supervised)
+    attn = 12 * s["layers"] * s["hidden"] * ctx
     if kind == "sft":
         return 6 * n_matmul + attn
     return 4 * n_matmul + 6 * params["trainable"] + attn
@@ -339,6 +355,9 @@ def summarise(kind, packed, r, prep, warmup, log_text):
         "mfu": None,  # filled in once the matmul reference is final
         "cpu_s_per_wall_s": round((cpu[last] - cpu[warmup]) / secs, 2),
         "per_step": per_step,
+        "first_loss": r.get("first_loss"),
+        # time per real token: what families without a transformers peer are compared by (with llama's)
+        "ms_per_token": round(1000 / tps, 3),
     }
 
 
@@ -366,7 +385,7 @@ def run_peer(kind, name, plan, work, usable_cores, peer_python) -> dict:
     """The peer arm: transformers (+PEFT) on torch replays the batches our arm `name` was fed."""
     t0, busy0, ours0 = time.perf_counter(), _busy_cpu_s(), _children_cpu_s()
     cmd = [peer_python, str(REPO / "bench" / "peer_torch.py"), "--batches", str(work / f"{name}.batches.json"),
-           "--model", json.dumps(MODEL), "--kind", kind, "--lora_rank", str(LORA_RANK),
+           "--hf_dir", str(work / "hf"), "--kind", kind, "--lora_rank", str(LORA_RANK),
            "--lr", "3e-4" if kind == "lora" else "1e-4", "--warmup", str(plan["warmup"]),
            "--threads", os.environ.get("OMP_NUM_THREADS") or str(usable_cores)]
     r = _child([], work / f"peer_{name}.log", cmd=cmd)
@@ -397,12 +416,14 @@ def main() -> None:
         if kind == "matmul":
             return child_matmul(int(sys.argv[3]))
         if kind == "prepare":
-            return child_prepare(sys.argv[3])
+            return child_prepare(*sys.argv[3:6])
         return child_train(sys.argv[3:])
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=benchlib.FAMILIES, default=None, help="model family (default llama)")
+    ap.add_argument("--shape", choices=sorted(benchlib.SHAPES), default=None, help="model shape (default small)")
     ap.add_argument("--quick", action="store_true", help="fewer timed steps (~2-3 min)")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "train_throughput.json"))
+    ap.add_argument("--out", default=None, help="default: bench/results/train_throughput[_<family>_<shape>].json")
     ap.add_argument("--workdir", default=None, help="keep model, data, outputs and logs here (default: a temp dir, removed)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per arm (default 20; 5 with --quick)")
     ap.add_argument("--retries", type=int, default=None,
@@ -420,6 +441,12 @@ def main() -> None:
                     help="a Python with torch, transformers and peft: each arm's batches are replayed there by "
                          "bench/peer_torch.py (the peer arm; default: this Python if it has them, else no peer arm)")
     args = ap.parse_args()
+    BENCH.update(family=args.family or "llama", shape=args.shape or "small")
+    args.out = args.out or str(benchlib.default_out("train_throughput", args.family, args.shape))
+    if args.peer_python and not benchlib.has_peer(BENCH["family"]):
+        print(f"{BENCH['family']}: no peer (transformers has no such architecture); compare its time per token with "
+              f"llama's at --shape {BENCH['shape']}", flush=True)
+        args.peer_python = None
     plan = dict(PLANS["quick" if args.quick else "full"])
     if args.retries is None:
         args.retries = 0 if args.quick else 2
@@ -439,7 +466,10 @@ def main() -> None:
     try:
         mm = _child(["--child", "matmul", "5" if args.quick else "20"], work / "matmul.log")
         print(f"CPU runtime: {mm['reason']}\nmeasured float32 matmul (1024^3): {mm['gflops']:.1f} GFLOP/s", flush=True)
-        prep = _child(["--child", "prepare", str(work)], work / "prepare.log")
+        prep = _child(["--child", "prepare", str(work), BENCH["family"], BENCH["shape"]], work / "prepare.log")
+        print(f"model: {BENCH['family']} at --shape {BENCH['shape']}: {benchlib.shape_of(BENCH['family'], BENCH['shape'])}", flush=True)
+        if args.peer_python:  # the peer trains the very same initial weights
+            benchlib.export_hf(prep["model_dir"], str(work / "hf"))
         L = prep["length"]
         batch_packed = max(1, round(prep["unpacked_slots_per_step"] / MAX_LEN))
         print(f"data: {prep['examples']} examples, {prep['real_tokens']} tokens; length mean {L['mean']:.0f}, "
@@ -474,6 +504,12 @@ def main() -> None:
                 best["peer"] = peer
                 best["ratio_to_peer"] = round(best["effective_tokens_per_s"] / peer["effective_tokens_per_s"], 3)
                 best["ratio_to_peer_cpu_time"] = round(best["effective_tokens_per_cpu_s"] / peer["effective_tokens_per_cpu_s"], 3)
+                if best.get("first_loss") is not None and peer.get("first_loss") is not None:
+                    diff = abs(best["first_loss"] - peer["first_loss"])
+                    best["first_loss_difference"] = diff
+                    best["first_loss_agrees"] = diff <= FIRST_LOSS_TOLERANCE
+                    print(f"  {'':14s} first step's loss: paddlellm {best['first_loss']:.6f}, transformers {peer['first_loss']:.6f}, "
+                          f"|difference| {diff:.2e} ({'within' if diff <= FIRST_LOSS_TOLERANCE else 'NOT within'} {FIRST_LOSS_TOLERANCE})", flush=True)
                 print(f"  {'peer ' + name:14s} {peer['effective_tokens_per_s']:8.1f} real tok/s  (transformers {peer['versions']['transformers']} "
                       f"torch {peer['versions']['torch']}{', plain concatenation' if packed else ''}; {peer['wall_s']} s; other processes "
                       f"used {100 * peer['other_processes_cpu_share']:.0f}% of the CPU)  -> paddlellm/peer {best['ratio_to_peer']:.2f}x "
@@ -498,7 +534,7 @@ def main() -> None:
         speedup_med = ratio("effective_tokens_per_s_median_step")
         target = {k: {"padding_under_3pct": by[(k, True)]["padding_fraction"] < 0.03, "speedup_at_least_1.5x": speedup[k] >= 1.5}
                   for k in both}
-        cmd = "python bench/train_throughput.py" + (" --quick" if args.quick else "") + (f" --arms {args.arms}" if len(results) < len(ARMS) else "")
+        cmd = "python bench/train_throughput.py " + " ".join(sys.argv[1:])
         report = {
             "command": cmd,
             "date": datetime.date.today().isoformat(),
@@ -506,7 +542,9 @@ def main() -> None:
             "cpu_runtime": {"env": mm["env"], "reason": mm["reason"]},
             "matmul_gflops": round(gflops, 1),
             "matmul_gflops_before_after": [round(mm["gflops"], 1), round(mm2["gflops"], 1)],
-            "model": MODEL,
+            "family": BENCH["family"],
+            "shape": BENCH["shape"],
+            "model": benchlib.shape_of(BENCH["family"], BENCH["shape"]),
             "data": {k: v for k, v in prep.items() if k not in ("model_dir", "data_dir")} | {"length_model": LENGTHS, "seed": SEED},
             "setup": {"intokens_max_length": MAX_LEN, "src_length": SRC_LEN, "tgt_length": TGT_LEN,
                       "unpacked_batch": BATCH_UNPACKED, "intokens_batch": batch_packed, "lora_rank": LORA_RANK, **plan,
