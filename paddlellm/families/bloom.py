@@ -17,7 +17,8 @@ def alibi_from_mask_positions(model):
     its sequence's tokens up to itself, so its position is that count minus one (as OPT's positions in
     opt.accept_packed_masks). The additive mask that _prepare_attn_mask returns, which the attention adds to
     the ALiBi scores, gets slope * (position - index) on every allowed key: scores then carry slope * position,
-    exactly what a separate forward of that sequence gives. 2-D masks (unpacked batches, generation) and
+    exactly what a separate forward of that sequence gives. Masks where no query needs it (packed examples, padding)
+    keep paddlenlp's own preparation. 2-D masks (unpacked batches, generation) and
     4-D masks after a cache take paddlenlp's own code (looked up on the class at call time, so
     static_export_patch's replacement still applies)."""
     import numpy as np
@@ -44,7 +45,12 @@ def alibi_from_mask_positions(model):
         allowed = allowed.astype("bool")
         shift = position - paddle.arange(seq, dtype="float32")[None, :]
         bias = slopes[None, :, None, None] * shift[:, None, None, :]  # [batch, heads, 1, keys]
-        allowed = paddle.logical_and(allowed, paddle.tril(paddle.ones([seq, seq], dtype="bool")))[:, None]
+        allowed = paddle.logical_and(allowed, paddle.tril(paddle.ones([seq, seq], dtype="bool")))
+        # packed examples and padding: every query's keys share its own shift, so paddlenlp's index-based ALiBi is
+        # already exact, and its plain 0/min mask keeps cpu_kernels' per-block attention (bloom_segment_attention)
+        if not bool(paddle.logical_and(allowed, (shift[:, None, :] - shift[:, :, None]) != 0).any()):
+            return own(self, attention_mask, input_shape, past_key_values_length, num_heads)
+        allowed = allowed[:, None]
         neg = paddle.full([], paddle.finfo(paddle.float32).min, dtype=paddle.float32)
         mask = paddle.where(allowed.expand([batch, num_heads, seq, seq]), bias.expand([batch, num_heads, seq, seq]), neg)
         return mask.reshape([batch * num_heads, seq, seq])
