@@ -60,6 +60,27 @@ import threading
 import types
 from typing import Callable, Dict, List, Optional
 
+# Decoding in chunks (the dynamic decode runners, families/decode_core.py, and the in-place static runner,
+# formats/static.py): prompts run grouped by length, so the padding of a mixed-length batch is not computed.
+PREFILL_ROWS = 8  # most rows per prefill chunk: rows are grouped by prompt length, each chunk runs over its own longest
+PREFILL_FILL = 0.75  # a row joins the current chunk only if it is at least this share of the chunk's longest prompt
+
+
+def prefill_chunks(lengths) -> list:
+    """Row indices grouped for the prefill, longest prompts first: a chunk takes at most PREFILL_ROWS rows,
+    each at least PREFILL_FILL of its first (longest) row's length, so little padding is computed."""
+    import numpy as np
+
+    lengths = np.asarray(lengths)
+    chunks: list = []
+    for row in np.argsort(-lengths, kind="stable"):
+        if chunks and len(chunks[-1]) < PREFILL_ROWS and lengths[row] >= PREFILL_FILL * lengths[chunks[-1][0]]:
+            chunks[-1].append(row)
+        else:
+            chunks.append([row])
+    return [np.array(c) for c in chunks]
+
+
 DISABLE_VAR = "PADDLELLM_CPU_KERNELS"
 _OFF_VALUES = {"0", "false", "off", "no"}
 IGNORE = -100

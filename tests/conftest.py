@@ -34,6 +34,22 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    """name -> (tiny model, tokenizer, family), loaded as predict loads them, once per family and test module."""
+    from paddlellm.loading import load_for_inference
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model, tok, fam, _ = load_for_inference(tiny_dir(name))
+            cache[name] = (model, tok, fam)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
 def llama(tiny_dir):
     """The tiny LLaMA's folder (the model the server tests serve)."""
     return tiny_dir("llama")

@@ -10,24 +10,7 @@ from paddlellm.families import names
 TEXTS = ["hello there", "spell: 1 2 3 4 5 6 and more words here", "x y z w", "one two three four five six seven eight nine ten"]
 NEW = 10
 # families whose own loop runs a decode runner (families/*_decode.py, KV cache in place) on CPU instead of the forward
-WITH_RUNNER = {"llama", "qwen2", "gpt-3", "opt", "bloom"}
-WITH_RUNNER |= {"chatglm_v2", "chatglm", "glm"}  # families/chatglm_v2_decode.py, chatglm_decode.py, glm_decode.py
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_dir):
-    """tiny model, tokenizer, family (loaded as predict loads them), built once per family."""
-    from paddlellm.loading import load_for_inference
-
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            model, tok, fam, _ = load_for_inference(tiny_dir(name))
-            cache[name] = (model, tok, fam)
-        return cache[name]
-
-    return get
+WITH_RUNNER = {"llama", "qwen2", "gpt-3", "opt", "bloom", "chatglm_v2", "chatglm", "glm"}
 
 
 def run(model, tok, fam, own_loop, max_new=NEW, stop=None, seed=None, runners=None, **settings):

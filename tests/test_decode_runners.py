@@ -17,21 +17,6 @@ RUNNERS = {"gpt-3": GPTDecoder, "opt": OPTDecoder, "bloom": BloomDecoder}
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_dir):
-    from paddlellm.loading import load_for_inference
-
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            model, tok, fam, _ = load_for_inference(tiny_dir(name))
-            cache[name] = (model, tok, fam)
-        return cache[name]
-
-    return get
-
-
 def _inputs(fam, tok, hole: bool):
     """Left-padded generation inputs; with hole, row 1 (the longest prompt) has an unattended column in its middle."""
     import paddle

@@ -12,27 +12,10 @@ from paddlellm import cpu_kernels
 from paddlellm.families import decode_core, get_family
 from paddlellm.families import chatglm_decode, chatglm_v2_decode, glm_decode
 
-# 10 prompts of scattered lengths: more than one prefill chunk of PREFILL_ROWS rows, not sorted by length
-TEXTS = ["hi", "spell: 1 2 3 4 5 6 7 8 and more words here", "x y", "one two three four five", "a", "spell: 9 8 7",
-         "hello there how are you today", "z", "one two", "q w e r t y"]
+from test_decode_runners import TEXTS  # 10 prompts of scattered lengths: more than one prefill chunk
 RUNNERS = {"chatglm_v2": chatglm_v2_decode.ChatGLMv2Decoder, "chatglm": chatglm_decode.ChatGLMDecoder,
            "glm": glm_decode.GLMDecoder}
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_dir):
-    from paddlellm.loading import load_for_inference
-
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            model, tok, fam, _ = load_for_inference(tiny_dir(name))
-            cache[name] = (model, tok, fam)
-        return cache[name]
-
-    return get
 
 
 def _inputs(fam, tok, hole: bool = True, new: int = STEPS):

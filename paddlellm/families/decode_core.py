@@ -52,8 +52,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
-PREFILL_ROWS = 8  # most rows per prefill chunk: rows are grouped by prompt length, each chunk runs over its own longest
-PREFILL_FILL = 0.75  # a row joins the current chunk only if it is at least this share of the chunk's longest prompt
+from ..cpu_kernels import PREFILL_FILL, PREFILL_ROWS, prefill_chunks  # noqa: F401 (shared with formats/static.py's runner)
+
 HEAD_COPY_MIN = 32  # _tied_head: the [h, vocab] copy is made only when at least this many tokens may still come
 KV_GROW = 64  # the cache starts at prompt + this many slots (at most the capacity asked) and grows by at least as many
 
@@ -63,21 +63,6 @@ def inner(model):
     from paddlenlp.peft import LoRAModel
 
     return model.model if isinstance(model, LoRAModel) else model
-
-
-def prefill_chunks(lengths) -> list:
-    """Row indices grouped for the prefill, longest prompts first: a chunk takes at most PREFILL_ROWS rows,
-    each at least PREFILL_FILL of its first (longest) row's length, so little padding is computed."""
-    import numpy as np
-
-    lengths = np.asarray(lengths)
-    chunks: list = []
-    for row in np.argsort(-lengths, kind="stable"):
-        if chunks and len(chunks[-1]) < PREFILL_ROWS and lengths[row] >= PREFILL_FILL * lengths[chunks[-1][0]]:
-            chunks[-1].append(row)
-        else:
-            chunks.append([row])
-    return [np.array(c) for c in chunks]
 
 
 def common_unsupported(inner_model, dtype) -> List[str]:

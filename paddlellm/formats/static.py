@@ -26,13 +26,12 @@ import os
 from typing import Dict, List, Optional
 
 from ..arguments import UserError
+from ..cpu_kernels import prefill_chunks
 
 FORMAT_VERSION = 1  # the model forward with a concatenated cache (any family; prefix-tuning exports)
 INPLACE_VERSION = 2  # families/inplace_step.py's program: the runner keeps the KV cache and writes it in place
 FORMAT_VERSIONS = (FORMAT_VERSION, INPLACE_VERSION)
 KV_GROW = 64  # the in-place cache starts at prompt + this many slots (at most the capacity asked), grows by at least as many
-PREFILL_ROWS = 8  # most rows per prefill chunk (rows grouped by prompt length, each chunk over its own longest)
-PREFILL_FILL = 0.75  # a row joins a chunk only if its prompt is at least this share of the chunk's longest
 META_NAME = "static_meta.json"
 PREFIX_DIR = "prefix"  # prefix-tuning parameters of an export, beside the program
 
@@ -271,21 +270,6 @@ def _additive(allowed):
     import paddle
 
     return paddle.where(allowed, paddle.zeros([1], "float32"), paddle.full([1], paddle.finfo(paddle.float32).min, "float32"))
-
-
-def prefill_chunks(lengths) -> list:
-    """Row indices grouped for the prefill, longest prompts first: a chunk takes at most PREFILL_ROWS rows,
-    each at least PREFILL_FILL of its first (longest) row's length, so little padding is computed."""
-    import numpy as np
-
-    lengths = np.asarray(lengths)
-    chunks: list = []
-    for row in np.argsort(-lengths, kind="stable"):
-        if chunks and len(chunks[-1]) < PREFILL_ROWS and lengths[row] >= PREFILL_FILL * lengths[chunks[-1][0]]:
-            chunks[-1].append(row)
-        else:
-            chunks.append([row])
-    return [np.array(c) for c in chunks]
 
 
 class InPlaceRunner:
