@@ -816,17 +816,23 @@ def _opt_attention_forward(self, query, key, value, attn_mask=None, use_cache=Fa
     return (out, None) if self.need_weights else out
 
 
+def _replace_attention_forwards(model, attention_class, forward) -> int:
+    """Give every attention_class layer of model (not already patched) the per-block forward; how many."""
+    n = 0
+    for layer in model.sublayers(include_self=True):
+        if isinstance(layer, attention_class) and "forward" not in vars(layer):
+            _replace_forward(layer, lambda previous: forward)
+            n += 1
+    return n
+
+
 def _patch_opt_segment_attention(model) -> int:
     from paddlenlp.transformers.opt import modeling
 
     cfg = model.config
     if cfg.tensor_parallel_degree > 1:
         return 0
-    n = 0
-    for layer in model.sublayers(include_self=True):
-        if isinstance(layer, modeling.MultiHeadAttention) and "forward" not in vars(layer):
-            _replace_forward(layer, lambda previous: _opt_attention_forward)
-            n += 1
+    n = _replace_attention_forwards(model, modeling.MultiHeadAttention, _opt_attention_forward)
     if not n:
         return 0
     inner = model.opt
@@ -893,11 +899,7 @@ def _patch_bloom_segment_attention(model) -> int:
 
     if model.config.tensor_parallel_degree > 1:
         return 0
-    n = 0
-    for layer in model.sublayers(include_self=True):
-        if isinstance(layer, modeling.BloomAttention) and "forward" not in vars(layer):
-            _replace_forward(layer, lambda previous: _bloom_attention_forward)
-            n += 1
+    n = _replace_attention_forwards(model, modeling.BloomAttention, _bloom_attention_forward)
     if n:
         _mark_active(model.bloom)  # the mask's groups are dropped when the forward ends
     return 1 if n else 0
