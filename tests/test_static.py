@@ -18,7 +18,7 @@ os.environ["PADDLELLM_NO_PROGRESS"] = "1"
 
 EXPORTED = [f for f in FAMILIES if get_family(f).static_export_refusal() is None]
 REFUSED = [f for f in FAMILIES if f not in EXPORTED]
-INPLACE = ["llama", "qwen2", "gpt-3"]  # exported as the in-place step program (format 2); the other families as format 1
+INPLACE = ["llama", "qwen2", "gpt-3", "opt"]  # exported as the in-place step program (format 2); the other families as format 1
 SAMPLING = ["--top_k", "5", "--top_p", "0.9", "--temperature", "0.8", "--repetition_penalty", "1.2", "--seed", "7"]
 
 
@@ -421,7 +421,7 @@ def test_inplace_runner_equals_dynamic_runner(family, tiny_dir, exported):
         probe(shell, tok, fam)
     finally:
         object.__setattr__(shell, "forward", forward)
-    assert len(seen) == len(calls) == 6 and sum(kw["past_key_values"] is None for kw in seen) == 2
+    assert len(seen) == len(calls) == 6 and sum(kw[forward.cache_key] is None for kw in seen) == 2
     with paddle.no_grad():
         for mine, theirs in zip(seen, calls):
             got, want = forward(**mine)[0], theirs["output"][0]

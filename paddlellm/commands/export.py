@@ -324,7 +324,7 @@ def export(args: ExportArgument, base: str, lora_path: Optional[str], prefix_pat
                     "output_template": desc["output_template"], "constants": desc["constants"]})
             else:
                 static_meta.update({"input_names": names, "layers": len(step.layers), "kv_heads": step.kv_heads,
-                                    "head_dim": step.head_dim})
+                                    "head_dim": step.head_dim, "cache_key": getattr(step, "cache_key", "past_key_values")})
             static_meta.update({
                 "prefix": PREFIX_DIR if prefix_path else None,
                 "source": {"model": os.path.abspath(base) if os.path.isdir(base) else base,

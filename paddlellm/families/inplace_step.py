@@ -21,6 +21,7 @@ Every batch/sequence dim is dynamic (a fixed 1 triggers a oneDNN bug; see format
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import List
 
@@ -118,6 +119,8 @@ class SplitAttention:
         out = (paddle.matmul(past, v_past) + paddle.matmul(new, v_new)) / total
         return out.transpose([0, 2, 1, 3]).reshape([0, 0, self.heads * self.head_dim])
 
+    reads_positions = True  # False: the program has no positions input (the step derives what it needs from the masks)
+
     def _step_inputs(self, positions, past_mask, new_mask):
         """(positions, (past bias [B, 1|H, 1, C], new bias [B, 1|H, L, L])) from the program's inputs (hook: OPT counts
         positions from the masks, Bloom adds ALiBi)."""
@@ -138,7 +141,8 @@ class _Collect:
 
 class RunnerStep(paddle.nn.Layer):
     """forward([input_ids, positions, past_mask, new_mask, past k/v per layer]) -> [logits, new k/v per layer], computed
-    by `runner` (an instance of a SplitAttention + DecodeCore runner class); the same inputs/outputs as InPlaceStep."""
+    by `runner` (an instance of a SplitAttention + DecodeCore runner class); the same inputs/outputs as InPlaceStep,
+    without positions when the runner does not read them (reads_positions False: OPT, Bloom)."""
 
     def __init__(self, runner):
         super().__init__()
@@ -146,14 +150,22 @@ class RunnerStep(paddle.nn.Layer):
         self.runner = runner
         self.layers = runner.layers
         self.kv_heads, self.head_dim = runner.kv_heads, runner.head_dim
+        # the name of the model forward's cache argument, for the generate() host's forward (formats/static.py)
+        self.cache_key = "cache" if "cache" in inspect.signature(type(runner.model).forward).parameters else "past_key_values"
 
     def input_specs(self, dtype: str = "float32") -> List:
-        return InPlaceStep.input_specs(self, dtype)
+        specs = InPlaceStep.input_specs(self, dtype)
+        # paddle.jit.save refuses an input no output depends on; InPlaceProgram feeds only the names saved
+        return specs if self.runner.reads_positions else [s for s in specs if s.name != "positions"]
 
     def forward(self, feeds):
-        input_ids, positions, past_mask, new_mask = feeds[:4]
-        caches = feeds[4:]
         runner = self.runner
+        if runner.reads_positions:
+            input_ids, positions, past_mask, new_mask = feeds[:4]
+            caches = feeds[4:]
+        else:
+            input_ids, past_mask, new_mask = feeds[:3]
+            positions, caches = None, feeds[3:]
         positions, bias = runner._step_inputs(positions, past_mask, new_mask)
         hidden = runner._embed(input_ids, positions)
         out: list = []
