@@ -1,4 +1,5 @@
-"""The step program of an in-place static export (format 2) for LLaMA-design decoders (LLaMA, Qwen2).
+"""The step program of an in-place static export (format 2): InPlaceStep for LLaMA-design decoders (LLaMA, Qwen2);
+RunnerStep (below) for GPT, OPT and Bloom, running their dynamic decode runner's own layer code.
 
 Format 1 exports the model's own forward, whose KV cache is a [batch, length, heads, head_dim] tensor per layer
 that every step grows by concatenation (and transposes before attending): several copies of the whole cache
