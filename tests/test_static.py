@@ -18,7 +18,7 @@ os.environ["PADDLELLM_NO_PROGRESS"] = "1"
 
 EXPORTED = [f for f in FAMILIES if get_family(f).static_export_refusal() is None]
 REFUSED = [f for f in FAMILIES if f not in EXPORTED]
-INPLACE = ["llama", "qwen2"]  # exported as the in-place step program (format 2); the other families as format 1
+INPLACE = ["llama", "qwen2", "gpt-3", "opt", "bloom"]  # exported as the in-place step program (format 2); the other families as format 1
 SAMPLING = ["--top_k", "5", "--top_p", "0.9", "--temperature", "0.8", "--repetition_penalty", "1.2", "--seed", "7"]
 
 
@@ -377,7 +377,8 @@ def test_static_forward_gives_the_math_threads_back(exported, monkeypatch):
 @pytest.mark.parametrize("family", INPLACE)
 def test_inplace_runner_equals_dynamic_runner(family, tiny_dir, exported):
     """The in-place program's runner gives the dynamic decode runner's logits within 1e-5: a left-padded batch of
-    mixed lengths (prefilled in several chunks), then steps past the first cache growth (KV_GROW slots)."""
+    mixed lengths (prefilled in several chunks), then steps past the first cache growth (KV_GROW slots); a padding
+    hole."""
     import paddle
 
     from paddlellm.formats import static as static_runtime
@@ -409,6 +410,18 @@ def test_inplace_runner_equals_dynamic_runner(family, tiny_dir, exported):
                 tokens = paddle.to_tensor(rng.integers(5, 200, [len(texts), 1]), dtype="int64")
                 want, got = dynamic.step(tokens), static.step(tokens[:, :1])
     assert static.capacity > capacity  # the cache grew (one copy) and kept its contents
+    # a padding hole inside a row is masked like padding (Bloom: it does not advance ALiBi's key positions, OPT: its
+    # positions)
+    mask = inputs["attention_mask"].numpy().copy()
+    mask[0, -5] = 0
+    holed = dict(inputs, attention_mask=paddle.to_tensor(mask))
+    with paddle.no_grad():
+        room = inputs["input_ids"].shape[1] + 4
+        want, got = dynamic.prefill(holed, room), static.prefill(holed, room)
+        for i in range(4):
+            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5, rtol=0, err_msg=f"hole, step {i}")
+            tokens = paddle.to_tensor(rng.integers(5, 200, [len(texts), 1]), dtype="int64")
+            want, got = dynamic.step(tokens), static.step(tokens)
 
     # generate() itself on the host (paths the decode loop does not reproduce): its forward answers from the same
     # program with a concatenated cache; the first decode step's logits equal the dynamic model's
@@ -421,7 +434,7 @@ def test_inplace_runner_equals_dynamic_runner(family, tiny_dir, exported):
         probe(shell, tok, fam)
     finally:
         object.__setattr__(shell, "forward", forward)
-    assert len(seen) == len(calls) == 6 and sum(kw["past_key_values"] is None for kw in seen) == 2
+    assert len(seen) == len(calls) == 6 and sum(kw[forward.cache_key] is None for kw in seen) == 2
     with paddle.no_grad():
         for mine, theirs in zip(seen, calls):
             got, want = forward(**mine)[0], theirs["output"][0]

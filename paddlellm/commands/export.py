@@ -6,7 +6,7 @@ paddlenlp's generate() (see formats/static.py), so sampling settings stay run-ti
 seeded sampling give exactly dynamic mode's tokens. PaddleNLP's own export (the whole generation loop as
 one program) fails for top-p and for Bloom/OPT/GLM on CPU and is slower than dynamic mode there.
 
-LLaMA-design families (Family.static_step: LLaMA, Qwen2) export an in-place step program instead (format 2,
+Families with a Family.static_step (LLaMA, Qwen2, GPT, OPT, Bloom) export an in-place step program instead (format 2,
 families/inplace_step.py): it takes the runner's preallocated KV cache and returns only the new keys/values,
 which the runner writes into their slots, as the dynamic decode runner does; a prefix-tuning export keeps
 format 1 (paddlenlp's prefix wrapper hands the prefix to the forward as its past).
@@ -324,7 +324,7 @@ def export(args: ExportArgument, base: str, lora_path: Optional[str], prefix_pat
                     "output_template": desc["output_template"], "constants": desc["constants"]})
             else:
                 static_meta.update({"input_names": names, "layers": len(step.layers), "kv_heads": step.kv_heads,
-                                    "head_dim": step.head_dim})
+                                    "head_dim": step.head_dim, "cache_key": getattr(step, "cache_key", "past_key_values")})
             static_meta.update({
                 "prefix": PREFIX_DIR if prefix_path else None,
                 "source": {"model": os.path.abspath(base) if os.path.isdir(base) else base,

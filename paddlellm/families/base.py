@@ -521,8 +521,8 @@ class Family:
     def static_step(self, model):
         """The layer exported as an in-place step program (format 2: the runner keeps the KV cache and writes it in
         place, formats/static.py InPlaceRunner), or None to export the model's own forward with a concatenated
-        cache (format 1). Hook: LLaMA-design families return families/inplace_step.InPlaceStep when their decode
-        runner can drive the model."""
+        cache (format 1). Hook: LLaMA-design families return families/inplace_step.InPlaceStep, GPT/OPT/Bloom a
+        RunnerStep over their runner, when their decode runner can drive the model."""
         return None
 
     def static_export_patch(self):

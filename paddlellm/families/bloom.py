@@ -163,6 +163,11 @@ class BloomFamily(Family):
 
         return BloomDecoder.for_model(model)
 
+    def static_step(self, model):
+        from .bloom_decode import static_step
+
+        return static_step(model)
+
     def prefix_hooks(self):
         # BloomAttention concatenates its cache on axis 1: [batch, prefix_len, heads, head_dim] per layer,
         # the layout bloom_postprocess_past_key_value returns. BloomForCausalLM takes it as `cache`, and

@@ -85,27 +85,28 @@ class BloomDecoder(DecodeCore):
         """0 / finfo.min for the mask plus ALiBi: slope_h * (cumsum(keep) - 1) * keep over the keys, [B, H, Lq, K]."""
         keep = keep.astype("float32")
         key_positions = ((keep.cumsum(axis=-1) - 1) * keep)[:, None, None, :]
-        attn = self.layers[0].self_attention
-        return super()._bias(allowed, keep) + attn.beta * (self.slopes * key_positions)
+        return super()._bias(allowed, keep) + self._alibi(key_positions)
+
+    def _alibi(self, key_positions):
+        """beta * slope_h * key position: [B, 1, 1, K] positions -> [B, H, 1, K]."""
+        return self.layers[0].self_attention.beta * (self.slopes * key_positions)
 
     def _embed(self, ids, positions):
         return self.base.word_embeddings_layernorm(self.base.word_embeddings(ids))
 
-    def _layer(self, i, layer, hidden, ctx, bias, kv):
+    def _score(self, q, k):
         import paddle
-        import paddle.nn.functional as F
 
+        return paddle.matmul(q, k, transpose_y=True) * self.layers[0].self_attention.inv_norm_factor
+
+    def _layer(self, i, layer, hidden, ctx, bias, kv):
         attn = layer.self_attention
         normed = layer.input_layernorm(hidden)
         residual = normed if self.post_residual else hidden
-        b, lq, _ = normed.shape
-        fused = attn.query_key_value(normed).reshape([b, lq, self.heads, 3, self.head_dim])
+        fused = attn.query_key_value(normed).reshape([0, 0, self.heads, 3, self.head_dim])
         q, k, v = (fused[:, :, :, j, :].transpose([0, 2, 1, 3]) for j in range(3))
         k, v = kv(k, v)
-        scores = paddle.matmul(q, k, transpose_y=True) * attn.inv_norm_factor + bias
-        out = paddle.matmul(F.softmax(scores, axis=-1), v)
-        out = out.transpose([0, 2, 1, 3]).reshape([b, lq, self.heads * self.head_dim])
-        attended = residual + attn.dense(out)
+        attended = residual + attn.dense(self._attend(q, k, v, bias))
         normed = layer.post_attention_layernorm(attended)
         return layer.mlp(normed, normed if self.post_residual else attended)
 
@@ -117,3 +118,30 @@ class BloomDecoder(DecodeCore):
         if type(head) is BloomLMHead and type(head).forward is BloomLMHead.forward and head.decoder_weight.dtype == hidden.dtype:
             return self._tied_head(hidden, head.decoder_weight)[:, -1, :]  # DecodeCore._tied_head: its batch-1 copy
         return head(hidden, self.model.config.tensor_parallel_output)[:, -1, :]
+
+
+def static_step(model):
+    """The in-place static step program (format 2, families/inplace_step.RunnerStep) running this runner's layers,
+    or None where the runner does not apply."""
+    from .inplace_step import RunnerStep, SplitAttention
+
+    class BloomStep(SplitAttention, BloomDecoder):
+        reads_positions = False
+
+        def _step_inputs(self, positions, past_mask, new_mask):
+            # ALiBi's key positions from the masks, as _bias counts them over the cache's slots: (cumsum(keep) - 1)
+            # * keep, the past's attended slots first, then the new block's (a padding hole does not advance them)
+            past_keep = (past_mask == 0).astype("float32")  # [B, C]
+            new_keep = (new_mask[:, -1, :] == 0).astype("float32")  # [B, L]: the last query attends every kept column
+            past_positions = (past_keep.cumsum(axis=-1) - 1) * past_keep
+            seen = past_keep.sum(axis=-1, keepdim=True)
+            new_positions = (seen + new_keep.cumsum(axis=-1) - 1) * new_keep
+            return None, (past_mask.unsqueeze([1, 2]) + self._alibi(past_positions[:, None, None, :]),
+                          new_mask.unsqueeze(1) + self._alibi(new_positions[:, None, None, :]))
+
+    if unsupported(model) is not None:
+        return None
+    runner = BloomStep(model)
+    step = RunnerStep(runner)
+    step.register_buffer("alibi_slopes", runner.slopes)  # a buffer of the layer: dy2static can't capture a plain tensor
+    return step

@@ -166,6 +166,20 @@ class DecodeCore:
         out = paddle.matmul(F.softmax(weights, axis=-1), v)
         return out.transpose([0, 2, 1, 3]).reshape([b, lq, h * d])
 
+    def _attend(self, q, k, v, bias):
+        """softmax(self._score(q, k) + bias) @ v for q [B, H, Lq, D], k/v [B, H, K, D] -> [B, Lq, H * D] (GPT, OPT,
+        Bloom's runners; hook: their in-place static step, families/inplace_step.SplitAttention, splits it over the
+        cache and the new keys)."""
+        import paddle
+        import paddle.nn.functional as F
+
+        out = paddle.matmul(F.softmax(self._score(q, k) + bias, axis=-1), v)
+        return out.transpose([0, 2, 1, 3]).reshape([0, 0, self.heads * self.head_dim])
+
+    def _score(self, q, k):
+        """The attention scores before the bias, [B, H, Lq, K] (for _attend)."""
+        raise NotImplementedError
+
     def _tied_head(self, hidden, weight):
         """hidden [B, L, h] @ weight^T for a [vocab, h] output weight (the tied embedding) -> [B, L, vocab].
 

@@ -84,6 +84,11 @@ class GPTFamily(Family):
 
         return GPTDecoder.for_model(model)
 
+    def static_step(self, model):
+        from .gpt_decode import static_step
+
+        return static_step(model)
+
     def prefix_hooks(self):
         # GPT's cache per layer is [batch, prefix_len, heads, head_dim] (concatenated on axis 1), the
         # layout llama_postprocess_past_key_value returns; the default prefix mask padding fits GPTModel.

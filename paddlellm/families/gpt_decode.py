@@ -72,20 +72,17 @@ class GPTDecoder(DecodeCore):
             q, k, v = (proj(x).reshape([0, 0, self.heads, self.head_dim]) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
         return (t.transpose([0, 2, 1, 3]) for t in (q, k, v))
 
-    def _layer(self, i, layer, hidden, ctx, bias, kv):
+    def _score(self, q, k):
         import paddle
-        import paddle.nn.functional as F
 
+        product = paddle.matmul(q * ((self.coeff * self.head_dim) ** -0.5), k, transpose_y=True)
+        return product.scale(self.coeff) if self.coeff != 1.0 else product
+
+    def _layer(self, i, layer, hidden, ctx, bias, kv):
         attn = layer.self_attn
         q, k, v = self._qkv(attn, layer.norm1(hidden) if self.pre_norm else hidden)
         k, v = kv(k, v)
-        product = paddle.matmul(q * ((self.coeff * self.head_dim) ** -0.5), k, transpose_y=True)
-        if self.coeff != 1.0:
-            product = product.scale(self.coeff)
-        out = paddle.matmul(F.softmax(product + bias), v)
-        b, _, lq, _ = out.shape
-        out = out.transpose([0, 2, 1, 3]).reshape([b, lq, self.heads * self.head_dim])
-        hidden = hidden + attn.out_proj(out)
+        hidden = hidden + attn.out_proj(self._attend(q, k, v, bias))
         if not self.pre_norm:
             hidden = layer.norm1(hidden)
         x = layer.norm2(hidden) if self.pre_norm else hidden
@@ -101,3 +98,14 @@ class GPTDecoder(DecodeCore):
                 and not head.config.sequence_parallel and head.weight.dtype == hidden.dtype:
             return self._tied_head(hidden, head.weight)[:, -1, :]  # DecodeCore._tied_head: its batch-1 copy
         return head(hidden)[:, -1, :]
+
+
+def static_step(model):
+    """The in-place static step program (format 2, families/inplace_step.RunnerStep) running this runner's layers,
+    or None where the runner does not apply."""
+    from .inplace_step import RunnerStep, SplitAttention
+
+    class GPTStep(SplitAttention, GPTDecoder):
+        pass
+
+    return RunnerStep(GPTStep(model)) if unsupported(model) is None else None

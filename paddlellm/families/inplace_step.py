@@ -1,4 +1,5 @@
-"""The step program of an in-place static export (format 2) for LLaMA-design decoders (LLaMA, Qwen2).
+"""The step program of an in-place static export (format 2): InPlaceStep for LLaMA-design decoders (LLaMA, Qwen2);
+RunnerStep (below) for GPT, OPT and Bloom, running their dynamic decode runner's own layer code.
 
 Format 1 exports the model's own forward, whose KV cache is a [batch, length, heads, head_dim] tensor per layer
 that every step grows by concatenation (and transposes before attending): several copies of the whole cache
@@ -21,6 +22,7 @@ Every batch/sequence dim is dynamic (a fixed 1 triggers a oneDNN bug; see format
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import List
 
@@ -99,3 +101,75 @@ class InPlaceStep(paddle.nn.Layer):
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         logits = self.lm_head(self.norm(hidden[:, -1:]))[:, -1, :]
         return [logits] + out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPT, OPT, Bloom: the step program runs the family's dynamic decode runner's own layer code (its _embed, _layer,
+# _logits), so the program and the runner compute the same thing; only the attention is split (SplitAttention).
+class SplitAttention:
+    """Mixin over a DecodeCore runner class: _attend over the cache and the new block, k/v/bias given as (past,
+    new) pairs, one shared softmax maximum and sum (so the new keys are never concatenated onto the cache)."""
+
+    def _attend(self, q, k, v, bias):
+        (k_past, k_new), (v_past, v_new), (b_past, b_new) = k, v, bias
+        past = self._score(q, k_past) + b_past  # [B, H, Lq, C]
+        new = self._score(q, k_new) + b_new  # [B, H, Lq, L]
+        top = paddle.maximum(past.max(axis=-1, keepdim=True), new.max(axis=-1, keepdim=True))
+        past, new = paddle.exp(past - top), paddle.exp(new - top)
+        total = past.sum(axis=-1, keepdim=True) + new.sum(axis=-1, keepdim=True)
+        out = (paddle.matmul(past, v_past) + paddle.matmul(new, v_new)) / total
+        return out.transpose([0, 2, 1, 3]).reshape([0, 0, self.heads * self.head_dim])
+
+    reads_positions = True  # False: the program has no positions input (the step derives what it needs from the masks)
+
+    def _step_inputs(self, positions, past_mask, new_mask):
+        """(positions, (past bias [B, 1|H, 1, C], new bias [B, 1|H, L, L])) from the program's inputs (hook: OPT counts
+        positions from the masks, Bloom adds ALiBi)."""
+        return positions, (past_mask.unsqueeze([1, 2]), new_mask.unsqueeze(1))
+
+
+class _Collect:
+    """The kv callback of a runner layer inside the step program: keeps the new k/v for the outputs and gives the
+    layer (cache, new) pairs to attend over."""
+
+    def __init__(self, k_past, v_past, out: list):
+        self.k_past, self.v_past, self.out = k_past, v_past, out
+
+    def __call__(self, k, v):
+        self.out.extend([k, v])
+        return (self.k_past, k), (self.v_past, v)
+
+
+class RunnerStep(paddle.nn.Layer):
+    """forward([input_ids, positions, past_mask, new_mask, past k/v per layer]) -> [logits, new k/v per layer], computed
+    by `runner` (an instance of a SplitAttention + DecodeCore runner class); the same inputs/outputs as InPlaceStep,
+    without positions when the runner does not read them (reads_positions False: OPT, Bloom)."""
+
+    def __init__(self, runner):
+        super().__init__()
+        self.model = runner.model  # registered: the program's parameters
+        self.runner = runner
+        self.layers = runner.layers
+        self.kv_heads, self.head_dim = runner.kv_heads, runner.head_dim
+        # the name of the model forward's cache argument, for the generate() host's forward (formats/static.py)
+        self.cache_key = "cache" if "cache" in inspect.signature(type(runner.model).forward).parameters else "past_key_values"
+
+    def input_specs(self, dtype: str = "float32") -> List:
+        specs = InPlaceStep.input_specs(self, dtype)
+        # paddle.jit.save refuses an input no output depends on; InPlaceProgram feeds only the names saved
+        return specs if self.runner.reads_positions else [s for s in specs if s.name != "positions"]
+
+    def forward(self, feeds):
+        runner = self.runner
+        if runner.reads_positions:
+            input_ids, positions, past_mask, new_mask = feeds[:4]
+            caches = feeds[4:]
+        else:
+            input_ids, past_mask, new_mask = feeds[:3]
+            positions, caches = None, feeds[3:]
+        positions, bias = runner._step_inputs(positions, past_mask, new_mask)
+        hidden = runner._embed(input_ids, positions)
+        out: list = []
+        for i, layer in enumerate(self.layers):
+            hidden = runner._layer(i, layer, hidden, None, bias, _Collect(caches[2 * i], caches[2 * i + 1], out))
+        return [runner._logits(hidden[:, -1:])] + out

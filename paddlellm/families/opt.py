@@ -243,6 +243,11 @@ class OPTFamily(Family):
 
         return OPTDecoder.for_model(model)
 
+    def static_step(self, model):
+        from .opt_decode import static_step
+
+        return static_step(model)
+
     def prefix_hooks(self):
         # The default prefix mask padding (ones before the 2-D mask) is right for OPT; note that positions,
         # being cumsum(mask) - 1, then start at num_prefix_tokens (as with HF OPT + PEFT prefix tuning),

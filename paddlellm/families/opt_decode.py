@@ -75,6 +75,11 @@ class OPTDecoder(DecodeCore):
         table = emb.position_embeddings
         return hidden + paddle.nn.Embedding.forward(table, positions + table.offset)
 
+    def _score(self, q, k):
+        import paddle
+
+        return paddle.matmul(q * self.head_dim ** -0.5, k, transpose_y=True)
+
     def _layer(self, i, layer, hidden, ctx, bias, kv):
         attn = layer.self_attn
         pre = layer.normalize_before
@@ -82,7 +87,7 @@ class OPTDecoder(DecodeCore):
         q, k, v = (proj(x).reshape([0, 0, self.heads, self.head_dim]).transpose([0, 2, 1, 3])
                    for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
         k, v = kv(k, v)
-        hidden = hidden + attn.out_proj(self._attention(q, k, v, bias, self.head_dim ** -0.5))
+        hidden = hidden + attn.out_proj(self._attend(q, k, v, bias))
         if not pre:
             hidden = layer.norm1(hidden)
         x = layer.norm2(hidden) if pre else hidden
@@ -109,3 +114,24 @@ class OPTDecoder(DecodeCore):
         if type(head) is OPTLMHead and type(head).forward is OPTLMHead.forward and head.decoder_weight.dtype == hidden.dtype:
             return self._tied_head(hidden, head.decoder_weight)
         return head(hidden)
+
+
+def static_step(model):
+    """The in-place static step program (format 2, families/inplace_step.RunnerStep) running this runner's layers,
+    or None where the runner does not apply."""
+    import paddle
+
+    from .inplace_step import RunnerStep, SplitAttention
+
+    class OPTStep(SplitAttention, OPTDecoder):
+        reads_positions = False
+
+        def _step_inputs(self, positions, past_mask, new_mask):
+            # positions counted from the masks, as _positions / _advance do (cumsum(mask) - 1; the program has no
+            # positions input): the past's attended slots plus the new block's attended columns so far
+            seen = (past_mask == 0).astype("int64").sum(axis=-1, keepdim=True)  # [B, 1]
+            new_keep = (new_mask[:, -1, :] == 0).astype("int64")  # [B, L]: the last query attends every kept column
+            positions = seen + paddle.cumsum(new_keep, axis=-1) - 1
+            return super()._step_inputs(positions, past_mask, new_mask)
+
+    return RunnerStep(OPTStep(model)) if unsupported(model) is None else None

@@ -239,10 +239,14 @@ class InPlaceProgram:
         self.head_dim = meta["head_dim"]
         self.dtype = meta["dtype"]
         self._zeros_new: Dict[int, object] = {}
+        # a program whose family derives positions from the masks (OPT, Bloom) has no positions input
+        self.reads_positions = "positions" in meta.get("input_names", ["positions"])
+        self.cache_key = meta.get("cache_key", "past_key_values")
 
     def run(self, input_ids, positions, past_mask, new_mask, caches):
-        feeds = [input_ids.astype("int64").contiguous(), positions.astype("int64").contiguous(), past_mask.contiguous(),
-                 new_mask.contiguous()] + [t.contiguous() for t in caches]
+        feeds = [input_ids.astype("int64").contiguous()]
+        feeds += [positions.astype("int64").contiguous()] if self.reads_positions else []
+        feeds += [past_mask.contiguous(), new_mask.contiguous()] + [t.contiguous() for t in caches]
         outputs = self.predictor.run(feeds)
         _restore_math_threads()
         # clone() the logits: run()'s outputs can live in memory the predictor reuses on its next run (the new
@@ -367,12 +371,13 @@ class InPlaceForward:
     def __init__(self, program: InPlaceProgram):
         self.program = program
         self.config = program.config  # the paddle.inference Config (oneDNN off on CPU)
-        self.cache_key = "past_key_values"
+        self.cache_key = program.cache_key  # the model's cache argument: past_key_values, or cache (OPT, Bloom)
 
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **_ignored):
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
         import paddle
 
         prog = self.program
+        past_key_values = kwargs.get(self.cache_key)
         batch, length = input_ids.shape
         past = [t for kv in past_key_values for t in kv] if past_key_values else None
         done = past[0].shape[2] if past else 0
