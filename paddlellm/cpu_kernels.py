@@ -582,8 +582,9 @@ _MASKED_AT = -1e4
 def _query_groups(mask) -> Optional[list]:
     """Per row of a [B, 1, S, S] additive mask (0 = attend, <= -1e4 = not): a list of query groups
     (q0, q1, k0, k1, kind) that reproduce it, kind "causal" (queries q0..q1-1 attend keys q0..q), "rect" (every
-    query attends keys k0..k1-1) or "self" (each query attends only itself); None when the mask is not of
-    that shape (or its values are not just 0 and <= -1e4)."""
+    query attends keys k0..k1-1), "self" (each query attends only itself) or "prefix" (a prefix-LM target block,
+    ChatGLM v1 / GLM: query q of q0..q1-1 attends keys k0..q, i.e. every key of the prompt k0..q0-1 and the targets
+    causally; k1 = q1); None when the mask is not of that shape (or its values are not just 0 and <= -1e4)."""
     m = mask.numpy()
     if m.ndim != 4 or m.shape[1] != 1 or m.shape[2] != m.shape[3]:
         return None
@@ -610,6 +611,10 @@ def _query_groups(mask) -> Optional[list]:
                     groups.append((i, j, i, j, "self"))
                 else:
                     groups.append((i, j, i, j, "causal"))
+            elif f[i] < i == l[i] and j < S and f[j] == f[i] and l[j] == j:  # prefix-LM targets: keys f[i]..q
+                while j < S and f[j] == f[i] and l[j] == j:
+                    j += 1
+                groups.append((i, j, int(f[i]), j, "prefix"))
             else:
                 while j < S and f[j] == f[i] and l[j] == l[i]:
                     j += 1
@@ -639,51 +644,70 @@ def _mask_groups(attention_mask, bsz: int, as_4d: Optional[Callable] = None) -> 
 
 
 def _per_block_attention(query_states, key_states, value_states, attention_mask, scale: Optional[float] = None,
-                         bias: Optional[Callable] = None, as_4d: Optional[Callable] = None):
+                         bias: Optional[Callable] = None, as_4d: Optional[Callable] = None, seq_first: bool = False):
     """softmax(q k^T * scale + bias + mask) v for q/k/v [batch, seq, heads, head_dim] with as many key/value heads as
     query heads, an additive [batch, 1, seq, seq] mask (or
-    any mask that as_4d(mask) turns into one: Bloom's [batch * heads, seq, seq]) and scale 1/sqrt(head_dim) unless
-    given, computed per query group of the mask -> [batch, seq, heads * head_dim]. bias(row, k0, k1) is a
-    [1, heads, 1, k1 - k0] score bias of keys k0..k1-1 (Bloom's ALiBi). None when the mask has no such groups (the
-    caller then runs the full product)."""
+    any mask that as_4d(mask) turns into one: Bloom's [batch * heads, seq, seq], GLM's 0/1 mask) and scale
+    1/sqrt(head_dim) unless given, computed per query group of the mask -> [batch, seq, heads * head_dim]; with
+    seq_first, q/k/v are [seq, batch, heads, head_dim] and the result [seq, batch, heads * head_dim] (ChatGLM v1).
+    bias(row, k0, k1) is a [1, heads, 1, k1 - k0] score bias of keys k0..k1-1 (Bloom's ALiBi). None when the mask
+    has no such groups (the caller then runs the full product)."""
     import math
 
     import paddle
     import paddle.nn.functional as F
 
-    bsz, q_len, heads, head_dim = query_states.shape
+    if seq_first:
+        q_len, bsz, heads, head_dim = query_states.shape
+    else:
+        bsz, q_len, heads, head_dim = query_states.shape
     groups = _mask_groups(attention_mask, bsz, as_4d)
     if groups is None:
         return None
     scale = 1 / math.sqrt(head_dim) if scale is None else scale
-    causal = {}
+    masks = {}  # (prompt keys, queries) -> the additive [n, p + n] mask of a causal (p = 0) or prefix block
+
+    def block_mask(p, n):
+        if (p, n) not in masks:
+            causal = paddle.tril(paddle.ones([n, n], dtype="bool"))
+            attend = paddle.concat([paddle.ones([n, p], dtype="bool"), causal], axis=1) if p else causal
+            masks[(p, n)] = paddle.where(attend, paddle.zeros([1]), paddle.full([1], paddle.finfo(paddle.float32).min))
+        return masks[(p, n)]
+
     # one split per tensor (its backward is one concat) instead of a slice per block (each slice's backward
-    # writes into a zero tensor of the whole input's size)
-    q_rows, k_rows, v_rows = ((paddle.split(t, bsz, axis=0) if bsz > 1 else [t]) for t in (query_states, key_states, value_states))
+    # writes into a zero tensor of the whole input's size); seq_first rows [seq, 1, ...] are [1, seq, ...] as they lie
+    axis = 1 if seq_first else 0
+    q_rows, k_rows, v_rows = ((paddle.split(t, bsz, axis=axis) if bsz > 1 else [t]) for t in (query_states, key_states, value_states))
+    if seq_first:
+        q_rows, k_rows, v_rows = ([t.reshape([1, q_len, heads, head_dim]) for t in ts] for ts in (q_rows, k_rows, v_rows))
     to_heads = (lambda t: t.transpose([0, 2, 1, 3]))  # [1, n, heads, head_dim] <-> [1, heads, n, head_dim]
     rows = []
     for b, row_groups in enumerate(groups):
         q_parts = _split_seq(q_rows[b], [(q0, q1) for q0, q1, _, _, _ in row_groups], q_len)
-        k_parts = _split_seq(k_rows[b], [(k0, k1) for _, _, k0, k1, _ in row_groups], q_len)
-        v_parts = _split_seq(v_rows[b], [(k0, k1) for _, _, k0, k1, _ in row_groups], q_len)
+        # the key spans a group reads: a prefix block reads its prompt's keys (those of the prompt's own rect group)
+        # and its own; taken apart once, so that the spans of a packed row of prefix-LM examples tile it (one split)
+        spans = [[(k0, q0), (q0, q1)] if kind == "prefix" else [(k0, k1)] for q0, q1, k0, k1, kind in row_groups]
+        keys = sorted({s for group in spans for s in group})
+        k_of, v_of = (dict(zip(keys, _split_seq(t[b], keys, q_len))) for t in (k_rows, v_rows))
         parts = []
-        for (q0, q1, k0, k1, kind), q, k, v in zip(row_groups, q_parts, k_parts, v_parts):
+        for (q0, q1, k0, k1, kind), q, group in zip(row_groups, q_parts, spans):
             if kind == "self":  # softmax over one score is exactly 1: the output is the value row
-                parts.append(v)
+                parts.append(v_of[group[0]])
                 continue
+            k, v = ((paddle.concat([d[s] for s in group], axis=1) if len(group) > 1 else d[group[0]]) for d in (k_of, v_of))
             q, k = to_heads(q), to_heads(k)
             weights = paddle.matmul(q * scale, k, transpose_y=True)
             if bias is not None:
                 weights = weights + bias(b, k0, k1)
-            if kind == "causal":
-                n = q1 - q0
-                if n not in causal:
-                    causal[n] = paddle.where(paddle.tril(paddle.ones([n, n], dtype="bool")), paddle.zeros([1]),
-                                             paddle.full([1], paddle.finfo(paddle.float32).min))
-                weights = weights + causal[n]
+            if kind in ("causal", "prefix"):
+                weights = weights + block_mask(q0 - k0, q1 - q0)
             out = paddle.matmul(F.softmax(weights, axis=-1), to_heads(v))
             parts.append(to_heads(out))
         rows.append(paddle.concat(parts, axis=1) if len(parts) > 1 else parts[0])
+    if seq_first:
+        rows = [r.reshape([q_len, 1, heads * head_dim]) for r in rows]
+        out = paddle.concat(rows, axis=1) if len(rows) > 1 else rows[0]
+        return out.reshape([q_len, bsz, heads * head_dim])
     out = paddle.concat(rows, axis=0) if len(rows) > 1 else rows[0]
     return out.reshape([bsz, q_len, heads * head_dim])
 
@@ -905,6 +929,96 @@ def _patch_bloom_segment_attention(model) -> int:
     return 1 if n else 0
 
 
+def _chatglm_attention_forward(self, hidden_states, attention_mask, position_ids, use_cache=False, cache=None,
+                               layer_id=0, rotary_embeds=None):
+    """ChatGLM v1's attention forward ([seq, batch, hidden] in and out) with the product computed per query group of
+    its additive mask (ChatGLMStack turns the bool may-attend mask into 0 / finfo.min once per forward): the prompt of
+    a prefix-LM example attends its prompt as a rectangle, its targets the prompt and themselves causally. The same
+    q / (sqrt(head_dim) * (layer_id + 1)) and scores times (layer_id + 1) as paddlenlp; a cache (decoding, prefix
+    tuning), flash attention, tensor parallel or non-float32 take paddlenlp's path. The attention weights it returns
+    are None here (ChatGLMBlock drops them)."""
+    import math
+
+    import paddle
+
+    def own():
+        return type(self).forward(self, hidden_states, attention_mask, position_ids, use_cache=use_cache, cache=cache,
+                                  layer_id=layer_id, rotary_embeds=rotary_embeds)
+
+    cfg = self.config
+    length, bsz = hidden_states.shape[:2]
+    if (cache is not None or getattr(cfg, "use_flash_attention", False) or cfg.tensor_parallel_degree > 1
+            or self.scale_mask_softmax or hidden_states.dtype != paddle.float32 or attention_mask is None
+            or list(attention_mask.shape) not in ([bsz, 1, length, length], [1, 1, length, length])
+            or _mask_groups(attention_mask, bsz) is None):
+        return own()
+    heads, head_dim = self.num_attention_heads, self.attention_head_size
+    mixed = self.query_key_value(hidden_states).reshape([length, bsz, heads, head_dim * 3])
+    q, k, v = paddle.split(mixed, 3, axis=-1)  # [seq, batch, heads, head_dim] each
+    q, k = self._core_attention(q, k, position_ids, rotary_embeds)  # the rotary embedding
+    coeff = float(layer_id) + 1.0
+    if self.attention_scale:
+        q = q / (math.sqrt(head_dim) * coeff)
+    out = _per_block_attention(q, k, v, attention_mask, scale=coeff, seq_first=True)
+    return self.dense(out), ((k, v) if use_cache else None), None
+
+
+def _patch_chatglm_segment_attention(model) -> int:
+    from paddlenlp.transformers.chatglm import modeling
+
+    if model.config.tensor_parallel_degree > 1:
+        return 0
+    n = _replace_attention_forwards(model, modeling.ChatGLMAttention, _chatglm_attention_forward)
+    if n:
+        _mark_active(model.chatglm.transformer)  # the mask's groups are dropped when the forward ends
+    return 1 if n else 0
+
+
+def _glm_as_4d(mask):
+    """GLM's multiplicative 0/1 mask [batch, 1, seq, seq] as an additive one (0 / -65504 as GLMAttention adds); any
+    other value (a weight the model would multiply the score by) becomes 0.5, which _query_groups refuses."""
+    import paddle
+
+    m = mask.astype("float32")
+    return paddle.where(m == 1, paddle.zeros([1]), paddle.where(m == 0, paddle.full([1], -65504.0), paddle.full([1], 0.5)))
+
+
+def _glm_attention_forward(self, hidden_states, ltor_mask, cache=None):
+    """GLMAttention's forward with the product computed per query group of its 0/1 mask (_glm_as_4d): q . k / sqrt(d),
+    masked keys at -65504 as paddlenlp (exp() of either is exactly 0). A cache (memories: decoding, prefix tuning),
+    attention_scale > 1, attention dropout in training, tensor parallel or non-float32 take paddlenlp's path; the
+    output dropout runs as there."""
+    import paddle
+    from paddlenlp.transformers.glm import modeling
+
+    cfg = self.config
+    bsz, length = hidden_states.shape[:2]
+    if (cache is not None or cfg.tensor_parallel_degree > 1 or self.attention_scale > 1.0
+            or (self.training and self.attention_dropout.p > 0) or hidden_states.dtype != paddle.float32
+            or ltor_mask is None or list(ltor_mask.shape) not in ([bsz, 1, length, length], [1, 1, length, length])
+            or _mask_groups(ltor_mask, bsz, _glm_as_4d) is None):
+        return type(self).forward(self, hidden_states, ltor_mask, cache)
+    heads, head_dim = self.num_attention_heads, self.attention_head_size
+    q, k, v = (t.reshape([0, 0, heads, head_dim]) for t in paddle.split(self.query_key_value(hidden_states), 3, axis=-1))
+    out = self.dense(_per_block_attention(q, k, v, ltor_mask, scale=head_dim ** -0.5, as_4d=_glm_as_4d))
+    tracker = modeling.get_rng_state_tracker()
+    if "global_seed" in tracker.states_:
+        with tracker.rng_state("global_seed"):
+            return self.output_dropout(out)
+    return self.output_dropout(out)
+
+
+def _patch_glm_segment_attention(model) -> int:
+    from paddlenlp.transformers.glm import modeling
+
+    if model.config.tensor_parallel_degree > 1:
+        return 0
+    n = _replace_attention_forwards(model, modeling.GLMAttention, _glm_attention_forward)
+    if n:
+        _mark_active(model.glm.transformer)  # the mask's groups are dropped when the forward ends
+    return 1 if n else 0
+
+
 def _patch_last_logits(model, backbone: Callable, head: Callable, output_class: str, seq_first: bool = False,
                        rest: Callable = _rest_of, none_means_tuple: bool = False, after_head: Callable = None) -> int:
     """Inside `generating()`, in eval mode without labels: the head on the last position only ([batch, 1, vocab]
@@ -979,6 +1093,8 @@ PATCHES: Dict[str, Callable] = {
     "gpt_segment_attention": _patch_gpt_segment_attention,
     "opt_segment_attention": _patch_opt_segment_attention,
     "bloom_segment_attention": _patch_bloom_segment_attention,
+    "chatglm_segment_attention": _patch_chatglm_segment_attention,
+    "glm_segment_attention": _patch_glm_segment_attention,
     "llama_rotary": _patch_llama_rotary,
     "llama_supervised_loss": _patch_llama_supervised_loss,
     "llama_last_logits": _patch_llama_last_logits,

@@ -305,6 +305,55 @@ def test_query_groups_of_packed_padded_and_other_masks(tiny_dir):
     assert cpu_kernels._query_groups(_additive(causal[None, None]) + paddle.full([1], 0.5)) is None
 
 
+def _prefix_lm(spans, S):
+    """A bool [S, S] may-attend mask of prefix-LM examples (start, prompt, end) packed in a row, as ChatGLM v1 and GLM
+    build them: the prompt attends itself both ways, a target its prompt and the targets up to itself; the rest of
+    the row is padding that attends itself."""
+    attend = np.eye(S, dtype=bool)
+    for a, p, e in spans:
+        attend[a:e, a:e] = np.tril(np.ones([e - a, e - a], bool))
+        attend[a:a + p, a:a + p] = True
+    return attend
+
+
+def test_query_groups_and_per_block_attention_of_prefix_lm_masks():
+    """Prefix-LM rows (chatglm_segment_attention, glm_segment_attention): a 'rect' group per prompt and a 'prefix' group
+    per run of targets (keys from the prompt's start up to each query); per-block attention over them equals the
+    masked softmax over the whole row, batch-first and seq-first (ChatGLM v1's layout), additive mask or GLM's 0/1."""
+    import paddle
+
+    S = 14
+    packed = _prefix_lm([(0, 3, 6), (6, 2, 10)], S)  # two examples and a padding tail of 4
+    single = _prefix_lm([(0, 4, 5), (5, 5, 14)], S)  # one target only (a 1-query group: 'rect'), then 4 targets
+    groups = cpu_kernels._query_groups(_additive(np.stack([packed, single])[:, None]))
+    assert groups == [
+        [(0, 3, 0, 3, "rect"), (3, 6, 0, 6, "prefix"), (6, 8, 6, 8, "rect"), (8, 10, 6, 10, "prefix"), (10, 14, 10, 14, "self")],
+        [(0, 4, 0, 4, "rect"), (4, 5, 0, 5, "rect"), (5, 10, 5, 10, "rect"), (10, 14, 5, 14, "prefix")],
+    ]
+    # one target that does not see the whole prompt: no longer the prefix-LM shape of that block
+    skew = packed.copy()
+    skew[4, 0] = False
+    assert [g for g in cpu_kernels._query_groups(_additive(skew[None, None]))[0] if g[4] == "prefix"] == [(8, 10, 6, 10, "prefix")]
+    # GLM's 0/1 mask with another value (a weight the model would multiply by) is not taken
+    assert cpu_kernels._query_groups(cpu_kernels._glm_as_4d(paddle.to_tensor(packed[None, None].astype("float32") * 0.5))) is None
+
+    attend = np.stack([packed, single])
+    rng = np.random.RandomState(0)
+    q, k, v = (rng.randn(2, S, 3, 4).astype("float32") for _ in range(3))
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / 2.0 + np.where(attend, 0, -1e30)[:, None]
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    want = np.einsum("bhqk,bkhd->bqhd", probs / probs.sum(-1, keepdims=True), v).reshape([2, S, 12])
+    for mask, as_4d in ((_additive(attend[:, None]), None), (paddle.to_tensor(attend[:, None].astype("int64")), cpu_kernels._glm_as_4d)):
+        cpu_kernels._state.groups = None
+        got = cpu_kernels._per_block_attention(*(paddle.to_tensor(t) for t in (q, k, v)), mask, as_4d=as_4d)
+        np.testing.assert_allclose(got.numpy(), want, atol=1e-5, rtol=1e-5)
+        cpu_kernels._state.groups = None
+        got = cpu_kernels._per_block_attention(*(paddle.to_tensor(t.transpose(1, 0, 2, 3)) for t in (q, k, v)), mask,
+                                               as_4d=as_4d, seq_first=True)
+        np.testing.assert_allclose(got.numpy(), want.transpose(1, 0, 2), atol=1e-5, rtol=1e-5)
+    cpu_kernels._state.groups = None
+
+
 @pytest.mark.parametrize("family", [f for f in PATCHED if any(p.endswith("_segment_attention") for p in get_family(f).cpu_patches)])
 def test_segment_attention_runs_on_packed_and_padded_batches(family, tiny_dir, monkeypatch):
     """The patched attention finds the blocks of both batch kinds the trainer makes (not its fallback; Bloom computes
@@ -324,7 +373,11 @@ def test_segment_attention_runs_on_packed_and_padded_batches(family, tiny_dir, m
             a, b = (logits_of(m(**inputs)).numpy() for m in (plain, patched))
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5, err_msg=name)
         assert seen and seen[-1] is not None, name
-        assert {g[4] for row in seen[-1] for g in row} >= ({"causal", "self"} if name == "packed" else {"causal"})
+        if get_family(family).prefix_lm:  # ChatGLM v1, GLM: bidirectional prompts (rect), causal targets over them
+            want = {"rect", "prefix", "self"}  # (the packed batch's shorter row and the unpacked rows are padded)
+        else:
+            want = {"causal", "self"} if name == "packed" else {"causal"}
+        assert {g[4] for row in seen[-1] for g in row} >= want, name
     assert len(seen) == 2  # analysed once per forward, not once per layer
 
 
