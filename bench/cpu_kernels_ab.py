@@ -30,8 +30,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from benchlib import machine_info, save_report  # noqa: E402
-from train_throughput import LENGTHS, MAX_LEN, MODEL  # noqa: E402
+from benchlib import SHAPES, machine_info, save_report  # noqa: E402
+from train_throughput import LENGTHS, MAX_LEN  # noqa: E402
+
+# train_throughput.py's former MODEL: its "small" shape (hidden 512, 4 layers, 8 heads, intermediate 1376, vocab 8000)
+MODEL = {k: SHAPES["small"][s] for k, s in (("hidden_size", "hidden"), ("num_hidden_layers", "layers"),
+                                            ("num_attention_heads", "heads"), ("intermediate_size", "intermediate"),
+                                            ("vocab_size", "vocab"))}
 
 
 def examples(n, seed, family=None):

@@ -20,10 +20,12 @@ same values in fewer, cheaper CPU operations:
                      GLM, Qwen2) are the same product with the embedding matrix; GLM keeps its
                      loss_mask weighting
   llama_segment_attention, qwen2_segment_attention, gpt_segment_attention, opt_segment_attention,
-  bloom_segment_attention
+  bloom_segment_attention, chatglm_segment_attention, glm_segment_attention
                      attention computed per block of the mask instead of over the whole [seq, seq]
                      square: a packed row of 512 tokens holding seven examples attends within each
-                     example (causal blocks), padding tails attend their fixed key range, and positions
+                     example (causal blocks; in the prefix-LM families ChatGLM v1 and GLM a rectangle
+                     for the bidirectional prompt and a "prefix" block for the targets, which attend
+                     the prompt and themselves causally), padding tails attend their fixed key range, and positions
                      that attend only themselves take their value row as it is (softmax of one score is
                      exactly 1); the masked entries the full product computes add exactly 0 (GPT masks
                      with -1e4, whose exp() is 0 in float32 too; Bloom adds the ALiBi bias of each block's
