@@ -965,15 +965,21 @@ def _chatglm_attention_forward(self, hidden_states, attention_mask, position_ids
     return self.dense(out), ((k, v) if use_cache else None), None
 
 
+def _patch_prefix_lm_attention(model, attention_class, forward, transformer) -> int:
+    """ChatGLM v1's / GLM's attention layers take `forward` (not with tensor parallel); `transformer` is marked active
+    so the mask's groups are dropped when its forward ends."""
+    if model.config.tensor_parallel_degree > 1:
+        return 0
+    n = _replace_attention_forwards(model, attention_class, forward)
+    if n:
+        _mark_active(transformer)
+    return 1 if n else 0
+
+
 def _patch_chatglm_segment_attention(model) -> int:
     from paddlenlp.transformers.chatglm import modeling
 
-    if model.config.tensor_parallel_degree > 1:
-        return 0
-    n = _replace_attention_forwards(model, modeling.ChatGLMAttention, _chatglm_attention_forward)
-    if n:
-        _mark_active(model.chatglm.transformer)  # the mask's groups are dropped when the forward ends
-    return 1 if n else 0
+    return _patch_prefix_lm_attention(model, modeling.ChatGLMAttention, _chatglm_attention_forward, model.chatglm.transformer)
 
 
 def _glm_as_4d(mask):
@@ -1013,12 +1019,7 @@ def _glm_attention_forward(self, hidden_states, ltor_mask, cache=None):
 def _patch_glm_segment_attention(model) -> int:
     from paddlenlp.transformers.glm import modeling
 
-    if model.config.tensor_parallel_degree > 1:
-        return 0
-    n = _replace_attention_forwards(model, modeling.GLMAttention, _glm_attention_forward)
-    if n:
-        _mark_active(model.glm.transformer)  # the mask's groups are dropped when the forward ends
-    return 1 if n else 0
+    return _patch_prefix_lm_attention(model, modeling.GLMAttention, _glm_attention_forward, model.glm.transformer)
 
 
 def _patch_last_logits(model, backbone: Callable, head: Callable, output_class: str, seq_first: bool = False,
