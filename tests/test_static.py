@@ -18,7 +18,7 @@ os.environ["PADDLELLM_NO_PROGRESS"] = "1"
 
 EXPORTED = [f for f in FAMILIES if get_family(f).static_export_refusal() is None]
 REFUSED = [f for f in FAMILIES if f not in EXPORTED]
-INPLACE = ["llama", "qwen2", "gpt-3", "opt", "bloom"]  # exported as the in-place step program (format 2); the other families as format 1
+INPLACE = ["llama", "qwen2", "gpt-3", "opt", "bloom", "chatglm_v2"]  # exported as the in-place step program (format 2); the other families as format 1
 SAMPLING = ["--top_k", "5", "--top_p", "0.9", "--temperature", "0.8", "--repetition_penalty", "1.2", "--seed", "7"]
 
 

@@ -35,6 +35,11 @@ class ChatGLMv2Family(Family):
 
         return ChatGLMv2Decoder.for_model(model)
 
+    def static_step(self, model):
+        from .chatglm_v2_decode import static_step
+
+        return static_step(model)
+
     def prefix_hooks(self):
         # Cache layout per layer: [prefix_len, batch, kv_groups, head_dim] (sequence first), which is
         # what chatglm_postprocess_past_key_value produces. The default prefix mask padding (ones before

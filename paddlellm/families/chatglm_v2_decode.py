@@ -78,8 +78,7 @@ class ChatGLMv2Decoder(DecodeCore):
     # ------------------------------------------------------------------ hooks
     def _context(self, positions, length: int):
         """The rotary pairs at positions [B, L] -> [B, L, 1, rot / 2, 2] (broadcast over heads)."""
-        b, n = positions.shape
-        return self.rope[positions].reshape([b, n, 1, self.rot // 2, 2])
+        return self.rope[positions].unsqueeze(2)
 
     def _embed(self, ids, positions):
         hidden = self.base.embedding.word_embeddings(ids)
@@ -89,22 +88,16 @@ class ChatGLMv2Decoder(DecodeCore):
         """apply_rotary_pos_emb on batch-first x [B, L, heads, D]: the same products, in the same order."""
         import paddle
 
-        b, n, h, _ = x.shape
         x, x_pass = x[..., : self.rot], x[..., self.rot:]
-        pairs = x.reshape([b, n, h, self.rot // 2, 2])
+        pairs = x.reshape([0, 0, 0, self.rot // 2, 2])  # 0: the dim kept (dynamic in the static step program)
         x0, x1 = pairs[..., 0], pairs[..., 1]
         c, s = rope[..., 0], rope[..., 1]
         out = paddle.stack([x0 * c - x1 * s, x1 * c + x0 * s], -1).flatten(3)
         return paddle.concat([out, x_pass], axis=-1)
 
     def _layer(self, i, layer, hidden, rope, bias, kv):
-        import paddle
-        import paddle.nn.functional as F
-
         attn = layer.self_attention
-        core = attn.core_attention
         normed = layer.input_layernorm(hidden)
-        b, n, _ = normed.shape
         q, k, v = attn.query_key_value(normed).split(
             [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], axis=-1)
         q = self._rotate(q.reshape([0, 0, self.heads, self.head_dim]), rope)
@@ -112,18 +105,28 @@ class ChatGLMv2Decoder(DecodeCore):
         v = v.reshape([0, 0, self.kv_heads, self.head_dim])
         k, v = kv(k.transpose([0, 2, 1, 3]), v.transpose([0, 2, 1, 3]))  # [B, groups, K, D]
         # the group's query heads as one [groups * L] block: [B, KV, G * L, D]
-        q = q.transpose([0, 2, 1, 3]).reshape([b, self.kv_heads, self.groups * n, self.head_dim])
-        if self.groups > 1:
-            bias = bias.tile([1, 1, self.groups, 1])
-        scores = paddle.matmul(q, k, transpose_y=True) * (1.0 / core.norm_factor)
-        if core.coeff is not None:
-            scores = scores * core.coeff
-        probs = F.softmax(scores + bias, axis=-1)
-        out = paddle.matmul(probs, v).reshape([b, self.heads, n, self.head_dim])
-        out = attn.dense(out.transpose([0, 2, 1, 3]).reshape([b, n, self.heads * self.head_dim]))
+        q = q.transpose([0, 2, 1, 3]).reshape([0, self.kv_heads, -1, self.head_dim])
+        out = attn.dense(self._attend(q, k, v, self._group_bias(bias)))
         hidden = (normed if self.residual_post_norm else hidden) + out
         normed = layer.post_attention_layernorm(hidden)
         return (normed if self.residual_post_norm else hidden) + layer.mlp(normed)
+
+    def _group_bias(self, bias):
+        """The [B, 1, L, K] bias repeated for the G query heads of a group's [G * L] rows."""
+        return bias.tile([1, 1, self.groups, 1]) if self.groups > 1 else bias
+
+    def _score(self, q, k):
+        """CoreAttention's scores: q.k^T * (1 / norm_factor), times coeff with apply_query_key_layer_scaling."""
+        import paddle
+
+        core = self.layers[0].self_attention.core_attention
+        scores = paddle.matmul(q, k, transpose_y=True) * (1.0 / core.norm_factor)
+        return scores * core.coeff if core.coeff is not None else scores
+
+    def _merge_heads(self, out):
+        """[B, KV, G * L, D] -> [B, L, H * D]."""
+        out = out.reshape([0, self.heads, -1, self.head_dim]).transpose([0, 2, 1, 3])
+        return out.reshape([0, 0, self.heads * self.head_dim])
 
     def _logits(self, hidden_last):
         encoder = self.base.encoder
@@ -131,3 +134,23 @@ class ChatGLMv2Decoder(DecodeCore):
             hidden_last = encoder.final_layernorm(hidden_last)
         # the output layer takes sequence-first [1, B, h] and returns batch-first [B, 1, vocab]
         return self.base.output_layer(hidden_last.transpose([1, 0, 2]))[:, -1, :]
+
+
+def static_step(model):
+    """The in-place static step program (format 2, families/inplace_step.RunnerStep) running this runner's layers,
+    or None where the runner does not apply."""
+    from .inplace_step import RunnerStep, SplitAttention
+
+    class ChatGLMv2Step(SplitAttention, ChatGLMv2Decoder):
+        step_context = True  # the rotary pairs at the positions
+
+        def _group_bias(self, bias):  # (past [B, 1, 1, C]: broadcasts over the rows, new [B, 1, L, L])
+            past, new = bias
+            return past, super()._group_bias(new)
+
+    if unsupported(model) is not None:
+        return None
+    runner = ChatGLMv2Step(model)
+    step = RunnerStep(runner)
+    step.register_buffer("rope_table", runner.rope)  # a buffer of the layer: dy2static can't capture a plain tensor
+    return step

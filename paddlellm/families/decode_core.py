@@ -174,6 +174,10 @@ class DecodeCore:
         import paddle.nn.functional as F
 
         out = paddle.matmul(F.softmax(self._score(q, k) + bias, axis=-1), v)
+        return self._merge_heads(out)
+
+    def _merge_heads(self, out):
+        """The attention output [B, H, Lq, D] -> [B, Lq, H * D] (hook: ChatGLM2's query rows are [B, groups, G * Lq, D])."""
         return out.transpose([0, 2, 1, 3]).reshape([0, 0, self.heads * self.head_dim])
 
     def _score(self, q, k):

@@ -1,5 +1,5 @@
 """The step program of an in-place static export (format 2): InPlaceStep for LLaMA-design decoders (LLaMA, Qwen2);
-RunnerStep (below) for GPT, OPT and Bloom, running their dynamic decode runner's own layer code.
+RunnerStep (below) for GPT, OPT, Bloom and ChatGLM2, running their dynamic decode runner's own layer code.
 
 Format 1 exports the model's own forward, whose KV cache is a [batch, length, heads, head_dim] tensor per layer
 that every step grows by concatenation (and transposes before attending): several copies of the whole cache
@@ -104,7 +104,7 @@ class InPlaceStep(paddle.nn.Layer):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# GPT, OPT, Bloom: the step program runs the family's dynamic decode runner's own layer code (its _embed, _layer,
+# GPT, OPT, Bloom, ChatGLM2: the step program runs the family's dynamic decode runner's own layer code (its _embed, _layer,
 # _logits), so the program and the runner compute the same thing; only the attention is split (SplitAttention).
 class SplitAttention:
     """Mixin over a DecodeCore runner class: _attend over the cache and the new block, k/v/bias given as (past,
@@ -118,9 +118,10 @@ class SplitAttention:
         past, new = paddle.exp(past - top), paddle.exp(new - top)
         total = past.sum(axis=-1, keepdim=True) + new.sum(axis=-1, keepdim=True)
         out = (paddle.matmul(past, v_past) + paddle.matmul(new, v_new)) / total
-        return out.transpose([0, 2, 1, 3]).reshape([0, 0, self.heads * self.head_dim])
+        return self._merge_heads(out)
 
     reads_positions = True  # False: the program has no positions input (the step derives what it needs from the masks)
+    step_context = False  # True: the step calls the runner's _context(positions, None) for its layers (ChatGLM2's rotary pairs)
 
     def _step_inputs(self, positions, past_mask, new_mask):
         """(positions, (past bias [B, 1|H, 1, C], new bias [B, 1|H, L, L])) from the program's inputs (hook: OPT counts
@@ -168,8 +169,9 @@ class RunnerStep(paddle.nn.Layer):
             input_ids, past_mask, new_mask = feeds[:3]
             positions, caches = None, feeds[3:]
         positions, bias = runner._step_inputs(positions, past_mask, new_mask)
+        ctx = runner._context(positions, None) if runner.step_context else None
         hidden = runner._embed(input_ids, positions)
         out: list = []
         for i, layer in enumerate(self.layers):
-            hidden = runner._layer(i, layer, hidden, None, bias, _Collect(caches[2 * i], caches[2 * i + 1], out))
+            hidden = runner._layer(i, layer, hidden, ctx, bias, _Collect(caches[2 * i], caches[2 * i + 1], out))
         return [runner._logits(hidden[:, -1:])] + out
