@@ -410,19 +410,6 @@ def test_inplace_runner_equals_dynamic_runner(family, tiny_dir, exported):
                 tokens = paddle.to_tensor(rng.integers(5, 200, [len(texts), 1]), dtype="int64")
                 want, got = dynamic.step(tokens), static.step(tokens[:, :1])
     assert static.capacity > capacity  # the cache grew (one copy) and kept its contents
-    # a batch of ONEDNN_MIN_BATCH rows ran on the oneDNN predictor (exact above); a single row runs on the plain one
-    assert len(texts) == static_runtime.ONEDNN_MIN_BATCH and forward.program._onednn is not None
-    assert static.predictor is forward.program._onednn[0] and forward.program._onednn[1].mkldnn_enabled()
-    single = {k: v[:1] for k, v in inputs.items()}
-    one, one_dyn = static_runtime.inplace_runner(shell), fam.decode_runner(model)
-    with paddle.no_grad():
-        room = single["input_ids"].shape[1] + 4
-        got, want = one.prefill(single, room), one_dyn.prefill(single, room)
-        assert one.predictor is forward.program.predictor
-        for i in range(3):
-            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5, rtol=0, err_msg=f"batch 1, step {i}")
-            tokens = paddle.to_tensor([[7 + i]], dtype="int64")
-            got, want = one.step(tokens), one_dyn.step(tokens)
     # a padding hole inside a row is masked like padding (Bloom: it does not advance ALiBi's key positions, OPT: its
     # positions)
     mask = inputs["attention_mask"].numpy().copy()
@@ -486,16 +473,3 @@ def test_format_1_llama_export_still_predicts(tiny_dir, tmp_path, monkeypatch):
     for model, out in zip((tiny_dir("llama"), folder), outs):
         assert predict("--model_name_or_path", model, "--data_file", data, "--output_file", out, "--batch_size", "4") == 0
     assert read_jsonl(outs[0]) == read_jsonl(outs[1])
-
-
-def test_kernels_off_keeps_the_in_place_program_off_onednn(exported, monkeypatch):
-    """PADDLELLM_CPU_KERNELS=0: every batch runs on the plain predictor (oneDNN is format 2's CPU fast path)."""
-    from paddlellm.formats import static as static_runtime
-
-    shell, _ = static_runtime.load_static(exported("llama"), get_family("llama"))
-    program = shell.forward.program
-    monkeypatch.setenv("PADDLELLM_CPU_KERNELS", "0")
-    assert program.predictor_for(32) is program.predictor and program._onednn is None
-    monkeypatch.delenv("PADDLELLM_CPU_KERNELS")
-    assert program.predictor_for(static_runtime.ONEDNN_MIN_BATCH - 1) is program.predictor
-    assert program.predictor_for(static_runtime.ONEDNN_MIN_BATCH) is program._onednn[0] is not program.predictor

@@ -14,10 +14,7 @@ forward (InPlaceForward) answers from the same program for the paths that keep g
 
 Two measured pitfalls of paddle.inference on CPU (paddle 3.3.1) are handled here:
 - oneDNN, on by default, gives wrong values for a residual add + RMSNorm when a sequence dim is fixed to 1:
-  every batch/sequence dim is dynamic in the export, and oneDNN is off for format 1 and for small batches of
-  format 2 (slower there); in-place programs run batches of ONEDNN_MIN_BATCH rows and more on a second, oneDNN
-  predictor (the CPU fast path of format 2; same logits within 1e-5, measured 1.3-1.8x faster per step at
-  batch 8 and 32, slower at batch 1-2);
+  oneDNN is turned off (it is also slower here) and every batch/sequence dim is dynamic in the export;
 - predictor.run ignores the strides of sliced tensors (generate() feeds input_ids[:, -1:] views): every
   input is made contiguous first;
 - the tensors predictor.run returns may live in memory it reuses on the next run: they are copied.
@@ -34,10 +31,6 @@ from ..cpu_kernels import prefill_chunks
 FORMAT_VERSION = 1  # the model forward with a concatenated cache (any family; prefix-tuning exports)
 INPLACE_VERSION = 2  # families/inplace_step.py's program: the runner keeps the KV cache and writes it in place
 FORMAT_VERSIONS = (FORMAT_VERSION, INPLACE_VERSION)
-# In-place programs run a batch of at least this many rows on a oneDNN predictor (CPU, PADDLELLM_CPU_KERNELS not 0):
-# bench/static_predictors.py measured its decode step slower than the plain predictor's at batch 1-2 (LLaMA 6.6
-# against 10.6 ms at batch 1), level at 4 and 1.3-1.8x faster at 8 and 32 on every format-2 family.
-ONEDNN_MIN_BATCH = 4
 KV_GROW = 64  # the in-place cache starts at prompt + this many slots (at most the capacity asked), grows by at least as many
 META_NAME = "static_meta.json"
 PREFIX_DIR = "prefix"  # prefix-tuning parameters of an export, beside the program
@@ -155,9 +148,8 @@ def cpu_threads() -> int:
         return 1
 
 
-def create_predictor(path: str, meta: Dict, onednn: bool = False):
-    """A paddle.inference predictor of the step program with our thread count; on CPU oneDNN off unless `onednn`
-    (see the module docstring)."""
+def create_predictor(path: str, meta: Dict):
+    """A paddle.inference predictor of the step program, oneDNN off (see the module docstring), our thread count."""
     import paddle
     import paddle.inference as paddle_infer
 
@@ -167,10 +159,7 @@ def create_predictor(path: str, meta: Dict, onednn: bool = False):
         config.enable_use_gpu(256, int(device.split(":")[1]) if ":" in device else 0)
     else:
         config.disable_gpu()
-        if onednn:
-            config.enable_mkldnn()
-        else:
-            config.disable_mkldnn()
+        config.disable_mkldnn()
         config.set_cpu_math_library_num_threads(cpu_threads())
     config.switch_ir_optim(True)
     config.disable_glog_info()
@@ -242,11 +231,9 @@ class InPlaceProgram:
     run(input_ids [B, L], positions [B, L], past_mask [B, C], new_mask [B, L, L], caches [B, kv, C, D] per layer
     key then value) -> (last logits [B, vocab], new keys/values [B, kv, L, D] per layer)."""
 
-    def __init__(self, predictor, config, meta: Dict, path: Optional[str] = None):
-        self.predictor = predictor  # oneDNN off: small batches (and every batch off the CPU fast path)
+    def __init__(self, predictor, config, meta: Dict):
+        self.predictor = predictor
         self.config = config
-        self._path, self._meta = path, meta  # where predictor_for makes the oneDNN predictor (None: never)
-        self._onednn = None  # (predictor, config), made at the first batch that takes it
         self.layers = meta["layers"]
         self.kv_heads = meta["kv_heads"]
         self.head_dim = meta["head_dim"]
@@ -256,25 +243,11 @@ class InPlaceProgram:
         self.reads_positions = "positions" in meta.get("input_names", ["positions"])
         self.cache_key = meta.get("cache_key", "past_key_values")
 
-    def predictor_for(self, batch: int):
-        """The predictor that runs a batch of `batch` rows: the oneDNN one from ONEDNN_MIN_BATCH rows on (made at
-        the first such batch, then kept: a process that runs both small and large batches holds the weights
-        twice), else the plain one."""
-        from ..cpu_kernels import wanted
-
-        if batch < ONEDNN_MIN_BATCH or self._path is None or not wanted():
-            return self.predictor
-        if self._onednn is None:
-            self._onednn = create_predictor(self._path, self._meta, onednn=True)
-        return self._onednn[0]
-
-    def run(self, input_ids, positions, past_mask, new_mask, caches, predictor=None):
-        """predictor: predictor_for(the batch) of the caller (one per runner, whatever its prefill chunks' sizes);
-        default the plain one."""
+    def run(self, input_ids, positions, past_mask, new_mask, caches):
         feeds = [input_ids.astype("int64").contiguous()]
         feeds += [positions.astype("int64").contiguous()] if self.reads_positions else []
         feeds += [past_mask.contiguous(), new_mask.contiguous()] + [t.contiguous() for t in caches]
-        outputs = (predictor or self.predictor).run(feeds)
+        outputs = self.predictor.run(feeds)
         _restore_math_threads()
         # clone() the logits: run()'s outputs can live in memory the predictor reuses on its next run (the new
         # keys/values are copied into the cache or concatenated before that)
@@ -314,7 +287,6 @@ class InPlaceRunner:
 
     def __init__(self, program: InPlaceProgram):
         self.program = program
-        self.predictor = program.predictor  # program.predictor_for(the batch), chosen at prefill
 
     def prefill(self, inputs: Dict, capacity: int):
         import numpy as np
@@ -331,7 +303,6 @@ class InPlaceRunner:
         if positions is None:  # as LlamaForCausalLM.prepare_inputs_for_generation
             positions = paddle.arange(length).expand((batch, length))
         prog = self.program
-        self.predictor = prog.predictor_for(batch)
         self.max_capacity = capacity
         capacity = min(capacity, length + KV_GROW)
         keep = mask.astype("bool")
@@ -354,7 +325,7 @@ class InPlaceRunner:
             causal = paddle.tril(paddle.ones([span, span], dtype="bool"))
             new_mask = _additive(pick(keep)[:, start:][:, None, :] & causal[None])
             past_mask, past = prog.empty_past(n)
-            last, kv = prog.run(pick(ids)[:, start:], pick(positions)[:, start:], past_mask, new_mask, past, self.predictor)
+            last, kv = prog.run(pick(ids)[:, start:], pick(positions)[:, start:], past_mask, new_mask, past)
             logits.append(last)
             for i, t in enumerate(kv):
                 parts = [paddle.zeros([n, prog.kv_heads, start, prog.head_dim], prog.dtype)] if start else []
@@ -384,8 +355,7 @@ class InPlaceRunner:
                 raise ValueError(f"the KV cache holds {self.max_capacity} tokens; more were fed")
             self._grow(min(self.max_capacity, self.capacity + max(KV_GROW, self.capacity // 2)))
         self.positions = self.positions + 1
-        last, kv = self.program.run(tokens, self.positions, self.mask, self.program.decode_mask(tokens.shape[0]), self.cache,
-                                    self.predictor)
+        last, kv = self.program.run(tokens, self.positions, self.mask, self.program.decode_mask(tokens.shape[0]), self.cache)
         for cache, new in zip(self.cache, kv):  # written in place: the slot of this token
             cache[:, :, slot:slot + 1, :] = new
         self.mask[:, slot] = 0.0  # attended from the next step on (generate() extends every row's mask by one)
@@ -424,7 +394,7 @@ class InPlaceForward:
             past_mask = _additive(keep[:, :done])
         else:
             past_mask, past = prog.empty_past(batch)
-        last, kv = prog.run(input_ids, position_ids, past_mask, new_mask, past, prog.predictor_for(batch))
+        last, kv = prog.run(input_ids, position_ids, past_mask, new_mask, past)
         if done:
             kv = [paddle.concat([p, t], axis=2) for p, t in zip(past, kv)]
         else:
@@ -469,7 +439,7 @@ def load_static(path: str, family, tokenizer_path: Optional[str] = None, chat_te
         model.eval()
     # object.__setattr__: paddle's Layer.__setattr__ would otherwise wrap or refuse a plain callable.
     if meta["format_version"] == INPLACE_VERSION:
-        forward = InPlaceForward(InPlaceProgram(predictor, config, meta, path))
+        forward = InPlaceForward(InPlaceProgram(predictor, config, meta))
     else:
         forward = StaticForward(predictor, config, meta)
     object.__setattr__(shell, "forward", forward)
