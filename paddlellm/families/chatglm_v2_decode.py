@@ -106,6 +106,7 @@ class ChatGLMv2Decoder(DecodeCore):
         k, v = kv(k.transpose([0, 2, 1, 3]), v.transpose([0, 2, 1, 3]))  # [B, groups, K, D]
         # the group's query heads as one [groups * L] block: [B, KV, G * L, D]
         q = q.transpose([0, 2, 1, 3]).reshape([0, self.kv_heads, -1, self.head_dim])
+        self._core = attn.core_attention  # _score's: this layer's norm_factor and coeff (layer-number scaling)
         out = attn.dense(self._attend(q, k, v, self._group_bias(bias)))
         hidden = (normed if self.residual_post_norm else hidden) + out
         normed = layer.post_attention_layernorm(hidden)
@@ -116,10 +117,11 @@ class ChatGLMv2Decoder(DecodeCore):
         return bias.tile([1, 1, self.groups, 1]) if self.groups > 1 else bias
 
     def _score(self, q, k):
-        """CoreAttention's scores: q.k^T * (1 / norm_factor), times coeff with apply_query_key_layer_scaling."""
+        """The current layer's CoreAttention scores (set by _layer): q.k^T * (1 / norm_factor), times coeff with
+        apply_query_key_layer_scaling (coeff = the layer number, so each layer rounds as its own module does)."""
         import paddle
 
-        core = self.layers[0].self_attention.core_attention
+        core = self._core
         scores = paddle.matmul(q, k, transpose_y=True) * (1.0 / core.norm_factor)
         return scores * core.coeff if core.coeff is not None else scores
 
