@@ -142,6 +142,4 @@ def static_step(model):
     if unsupported(model) is not None:
         return None
     runner = BloomStep(model)
-    step = RunnerStep(runner)
-    step.register_buffer("alibi_slopes", runner.slopes)  # a buffer of the layer: dy2static can't capture a plain tensor
-    return step
+    return RunnerStep(runner, buffers={"alibi_slopes": runner.slopes})

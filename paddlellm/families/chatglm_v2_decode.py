@@ -153,6 +153,4 @@ def static_step(model):
     if unsupported(model) is not None:
         return None
     runner = ChatGLMv2Step(model)
-    step = RunnerStep(runner)
-    step.register_buffer("rope_table", runner.rope)  # a buffer of the layer: dy2static can't capture a plain tensor
-    return step
+    return RunnerStep(runner, buffers={"rope_table": runner.rope})

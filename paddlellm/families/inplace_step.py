@@ -146,10 +146,14 @@ class RunnerStep(paddle.nn.Layer):
     by `runner` (an instance of a SplitAttention + DecodeCore runner class); the same inputs/outputs as InPlaceStep,
     without positions when the runner does not read them (reads_positions False: OPT, Bloom)."""
 
-    def __init__(self, runner):
+    def __init__(self, runner, buffers=None):
+        """buffers: name -> a tensor of the runner's that the program reads (Bloom's ALiBi slopes, ChatGLM2's rotary
+        table), registered as buffers of this layer: dy2static can't capture a plain tensor."""
         super().__init__()
         self.model = runner.model  # registered: the program's parameters
         self.runner = runner
+        for name, tensor in (buffers or {}).items():
+            self.register_buffer(name, tensor)
         self.layers = runner.layers
         self.kv_heads, self.head_dim = runner.kv_heads, runner.head_dim
         # the name of the model forward's cache argument, for the generate() host's forward (formats/static.py)
