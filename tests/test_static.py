@@ -12,13 +12,14 @@ import pytest
 
 from conftest import FAMILIES
 from paddlellm.families import get_family
+from paddlellm.formats.static import INPLACE_VERSION
 from test_predict import DATA, make_lora, make_prefix, predict, read_jsonl, write_jsonl
 
 os.environ["PADDLELLM_NO_PROGRESS"] = "1"
 
 EXPORTED = [f for f in FAMILIES if get_family(f).static_export_refusal() is None]
 REFUSED = [f for f in FAMILIES if f not in EXPORTED]
-INPLACE = ["llama", "qwen2", "gpt-3", "opt", "bloom", "chatglm_v2"]  # exported as the in-place step program (format 2); the other families as format 1
+INPLACE = ["llama", "qwen2", "gpt-3", "opt", "bloom", "chatglm_v2"]  # exported as the in-place step program (format 3); the other families as format 1
 SAMPLING = ["--top_k", "5", "--top_p", "0.9", "--temperature", "0.8", "--repetition_penalty", "1.2", "--seed", "7"]
 
 
@@ -81,7 +82,7 @@ def test_predict_static_equals_dynamic(family, tiny_dir, exported, tmp_path):
     assert [os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.pdiparams"))] == ["model.pdiparams"]
     assert not glob.glob(os.path.join(folder, "*.safetensors")) + glob.glob(os.path.join(folder, "*.pdparams"))
     assert json.load(open(os.path.join(folder, "paddlellm_meta.json")))["kind"] == "static"
-    assert json.load(open(os.path.join(folder, "static_meta.json")))["format_version"] == (2 if family in INPLACE else 1)
+    assert json.load(open(os.path.join(folder, "static_meta.json")))["format_version"] == (INPLACE_VERSION if family in INPLACE else 1)
     data = write_jsonl(tmp_path / "data.json", DATA)
     for name, extra in (("greedy", ["--top_k", "1"]), ("sampling", SAMPLING)):
         outs = {}
@@ -373,7 +374,7 @@ def test_static_forward_gives_the_math_threads_back(exported, monkeypatch):
     assert calls and set(calls) == {2} and len(calls) >= 3  # after every step's run
 
 
-# ------------------------------------------------------------------ in-place exports (format 2: LLaMA, Qwen2)
+# ------------------------------------------------------------------ in-place exports (format 3)
 @pytest.mark.parametrize("family", INPLACE)
 def test_inplace_runner_equals_dynamic_runner(family, tiny_dir, exported):
     """The in-place program's runner gives the dynamic decode runner's logits within 1e-5: a left-padded batch of
@@ -393,6 +394,8 @@ def test_inplace_runner_equals_dynamic_runner(family, tiny_dir, exported):
     assert isinstance(forward, static_runtime.InPlaceForward) and not forward.config.mkldnn_enabled()
     specs = program_inputs(os.path.join(folder, "model.json"))  # no fixed 1 (the oneDNN bug); batch/seq dims dynamic
     assert list(specs) == forward.program.predictor.get_input_names()
+    assert len(forward.program.predictor.get_output_names()) == 1  # the logits only: the cache is written in place
+    assert specs.pop("slot") == [1]  # the cache slot of the first new token
     assert all(1 not in shape and shape[0] == -1 for shape in specs.values()), specs
     texts = ["hello there, how are you today? tell me a long story", "x", "spell: 1 2 3", "hi"]
     prompts = [fam.generation_prompt(tok, [t], [], 48) for t in texts]
@@ -461,7 +464,7 @@ def test_inplace_runner_equals_dynamic_runner(family, tiny_dir, exported):
 
 
 def test_format_1_llama_export_still_predicts(tiny_dir, tmp_path, monkeypatch):
-    """A LLaMA folder exported before format 2 (the model forward with a concatenated cache) still runs."""
+    """A LLaMA folder exported as format 1 (the model forward with a concatenated cache, before in-place exports) still runs."""
     from paddlellm.families.llama import LlamaFamily
 
     monkeypatch.setattr(LlamaFamily, "static_step", lambda self, model: None)

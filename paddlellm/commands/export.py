@@ -292,6 +292,10 @@ def export(args: ExportArgument, base: str, lora_path: Optional[str], prefix_pat
             raise UserError(f"can't load model {source!r}: {_cause(e)}") from None
         model.eval()
         step = None if prefix_path else family.static_step(model)
+        if step is not None:
+            from ..cpu_kernels import apply_export
+
+            apply_export(family, model)  # the program computes what the dynamic runner does on CPU (cheaper norms)
         desc = describe(probe(model, tokenizer, family)) if step is None else None
         bar.update()
         with Staging(args.output_path) as stage:

@@ -114,6 +114,7 @@ class Family:
     # {checkpoint key: key whose tensor-parallel split it shares}: tied weights paddlenlp's TP mappings leave out
     tp_tied_keys: Dict[str, str] = field(default_factory=dict)
     cpu_patches: Tuple[str, ...] = ()  # names in paddlellm.cpu_kernels.PATCHES applied to models trained or run on CPU
+    export_patches: Tuple[str, ...] = ()  # of those, the ones applied to a model a static step program is traced from (exact, trace-safe)
     # paddlellm.decode_loop reproduces paddlenlp's generate() token for token for this family (tested per
     # family in tests/test_decode_loop.py); False keeps generate() for predict and serve.
     own_decode_loop: bool = True
@@ -519,10 +520,10 @@ class Family:
         return self.load_model(path, dtype=dtype)
 
     def static_step(self, model):
-        """The layer exported as an in-place step program (format 2: the runner keeps the KV cache and writes it in
-        place, formats/static.py InPlaceRunner), or None to export the model's own forward with a concatenated
-        cache (format 1). Hook: LLaMA-design families return families/inplace_step.InPlaceStep, GPT/OPT/Bloom a
-        RunnerStep over their runner, when their decode runner can drive the model."""
+        """The layer exported as an in-place step program (format 3: the program writes the runner's preallocated KV
+        cache in place, formats/static.py InPlaceRunner), or None to export the model's own forward with a concatenated
+        cache (format 1). Hook: families with a decode runner return families/inplace_step.RunnerStep over it (their
+        *_decode.static_step), when that runner can drive the model."""
         return None
 
     def static_export_patch(self):

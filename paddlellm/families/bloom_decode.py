@@ -121,23 +121,19 @@ class BloomDecoder(DecodeCore):
 
 
 def static_step(model):
-    """The in-place static step program (format 2, families/inplace_step.RunnerStep) running this runner's layers,
+    """The in-place static step program (format 3, families/inplace_step.RunnerStep) running this runner's layers,
     or None where the runner does not apply."""
-    from .inplace_step import RunnerStep, SplitAttention
+    from .inplace_step import RunnerStep, StepHooks
 
-    class BloomStep(SplitAttention, BloomDecoder):
+    class BloomStep(StepHooks, BloomDecoder):
         reads_positions = False
 
-        def _step_inputs(self, positions, past_mask, new_mask):
-            # ALiBi's key positions from the masks, as _bias counts them over the cache's slots: (cumsum(keep) - 1)
-            # * keep, the past's attended slots first, then the new block's (a padding hole does not advance them)
-            past_keep = (past_mask == 0).astype("float32")  # [B, C]
-            new_keep = (new_mask[:, -1, :] == 0).astype("float32")  # [B, L]: the last query attends every kept column
-            past_positions = (past_keep.cumsum(axis=-1) - 1) * past_keep
-            seen = past_keep.sum(axis=-1, keepdim=True)
-            new_positions = (seen + new_keep.cumsum(axis=-1) - 1) * new_keep
-            return None, (past_mask.unsqueeze([1, 2]) + self._alibi(past_positions[:, None, None, :]),
-                          new_mask.unsqueeze(1) + self._alibi(new_positions[:, None, None, :]))
+        def _step_inputs(self, positions, mask, slot, end):
+            # ALiBi's key positions from the mask, as _bias counts them over the cache's slots: (cumsum(keep) - 1) *
+            # keep, keep = what the last query attends (every kept slot; a padding hole does not advance them)
+            keep = (mask[:, -1, :] == 0).astype("float32")  # [B, C]
+            key_positions = (keep.cumsum(axis=-1) - 1) * keep
+            return None, mask.unsqueeze(1) + self._alibi(key_positions[:, None, None, :])
 
     if unsupported(model) is not None:
         return None

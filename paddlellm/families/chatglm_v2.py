@@ -86,6 +86,7 @@ FAMILY = ChatGLMv2Family(
     # fused_qkv False, which leaves input_layernorm unpaired; measured here: both keep outputs, this one pairs all.)
     shift_smooth_pairing={"fused_qkv": True, "parallel_ffn": False},
     supports=dict(pretrain=True, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
+    export_patches=("chatglm_v2_rms_norm",),
     cpu_patches=("chatglm_v2_rms_norm", "chatglm_v2_supervised_loss"),
     notes=(
         "Sequences open with [gMASK] sop; turns use the '[Round i]\\n\\n问：{q}\\n\\n答：' template. Pads with "

@@ -139,16 +139,12 @@ class ChatGLMv2Decoder(DecodeCore):
 
 
 def static_step(model):
-    """The in-place static step program (format 2, families/inplace_step.RunnerStep) running this runner's layers,
+    """The in-place static step program (format 3, families/inplace_step.RunnerStep) running this runner's layers,
     or None where the runner does not apply."""
-    from .inplace_step import RunnerStep, SplitAttention
+    from .inplace_step import RunnerStep, StepHooks
 
-    class ChatGLMv2Step(SplitAttention, ChatGLMv2Decoder):
+    class ChatGLMv2Step(StepHooks, ChatGLMv2Decoder):
         step_context = True  # the rotary pairs at the positions
-
-        def _group_bias(self, bias):  # (past [B, 1, 1, C]: broadcasts over the rows, new [B, 1, L, L])
-            past, new = bias
-            return past, super()._group_bias(new)
 
     if unsupported(model) is not None:
         return None

@@ -168,8 +168,7 @@ class DecodeCore:
 
     def _attend(self, q, k, v, bias):
         """softmax(self._score(q, k) + bias) @ v for q [B, H, Lq, D], k/v [B, H, K, D] -> [B, Lq, H * D] (GPT, OPT,
-        Bloom's runners; hook: their in-place static step, families/inplace_step.SplitAttention, splits it over the
-        cache and the new keys)."""
+        Bloom's and ChatGLM2's runners, and their in-place static step programs)."""
         import paddle
         import paddle.nn.functional as F
 

@@ -101,11 +101,11 @@ class GPTDecoder(DecodeCore):
 
 
 def static_step(model):
-    """The in-place static step program (format 2, families/inplace_step.RunnerStep) running this runner's layers,
+    """The in-place static step program (format 3, families/inplace_step.RunnerStep) running this runner's layers,
     or None where the runner does not apply."""
-    from .inplace_step import RunnerStep, SplitAttention
+    from .inplace_step import RunnerStep, StepHooks
 
-    class GPTStep(SplitAttention, GPTDecoder):
+    class GPTStep(StepHooks, GPTDecoder):
         pass
 
     return RunnerStep(GPTStep(model)) if unsupported(model) is None else None

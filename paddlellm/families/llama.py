@@ -76,9 +76,9 @@ class LlamaFamily(Family):
 
     def static_step(self, model):
         # the in-place step program, built from the same layers as the decode runner, wherever that runner applies
-        from .inplace_step import InPlaceStep
+        from .llama_decode import static_step
 
-        return InPlaceStep(model, "llama") if self.decode_runner(model) is not None else None
+        return static_step(model)
 
     def prefix_hooks(self):
         from paddlenlp.peft.prefix import llama_postprocess_past_key_value
@@ -112,6 +112,7 @@ FAMILY = LlamaFamily(
     hf_model_type="llama",
     # input_layernorm -> q/k/v (separate), post_attention_layernorm -> gate/up (read in parallel)
     shift_smooth_pairing={"fused_qkv": False, "parallel_ffn": True},
+    export_patches=("llama_rms_norm",),
     cpu_patches=("llama_rms_norm", "llama_rotary", "llama_supervised_loss", "llama_last_logits",
                  "llama_segment_attention"),
     notes="Pads with <unk> (LLaMA has no pad token). Every reply ends with </s> and is supervised.",

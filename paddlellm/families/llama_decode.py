@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from ..cpu_kernels import rotary_tables, rotate  # at the top: dy2static's transformed methods can't resolve relative imports (static_step)
 from .decode_core import DecodeCore, common_unsupported, inner
 
 _inner = inner  # qwen2_decode's import name
@@ -102,14 +103,16 @@ class LlamaDecoder(DecodeCore):
         the query heads and the key/value heads: [B, L, H, D] and [B, L, KV, D]. paddle's CPU multiply is
         several times slower broadcasting [B, L, 1, D] over the heads than on same-shape operands (the same
         values: exact)."""
-        import paddle
-
-        from ..cpu_kernels import rotary_tables
-
         # the module's own [1, length, 1, D] tables (its first argument is read for its dtype only)
         cos, sin = self.rotary(self.base.embed_tokens.weight, seq_len=length)
-        cos, sin = rotary_tables(cos, sin, positions)
-        return tuple(paddle.tile(t, [1, 1, heads, 1]) for heads in (self.heads, self.kv_heads) for t in (cos, sin))
+        return self._tile_heads(*rotary_tables(cos, sin, positions))
+
+    def _tile_heads(self, cos, sin):
+        """[B, L, 1, D] cos/sin -> (cos_q, sin_q [B, L, H, D], cos_k, sin_k [B, L, KV, D])."""
+        import paddle
+
+        return (paddle.tile(cos, [1, 1, self.heads, 1]), paddle.tile(sin, [1, 1, self.heads, 1]),
+                paddle.tile(cos, [1, 1, self.kv_heads, 1]), paddle.tile(sin, [1, 1, self.kv_heads, 1]))
 
     def _embed(self, ids, positions):
         return self.base.embed_tokens(ids)
@@ -143,8 +146,6 @@ class LlamaDecoder(DecodeCore):
     def _qkv(self, layer, x, cos_q, sin_q, cos_k, sin_k):
         """q, k, v of layer for hidden x [B, L, h]: [B, H or KV, L, D] each, rotary applied to q and k (tables
         from _context)."""
-        from ..cpu_kernels import rotate
-
         attn = layer.self_attn
         q = rotate(attn.q_proj(x).reshape([0, 0, self.heads, self.head_dim]), cos_q, sin_q)
         k = rotate(attn.k_proj(x).reshape([0, 0, self.kv_heads, self.head_dim]), cos_k, sin_k)
@@ -170,3 +171,34 @@ class LlamaDecoder(DecodeCore):
         out = out.transpose([0, 2, 1, 3]).reshape([b, lq, self.heads * self.head_dim])
         hidden = residual + layer.self_attn.o_proj(out)
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def static_step(model, runner_class=LlamaDecoder):
+    """The in-place static step program (format 3, families/inplace_step.RunnerStep) running the layers of
+    `runner_class` (LlamaDecoder, Qwen2Decoder), or None where the runner does not apply. The rotary tables are the
+    module's own at every position it holds (so linear / llama3 scaling are kept), gathered inside the program."""
+    import paddle
+    import paddle.nn.functional as F
+
+    from .inplace_step import RunnerStep, StepHooks
+
+    if runner_class.unsupported(model) is not None:
+        return None
+
+    class LlamaStep(StepHooks, runner_class):
+        step_context = True  # the rotary tables at the positions
+
+        def __init__(self, model):
+            super().__init__(model)
+            rotary = self.rotary
+            with paddle.no_grad():
+                cos, sin = rotary(self.base.embed_tokens.weight, seq_len=rotary.cos_cached.shape[1])
+                cos, sin = rotary_tables(cos, sin, paddle.arange(cos.shape[1]).unsqueeze(0))  # [1, length, 1, D]
+            self.cos_table, self.sin_table = cos[0, :, 0, :].clone(), sin[0, :, 0, :].clone()
+
+        def _context(self, positions, length):
+            return self._tile_heads(F.embedding(positions, self.cos_table).unsqueeze(2),
+                                    F.embedding(positions, self.sin_table).unsqueeze(2))
+
+    runner = LlamaStep(model)
+    return RunnerStep(runner, buffers={"cos_table": runner.cos_table, "sin_table": runner.sin_table})

@@ -117,21 +117,20 @@ class OPTDecoder(DecodeCore):
 
 
 def static_step(model):
-    """The in-place static step program (format 2, families/inplace_step.RunnerStep) running this runner's layers,
+    """The in-place static step program (format 3, families/inplace_step.RunnerStep) running this runner's layers,
     or None where the runner does not apply."""
     import paddle
 
-    from .inplace_step import RunnerStep, SplitAttention
+    from .inplace_step import RunnerStep, StepHooks
 
-    class OPTStep(SplitAttention, OPTDecoder):
+    class OPTStep(StepHooks, OPTDecoder):
         reads_positions = False
 
-        def _step_inputs(self, positions, past_mask, new_mask):
-            # positions counted from the masks, as _positions / _advance do (cumsum(mask) - 1; the program has no
-            # positions input): the past's attended slots plus the new block's attended columns so far
-            seen = (past_mask == 0).astype("int64").sum(axis=-1, keepdim=True)  # [B, 1]
-            new_keep = (new_mask[:, -1, :] == 0).astype("int64")  # [B, L]: the last query attends every kept column
-            positions = seen + paddle.cumsum(new_keep, axis=-1) - 1
-            return super()._step_inputs(positions, past_mask, new_mask)
+        def _step_inputs(self, positions, mask, slot, end):
+            # positions counted from the mask, as _positions / _advance do (cumsum(mask) - 1; the program has no
+            # positions input): the attended slots up to each new token's own (the last query attends every kept one)
+            keep = (mask[:, -1, :] == 0).astype("int64")  # [B, C]
+            positions = paddle.slice(paddle.cumsum(keep, axis=-1), [1], slot, end) - 1  # [B, L]
+            return super()._step_inputs(positions, mask, slot, end)
 
     return RunnerStep(OPTStep(model)) if unsupported(model) is None else None

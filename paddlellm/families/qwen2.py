@@ -234,9 +234,10 @@ class Qwen2Family(Family):
 
     def static_step(self, model):
         # the in-place step program, built from the same layers as the decode runner, wherever that runner applies
-        from .inplace_step import InPlaceStep
+        from .llama_decode import static_step
+        from .qwen2_decode import Qwen2Decoder
 
-        return InPlaceStep(model, "qwen2") if self.decode_runner(model) is not None else None
+        return static_step(model, Qwen2Decoder)
 
     def prefix_hooks(self):
         # Qwen2Attention concatenates its cache on axis 1: [batch, prefix_len, kv_heads, head_dim] per layer, the
@@ -257,6 +258,7 @@ FAMILY = Qwen2Family(
     model_types=("qwen2",),
     config_class="Qwen2Config",
     model_class="Qwen2ForCausalLM",
+    export_patches=("qwen2_rms_norm",),
     cpu_patches=("qwen2_rms_norm", "qwen2_rotary", "qwen2_supervised_loss", "qwen2_last_logits", "qwen2_segment_attention"),
     tokenizer_class="Qwen2Tokenizer",
     tokenizer_kind="bpe",

@@ -6,11 +6,13 @@ on a 0-layer "shell" of the family's model class (a few MB: config, generation c
 prepare/update hooks), whose forward is answered by a paddle.inference predictor. Everything above the
 forward (bucketing, left padding, sampling, stop tokens, streaming) is therefore exactly dynamic mode's.
 
-Format 2 (LLaMA-design families, families/inplace_step.py) exports an in-place step program instead: the
-InPlaceRunner below keeps the KV cache preallocated and writes each step's new keys/values into their slots
-(the dynamic decode runner's design), and the decode loop drives it in place of the model's forward; the shell's
-forward (InPlaceForward) answers from the same program for the paths that keep generate(). Format-1 folders
-(every other family, prefix-tuning exports, and LLaMA folders exported before format 2) run as before.
+Format 3 (families with a decode runner and a Family.static_step: LLaMA, Qwen2, GPT, OPT, Bloom, ChatGLM2;
+families/inplace_step.py) exports an in-place step program instead: the runner's own step code, which writes the
+new keys/values into the InPlaceRunner's preallocated cache in place (paddle.inference runs on the fed tensors'
+memory) and attends over it as the dynamic decode runner does; the decode loop drives it in place of the model's
+forward, and the shell's forward (InPlaceForward) answers from the same program for the paths that keep
+generate(). Format-1 folders (ChatGLM, GLM, prefix-tuning exports) run as before; format-2 folders (the split-
+attention program of earlier versions) are refused with a re-export hint.
 
 Two measured pitfalls of paddle.inference on CPU (paddle 3.3.1) are handled here:
 - oneDNN, on by default, gives wrong values for a residual add + RMSNorm when a sequence dim is fixed to 1:
@@ -29,7 +31,7 @@ from ..arguments import UserError
 from ..cpu_kernels import prefill_chunks
 
 FORMAT_VERSION = 1  # the model forward with a concatenated cache (any family; prefix-tuning exports)
-INPLACE_VERSION = 2  # families/inplace_step.py's program: the runner keeps the KV cache and writes it in place
+INPLACE_VERSION = 3  # families/inplace_step.py's program: writes the runner's preallocated KV cache in place (format 2: split attention, retired)
 FORMAT_VERSIONS = (FORMAT_VERSION, INPLACE_VERSION)
 KV_GROW = 64  # the in-place cache starts at prompt + this many slots (at most the capacity asked), grows by at least as many
 META_NAME = "static_meta.json"
@@ -224,12 +226,12 @@ class StaticForward:
 
 
 
-# --------------------------------------------------------------------------- in-place exports (format 2)
+# --------------------------------------------------------------------------- in-place exports (format 3)
 class InPlaceProgram:
     """The step program of an in-place export (families/inplace_step.py) and what its runners share.
 
-    run(input_ids [B, L], positions [B, L], past_mask [B, C], new_mask [B, L, L], caches [B, kv, C, D] per layer
-    key then value) -> (last logits [B, vocab], new keys/values [B, kv, L, D] per layer)."""
+    run(input_ids [B, L], positions [B, L], mask [B, L, C], slot, caches [B, kv, C, D] per layer key then value) ->
+    last logits [B, vocab]; the program writes the L new keys/values into cache slots [slot, slot + L) in place."""
 
     def __init__(self, predictor, config, meta: Dict):
         self.predictor = predictor
@@ -238,35 +240,30 @@ class InPlaceProgram:
         self.kv_heads = meta["kv_heads"]
         self.head_dim = meta["head_dim"]
         self.dtype = meta["dtype"]
-        self._zeros_new: Dict[int, object] = {}
-        # a program whose family derives positions from the masks (OPT, Bloom) has no positions input
+        # a program whose family derives positions from the mask (OPT, Bloom) has no positions input
         self.reads_positions = "positions" in meta.get("input_names", ["positions"])
         self.cache_key = meta.get("cache_key", "past_key_values")
 
-    def run(self, input_ids, positions, past_mask, new_mask, caches):
+    def run(self, input_ids, positions, mask, slot: int, caches):
+        import paddle
+
         feeds = [input_ids.astype("int64").contiguous()]
         feeds += [positions.astype("int64").contiguous()] if self.reads_positions else []
-        feeds += [past_mask.contiguous(), new_mask.contiguous()] + [t.contiguous() for t in caches]
+        feeds += [mask.contiguous(), paddle.to_tensor([slot], dtype="int64")]
+        for t in caches:  # written in place: each must be its own dense buffer (contiguous() of a dense one is itself)
+            feeds.append(t.contiguous())
+            if feeds[-1] is not t:
+                raise ValueError("the in-place static program writes its cache tensors: pass dense ones")
         outputs = self.predictor.run(feeds)
         _restore_math_threads()
-        # clone() the logits: run()'s outputs can live in memory the predictor reuses on its next run (the new
-        # keys/values are copied into the cache or concatenated before that)
-        return outputs[0].clone(), outputs[1:]
+        # clone(): run()'s outputs can live in memory the predictor reuses on its next run
+        return outputs[0].clone()
 
-    def empty_past(self, batch: int):
-        """A one-slot past, fully masked (weight exactly 0): the prompt step's cache and its mask."""
+    def empty_cache(self, batch: int, capacity: int) -> List:
+        """Zeroed key/value caches [batch, kv_heads, capacity, head_dim], one buffer per tensor (the program writes them)."""
         import paddle
 
-        zeros = paddle.zeros([batch, self.kv_heads, 1, self.head_dim], dtype=self.dtype)
-        return paddle.full([batch, 1], paddle.finfo(paddle.float32).min, dtype=self.dtype), [zeros] * (2 * self.layers)
-
-    def decode_mask(self, batch: int):
-        """new_mask of a one-token step: [B, 1, 1] zeros (a token attends to itself)."""
-        import paddle
-
-        if batch not in self._zeros_new:
-            self._zeros_new[batch] = paddle.zeros([batch, 1, 1], dtype=self.dtype)
-        return self._zeros_new[batch]
+        return [paddle.zeros([batch, self.kv_heads, capacity, self.head_dim], dtype=self.dtype) for _ in range(2 * self.layers)]
 
 
 def _additive(allowed):
@@ -280,10 +277,10 @@ class InPlaceRunner:
     """The decode loop's runner over an in-place export (the dynamic DecodeCore runners' API): prefill(inputs,
     capacity) -> [batch, vocab] logits of the prompt's last position; step(tokens [batch, 1]) -> the next.
 
-    It holds the KV cache preallocated as [batch, kv_heads, capacity, head_dim] per layer (the prompt plus
-    KV_GROW slots at first, grown by one copy when used up) with an additive mask over it, and writes each
-    step's new keys/values into their slot; the program attends over the whole capacity, unwritten slots masked.
-    The prompt runs in chunks of rows of similar length, each over its own longest prompt (no padding computed)."""
+    It holds the KV cache preallocated as [batch, kv_heads, capacity, head_dim] per layer (the prompt plus KV_GROW
+    slots at first, grown by one copy when used up) with an additive mask over it; the program writes each step's
+    new keys/values into their slot and attends over the whole capacity, unwritten slots masked. The prompt runs
+    in chunks of rows of similar length, each over its own longest prompt (no padding computed)."""
 
     def __init__(self, program: InPlaceProgram):
         self.program = program
@@ -305,32 +302,27 @@ class InPlaceRunner:
         prog = self.program
         self.max_capacity = capacity
         capacity = min(capacity, length + KV_GROW)
-        keep = mask.astype("bool")
-        self.mask = paddle.concat([_additive(keep), paddle.full([batch, capacity - length], paddle.finfo(paddle.float32).min,
-                                                                "float32")], axis=1)
+        keep = paddle.concat([mask.astype("bool"), paddle.zeros([batch, capacity - length], dtype="bool")], axis=1)
+        self.mask = _additive(keep)  # [B, C]: 0 at the prompt's kept slots, min at padding and at free slots
         self.next_slot, self.capacity = length, capacity
         self.positions = positions[:, -1:]
 
         real = mask.numpy().astype(bool)
         first = np.where(real.any(1), real.argmax(1), length)  # first attended column per row (left padding)
         chunks = prefill_chunks(length - first)
-        pad = capacity - length
         caches: List[List] = [[] for _ in range(2 * prog.layers)]
         logits = []
         for rows in chunks:
             start = min(int(first[rows].min()), length - 1)
             sel = paddle.to_tensor(rows) if len(chunks) > 1 else None
             pick = (lambda t: paddle.gather(t, sel)) if sel is not None else (lambda t: t)
-            n, span = len(rows), length - start
-            causal = paddle.tril(paddle.ones([span, span], dtype="bool"))
-            new_mask = _additive(pick(keep)[:, start:][:, None, :] & causal[None])
-            past_mask, past = prog.empty_past(n)
-            last, kv = prog.run(pick(ids)[:, start:], pick(positions)[:, start:], past_mask, new_mask, past)
-            logits.append(last)
-            for i, t in enumerate(kv):
-                parts = [paddle.zeros([n, prog.kv_heads, start, prog.head_dim], prog.dtype)] if start else []
-                parts += [t] + ([paddle.zeros([n, prog.kv_heads, pad, prog.head_dim], prog.dtype)] if pad else [])
-                caches[i].append(paddle.concat(parts, axis=2) if len(parts) > 1 else t.clone())
+            # token at slot r (start <= r < length) attends kept slots c <= r
+            causal = paddle.arange(capacity).unsqueeze(0) <= paddle.arange(start, length).unsqueeze(1)  # [span, C]
+            block = _additive(pick(keep)[:, None, :] & causal[None])
+            cache = prog.empty_cache(len(rows), capacity)
+            logits.append(prog.run(pick(ids)[:, start:], pick(positions)[:, start:], block, start, cache))
+            for i, t in enumerate(cache):
+                caches[i].append(t)
         if len(chunks) > 1:
             back = paddle.to_tensor(np.argsort(np.concatenate(chunks)))
             self.cache = [paddle.gather(paddle.concat(c), back) for c in caches]
@@ -355,12 +347,9 @@ class InPlaceRunner:
                 raise ValueError(f"the KV cache holds {self.max_capacity} tokens; more were fed")
             self._grow(min(self.max_capacity, self.capacity + max(KV_GROW, self.capacity // 2)))
         self.positions = self.positions + 1
-        last, kv = self.program.run(tokens, self.positions, self.mask, self.program.decode_mask(tokens.shape[0]), self.cache)
-        for cache, new in zip(self.cache, kv):  # written in place: the slot of this token
-            cache[:, :, slot:slot + 1, :] = new
-        self.mask[:, slot] = 0.0  # attended from the next step on (generate() extends every row's mask by one)
+        self.mask[:, slot] = 0.0  # the token attends to itself, and every later one to it (generate() extends the mask by one)
         self.next_slot += 1
-        return last
+        return self.program.run(tokens, self.positions, self.mask.unsqueeze(1), slot, self.cache)
 
 
 class InPlaceForward:
@@ -387,19 +376,12 @@ class InPlaceForward:
             raise ValueError("the in-place static forward takes a [batch, length] attention mask")
         if position_ids is None:
             position_ids = paddle.arange(done, done + length).expand((batch, length))
-        keep = attention_mask.astype("bool")
-        causal = paddle.tril(paddle.ones([length, length], dtype="bool"))
-        new_mask = _additive(keep[:, done:][:, None, :] & causal[None])
-        if past:
-            past_mask = _additive(keep[:, :done])
-        else:
-            past_mask, past = prog.empty_past(batch)
-        last, kv = prog.run(input_ids, position_ids, past_mask, new_mask, past)
-        if done:
-            kv = [paddle.concat([p, t], axis=2) for p, t in zip(past, kv)]
-        else:
-            kv = [t.clone() for t in kv]
-        return last.unsqueeze(1), tuple((kv[2 * i], kv[2 * i + 1]) for i in range(prog.layers))
+        causal = paddle.arange(done + length).unsqueeze(0) <= paddle.arange(done, done + length).unsqueeze(1)
+        block = _additive(attention_mask.astype("bool")[:, None, :] & causal[None])
+        room = prog.empty_cache(batch, length)  # the new tokens' slots, written by the program
+        cache = [paddle.concat([p, r], axis=2) for p, r in zip(past, room)] if past else room
+        last = prog.run(input_ids, position_ids, block, done, cache)
+        return last.unsqueeze(1), tuple((cache[2 * i], cache[2 * i + 1]) for i in range(prog.layers))
 
 
 def inplace_runner(model) -> Optional[InPlaceRunner]:
