@@ -6,9 +6,9 @@ paddlenlp's generate() (see formats/static.py), so sampling settings stay run-ti
 seeded sampling give exactly dynamic mode's tokens. PaddleNLP's own export (the whole generation loop as
 one program) fails for top-p and for Bloom/OPT/GLM on CPU and is slower than dynamic mode there.
 
-Families with a Family.static_step (LLaMA, Qwen2, GPT, OPT, Bloom, ChatGLM2) export an in-place step program instead (format 2,
-families/inplace_step.py): it takes the runner's preallocated KV cache and returns only the new keys/values,
-which the runner writes into their slots, as the dynamic decode runner does; a prefix-tuning export keeps
+Families with a Family.static_step (LLaMA, Qwen2, GPT, OPT, Bloom, ChatGLM2) export an in-place step program instead (format 3,
+families/inplace_step.py): the dynamic decode runner's own step code, which writes the new keys/values into the
+runner's preallocated KV cache in place and returns only the last logits; a prefix-tuning export keeps
 format 1 (paddlenlp's prefix wrapper hands the prefix to the forward as its past).
 
 How (format 1): generate() is run once on the dynamic model with its forward watched, for two batch shapes, to record
@@ -244,7 +244,7 @@ def input_specs(desc: Dict, dtype: str):
 
 
 def save_inplace(step, family, dtype: str, prefix: str) -> List[str]:
-    """Trace and save an in-place step layer (format 2); returns its input names in order."""
+    """Trace and save an in-place step layer (format 3); returns its input names in order."""
     import paddle
 
     step.eval()
