@@ -6,7 +6,7 @@ paddlenlp's generate() (see formats/static.py), so sampling settings stay run-ti
 seeded sampling give exactly dynamic mode's tokens. PaddleNLP's own export (the whole generation loop as
 one program) fails for top-p and for Bloom/OPT/GLM on CPU and is slower than dynamic mode there.
 
-Families with a Family.static_step (LLaMA, Qwen2, GPT, OPT, Bloom, ChatGLM2, ChatGLM) export an in-place step program instead (format 2,
+Families with a Family.static_step (LLaMA, Qwen2, GPT, OPT, Bloom, ChatGLM2, ChatGLM, GLM) export an in-place step program instead (format 2,
 families/inplace_step.py): it takes the runner's preallocated KV cache and returns only the new keys/values,
 which the runner writes into their slots, as the dynamic decode runner does; a prefix-tuning export keeps
 format 1 (paddlenlp's prefix wrapper hands the prefix to the forward as its past).

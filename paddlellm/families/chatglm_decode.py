@@ -222,7 +222,7 @@ class BlankInfillingRules(InPlaceRules):
         if start and bool(mask[:, start:, :start].any()):  # as BlankInfillingMasks._pick_positions: those slots hold no keys
             raise ValueError("the in-place static runner takes masks whose rows attend no column before the last row's first "
                              "attended one")
-        return mask[:, start:, :], pick(positions)[:, :, start:]
+        return mask[:, start:, :], pick(positions)[:, :, start:keep.shape[1]]  # GLM's hold later columns too
 
     def forward_inputs(self, attention_mask, position_ids, batch: int, done: int, length: int):
         if attention_mask is None or len(attention_mask.shape) != 4 or tuple(attention_mask.shape[2:]) != (length, done + length):
@@ -236,7 +236,7 @@ class ChatGLMRules(BlankInfillingRules):
     """ChatGLM v1: the position stays at the mask token's, the block position + 1 per step (ChatGLMDecoder._advance);
     the model forward returns its cache wrapped in a 1-tuple (prepare_inputs_for_generation reads cache[-1])."""
 
-    def last(self, positions):
+    def last(self, positions, length: int):
         return positions[:, :, -1:]
 
     def advance(self, state):

@@ -6,12 +6,12 @@ on a 0-layer "shell" of the family's model class (a few MB: config, generation c
 prepare/update hooks), whose forward is answered by a paddle.inference predictor. Everything above the
 forward (bucketing, left padding, sampling, stop tokens, streaming) is therefore exactly dynamic mode's.
 
-Format 3 (families with a decode runner and a Family.static_step: LLaMA, Qwen2, GPT, OPT, Bloom, ChatGLM2, ChatGLM;
+Format 3 (families with a decode runner and a Family.static_step: LLaMA, Qwen2, GPT, OPT, Bloom, ChatGLM2, ChatGLM, GLM;
 families/inplace_step.py) exports an in-place step program instead: the runner's own step code, which writes the
 new keys/values into the InPlaceRunner's preallocated cache in place (paddle.inference runs on the fed tensors'
 memory) and attends over it as the dynamic decode runner does; the decode loop drives it in place of the model's
 forward, and the shell's forward (InPlaceForward) answers from the same program for the paths that keep
-generate(). Format-1 folders (GLM, prefix-tuning exports) run as before; format-2 folders (the split-
+generate(). Format-1 folders (prefix-tuning exports, older exports) run as before; format-2 folders (the split-
 attention program of earlier versions) are refused with a re-export hint.
 
 Two measured pitfalls of paddle.inference on CPU (paddle 3.3.1) are handled here:
@@ -303,8 +303,8 @@ class InPlaceRules:
         causal = paddle.arange(length).unsqueeze(0) <= paddle.arange(start, length).unsqueeze(1)  # [span, L]
         return pick(keep)[:, None, :] & causal[None], pick(positions)[:, start:]
 
-    def last(self, positions):
-        """What the steps advance from."""
+    def last(self, positions, length: int):
+        """What the steps advance from (length: the prompt's)."""
         return positions[:, -1:]
 
     def advance(self, state):
@@ -356,7 +356,7 @@ class InPlaceRunner:
         free = paddle.zeros([batch, capacity - length], dtype="bool")
         self.mask = _additive(paddle.concat([prompt, free], axis=1))  # [B, C]: 0 at the kept slots, min at padding and free slots
         self.next_slot, self.capacity = length, capacity
-        self.positions = self.rules.last(positions)
+        self.positions = self.rules.last(positions, length)
 
         real = prompt.numpy()
         first = np.where(real.any(1), real.argmax(1), length)  # first attended column per row (left padding)
