@@ -19,7 +19,7 @@ os.environ["PADDLELLM_NO_PROGRESS"] = "1"
 
 EXPORTED = [f for f in FAMILIES if get_family(f).static_export_refusal() is None]
 REFUSED = [f for f in FAMILIES if f not in EXPORTED]
-INPLACE = ["llama", "qwen2", "gpt-3", "opt", "bloom", "chatglm_v2"]  # exported as the in-place step program (format 3); the other families as format 1
+INPLACE = ["llama", "qwen2", "gpt-3", "opt", "bloom", "chatglm_v2", "chatglm", "glm"]  # exported as the in-place step program (format 3); the other families as format 1
 SAMPLING = ["--top_k", "5", "--top_p", "0.9", "--temperature", "0.8", "--repetition_penalty", "1.2", "--seed", "7"]
 
 
@@ -399,10 +399,13 @@ def test_inplace_runner_equals_dynamic_runner(family, tiny_dir, exported):
     assert all(1 not in shape and shape[0] == -1 for shape in specs.values()), specs
     texts = ["hello there, how are you today? tell me a long story", "x", "spell: 1 2 3", "hi"]
     prompts = [fam.generation_prompt(tok, [t], [], 48) for t in texts]
-    inputs = {k: paddle.to_tensor(v) for k, v in _generation_inputs(fam, tok, prompts, 8).items()}
     steps = static_runtime.KV_GROW + 6
+    # (GLM lays its positions out for the new tokens in advance: room for every step)
+    inputs = {k: paddle.to_tensor(v) for k, v in _generation_inputs(fam, tok, prompts, steps + 1).items()}
     dynamic, static = fam.decode_runner(model), static_runtime.inplace_runner(shell)
-    assert dynamic is not None and len(static_runtime.prefill_chunks((inputs["attention_mask"].numpy() > 0).sum(1))) > 1
+    keep = inputs["attention_mask"].numpy() > 0
+    keep = keep if keep.ndim == 2 else keep[:, 0, -1]  # a prefix LM's 4-D prompt mask: what its last row attends
+    assert dynamic is not None and len(static_runtime.prefill_chunks(keep.sum(1))) > 1
     rng = np.random.default_rng(0)
     with paddle.no_grad():
         want, got = dynamic.prefill(inputs, 200), static.prefill(inputs, 200)
@@ -416,7 +419,7 @@ def test_inplace_runner_equals_dynamic_runner(family, tiny_dir, exported):
     # a padding hole inside a row is masked like padding (Bloom: it does not advance ALiBi's key positions, OPT: its
     # positions)
     mask = inputs["attention_mask"].numpy().copy()
-    mask[0, -5] = 0
+    mask[(0, -5) if mask.ndim == 2 else (0, 0, slice(None), -5)] = 0  # 4-D: no row attends the column
     holed = dict(inputs, attention_mask=paddle.to_tensor(mask))
     with paddle.no_grad():
         room = inputs["input_ids"].shape[1] + 4

@@ -6,7 +6,7 @@ paddlenlp's generate() (see formats/static.py), so sampling settings stay run-ti
 seeded sampling give exactly dynamic mode's tokens. PaddleNLP's own export (the whole generation loop as
 one program) fails for top-p and for Bloom/OPT/GLM on CPU and is slower than dynamic mode there.
 
-Families with a Family.static_step (LLaMA, Qwen2, GPT, OPT, Bloom, ChatGLM2) export an in-place step program instead (format 3,
+Families with a Family.static_step (LLaMA, Qwen2, GPT, OPT, Bloom, ChatGLM2, ChatGLM, GLM) export an in-place step program instead (format 3,
 families/inplace_step.py): the dynamic decode runner's own step code, which writes the new keys/values into the
 runner's preallocated KV cache in place and returns only the last logits; a prefix-tuning export keeps
 format 1 (paddlenlp's prefix wrapper hands the prefix to the forward as its past).

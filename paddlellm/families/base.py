@@ -526,6 +526,12 @@ class Family:
         *_decode.static_step), when that runner can drive the model."""
         return None
 
+    def static_rules(self):
+        """How the runner of an in-place export feeds its program the family's masks and positions (a
+        formats/static.InPlaceRules), or None for a causal LM's (a [B, L] mask, [B, L] positions + 1 per step).
+        Hook: the prefix LMs ChatGLM and GLM (a 4-D prompt mask, [B, 2, L] positions)."""
+        return None
+
     def static_export_patch(self):
         """A context manager active while the step program is traced (hook: library code that dy2static can't
         convert as is gets an equivalent version). Default: nothing."""

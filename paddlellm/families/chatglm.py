@@ -109,6 +109,16 @@ class ChatGLMFamily(BlankInfillingFamily):
 
         return ChatGLMDecoder.for_model(model)
 
+    def static_step(self, model):
+        from .chatglm_decode import static_step
+
+        return static_step(model)
+
+    def static_rules(self):
+        from .chatglm_decode import ChatGLMRules
+
+        return ChatGLMRules()
+
     def prefix_hooks(self):
         from paddlenlp.peft.prefix import chatglm_postprocess_past_key_value
 

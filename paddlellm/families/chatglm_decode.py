@@ -18,6 +18,10 @@ runs the attention through bmm-layout transposes of the whole cache. The runner 
   at the mask token's, the block position + 1 per step; each step's mask row is the prompt's last row extended by
   ones (BlankInfillingMasks below).
 
+The in-place static export (format 3) runs the same layers (static_step: RunnerStep, the rotary cos/sin computed
+at the [B, 2, L] positions in the program); BlankInfillingRules / ChatGLMRules give its runner (formats/static.py)
+the prompt's 4-D mask per prefill chunk and the positions' advance, as BlankInfillingMasks gives this runner.
+
 Configurations it does not reproduce get a reason from `unsupported` (the decode loop then runs the model's own
 forward): tensor parallel, flash attention, 1-D positions (position_encoding_2d False), long-sequence strategies,
 a prefix encoder (pre_seq_len), training mode, non-float32 weights, a static-graph shell, a prefix-tuning wrapper.
@@ -27,6 +31,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from ..formats.static import InPlaceRules
 from .decode_core import DecodeCore, common_unsupported, inner
 
 TABLE_MIN = 64  # rows of the first rotary cos/sin table; it doubles (rebuilt whole) when a position passes its end
@@ -166,8 +171,8 @@ class ChatGLMDecoder(BlankInfillingMasks, DecodeCore):
         attn = layer.attention
         bias = ctx["bias"] if ctx["bias"] is not None else bias
         normed = layer.input_layernorm(hidden)
-        b, n, _ = normed.shape
-        mixed = attn.query_key_value(normed).reshape([b, n, self.heads, 3 * self.head_dim])
+        # reshape's 0 keeps the batch/length dims (dynamic in the static step program: static_step)
+        mixed = attn.query_key_value(normed).reshape([0, 0, self.heads, 3 * self.head_dim])
         q, k, v = paddle.split(mixed, 3, axis=-1)
         (pcos, psin), (bcos, bsin) = ctx["rot"]
         q1, q2 = paddle.chunk(q, 2, axis=-1)
@@ -180,7 +185,7 @@ class ChatGLMDecoder(BlankInfillingMasks, DecodeCore):
         k, v = kv(k.transpose([0, 2, 1, 3]), v.transpose([0, 2, 1, 3]))
         scores = paddle.matmul(q.transpose([0, 2, 1, 3]), k, transpose_y=True) * coeff
         out = paddle.matmul(F.softmax(scores + bias, axis=-1), v)
-        out = attn.dense(out.transpose([0, 2, 1, 3]).reshape([b, n, self.heads * self.head_dim]))
+        out = attn.dense(out.transpose([0, 2, 1, 3]).reshape([0, 0, self.heads * self.head_dim]))
         hidden = self.alpha * normed + out
         normed = layer.post_attention_layernorm(hidden)
         return normed * self.alpha + layer.mlp(normed)
@@ -196,3 +201,74 @@ class ChatGLMDecoder(BlankInfillingMasks, DecodeCore):
             # without copying the [vocab, hidden] weight (paddle's .T is a dense copy while generating) every step
             return paddle.matmul(hidden, head.decoder_weight, transpose_y=True)[:, -1, :]
         return head(hidden)[:, -1, :].astype("float32")
+
+
+class BlankInfillingRules(InPlaceRules):
+    """BlankInfillingMasks' rules for the runner of an in-place static export (formats/static.InPlaceRunner, via
+    Family.static_rules): each prefill chunk runs under its rows of the prompt's 4-D mask, every step attends what
+    the prompt's last row attends plus the tokens generated so far; positions are [B, 2, L]. Subclasses say how
+    the positions advance (ChatGLMRules, glm_decode.GLMRules)."""
+
+    def prompt(self, inputs, batch: int, length: int):
+        mask, positions = inputs.get("attention_mask"), inputs.get("position_ids")
+        if mask is None or len(mask.shape) != 4 or tuple(mask.shape[2:]) != (length, length):
+            raise ValueError("the in-place static runner of a prefix LM takes the prompt's [batch, 1, length, length] attention mask")
+        if positions is None or len(positions.shape) != 3:
+            raise ValueError("the in-place static runner of a prefix LM takes [batch, 2, length] position_ids")
+        return mask[:, 0, -1, :].astype("bool"), positions
+
+    def chunk(self, inputs, keep, positions, pick, start: int):
+        mask = pick(inputs["attention_mask"][:, 0].astype("bool"))  # [n, L, L]
+        if start and bool(mask[:, start:, :start].any()):  # as BlankInfillingMasks._pick_positions: those slots hold no keys
+            raise ValueError("the in-place static runner takes masks whose rows attend no column before the last row's first "
+                             "attended one")
+        return mask[:, start:, :], pick(positions)[:, :, start:keep.shape[1]]  # GLM's hold later columns too
+
+    def forward_inputs(self, attention_mask, position_ids, batch: int, done: int, length: int):
+        if attention_mask is None or len(attention_mask.shape) != 4 or tuple(attention_mask.shape[2:]) != (length, done + length):
+            raise ValueError("the in-place static forward of a prefix LM takes a [batch, 1, length, past + length] attention mask")
+        if position_ids is None or len(position_ids.shape) != 3:
+            raise ValueError("the in-place static forward of a prefix LM takes [batch, 2, length] position_ids")
+        return attention_mask[:, 0].astype("bool"), position_ids
+
+
+class ChatGLMRules(BlankInfillingRules):
+    """ChatGLM v1: the position stays at the mask token's, the block position + 1 per step (ChatGLMDecoder._advance);
+    the model forward returns its cache wrapped in a 1-tuple (prepare_inputs_for_generation reads cache[-1])."""
+
+    def last(self, positions, length: int):
+        return positions[:, :, -1:]
+
+    def advance(self, state):
+        import paddle
+
+        state = state + paddle.to_tensor([[[0], [1]]], dtype=state.dtype)
+        return state, state
+
+    def forward_output(self, logits, cache):
+        return logits, (cache,)
+
+
+def static_step(model):
+    """The in-place static step program (format 3, families/inplace_step.RunnerStep) running this runner's layers,
+    or None where the runner does not apply."""
+    from .inplace_step import RunnerStep, StepHooks
+
+    class ChatGLMStep(StepHooks, ChatGLMDecoder):
+        step_context = True  # the rotary cos/sin at the positions
+        positions_spec = [None, 2, None]
+
+        def _context(self, positions, length):
+            """_context's rotary values computed at the [B, 2, L] positions in the program: cos/sin of the same
+            float32 products t * inv_freq_j as the runner's table entries (no table, so no length limit)."""
+            import paddle
+
+            t = positions.astype("float32").unsqueeze(-1) * self.inv_freq  # [B, 2, L, D / 4]
+            emb = paddle.concat([t, t], axis=-1)
+            cos, sin = emb.cos(), emb.sin()
+            return {"rot": [(cos[:, r].unsqueeze(2), sin[:, r].unsqueeze(2)) for r in (0, 1)], "bias": None}
+
+    if unsupported(model) is not None:
+        return None
+    runner = ChatGLMStep(model)
+    return RunnerStep(runner, buffers={"rotary_inv_freq": runner.inv_freq})

@@ -246,6 +246,16 @@ class GLMFamily(BlankInfillingFamily):
 
         return GLMDecoder.for_model(model)
 
+    def static_step(self, model):
+        from .glm_decode import static_step
+
+        return static_step(model)
+
+    def static_rules(self):
+        from .glm_decode import GLMRules
+
+        return GLMRules()
+
     def prefix_hooks(self):
         return glm_postprocess_past_key_value, pad_attention_mask_ones
 

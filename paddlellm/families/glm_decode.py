@@ -21,7 +21,11 @@ and computes each step's projection for the new token only:
 
 paddlenlp's own update_memories slices the batch axis (hidden[-length:]), which GLMFamily.generation_inputs
 avoids by padding prompts to at least the batch size; the runner has no such limit, so it gives the same
-logits wherever the model runs. Configurations it does not reproduce get a reason from `unsupported` (the decode
+logits wherever the model runs. The in-place static export (format 3) runs the same layers (static_step: RunnerStep; the program's additive mask
+turned into GLM's 0/1 mask and -65504); GLMRules gives its runner (formats/static.py) the prompt's 4-D mask per
+prefill chunk and each step's column of the laid-out positions, as the hooks here give this runner.
+
+Configurations it does not reproduce get a reason from `unsupported` (the decode
 loop then runs the model's own forward): tensor parallel, attention_scale > 1 (paddlenlp subtracts the first
 batch row's maxima from every row), no block positions, training mode, non-float32 weights, a static-graph
 shell, a prefix-tuning wrapper (not a GLMForConditionalGeneration).
@@ -31,7 +35,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from .chatglm_decode import BlankInfillingMasks
+from .chatglm_decode import BlankInfillingMasks, BlankInfillingRules
 from .decode_core import DecodeCore, common_unsupported, inner
 
 MASKED = -65504.0  # what GLMAttention adds to masked scores
@@ -132,13 +136,13 @@ class GLMDecoder(BlankInfillingMasks, DecodeCore):
         attn = layer.attention
         mask, masked = ctx if ctx is not None else bias
         normed = layer.input_layernorm(hidden)
-        b, n, _ = normed.shape
-        q, k, v = (t.reshape([b, n, self.heads, self.head_dim]).transpose([0, 2, 1, 3])
+        # reshape's 0 keeps the batch/length dims (dynamic in the static step program: static_step)
+        q, k, v = (t.reshape([0, 0, self.heads, self.head_dim]).transpose([0, 2, 1, 3])
                    for t in paddle.split(attn.query_key_value(normed), 3, axis=-1))
         k, v = kv(k / self.key_scale, v)
         scores = paddle.matmul(q, k, transpose_y=True) * mask + masked
         out = paddle.matmul(F.softmax(scores, axis=-1), v)
-        hidden = hidden + attn.dense(out.transpose([0, 2, 1, 3]).reshape([b, n, self.heads * self.head_dim]))
+        hidden = hidden + attn.dense(out.transpose([0, 2, 1, 3]).reshape([0, 0, self.heads * self.head_dim]))
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     def _logits(self, hidden_last):
@@ -147,3 +151,40 @@ class GLMDecoder(BlankInfillingMasks, DecodeCore):
         # GLMModel's F.linear(h, weight.T) as one product with the weight read transposed: the same sums without
         # copying the [vocab, hidden] embedding (paddle's .T is a dense copy while generating) at every step
         return paddle.matmul(self.stack.final_layernorm(hidden_last), self.glm.word_embeddings.weight, transpose_y=True)[:, -1, :]
+
+
+class GLMRules(BlankInfillingRules):
+    """GLM: each step feeds the column of position_ids at the current length - 1 (GLMFamily.generation_inputs lays
+    them out for the new tokens in advance; GLMDecoder._last_positions, _advance and _at)."""
+
+    def last(self, positions, length: int):
+        return positions, length - 1
+
+    def advance(self, state):
+        positions, column = state
+        column += 1
+        if column >= positions.shape[2]:
+            raise ValueError(f"position_ids hold {positions.shape[2]} columns; GLM reads column {column} at this step "
+                             "(GLMFamily.generation_inputs lays them out for max_new_tokens)")
+        return (positions, column), positions[:, :, column:column + 1]
+
+
+def static_step(model):
+    """The in-place static step program (format 3, families/inplace_step.RunnerStep) running this runner's layers,
+    or None where the runner does not apply."""
+    from .inplace_step import RunnerStep, StepHooks
+
+    class GLMStep(StepHooks, GLMDecoder):
+        positions_spec = [None, 2, None]
+
+        def _step_inputs(self, positions, mask, slot, end):
+            """The program's additive mask (0 where attended) as _bias gives it: GLM's 0/1 mask and -65504 where masked."""
+            allowed = (mask == 0).astype("float32").unsqueeze(1)
+            return positions, (allowed, MASKED * (1.0 - allowed))
+
+        def _at(self, positions):
+            return positions  # the program is fed the [B, 2, L] positions of its tokens
+
+    if unsupported(model) is not None:
+        return None
+    return RunnerStep(GLMStep(model))

@@ -32,6 +32,7 @@ class StepHooks:
 
     reads_positions = True  # False: the program has no positions input (the step derives what it needs from the mask)
     step_context = False  # True: the step calls the runner's _context(positions, None) for its layers (rotary tables)
+    positions_spec = [None, None]  # the positions input's shape ([B, 2, L]: the 2-D positions of ChatGLM v1 and GLM)
 
     def _step_inputs(self, positions, mask, slot, end):
         """(positions, bias [B, 1|H, L, C]) from the program's inputs (hook: OPT counts positions from the mask, Bloom
@@ -78,7 +79,7 @@ class RunnerStep(paddle.nn.Layer):
 
         specs = [InputSpec([None, None], "int64", "input_ids")]
         if self.runner.reads_positions:  # paddle.jit.save refuses an input no output depends on
-            specs.append(InputSpec([None, None], "int64", "positions"))
+            specs.append(InputSpec(list(self.runner.positions_spec), "int64", "positions"))
         specs += [InputSpec([None, None, None], dtype, "mask"), InputSpec([1], "int64", "slot")]
         for i in range(len(self.layers)):
             for kind in ("k", "v"):

@@ -6,12 +6,12 @@ on a 0-layer "shell" of the family's model class (a few MB: config, generation c
 prepare/update hooks), whose forward is answered by a paddle.inference predictor. Everything above the
 forward (bucketing, left padding, sampling, stop tokens, streaming) is therefore exactly dynamic mode's.
 
-Format 3 (families with a decode runner and a Family.static_step: LLaMA, Qwen2, GPT, OPT, Bloom, ChatGLM2;
+Format 3 (families with a decode runner and a Family.static_step: LLaMA, Qwen2, GPT, OPT, Bloom, ChatGLM2, ChatGLM, GLM;
 families/inplace_step.py) exports an in-place step program instead: the runner's own step code, which writes the
 new keys/values into the InPlaceRunner's preallocated cache in place (paddle.inference runs on the fed tensors'
 memory) and attends over it as the dynamic decode runner does; the decode loop drives it in place of the model's
 forward, and the shell's forward (InPlaceForward) answers from the same program for the paths that keep
-generate(). Format-1 folders (ChatGLM, GLM, prefix-tuning exports) run as before; format-2 folders (the split-
+generate(). Format-1 folders (prefix-tuning exports, older exports) run as before; format-2 folders (the split-
 attention program of earlier versions) are refused with a re-export hint.
 
 Two measured pitfalls of paddle.inference on CPU (paddle 3.3.1) are handled here:
@@ -273,6 +273,63 @@ def _additive(allowed):
     return paddle.where(allowed, paddle.zeros([1], "float32"), paddle.full([1], paddle.finfo(paddle.float32).min, "float32"))
 
 
+class InPlaceRules:
+    """How a family's generation inputs feed the in-place program (hooks; the defaults are a causal LM's: a [B, L]
+    attention mask, [B, L] positions, the last position + 1 per step). A family with other rules (the prefix LMs
+    ChatGLM and GLM: a 4-D prompt mask, [B, 2, L] positions) passes a subclass down from Family.static_rules:
+    formats/ does not import families/."""
+
+    def prompt(self, inputs, batch: int, length: int):
+        """(keep [B, L] bool: the prompt columns its last position attends, which every step attends too (generate()
+        extends the mask by one per step); positions as the family holds them)."""
+        import paddle
+
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = paddle.ones([batch, length], dtype="int64")
+        if len(mask.shape) != 2:
+            raise ValueError("the in-place static runner takes a [batch, length] attention mask")
+        positions = inputs.get("position_ids")
+        if positions is None:  # as LlamaForCausalLM.prepare_inputs_for_generation
+            positions = paddle.arange(length).expand((batch, length))
+        return mask.astype("bool"), positions
+
+    def chunk(self, inputs, keep, positions, pick, start: int):
+        """(allowed [n, span, L] bool: the prompt columns rows start..L-1 of a prefill chunk attend; the chunk's
+        positions as fed); pick(t) gathers the chunk's rows."""
+        import paddle
+
+        length = keep.shape[1]
+        causal = paddle.arange(length).unsqueeze(0) <= paddle.arange(start, length).unsqueeze(1)  # [span, L]
+        return pick(keep)[:, None, :] & causal[None], pick(positions)[:, start:]
+
+    def last(self, positions, length: int):
+        """What the steps advance from (length: the prompt's)."""
+        return positions[:, -1:]
+
+    def advance(self, state):
+        """(the next state, the positions a step feeds)."""
+        state = state + 1
+        return state, state
+
+    def forward_inputs(self, attention_mask, position_ids, batch: int, done: int, length: int):
+        """generate()'s forward arguments -> (allowed [B, L, done + L] bool, positions) for InPlaceForward."""
+        import paddle
+
+        if attention_mask is None:
+            attention_mask = paddle.ones([batch, done + length], dtype="int64")
+        if len(attention_mask.shape) != 2:
+            raise ValueError("the in-place static forward takes a [batch, length] attention mask")
+        if position_ids is None:
+            position_ids = paddle.arange(done, done + length).expand((batch, length))
+        causal = paddle.arange(done + length).unsqueeze(0) <= paddle.arange(done, done + length).unsqueeze(1)
+        return attention_mask.astype("bool")[:, None, :] & causal[None], position_ids
+
+    def forward_output(self, logits, cache):
+        """The model forward's output from the last logits [B, 1, vocab] and the per-layer (key, value) cache."""
+        return logits, cache
+
+
 class InPlaceRunner:
     """The decode loop's runner over an in-place export (the dynamic DecodeCore runners' API): prefill(inputs,
     capacity) -> [batch, vocab] logits of the prompt's last position; step(tokens [batch, 1]) -> the next.
@@ -282,8 +339,9 @@ class InPlaceRunner:
     new keys/values into their slot and attends over the whole capacity, unwritten slots masked. The prompt runs
     in chunks of rows of similar length, each over its own longest prompt (no padding computed)."""
 
-    def __init__(self, program: InPlaceProgram):
+    def __init__(self, program: InPlaceProgram, rules: Optional[InPlaceRules] = None):
         self.program = program
+        self.rules = rules or InPlaceRules()  # the family's masks and positions
 
     def prefill(self, inputs: Dict, capacity: int):
         import numpy as np
@@ -291,23 +349,16 @@ class InPlaceRunner:
 
         ids = inputs["input_ids"]
         batch, length = ids.shape
-        mask = inputs.get("attention_mask")
-        if mask is None:
-            mask = paddle.ones([batch, length], dtype="int64")
-        if len(mask.shape) != 2:
-            raise ValueError("the in-place static runner takes a [batch, length] attention mask")
-        positions = inputs.get("position_ids")
-        if positions is None:  # as LlamaForCausalLM.prepare_inputs_for_generation
-            positions = paddle.arange(length).expand((batch, length))
+        prompt, positions = self.rules.prompt(inputs, batch, length)
         prog = self.program
         self.max_capacity = capacity
         capacity = min(capacity, length + KV_GROW)
-        keep = paddle.concat([mask.astype("bool"), paddle.zeros([batch, capacity - length], dtype="bool")], axis=1)
-        self.mask = _additive(keep)  # [B, C]: 0 at the prompt's kept slots, min at padding and at free slots
+        free = paddle.zeros([batch, capacity - length], dtype="bool")
+        self.mask = _additive(paddle.concat([prompt, free], axis=1))  # [B, C]: 0 at the kept slots, min at padding and free slots
         self.next_slot, self.capacity = length, capacity
-        self.positions = positions[:, -1:]
+        self.positions = self.rules.last(positions, length)
 
-        real = mask.numpy().astype(bool)
+        real = prompt.numpy()
         first = np.where(real.any(1), real.argmax(1), length)  # first attended column per row (left padding)
         chunks = prefill_chunks(length - first)
         pad = capacity - length
@@ -320,11 +371,11 @@ class InPlaceRunner:
             n, span = len(rows), length - start
             # the chunk runs on a cache of its own span (written whole: paddle's set_value over a whole tensor is
             # ~4x cheaper than over a slice of one, and attention covers the span only), then gets its slots in the
-            # batch's capacity as the dynamic runner's prefill builds them
-            causal = paddle.tril(paddle.ones([span, span], dtype="bool"))
-            block = _additive(pick(keep)[:, start:length][:, None, :] & causal[None])
+            # batch's capacity as the dynamic runner's prefill builds them (columns before start: padding in every row)
+            allowed, chunk_positions = self.rules.chunk(inputs, prompt, positions, pick, start)  # [n, span, L]
+            block = _additive(allowed[:, :, start:length])
             cache = prog.empty_cache(n, span)
-            logits.append(prog.run(pick(ids)[:, start:], pick(positions)[:, start:], block, 0, cache))
+            logits.append(prog.run(pick(ids)[:, start:], chunk_positions, block, 0, cache))
             for i, t in enumerate(cache):
                 parts = [paddle.zeros([n, prog.kv_heads, start, prog.head_dim], prog.dtype)] if start else []
                 parts += [t] + ([paddle.zeros([n, prog.kv_heads, pad, prog.head_dim], prog.dtype)] if pad else [])
@@ -352,10 +403,10 @@ class InPlaceRunner:
             if self.capacity >= self.max_capacity:
                 raise ValueError(f"the KV cache holds {self.max_capacity} tokens; more were fed")
             self._grow(min(self.max_capacity, self.capacity + max(KV_GROW, self.capacity // 2)))
-        self.positions = self.positions + 1
+        self.positions, positions = self.rules.advance(self.positions)
         self.mask[:, slot] = 0.0  # the token attends to itself, and every later one to it (generate() extends the mask by one)
         self.next_slot += 1
-        return self.program.run(tokens, self.positions, self.mask.unsqueeze(1), slot, self.cache)
+        return self.program.run(tokens, positions, self.mask.unsqueeze(1), slot, self.cache)
 
 
 class InPlaceForward:
@@ -363,8 +414,9 @@ class InPlaceForward:
     program, for the paths that keep paddlenlp's generate() (settings the decode loop does not reproduce). Its
     cache is per layer (key, value) [B, kv_heads, length, head_dim], grown by concatenation as paddlenlp's is."""
 
-    def __init__(self, program: InPlaceProgram):
+    def __init__(self, program: InPlaceProgram, rules: Optional[InPlaceRules] = None):
         self.program = program
+        self.rules = rules or InPlaceRules()
         self.config = program.config  # the paddle.inference Config (oneDNN off on CPU)
         self.cache_key = program.cache_key  # the model's cache argument: past_key_values, or cache (OPT, Bloom)
 
@@ -376,24 +428,18 @@ class InPlaceForward:
         batch, length = input_ids.shape
         past = [t for kv in past_key_values for t in kv] if past_key_values else None
         done = past[0].shape[2] if past else 0
-        if attention_mask is None:
-            attention_mask = paddle.ones([batch, done + length], dtype="int64")
-        if len(attention_mask.shape) != 2:
-            raise ValueError("the in-place static forward takes a [batch, length] attention mask")
-        if position_ids is None:
-            position_ids = paddle.arange(done, done + length).expand((batch, length))
-        causal = paddle.arange(done + length).unsqueeze(0) <= paddle.arange(done, done + length).unsqueeze(1)
-        block = _additive(attention_mask.astype("bool")[:, None, :] & causal[None])
+        allowed, position_ids = self.rules.forward_inputs(attention_mask, position_ids, batch, done, length)
+        block = _additive(allowed)
         room = prog.empty_cache(batch, length)  # the new tokens' slots, written by the program
         cache = [paddle.concat([p, r], axis=2) for p, r in zip(past, room)] if past else room
         last = prog.run(input_ids, position_ids, block, done, cache)
-        return last.unsqueeze(1), tuple((cache[2 * i], cache[2 * i + 1]) for i in range(prog.layers))
+        return self.rules.forward_output(last.unsqueeze(1), tuple((cache[2 * i], cache[2 * i + 1]) for i in range(prog.layers)))
 
 
 def inplace_runner(model) -> Optional[InPlaceRunner]:
     """The decode loop's runner for the generate() host of an in-place export, or None for any other model."""
     forward = model.__dict__.get("forward")
-    return InPlaceRunner(forward.program) if isinstance(forward, InPlaceForward) else None
+    return InPlaceRunner(forward.program, forward.rules) if isinstance(forward, InPlaceForward) else None
 
 
 def build_shell(family, path: str, meta: Dict):
@@ -427,7 +473,7 @@ def load_static(path: str, family, tokenizer_path: Optional[str] = None, chat_te
         model.eval()
     # object.__setattr__: paddle's Layer.__setattr__ would otherwise wrap or refuse a plain callable.
     if meta["format_version"] == INPLACE_VERSION:
-        forward = InPlaceForward(InPlaceProgram(predictor, config, meta))
+        forward = InPlaceForward(InPlaceProgram(predictor, config, meta), family.static_rules())
     else:
         forward = StaticForward(predictor, config, meta)
     object.__setattr__(shell, "forward", forward)
