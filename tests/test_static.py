@@ -306,6 +306,79 @@ def test_static_forward_gives_the_math_threads_back(exported, monkeypatch):
     assert calls and set(calls) == {2} and len(calls) >= 3  # after every step's run
 
 
+# ------------------------------------------------------------------ the step program itself
+@pytest.mark.parametrize("family", ["chatglm", "glm"])
+def test_step_logits_equal_dynamic(family, tiny_dir, tmp_path, monkeypatch):
+    """Format 1 (the model forward with a concatenated cache: prefix-tuning exports and older folders), on the two
+    prefix LMs (a 4-D mask, 2-D positions, ChatGLM's 1-tuple cache), exported with their in-place step turned off."""
+    import paddle
+
+    from paddlellm.commands.export import probe
+    from paddlellm.formats.static import flatten, load_static
+
+    fam = get_family(family)
+    monkeypatch.setattr(type(fam), "static_step", lambda self, model: None)
+    folder = str(tmp_path / "format1")
+    assert export("--model_name_or_path", tiny_dir(family), "--output_path", folder, "--src_length", "48", "--tgt_length", "6") == 0
+    assert json.load(open(os.path.join(folder, "static_meta.json")))["format_version"] == 1
+    model = fam.static_export_model(tiny_dir(family))
+    model.eval()
+    shell, tok = load_static(folder, fam)
+    forward = shell.forward
+    assert not forward.config.mkldnn_enabled()  # oneDNN gives wrong values here (see static_runtime)
+    # no fixed 1 anywhere in the program's input shapes (what triggers the oneDNN bug); batch/seq dims dynamic
+    specs = program_inputs(os.path.join(folder, "model.json"))
+    assert list(specs) == forward.predictor.get_input_names()
+    for name, shape in specs.items():
+        assert 1 not in shape and shape[0] == -1, (name, shape)
+    meta = json.load(open(os.path.join(folder, "static_meta.json")))
+    assert all(s.count("seq") == 1 and s.count("batch") == 1 for s in meta["cache_shapes"])
+
+    calls = probe(model, tok, fam)  # what generate() feeds the forward: prefill (no cache) and decode steps, 2 batch shapes
+    kinds = set()
+    strided = 0
+    with paddle.no_grad():
+        for call in calls:
+            kwargs = call["kwargs"]
+            decode = any(isinstance(kwargs.get(k), (list, tuple)) for k in ("past_key_values", "cache"))
+            kinds.add(decode)
+            strided += not kwargs["input_ids"].is_contiguous()
+            got, want = flatten(forward(**kwargs)), flatten(call["output"])
+            np.testing.assert_allclose(got[0][:, -1].numpy(), want[0][:, -1].numpy(), atol=1e-5, rtol=0)
+            assert len(got) == len(want)
+            for g, w in zip(got[1:], want[1:]):  # the new cache, tensor by tensor
+                np.testing.assert_allclose(g.numpy(), w.numpy(), atol=1e-5, rtol=0)
+    assert kinds == {False, True} and strided  # prefill and decode were compared; generate() passed strided views
+    # What a run returned survives the next run (predictor.run's outputs can live in memory it reuses).
+    with paddle.no_grad():
+        kept = forward(**calls[1]["kwargs"])
+        first = [t.numpy().copy() for t in flatten(kept)]
+        forward(**calls[0]["kwargs"])
+    assert all(np.array_equal(a, t.numpy()) for a, t in zip(first, flatten(kept)))
+
+    # Token ids too (a tiny model's text can decode to ""): seeded sampling with every option, then greedy.
+    from paddlellm.generation import generate_ids
+
+    prompts = [fam.generation_prompt(tok, [t], [], 48) for t in ("spell: 1 2", "hello there, how are you today?", "x")]
+    for sampling in (dict(top_k=5, top_p=0.9, temperature=0.8, repetition_penalty=1.2), {}):
+        ids = []
+        for m in (model, shell):
+            paddle.seed(3)
+            ids.append(generate_ids(m, tok, fam, prompts, 8, **sampling))
+        assert ids[0] == ids[1] and sum(map(len, ids[0])) > 0, sampling
+
+    # A strided view gives the same logits as a contiguous copy (predictor.run ignores strides by itself).
+    kwargs = dict(next(c["kwargs"] for c in calls if c["kwargs"]["input_ids"].shape[1] == 1))
+    base = paddle.to_tensor(np.arange(kwargs["input_ids"].shape[0] * 3).reshape([-1, 3]) % 50 + 5, dtype="int64")
+    view = base[:, 1:2]
+    assert not view.is_contiguous()
+    with paddle.no_grad():
+        a = flatten(forward(**dict(kwargs, input_ids=view)))[0].numpy()
+        b = flatten(forward(**dict(kwargs, input_ids=view.contiguous())))[0].numpy()
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a[0] - a[1]).max() > 0  # rows really differ (a stride bug would repeat row 0's input)
+
+
 # ------------------------------------------------------------------ in-place exports (format 3)
 @pytest.mark.parametrize("family", INPLACE)
 def test_inplace_runner_equals_dynamic_runner(family, tiny_dir, exported):
