@@ -6,6 +6,8 @@ ratios with a plain run's (bench/README_generate.md, "Two math threads"). The pe
 
     python bench/static_ir_off.py --family gpt --arms loop,static --batches 1,8,32 --orders bucketed --rounds 3 ...
 """
+import argparse
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -15,6 +17,14 @@ sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
 from paddlellm.cpu_runtime import configure  # noqa: E402
 
+# paddle is imported below, before generate_throughput.py parses its arguments: its --threads must reach the CPU
+# runtime here (generate_throughput.py sets it the same way before paddle loads), or our arms would keep the default
+# thread count while the report and the peer say --threads
+_parser = argparse.ArgumentParser(add_help=False)
+_parser.add_argument("--threads", type=int, default=None)
+_threads = _parser.parse_known_args()[0].threads
+if _threads:
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_threads)
 configure()  # before paddle is imported, as generate_throughput.py's own run does
 
 import paddle.inference as paddle_infer  # noqa: E402
