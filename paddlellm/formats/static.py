@@ -14,12 +14,15 @@ forward, and the shell's forward (InPlaceForward) answers from the same program 
 generate(). Format-1 folders (prefix-tuning exports, older exports) run as before; format-2 folders (the split-
 attention program of earlier versions) are refused with a re-export hint.
 
-Two measured pitfalls of paddle.inference on CPU (paddle 3.3.1) are handled here:
+Measured pitfalls of paddle.inference on CPU (paddle 3.3.1), handled here:
 - oneDNN, on by default, gives wrong values for a residual add + RMSNorm when a sequence dim is fixed to 1:
   oneDNN is turned off (it is also slower here) and every batch/sequence dim is dynamic in the export;
 - predictor.run ignores the strides of sliced tensors (generate() feeds input_ids[:, -1:] views): every
   input is made contiguous first;
-- the tensors predictor.run returns may live in memory it reuses on the next run: they are copied.
+- the tensors predictor.run returns may live in memory it reuses on the next run: they are copied;
+- the executor frees each intermediate tensor through a garbage-collector thread that spins while it waits for the
+  next one: on a 2-core machine it took ~1 ms of CPU per decode step from the two math threads, so the static step
+  was slower than the dynamic loop. create_predictor makes it free them in batches (GC_BATCH_GB).
 """
 from __future__ import annotations
 
@@ -34,6 +37,10 @@ FORMAT_VERSION = 1  # the model forward with a concatenated cache (any family; p
 INPLACE_VERSION = 3  # families/inplace_step.py's program: writes the runner's preallocated KV cache in place (format 2: split attention, retired)
 FORMAT_VERSIONS = (FORMAT_VERSION, INPLACE_VERSION)
 KV_GROW = 64  # the in-place cache starts at prompt + this many slots (at most the capacity asked), grows by at least as many
+# paddle.inference's executor collects freed intermediates until this many GB, then frees them in one task of its
+# garbage-collector thread (FLAGS_eager_delete_tensor_gb; paddle's default 0 hands every tensor to that thread,
+# which then spins). A decode step's intermediates are a few MB at most, so a prompt's large ones still go at once.
+GC_BATCH_GB = 0.01
 META_NAME = "static_meta.json"
 PREFIX_DIR = "prefix"  # prefix-tuning parameters of an export, beside the program
 
@@ -163,6 +170,7 @@ def create_predictor(path: str, meta: Dict):
         config.disable_gpu()
         config.disable_mkldnn()
         config.set_cpu_math_library_num_threads(cpu_threads())
+        _batch_garbage_collection()
     config.switch_ir_optim(True)
     config.disable_glog_info()
     predictor = paddle_infer.create_predictor(config)
@@ -173,6 +181,20 @@ def create_predictor(path: str, meta: Dict):
     if names != want:
         raise UserError(f"{path!r}: the program's inputs {names} differ from {META_NAME}; re-export it with export_model.py")
     return predictor, config
+
+
+def _batch_garbage_collection() -> None:
+    """Workaround (paddle 3.3 CPU): the executor's garbage collector (new_executor/garbage_collector/
+    event_garbage_collector.cc) hands every freed intermediate to a thread that spins between tasks; with paddle's
+    default threshold (0) that thread stayed busy through every step, ~1 ms of CPU per GPT decode step (bench
+    shape) taken from the two math threads of a 2-core machine, and the in-place static step ran 0.9-1.0x the
+    dynamic loop. Batched (GC_BATCH_GB), it wakes every few steps and the same step ran 1.1-1.2x. Only static-graph
+    executors read this flag (its threshold is read when a predictor builds its collector); a value the user set in
+    the environment is kept."""
+    import paddle
+
+    if "FLAGS_eager_delete_tensor_gb" not in os.environ and paddle.get_flags("FLAGS_eager_delete_tensor_gb")["FLAGS_eager_delete_tensor_gb"] == 0.0:
+        paddle.set_flags({"FLAGS_eager_delete_tensor_gb": GC_BATCH_GB})
 
 
 def _restore_math_threads() -> None:
