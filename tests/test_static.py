@@ -330,6 +330,20 @@ def test_predictor_frees_intermediates_in_batches(exported, monkeypatch):
         paddle.set_flags({"FLAGS_eager_delete_tensor_gb": static_runtime.GC_BATCH_GB})
 
 
+@pytest.mark.parametrize("family", ["gpt-3", "opt"])
+def test_inplace_program_joins_qkv(family, exported, tiny_dir):
+    """GPT's and OPT's step programs compute each layer's q/k/v as one product over weights joined at export
+    (inplace_step.StepHooks.join_products): 6 products per layer (q/k/v, two attention, out, two feed-forward) and
+    the head, where the runner's own code has 8 per layer; test_inplace_runner_equals_dynamic_runner proves the
+    logits and tokens equal."""
+    config = get_family(family).load_model(tiny_dir(family)).config
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    with open(os.path.join(exported(family), "model.json"), encoding="utf-8") as f:
+        program = f.read()
+    assert program.count('"#":"1.matmul"') == 6 * layers + 1
+    assert program.count(f'[{hidden},{3 * hidden}]') == layers  # one [h, 3h] joined weight per layer
+
+
 # ------------------------------------------------------------------ the step program itself
 @pytest.mark.parametrize("family", ["chatglm", "glm"])
 def test_step_logits_equal_dynamic(family, tiny_dir, tmp_path, monkeypatch):

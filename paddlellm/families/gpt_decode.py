@@ -62,14 +62,14 @@ class GPTDecoder(DecodeCore):
     def _embed(self, ids, positions):
         return self.base.embeddings(input_ids=ids, position_ids=positions)
 
-    def _qkv(self, attn, x):
+    def _qkv(self, i, attn, x):
         import paddle
 
         if self.fused:  # MultiHeadAttention._fuse_prepare_qkv: [B, L, H, 3 * D] split on the last axis
             mix = attn.qkv_proj(x).reshape([0, 0, self.heads, 3 * self.head_dim])
             q, k, v = paddle.split(mix, num_or_sections=3, axis=-1)
         else:
-            q, k, v = (proj(x).reshape([0, 0, self.heads, self.head_dim]) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+            return self._head_projections(f"qkv{i}", x, (attn.q_proj, attn.k_proj, attn.v_proj), [self.heads] * 3)
         return (t.transpose([0, 2, 1, 3]) for t in (q, k, v))
 
     def _score(self, q, k):
@@ -80,7 +80,7 @@ class GPTDecoder(DecodeCore):
 
     def _layer(self, i, layer, hidden, ctx, bias, kv):
         attn = layer.self_attn
-        q, k, v = self._qkv(attn, layer.norm1(hidden) if self.pre_norm else hidden)
+        q, k, v = self._qkv(i, attn, layer.norm1(hidden) if self.pre_norm else hidden)
         k, v = kv(k, v)
         hidden = hidden + attn.out_proj(self._attend(q, k, v, bias))
         if not self.pre_norm:
@@ -106,6 +106,8 @@ def static_step(model):
     from .inplace_step import RunnerStep, StepHooks
 
     class GPTStep(StepHooks, GPTDecoder):
-        pass
+        def fusable(self):
+            return [] if self.fused else [(f"qkv{i}", (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
+                                          for i, layer in enumerate(self.layers)]
 
     return RunnerStep(GPTStep(model)) if unsupported(model) is None else None

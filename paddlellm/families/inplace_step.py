@@ -33,6 +33,42 @@ class StepHooks:
     reads_positions = True  # False: the program has no positions input (the step derives what it needs from the mask)
     step_context = False  # True: the step calls the runner's _context(positions, None) for its layers (rotary tables)
     positions_spec = [None, None]  # the positions input's shape ([B, 2, L]: the 2-D positions of ChatGLM v1 and GLM)
+    _joined: dict = {}  # join_products: key -> (weight [in, sum(out)], bias or None)
+
+    def fusable(self):
+        """[(key, linears)]: groups of projections of one input (q/k/v, gate/up) that the step program computes as one
+        product (hook; the family's step class lists them)."""
+        return []
+
+    def join_products(self):
+        """Join each fusable group of plain float32 linears (paddle.nn.Linear itself: no LoRA or quantized layer, all
+        with or all without a bias) into one [in, sum(out)] weight (and bias), made once at export; returns them by
+        buffer name for RunnerStep to register. One product over joined weights gives each output column the same
+        dot product as its own linear (up to the GEMM's float rounding) with fewer ops per layer in the program."""
+        self._joined = {}
+        buffers = {}
+        for key, linears in self.fusable():
+            plain = all(type(lin) is paddle.nn.Linear and lin.weight.dtype == paddle.float32 for lin in linears)
+            biased = {lin.bias is not None for lin in linears}
+            if not plain or len(biased) != 1:
+                continue
+            with paddle.no_grad():
+                weight = paddle.concat([lin.weight for lin in linears], axis=1)
+                bias = paddle.concat([lin.bias for lin in linears]) if biased == {True} else None
+            buffers[f"joined_{key}_weight"] = weight
+            if bias is not None:
+                buffers[f"joined_{key}_bias"] = bias
+            self._joined[key] = (weight, bias)
+        return buffers
+
+    def _head_projections(self, key, x, linears, heads):
+        joined = self._joined.get(key)
+        if joined is None:
+            return super()._head_projections(key, x, linears, heads)
+        weight, bias = joined  # one product, one reshape and one transpose for the group, then a split by heads
+        out = paddle.matmul(x, weight)
+        out = (out if bias is None else out + bias).reshape([0, 0, sum(heads), self.head_dim]).transpose([0, 2, 1, 3])
+        return paddle.split(out, list(heads), axis=1)
 
     def _step_inputs(self, positions, mask, slot, end):
         """(positions, bias [B, 1|H, L, C]) from the program's inputs (hook: OPT counts positions from the mask, Bloom
@@ -67,7 +103,7 @@ class RunnerStep(paddle.nn.Layer):
         super().__init__()
         self.model = runner.model  # registered: the program's parameters
         self.runner = runner
-        for name, tensor in (buffers or {}).items():
+        for name, tensor in dict(buffers or {}, **runner.join_products()).items():
             self.register_buffer(name, tensor)
         self.layers = runner.layers
         self.kv_heads, self.head_dim = runner.kv_heads, runner.head_dim

@@ -84,8 +84,7 @@ class OPTDecoder(DecodeCore):
         attn = layer.self_attn
         pre = layer.normalize_before
         x = layer.norm1(hidden) if pre else hidden
-        q, k, v = (proj(x).reshape([0, 0, self.heads, self.head_dim]).transpose([0, 2, 1, 3])
-                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k, v = self._head_projections(f"qkv{i}", x, (attn.q_proj, attn.k_proj, attn.v_proj), [self.heads] * 3)
         k, v = kv(k, v)
         hidden = hidden + attn.out_proj(self._attend(q, k, v, bias))
         if not pre:
@@ -125,6 +124,10 @@ def static_step(model):
 
     class OPTStep(StepHooks, OPTDecoder):
         reads_positions = False
+
+        def fusable(self):
+            return [(f"qkv{i}", (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
+                    for i, layer in enumerate(self.layers)]
 
         def _step_inputs(self, positions, mask, slot, end):
             # positions counted from the mask, as _positions / _advance do (cumsum(mask) - 1; the program has no
