@@ -330,18 +330,23 @@ def test_predictor_frees_intermediates_in_batches(exported, monkeypatch):
         paddle.set_flags({"FLAGS_eager_delete_tensor_gb": static_runtime.GC_BATCH_GB})
 
 
-@pytest.mark.parametrize("family", ["gpt-3", "opt"])
-def test_inplace_program_joins_qkv(family, exported, tiny_dir):
-    """GPT's and OPT's step programs compute each layer's q/k/v as one product over weights joined at export
-    (inplace_step.StepHooks.join_products): 6 products per layer (q/k/v, two attention, out, two feed-forward) and
-    the head, where the runner's own code has 8 per layer; test_inplace_runner_equals_dynamic_runner proves the
-    logits and tokens equal."""
+@pytest.mark.parametrize("family,per_layer", [("gpt-3", 6), ("opt", 6), ("llama", 7), ("qwen2", 7)])
+def test_inplace_program_joins_qkv(family, per_layer, exported, tiny_dir):
+    """The step programs of GPT, OPT, LLaMA and Qwen2 compute each layer's q/k/v as one product over weights joined
+    at export (inplace_step.StepHooks.join_products): per layer one [h, (heads + 2 kv_heads) * head_dim] weight, and
+    6 products (q/k/v, two attention, out, two feed-forward; LLaMA's gated feed-forward 3) plus the head, where the
+    runner's own code has two more per layer. test_inplace_runner_equals_dynamic_runner proves logits and tokens."""
     config = get_family(family).load_model(tiny_dir(family)).config
-    layers, hidden = config.num_hidden_layers, config.hidden_size
+    layers, hidden, heads = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    joined = (heads + 2 * kv_heads) * (hidden // heads)
     with open(os.path.join(exported(family), "model.json"), encoding="utf-8") as f:
         program = f.read()
-    assert program.count('"#":"1.matmul"') == 6 * layers + 1
-    assert program.count(f'[{hidden},{3 * hidden}]') == layers  # one [h, 3h] joined weight per layer
+    assert program.count('"#":"1.matmul"') == per_layer * layers + 1
+    ops = json.loads(program)["program"]["regions"][0]["blocks"][0]["ops"]
+    params = {op["A"][3]: op["O"]["TT"]["D"][1] for op in ops if op.get("#") == "p"}  # name -> shape
+    # the joined weights are buffers made at export (no layer's "<layer>.w_<n>" parameter name)
+    assert sum(".w_" not in name and shape == [hidden, joined] for name, shape in params.items()) == layers
 
 
 # ------------------------------------------------------------------ the step program itself

@@ -44,8 +44,9 @@ API (a family's runner subclasses DecodeCore; see llama_decode.py, gpt_decode.py
            keys/values to attend over (prefill: the chunk's own; step: the whole cache, slot written); bias masks
            exactly those keys. `self._attention(q, k, v, bias, scale)` is the usual softmax attention helper.
     _logits(hidden_last [B, 1, h]) -> [B, vocab]
-  Helper: self._head_projections(key, x, linears, heads) -> [B, n, L, D] per linear (q/k/v of GPT and OPT): the
-           in-place static step computes the group as one product over weights joined at export (key: unique per layer)
+  Helper: self._projections(key, x, linears, heads) -> [B, L, n, D] per linear (q/k/v; _head_projections: [B, n, L, D]):
+           the in-place static step computes the group as one product over weights joined at export (key: unique per
+           layer)
   Helper: self._tied_head(hidden, weight) -> hidden @ weight^T for a [vocab, h] output weight (tied embeddings),
            for _logits: at batch 1 in the steps, with >= HEAD_COPY_MIN tokens still to come, on the runner's own
            [h, vocab] copy (paddle's CPU matrix-vector product on the transposed weight is ~2x slower).
@@ -185,11 +186,15 @@ class DecodeCore:
         """The attention scores before the bias, [B, H, Lq, K] (for _attend)."""
         raise NotImplementedError
 
-    def _head_projections(self, key: str, x, linears, heads):
+    def _projections(self, key: str, x, linears, heads):
         """The projections of x [B, L, h] by `linears` (q, k, v), each split into its number of `heads` (a list) of
-        head_dim: [B, heads, L, D] each. Hook: the in-place static step program computes such a group as one product
+        head_dim: [B, L, heads, D] each. Hook: the in-place static step program computes such a group as one product
         over weights joined at export (inplace_step.StepHooks); `key` names the group (unique per layer)."""
-        return [linear(x).reshape([0, 0, n, self.head_dim]).transpose([0, 2, 1, 3]) for linear, n in zip(linears, heads)]
+        return [linear(x).reshape([0, 0, n, self.head_dim]) for linear, n in zip(linears, heads)]
+
+    def _head_projections(self, key: str, x, linears, heads):
+        """_projections with the heads first: [B, heads, L, D] each."""
+        return [t.transpose([0, 2, 1, 3]) for t in self._projections(key, x, linears, heads)]
 
     def _tied_head(self, hidden, weight):
         """hidden [B, L, h] @ weight^T for a [vocab, h] output weight (the tied embedding) -> [B, L, vocab].

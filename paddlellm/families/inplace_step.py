@@ -16,6 +16,9 @@ program. Format 3:
 - each layer writes its L new keys/values into slots [slot, slot + L) of the cache tensors it was fed
   (set_value_with_tensor_, in place: paddle.inference runs on the fed tensors' memory, so the runner's cache is
   updated as the dynamic runner's step updates its own) and attends over the whole capacity with one softmax.
+- where a layer's q/k/v are three plain linears (GPT, OPT, LLaMA, Qwen2), the program computes them as one product
+  over weights joined at export (StepHooks.join_products: two fewer products, and fewer reshapes, per layer than
+  the dynamic runner, whose weights stay the model's own).
 
 Every batch/sequence dim is dynamic (a fixed 1 triggers a oneDNN bug; see formats/static.py).
 """
@@ -61,14 +64,24 @@ class StepHooks:
             self._joined[key] = (weight, bias)
         return buffers
 
-    def _head_projections(self, key, x, linears, heads):
+    def _joined_product(self, key, x, heads):
+        """x times the group's joined weight (+ bias) as [B, L, sum(heads), D], or None for a group not joined."""
         joined = self._joined.get(key)
         if joined is None:
-            return super()._head_projections(key, x, linears, heads)
-        weight, bias = joined  # one product, one reshape and one transpose for the group, then a split by heads
+            return None
+        weight, bias = joined
         out = paddle.matmul(x, weight)
-        out = (out if bias is None else out + bias).reshape([0, 0, sum(heads), self.head_dim]).transpose([0, 2, 1, 3])
-        return paddle.split(out, list(heads), axis=1)
+        return (out if bias is None else out + bias).reshape([0, 0, sum(heads), self.head_dim])
+
+    def _projections(self, key, x, linears, heads):
+        out = self._joined_product(key, x, heads)
+        return super()._projections(key, x, linears, heads) if out is None else paddle.split(out, list(heads), axis=2)
+
+    def _head_projections(self, key, x, linears, heads):
+        out = self._joined_product(key, x, heads)  # one transpose for the group, then a split by heads
+        if out is None:
+            return super()._head_projections(key, x, linears, heads)
+        return paddle.split(out.transpose([0, 2, 1, 3]), list(heads), axis=1)
 
     def _step_inputs(self, positions, mask, slot, end):
         """(positions, bias [B, 1|H, L, C]) from the program's inputs (hook: OPT counts positions from the mask, Bloom

@@ -118,7 +118,7 @@ class LlamaDecoder(DecodeCore):
         return self.base.embed_tokens(ids)
 
     def _layer(self, i, layer, hidden, ctx, bias, kv):
-        q, k, v = self._qkv(layer, layer.input_layernorm(hidden), *ctx)
+        q, k, v = self._qkv(i, layer, layer.input_layernorm(hidden), *ctx)
         k, v = kv(k, v)
         return self._attend(layer, hidden, q, k, v, bias)
 
@@ -143,14 +143,12 @@ class LlamaDecoder(DecodeCore):
         return LlamaLMHead
 
     # ------------------------------------------------------------------ pieces
-    def _qkv(self, layer, x, cos_q, sin_q, cos_k, sin_k):
-        """q, k, v of layer for hidden x [B, L, h]: [B, H or KV, L, D] each, rotary applied to q and k (tables
+    def _qkv(self, i, layer, x, cos_q, sin_q, cos_k, sin_k):
+        """q, k, v of layer i for hidden x [B, L, h]: [B, H or KV, L, D] each, rotary applied to q and k (tables
         from _context)."""
         attn = layer.self_attn
-        q = rotate(attn.q_proj(x).reshape([0, 0, self.heads, self.head_dim]), cos_q, sin_q)
-        k = rotate(attn.k_proj(x).reshape([0, 0, self.kv_heads, self.head_dim]), cos_k, sin_k)
-        v = attn.v_proj(x).reshape([0, 0, self.kv_heads, self.head_dim])
-        return (t.transpose([0, 2, 1, 3]) for t in (q, k, v))
+        q, k, v = self._projections(f"qkv{i}", x, (attn.q_proj, attn.k_proj, attn.v_proj), [self.heads, self.kv_heads, self.kv_heads])
+        return (t.transpose([0, 2, 1, 3]) for t in (rotate(q, cos_q, sin_q), rotate(k, cos_k, sin_k), v))
 
     def _attend(self, layer, residual, q, k, v, mask):
         """The rest of a decoder layer after q/k/v: attention of q [B, H, Lq, D] over k/v [B, KV, K, D] with the
@@ -195,6 +193,10 @@ def static_step(model, runner_class=LlamaDecoder):
                 cos, sin = rotary(self.base.embed_tokens.weight, seq_len=rotary.cos_cached.shape[1])
                 cos, sin = rotary_tables(cos, sin, paddle.arange(cos.shape[1]).unsqueeze(0))  # [1, length, 1, D]
             self.cos_table, self.sin_table = cos[0, :, 0, :].clone(), sin[0, :, 0, :].clone()
+
+        def fusable(self):
+            return [(f"qkv{i}", (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
+                    for i, layer in enumerate(self.layers)]
 
         def _context(self, positions, length):
             return self._tile_heads(F.embedding(positions, self.cos_table).unsqueeze(2),
