@@ -315,7 +315,7 @@ def test_tiny_has_the_shape_of_a_real_checkpoint(tiny_chat, llama_family):
 
 
 def test_every_command_on_a_tokenizer_json_chat_model(tiny_chat, tmp_path):
-    """SFT, predict, quant, static export (and predict on it), serve's chat and prepare-pretrain on a tiny model
+    """SFT, predict, quant, static export (the in-place program, format 3; and predict on it), serve's chat and prepare-pretrain on a tiny model
     with a tokenizer.json only, a ChatML template, GQA and tied embeddings: each output keeps the template."""
     from paddlellm.cli import run_command
     from paddlellm.loading import load_for_inference
@@ -336,6 +336,7 @@ def test_every_command_on_a_tokenizer_json_chat_model(tiny_chat, tmp_path):
         "--do_eval", "false")
     static = str(tmp_path / "static")
     run("export", "--model_name_or_path", sft, "--output_path", static)
+    assert load_json(os.path.join(static, "static_meta.json"))["format_version"] == 3  # the in-place step program
     for name, folder in (("sft", sft), ("quant", quant), ("static", static)):
         assert os.path.isfile(os.path.join(folder, "chat_template.jinja")), name
         out = tmp_path / f"{name}.out"
