@@ -20,7 +20,7 @@ same values in fewer, cheaper CPU operations:
                      GLM, Qwen2) are the same product with the embedding matrix; GLM keeps its
                      loss_mask weighting
   llama_segment_attention, qwen2_segment_attention, gpt_segment_attention, opt_segment_attention,
-  bloom_segment_attention, chatglm_segment_attention, glm_segment_attention
+  bloom_segment_attention, chatglm_segment_attention, glm_segment_attention, chatglm_v2_segment_attention
                      attention computed per block of the mask instead of over the whole [seq, seq]
                      square: a packed row of 512 tokens holding seven examples attends within each
                      example (causal blocks; in the prefix-LM families ChatGLM v1 and GLM a rectangle
@@ -831,6 +831,39 @@ def _patch_gpt_segment_attention(model) -> int:
     return 1 if n else 0
 
 
+def _chatglm_v2_core_attention(self, q, k, v, attention_mask=None, output_attentions=False):
+    """ChatGLM2's SelfAttention._core_attention (q/k/v [seq, batch, heads, head_dim], the multi-query key/value groups
+    already repeated to the query heads; additive mask of 0 / finfo.min), computed per query group of the mask. Its
+    CoreAttention scales the scores by 1 / (sqrt(head_dim) * layer number) and back by the layer number
+    (apply_query_key_layer_scaling): 1 / sqrt(head_dim) up to float rounding, the scale used here. A cache (more keys
+    than queries), attention dropout in training, sequence or tensor parallel, attention weights asked for and
+    non-float32 take paddlenlp's path."""
+    import paddle
+
+    core, cfg = self.core_attention, self.config
+    if (not (output_attentions or cfg.sequence_parallel or cfg.tensor_parallel_degree > 1
+             or (self.training and core.attention_dropout.p > 0))
+            and attention_mask is not None and len(attention_mask.shape) == 4 and q.dtype == paddle.float32
+            and k.shape[0] == q.shape[0] and k.shape[2] == q.shape[2]):
+        out = _per_block_attention(q, k, v, attention_mask, scale=core.hidden_size_per_attention_head ** -0.5, seq_first=True)
+        if out is not None:
+            return out
+    return type(self)._core_attention(self, q, k, v, attention_mask=attention_mask, output_attentions=output_attentions)
+
+
+def _patch_chatglm_v2_segment_attention(model) -> int:
+    from paddlenlp.transformers.chatglm_v2 import modeling
+
+    n = 0
+    for layer in model.sublayers(include_self=True):
+        if isinstance(layer, modeling.SelfAttention) and "_core_attention" not in vars(layer):
+            layer._core_attention = types.MethodType(_chatglm_v2_core_attention, layer)  # looked up per call
+            n += 1
+    if n:
+        _mark_active(model.chatglm_v2)  # the mask's groups are dropped when the forward ends
+    return 1 if n else 0
+
+
 def _opt_attention_forward(self, query, key, value, attn_mask=None, use_cache=False, cache=None):
     """OPT's MultiHeadAttention.forward with the product computed per query group of the mask. Its attention weights
     are returned only for output_attentions (OPT's decoder layer drops them otherwise): when a patched OPTModel's
@@ -1105,6 +1138,7 @@ PATCHES: Dict[str, Callable] = {
     "qwen2_rms_norm": _patch_qwen2_rms_norm,
     "qwen2_rotary": _patch_qwen2_rotary,
     "qwen2_segment_attention": _patch_qwen2_segment_attention,
+    "chatglm_v2_segment_attention": _patch_chatglm_v2_segment_attention,
     "gpt_segment_attention": _patch_gpt_segment_attention,
     "opt_segment_attention": _patch_opt_segment_attention,
     "bloom_segment_attention": _patch_bloom_segment_attention,
