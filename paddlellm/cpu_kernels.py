@@ -31,6 +31,11 @@ same values in fewer, cheaper CPU operations:
                      with -1e4, whose exp() is 0 in float32 too; Bloom adds the ALiBi bias of each block's
                      keys). Attention dropout in training, attention
                      weights asked for, a cache or an irregular mask take paddlenlp's path
+  linear_bias_grad (gpt, opt, bloom, chatglm, glm, qwen2, chatglm_v2)
+                     a plain nn.Linear's trainable bias is added by one autograd node whose backward sums the
+                     gradient over the rows as one product with a row of ones: autograd's add backward used
+                     paddle's CPU reduce over leading axes (~70x slower; 18% of a Bloom SFT step). RMSNorm's
+                     weight gradient is summed the same way (_row_sum)
   chatglm_generation_inputs
                      ChatGLM v1's prepare_inputs_for_generation scans every row for [MASK]/[gMASK] with
                      Python-level `in` on a tensor at every decode step (45% of a step), only to build
@@ -217,6 +222,63 @@ def _mark_active(layer) -> None:
     layer._paddlellm_active = True
 
 
+def _row_sum(t):
+    """t [..., h] summed over every axis but the last -> [h], as one BLAS product with a row of ones: paddle's CPU
+    reduce over leading axes measured 18 ms for a [1600, 2048] gradient at two threads, the product 0.24 ms (the
+    same sum up to float rounding: summation order)."""
+    import paddle
+
+    flat = t.reshape([-1, t.shape[-1]])
+    return paddle.matmul(paddle.ones([1, flat.shape[0]], dtype=t.dtype), flat).reshape([t.shape[-1]])
+
+
+# ------------------------------------------------------------------ bias gradients
+def _bias_add_class():
+    import paddle  # noqa: F401
+    from paddle.autograd import PyLayer
+
+    class BiasAdd(PyLayer):
+        """x + bias (bias [h] over x [..., h]) whose backward gives the bias gradient as _row_sum(dy): autograd's add
+        backward reduces dy over the leading axes with paddle's CPU reduce (37.8 ms forward + backward at [1600, 2048],
+        against under 1 ms this way); 18% of a Bloom bench-shape SFT step."""
+
+        @staticmethod
+        def forward(ctx, x, bias):
+            ctx.x_grad = not x.stop_gradient
+            return x + bias
+
+        @staticmethod
+        def backward(ctx, dy):
+            return (dy if ctx.x_grad else None), _row_sum(dy)
+
+    return BiasAdd
+
+
+def _patch_linear_bias_grad(model) -> int:
+    """Every plain paddle.nn.Linear with a trainable float32 bias adds it through BiasAdd while gradients are recorded
+    (the same matmul(x, W) + b as F.linear); anything else (no bias, a frozen one as under LoRA, no_grad, other dtypes,
+    LoRA and quantized layers, which are not nn.Linear itself) runs the class forward."""
+    import paddle
+
+    fn = _bias_add_class()
+
+    def make(previous):
+        def forward(self, input):
+            bias = self.bias
+            if (bias is None or bias.stop_gradient or input.dtype != paddle.float32 or not paddle.is_grad_enabled()
+                    or not paddle.in_dynamic_mode()):
+                return previous(self, input)
+            return fn.apply(paddle.matmul(input, self.weight), bias)
+        return forward
+
+    n = 0
+    for layer in model.sublayers(include_self=True):
+        if type(layer) is paddle.nn.Linear and layer.bias is not None:
+            _replace_forward(layer, make)
+            n += 1
+    return 1 if n else 0
+
+
 # ------------------------------------------------------------------ RMSNorm
 def _rms_norm_layer_class():
     import paddle
@@ -240,7 +302,7 @@ def _rms_norm_layer_class():
             w, r, xr = ctx.saved_tensor()
             gw = dy * w
             dx = r * (gw - xr * (gw * xr).mean(-1, keepdim=True))
-            dw = (dy * xr).reshape([-1, xr.shape[-1]]).sum(0) if ctx.w_grad else None
+            dw = _row_sum(dy * xr) if ctx.w_grad else None
             return dx, dw
 
     return RMSNormFunction
@@ -1133,6 +1195,7 @@ def _patch_chatglm_generation_inputs(model) -> int:
 
 
 PATCHES: Dict[str, Callable] = {
+    "linear_bias_grad": _patch_linear_bias_grad,
     "llama_rms_norm": _patch_llama_rms_norm,
     "chatglm_v2_rms_norm": _patch_chatglm_v2_rms_norm,
     "qwen2_rms_norm": _patch_qwen2_rms_norm,

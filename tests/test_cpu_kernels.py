@@ -448,3 +448,43 @@ def test_rotary_tables_are_not_shared_between_models(tiny_dir):
             want, got = (logits_of(m(**inputs)).numpy() for m in (plain, patched))
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f"rope_theta {theta}")
     assert getattr(cpu_kernels._state, "rotary", None) is None  # nothing kept after the forward
+
+
+def test_linear_bias_grad_same_values_and_only_where_the_bias_trains(monkeypatch):
+    """linear_bias_grad: a plain nn.Linear with a trainable bias gives the class forward's output and gradients (bias
+    gradient as one product with a row of ones), with the input needing a gradient or not; a frozen bias, no_grad and
+    non-Linear layers keep the class forward (the patch's product is not called)."""
+    import paddle
+
+    class Pair(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.lin = paddle.nn.Linear(16, 8)
+
+    plain, patched = Pair(), Pair()
+    patched.lin.weight.set_value(plain.lin.weight)
+    patched.lin.bias.set_value(plain.lin.bias + 0.5)
+    plain.lin.bias.set_value(plain.lin.bias + 0.5)
+    assert cpu_kernels._patch_linear_bias_grad(patched) == 1
+    sums = []
+    real = cpu_kernels._row_sum
+    monkeypatch.setattr(cpu_kernels, "_row_sum", lambda t: sums.append(t.shape) or real(t))
+    rng = np.random.default_rng(0)
+    for x_grad in (True, False):
+        data = rng.standard_normal([3, 5, 16]).astype("float32")
+        xs = [paddle.to_tensor(data, stop_gradient=not x_grad) for _ in range(2)]
+        outs = [m.lin(x) for m, x in zip((plain, patched), xs)]
+        for out in outs:
+            (out * out).sum().backward()
+        np.testing.assert_allclose(outs[1].numpy(), outs[0].numpy(), rtol=1e-6, atol=1e-6)
+        for name in ("weight", "bias"):
+            np.testing.assert_allclose(getattr(patched.lin, name).grad.numpy(), getattr(plain.lin, name).grad.numpy(), rtol=1e-5, atol=1e-5)
+        if x_grad:
+            np.testing.assert_allclose(xs[1].grad.numpy(), xs[0].grad.numpy(), rtol=1e-5, atol=1e-5)
+        plain.clear_gradients(), patched.clear_gradients()
+    assert sums == [[3, 5, 8], [3, 5, 8]]  # the bias gradient of each backward went through the product
+    patched.lin.bias.stop_gradient = True  # frozen (LoRA): the class forward
+    with paddle.no_grad():
+        patched.lin(xs[0])
+    (patched.lin(xs[0]) ** 2).sum().backward()
+    assert len(sums) == 2

@@ -87,7 +87,7 @@ FAMILY = ChatGLMv2Family(
     shift_smooth_pairing={"fused_qkv": True, "parallel_ffn": False},
     supports=dict(pretrain=True, sft=True, lora=True, prefix=True, tensor_parallel=True, intokens=True),
     export_patches=("chatglm_v2_rms_norm",),
-    cpu_patches=("chatglm_v2_rms_norm", "chatglm_v2_supervised_loss", "chatglm_v2_segment_attention"),
+    cpu_patches=("chatglm_v2_rms_norm", "chatglm_v2_supervised_loss", "chatglm_v2_segment_attention", "linear_bias_grad"),
     notes=(
         "Sequences open with [gMASK] sop; turns use the '[Round i]\\n\\n问：{q}\\n\\n答：' template. Pads with "
         "<unk> (id 0), left padding for generation with explicit position_ids. Every reply ends with </s> and "
