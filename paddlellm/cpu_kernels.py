@@ -883,13 +883,20 @@ def _patch_gpt_segment_attention(model) -> int:
 
     if model.config.tensor_parallel_degree > 1 or getattr(model.config, "sequence_parallel", False):
         return 0
+    return _patch_core_attention(model, modeling.MultiHeadAttention, _gpt_core_attention, model.gpt)
+
+
+def _patch_core_attention(model, attention_class, core_attention: Callable, inner) -> int:
+    """Bind core_attention as the `_core_attention` of every attention_class layer of the model (GPT's and
+    ChatGLM2's attention look that method up per call), and mark `inner` (the decoder) active so that the mask's
+    groups are dropped when its forward ends."""
     n = 0
     for layer in model.sublayers(include_self=True):
-        if isinstance(layer, modeling.MultiHeadAttention) and "_core_attention" not in vars(layer):
-            layer._core_attention = types.MethodType(_gpt_core_attention, layer)  # GPT's attention looks it up per call
+        if isinstance(layer, attention_class) and "_core_attention" not in vars(layer):
+            layer._core_attention = types.MethodType(core_attention, layer)
             n += 1
     if n:
-        _mark_active(model.gpt)  # the mask's groups are dropped when the forward ends
+        _mark_active(inner)
     return 1 if n else 0
 
 
@@ -916,14 +923,7 @@ def _chatglm_v2_core_attention(self, q, k, v, attention_mask=None, output_attent
 def _patch_chatglm_v2_segment_attention(model) -> int:
     from paddlenlp.transformers.chatglm_v2 import modeling
 
-    n = 0
-    for layer in model.sublayers(include_self=True):
-        if isinstance(layer, modeling.SelfAttention) and "_core_attention" not in vars(layer):
-            layer._core_attention = types.MethodType(_chatglm_v2_core_attention, layer)  # looked up per call
-            n += 1
-    if n:
-        _mark_active(model.chatglm_v2)  # the mask's groups are dropped when the forward ends
-    return 1 if n else 0
+    return _patch_core_attention(model, modeling.SelfAttention, _chatglm_v2_core_attention, model.chatglm_v2)
 
 
 def _opt_attention_forward(self, query, key, value, attn_mask=None, use_cache=False, cache=None):
