@@ -106,8 +106,8 @@ def static_step(model):
     from .inplace_step import RunnerStep, StepHooks
 
     class GPTStep(StepHooks, GPTDecoder):
-        def fusable(self):
-            return [] if self.fused else [(f"qkv{i}", (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
-                                          for i, layer in enumerate(self.layers)]
+        @property
+        def join_qkv(self):
+            return not self.fused  # a fused qkv_proj is one product already
 
     return RunnerStep(GPTStep(model)) if unsupported(model) is None else None

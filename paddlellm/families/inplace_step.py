@@ -36,12 +36,17 @@ class StepHooks:
     reads_positions = True  # False: the program has no positions input (the step derives what it needs from the mask)
     step_context = False  # True: the step calls the runner's _context(positions, None) for its layers (rotary tables)
     positions_spec = [None, None]  # the positions input's shape ([B, 2, L]: the 2-D positions of ChatGLM v1 and GLM)
+    join_qkv = False  # True: fusable() lists each layer's self_attn.q_proj / k_proj / v_proj (GPT unfused, OPT, LLaMA, Qwen2)
     _joined: dict = {}  # join_products: key -> (weight [in, sum(out)], bias or None)
 
     def fusable(self):
-        """[(key, linears)]: groups of projections of one input (q/k/v, gate/up) that the step program computes as one
-        product (hook; the family's step class lists them)."""
-        return []
+        """[(key, linears)]: groups of projections of one input that the step program computes as one product: with
+        join_qkv, each layer's q/k/v under the key the runner's _projections / _head_projections call names
+        ("qkv<layer index>")."""
+        if not self.join_qkv:
+            return []
+        return [(f"qkv{i}", (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
+                for i, layer in enumerate(self.layers)]
 
     def join_products(self):
         """Join each fusable group of plain float32 linears (paddle.nn.Linear itself: no LoRA or quantized layer, all

@@ -185,6 +185,7 @@ def static_step(model, runner_class=LlamaDecoder):
 
     class LlamaStep(StepHooks, runner_class):
         step_context = True  # the rotary tables at the positions
+        join_qkv = True
 
         def __init__(self, model):
             super().__init__(model)
@@ -193,10 +194,6 @@ def static_step(model, runner_class=LlamaDecoder):
                 cos, sin = rotary(self.base.embed_tokens.weight, seq_len=rotary.cos_cached.shape[1])
                 cos, sin = rotary_tables(cos, sin, paddle.arange(cos.shape[1]).unsqueeze(0))  # [1, length, 1, D]
             self.cos_table, self.sin_table = cos[0, :, 0, :].clone(), sin[0, :, 0, :].clone()
-
-        def fusable(self):
-            return [(f"qkv{i}", (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
-                    for i, layer in enumerate(self.layers)]
 
         def _context(self, positions, length):
             return self._tile_heads(F.embedding(positions, self.cos_table).unsqueeze(2),

@@ -124,10 +124,7 @@ def static_step(model):
 
     class OPTStep(StepHooks, OPTDecoder):
         reads_positions = False
-
-        def fusable(self):
-            return [(f"qkv{i}", (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
-                    for i, layer in enumerate(self.layers)]
+        join_qkv = True
 
         def _step_inputs(self, positions, mask, slot, end):
             # positions counted from the mask, as _positions / _advance do (cumsum(mask) - 1; the program has no
